@@ -1,0 +1,1 @@
+"""Raw data: BraTS release conversion, synthetic BraTS-like cases, label conventions and splits."""

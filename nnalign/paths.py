@@ -1,0 +1,47 @@
+"""Default data folders and the environment nnU-Net reads.
+
+nnU-Net v2 finds its folders through ``nnUNet_raw``, ``nnUNet_preprocessed`` and ``nnUNet_results``. nnalign fills in
+``nnalign_raw_data/``, ``nnalign_preprocessed/`` and ``nnalign_results/`` (in the current directory, or under
+``NNALIGN_HOME``) for any of them that is unset; a variable the user set always wins. It also registers nnalign's
+trainer shim with nnU-Net's ``nnUNet_extTrainer`` discovery, so nnU-Net's own training, DDP and prediction code
+find nnalign's trainers by name.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_FOLDERS = {
+    "nnUNet_raw": "nnalign_raw_data",
+    "nnUNet_preprocessed": "nnalign_preprocessed",
+    "nnUNet_results": "nnalign_results",
+}
+TRAINER_SHIM_DIR = Path(__file__).resolve().parent / "_ext"
+
+
+def setup_env(base: str | os.PathLike | None = None) -> dict[str, str]:
+    """Set nnU-Net's folder variables to nnalign's defaults where unset and register the trainer shim.
+
+    Returns the three folder paths in effect. Paths are absolute so that spawned workers and a later chdir agree.
+    """
+    base_dir = Path(base or os.environ.get("NNALIGN_HOME") or os.getcwd()).resolve()
+    for var, sub in DEFAULT_FOLDERS.items():
+        if not os.environ.get(var):
+            os.environ[var] = str(base_dir / sub)
+    shim = str(TRAINER_SHIM_DIR)
+    ext = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+    if shim not in ext:
+        os.environ["nnUNet_extTrainer"] = os.pathsep.join([shim, *ext])
+    os.environ.setdefault("nnUNet_def_n_proc", str(min(8, os.cpu_count() or 1)))
+    return {var: os.environ[var] for var in DEFAULT_FOLDERS}
+
+
+def folder(var: str) -> Path:
+    """The folder behind one of nnU-Net's variables, after :func:`setup_env`."""
+    setup_env()
+    return Path(os.environ[var])
+
+
+def dataset_name(dataset_id: int, name: str) -> str:
+    """nnU-Net's folder name for a dataset: ``Dataset{id:03d}_{name}``."""
+    return f"Dataset{int(dataset_id):03d}_{name}"

@@ -1,0 +1,40 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+version = {}
+exec((ROOT / "nnalign" / "__init__.py").read_text(), version)
+
+setup(
+    name="nnalign",
+    version=version["__version__"],
+    description="Self-configuring missing-modality brain tumour segmentation with latent alignment, on nnU-Net v2",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["nnalign", "nnalign.*"]),
+    package_data={"nnalign.data": ["splits/*.txt"]},
+    install_requires=[
+        "nnunetv2==2.8.1",
+        "dynamic-network-architectures>=0.4,<0.5",
+        "batchgeneratorsv2>=0.3",
+        "batchgenerators>=0.25",
+        # The upper bound keeps `pip install` on a release nnunetv2 2.8.1 was tested with.
+        "torch>=2.3,<2.15",
+        "SimpleITK>=2.2",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "tqdm>=4.60",
+        "matplotlib>=3.6",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={
+        "console_scripts": [
+            "nnalign_convert_brats=nnalign.cli.convert_brats:main",
+            "nnalign_synth=nnalign.cli.synth:main",
+            "nnalign_plan_and_preprocess=nnalign.cli.plan_and_preprocess:main",
+        ]
+    },
+)
