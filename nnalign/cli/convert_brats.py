@@ -1,0 +1,48 @@
+"""``nnalign_convert_brats``: turn a BraTS release folder into an nnU-Net raw dataset."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from nnalign.errors import cli_entry
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nnalign_convert_brats",
+        description="Convert a BraTS release (2018/2019 HGG/LGG or flat, 2020/2021, 2023+ naming) into the nnU-Net raw "
+                    "dataset DatasetXXX_NAME under $nnUNet_raw (default ./nnalign_raw_data). Channels T1, T1ce, T2, "
+                    "FLAIR and labels as nnU-Net's own BraTS conversion.")
+    p.add_argument("-i", dest="source", required=True, help="BraTS release folder")
+    p.add_argument("-d", dest="dataset_id", type=int, required=True, help="dataset ID (1-999)")
+    p.add_argument("-n", dest="name", default=None, help="dataset name (default: the source folder's name)")
+    p.add_argument("--split", choices=("5fold", "protokd"), default="5fold",
+                   help="5fold: nnU-Net's default cross-validation; protokd: the ProtoKD BraTS 2018 "
+                        "train/val/test split (test cases go to imagesTs/labelsTs)")
+    p.add_argument("--skip-bad", action="store_true", help="skip cases with bad files and list them, instead of stopping")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset with the same ID")
+    p.add_argument("-np", dest="num_processes", type=int, default=min(4, os.cpu_count() or 1),
+                   help="worker processes (default: %(default)s)")
+    return p
+
+
+@cli_entry("nnalign_convert_brats")
+def main() -> int:
+    args = build_parser().parse_args()
+    from nnalign.data.convert_brats import convert_brats
+    from nnalign.paths import setup_env
+
+    raw = setup_env()["nnUNet_raw"]
+    report = convert_brats(args.source, args.dataset_id, raw, name=args.name, split=args.split,
+                           skip_bad=args.skip_bad, overwrite=args.overwrite, num_processes=args.num_processes)
+    for note in report.split_notes:
+        print(f"note: {note}")
+    for case_id, reason in report.skipped.items():
+        print(f"skipped {case_id}: {reason}")
+    print(f"Wrote {report.dataset_folder}: {report.num_training} training cases, {report.num_test} test cases, "
+          f"labels from {report.label_convention}" + (f", {len(report.skipped)} skipped" if report.skipped else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""Convert a BraTS release folder into an nnU-Net raw dataset (channels T1, T1ce, T2, FLAIR; nnU-Net BraTS labels).
+
+The result is interchangeable with nnU-Net's own ``Dataset137_BraTS21``-style conversion. Every case is checked
+(all four modalities present and readable, one geometry across modalities and segmentation, BraTS label values)
+and the dataset is built in a staging folder that replaces the target in one rename, so a failed conversion
+leaves nothing behind.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from nnalign.data.brats_layout import NAMING_2023, BratsCase, find_cases
+from nnalign.data.labels import brats_to_nnunet, detect_convention
+from nnalign.data.raw_dataset import FILE_ENDING, build_dataset_folder, image_filename, write_dataset_json
+from nnalign.data.splits import protokd_split, write_splits_file
+from nnalign.errors import NnalignError
+from nnalign.modalities import BRATS_MODALITIES
+
+SPLITS = ("5fold", "protokd")
+CITATION = ("Menze et al., IEEE TMI 2015; Bakas et al., Sci Data 2017; Bakas et al., arXiv:1811.02629; "
+            "Baid et al., arXiv:2107.02314")
+
+
+@dataclass
+class CaseResult:
+    """What converting one case produced: its source label counts and implied label convention."""
+
+    case_id: str
+    labelled: bool
+    source_label_counts: dict[int, int] = field(default_factory=dict)
+    convention: str | None = None
+
+
+@dataclass
+class ConversionReport:
+    """Summary of a conversion, for printing and for tests."""
+
+    dataset_folder: Path
+    num_training: int
+    num_test: int
+    label_convention: str
+    skipped: dict[str, str] = field(default_factory=dict)
+    split_notes: list[str] = field(default_factory=list)
+    cases: dict[str, CaseResult] = field(default_factory=dict)
+
+
+def _read_header(path: Path):
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise NnalignError(f"{path}: not a readable NIfTI image") from None
+    return reader
+
+
+def _geometry(reader) -> tuple:
+    return (tuple(reader.GetSize()), np.array(reader.GetSpacing()), np.array(reader.GetOrigin()),
+            np.array(reader.GetDirection()))
+
+
+def _check_geometry(case: BratsCase, reference_name: str, reference: tuple, path: Path, reader) -> None:
+    size, spacing, origin, direction = _geometry(reader)
+    checks = (("shape", reference[0] == size, reference[0], size),
+              ("spacing", np.allclose(reference[1], spacing), reference[1], spacing),
+              ("origin", np.allclose(reference[2], origin, atol=1e-3), reference[2], origin),
+              ("direction", np.allclose(reference[3], direction, atol=1e-4), reference[3], direction))
+    for what, ok, ref, got in checks:
+        if not ok:
+            fmt = (lambda v: tuple(np.round(np.asarray(v, dtype=float), 4).tolist()))
+            raise NnalignError(f"{case.case_id}: {path.name}: {what} {fmt(got)} differs from "
+                               f"{reference_name} {fmt(ref)}")
+
+
+def convert_case(case: BratsCase, images_dir: Path, labels_dir: Path | None) -> CaseResult:
+    """Check one case and write it into nnU-Net naming; raises NnalignError naming the case, file and problem."""
+    import SimpleITK as sitk
+
+    missing = case.missing_modalities()
+    if missing:
+        raise NnalignError(f"{case.case_id}: missing {missing[0]} file (expected {case.expected_file(missing[0])} "
+                           f"in {case.folder})")
+    readers = {m: _read_header(case.images[m]) for m in BRATS_MODALITIES}
+    ref_name = BRATS_MODALITIES[-1]
+    reference = _geometry(readers[ref_name])
+    for m in BRATS_MODALITIES:
+        _check_geometry(case, ref_name, reference, case.images[m], readers[m])
+        if readers[m].GetNumberOfComponents() != 1 or len(reference[0]) != 3:
+            raise NnalignError(f"{case.case_id}: {case.images[m].name}: expected a 3D scalar image")
+    result = CaseResult(case.case_id, labelled=case.seg is not None and labels_dir is not None)
+    if result.labelled:
+        _check_geometry(case, ref_name, reference, case.seg, _read_header(case.seg))
+        try:
+            seg_image = sitk.ReadImage(str(case.seg))
+        except RuntimeError:
+            raise NnalignError(f"{case.case_id}: {case.seg.name}: not a readable NIfTI image") from None
+        seg = sitk.GetArrayViewFromImage(seg_image)
+        values, counts = np.unique(seg, return_counts=True)
+        try:
+            result.convention = detect_convention({int(v) for v in values} if seg.dtype.kind != "f" else
+                                                  {float(v) for v in values})
+            converted = brats_to_nnunet(seg)
+        except ValueError as e:
+            raise NnalignError(f"{case.case_id}: {case.seg.name}: {e}") from None
+        result.source_label_counts = {int(v): int(c) for v, c in zip(values, counts)}
+        out = sitk.GetImageFromArray(converted)
+        out.CopyInformation(seg_image)
+        sitk.WriteImage(out, str(labels_dir / f"{case.case_id}{FILE_ENDING}"), useCompression=True)
+    for channel, m in enumerate(BRATS_MODALITIES):
+        src, dst = case.images[m], images_dir / image_filename(case.case_id, channel)
+        if src.name.lower().endswith(".nii.gz"):
+            shutil.copyfile(src, dst)
+        else:
+            try:
+                sitk.WriteImage(sitk.ReadImage(str(src)), str(dst), useCompression=True)
+            except RuntimeError:
+                raise NnalignError(f"{case.case_id}: {src.name}: not a readable NIfTI image") from None
+    return result
+
+
+def _convert_job(args: tuple) -> CaseResult | NnalignError:
+    try:
+        return convert_case(*args)
+    except NnalignError as e:
+        return e
+
+
+def _assign_protokd(cases: list[BratsCase], notes: list[str]) -> dict[str, str]:
+    split = protokd_split()
+    where = {cid: part for part in split for cid in split[part]}
+    present = {c.case_id for c in cases}
+    absent = {part: sum(cid not in present for cid in ids) for part, ids in split.items()}
+    if any(absent.values()):
+        notes.append(f"ProtoKD split: {sum(absent.values())} of {len(where)} listed cases are not in this release "
+                     f"(train {absent['train']}, val {absent['val']}, test {absent['test']})")
+    extra = sorted(present - set(where))
+    if extra:
+        notes.append(f"ProtoKD split: {len(extra)} cases of this release are not in the split and go to training "
+                     f"(first: {extra[0]})")
+    return {c.case_id: where.get(c.case_id, "train") for c in cases}
+
+
+def convert_brats(source: Path, dataset_id: int, raw_root: Path, name: str | None = None, split: str = "5fold",
+                  skip_bad: bool = False, overwrite: bool = False, num_processes: int = 2,
+                  progress: bool = True) -> ConversionReport:
+    """Convert the BraTS release at ``source`` into ``raw_root/DatasetXXX_name`` and return a report.
+
+    Labelled cases go to ``imagesTr``/``labelsTr``; cases without a segmentation (validation releases) go to
+    ``imagesTs``. With ``split='protokd'`` the ProtoKD BraTS 2018 split is written as ``splits_final.json`` (fold 0)
+    and its test cases go to ``imagesTs``/``labelsTs``. With ``skip_bad`` a bad case is skipped and reported
+    instead of stopping the conversion.
+    """
+    if split not in SPLITS:
+        raise NnalignError(f"unknown split '{split}' (choose from {', '.join(SPLITS)})")
+    source = Path(source)
+    cases = find_cases(source)
+    name = name or re.sub(r"[^A-Za-z0-9]+", "", source.resolve().name) or "BraTS"
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+        raise NnalignError(f"dataset name '{name}' may only hold letters, digits, '_' and '-'")
+    notes: list[str] = []
+    assignment = _assign_protokd(cases, notes) if split == "protokd" else {c.case_id: "train" for c in cases}
+    skipped: dict[str, str] = {}
+    with build_dataset_folder(Path(raw_root), dataset_id, name, overwrite=overwrite) as staging:
+        dirs = {d: staging / d for d in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")}
+        for d in dirs.values():
+            d.mkdir()
+        jobs = []
+        for c in cases:
+            test = assignment[c.case_id] == "test" or c.seg is None
+            jobs.append((c, dirs["imagesTs" if test else "imagesTr"],
+                         (dirs["labelsTs"] if test else dirs["labelsTr"]) if c.seg is not None else None))
+        results = _run_jobs(jobs, num_processes, progress)
+        ok: dict[str, CaseResult] = {}
+        for (case, _, _), res in zip(jobs, results):
+            if isinstance(res, NnalignError):
+                if not skip_bad:
+                    raise res
+                skipped[case.case_id] = str(res)
+                _remove_case_files(staging, case.case_id)
+            else:
+                ok[case.case_id] = res
+        if not ok:
+            raise NnalignError(f"{source}: no case could be converted")
+        conventions = {r.convention for r in ok.values() if r.convention}
+        if len(conventions) > 1:
+            raise NnalignError(f"{source}: cases mix enhancing-tumour labels 3 and 4; convert them separately")
+        default = "brats2023" if any(c.naming == NAMING_2023 for c in cases) else "brats2018"
+        convention = conventions.pop() if conventions else default
+        train_ids = sorted(case.case_id for case, images_dir, _ in jobs
+                           if case.case_id in ok and images_dir == dirs["imagesTr"])
+        for d in dirs.values():
+            if not any(d.iterdir()):
+                d.rmdir()
+        write_dataset_json(staging, len(train_ids), name,
+                           description=f"Converted by nnalign from {source.resolve().name}",
+                           source_label_convention=convention, reference=CITATION,
+                           extra={"source_naming": sorted({c.naming for c in cases if c.case_id in ok})})
+        if split == "protokd":
+            folds = [{"train": [c for c in train_ids if assignment[c] == "train"],
+                      "val": [c for c in train_ids if assignment[c] == "val"]}]
+            if not folds[0]["val"] or not folds[0]["train"]:
+                notes.append("ProtoKD split: no validation or no training case in this release; "
+                             "splits_final.json not written")
+            else:
+                write_splits_file(staging / "splits_final.json", folds)
+    final = next(Path(raw_root).glob(f"Dataset{int(dataset_id):03d}_{name}"))
+    return ConversionReport(final, len(train_ids), len(ok) - len(train_ids), convention, skipped, notes, ok)
+
+
+def _run_jobs(jobs: list[tuple], num_processes: int, progress: bool) -> list:
+    from tqdm import tqdm
+
+    bar = dict(total=len(jobs), desc="Converting cases", unit="case", disable=not progress)
+    if num_processes <= 1 or len(jobs) == 1:
+        return [_convert_job(j) for j in tqdm(jobs, **bar)]
+    with ProcessPoolExecutor(min(num_processes, len(jobs)), mp_context=get_context("spawn")) as pool:
+        return list(tqdm(pool.map(_convert_job, jobs), **bar))
+
+
+def _remove_case_files(staging: Path, case_id: str) -> None:
+    pattern = re.compile(re.escape(case_id) + r"(_\d{4})?" + re.escape(FILE_ENDING) + "$")
+    for path in staging.rglob(f"{case_id}*{FILE_ENDING}"):
+        if pattern.fullmatch(path.name):
+            path.unlink()

@@ -1,0 +1,1 @@
+"""Losses: the teacher's anchor alignment (``anchors``) and the student's knowledge distillation (``kd``)."""

@@ -1,0 +1,396 @@
+"""Anchor alignment losses of the teacher: pull every modality's latent Z_j towards one distribution anchor (P_mix).
+
+Shapes: B batch, M modalities, C latent channels, ``*S`` spatial dims. ``latents`` Z is (B, M, C, *S); ``present`` is a
+(B, M) bool mask, at least one True per row. Every loss reads present modalities only (absent latents are zeroed
+before any arithmetic, so whatever the network put there, NaN included, never leaks in), is computed in float32 (so
+fp16 inputs under autocast stay finite) and returns a float32 scalar. A term with nothing to average is zero, not NaN.
+
+Anchors, selected by name with :func:`build_anchor`:
+
+- ``none``: no alignment (the plain multi-modal baseline).
+- ``normal`` (P^N): each Z_j ~ N(mu_j, sigma_j^2) is pulled to N(0, 1) by the VAE KL divergence.
+- ``modality:NAME`` (P^k): every Z_j is pulled to the anchor modality's Z_k (default T1ce), stop-gradiented by default.
+- ``mixture`` (P*): every Z_j is pulled to p_mix = sum_j w_j Z_j, with learnable weights normalised by a softmax over
+  the present modalities (a free weight would collapse to w -> 0).
+
+Each anchor also fills absent modalities (:meth:`AnchorAlignment.fill_missing`) and gives the point estimate used by
+:func:`modality_gap`, the per-epoch modality-gap log.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from itertools import combinations
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from nnalign.errors import NnalignError
+from nnalign.modalities import canonical_modality
+
+ANCHOR_CHOICES: tuple[str, ...] = ("none", "normal", "modality", "mixture")
+"""Anchor spec names; ``modality`` takes an optional ``:NAME`` (default T1ce)."""
+
+DEFAULT_ANCHOR_MODALITY = "T1ce"
+LOGVAR_RANGE: tuple[float, float] = (-10.0, 10.0)
+"""Log-variance is clamped to this range before ``exp`` (std between e^-5 and e^5)."""
+
+_VALID_SPECS = "none, normal, modality[:NAME], mixture"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check(latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Validate (B, M, C, *S) latents against a (B, M) mask; return the mask as bool on the latents' device."""
+    if latents.dim() < 3:
+        raise ValueError(f"latents must be (B, M, C, *S), got shape {tuple(latents.shape)}")
+    if tuple(present.shape) != tuple(latents.shape[:2]):
+        raise ValueError(f"present must be (B, M) = {tuple(latents.shape[:2])}, got shape {tuple(present.shape)}")
+    return present.to(device=latents.device, dtype=torch.bool)
+
+
+def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B, M) -> (B, M, 1, ..., 1), broadcastable against ``like`` (B, M, C, *S)."""
+    return mask.reshape(*mask.shape, *([1] * (like.dim() - 2)))
+
+
+def _zero_absent(latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Float32 copy of (B, M, C, *S) latents with absent modalities set to 0 (``torch.where``: no NaN leaks through)."""
+    z = latents.float()
+    return torch.where(_expand(present, z), z, torch.zeros((), dtype=z.dtype, device=z.device))
+
+
+def _voxel_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared difference of (B, M, C, *S) and a broadcastable tensor, averaged over channels and voxels -> (B, M)."""
+    return (a - b).pow(2).flatten(2).mean(-1)
+
+
+def present_mean(latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Mean of the present modalities' latents per sample: (B, M, C, *S) -> (B, C, *S), float32.
+
+    A row with no present modality (not expected) gives zeros.
+    """
+    present = _check(latents, present)
+    z = _zero_absent(latents, present)
+    count = present.sum(1).clamp_min(1).to(z.dtype)
+    return z.sum(1) / count.reshape(-1, *([1] * (z.dim() - 2)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# anchors
+
+
+class AnchorAlignment(nn.Module, ABC):
+    """Base of the anchors: an alignment loss, a fill for absent modalities and a point estimate of the anchor.
+
+    Calling the module is the same as :meth:`loss`.
+    """
+
+    name: str = ""
+    """The CLI spec string (``none``, ``normal``, ``modality:T1ce``, ``mixture``)."""
+    uses_gaussian_latents: bool = False
+    """True when the encoder must output a mean and log-variance per modality (only the normal anchor)."""
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        present: torch.Tensor,
+        mean: torch.Tensor | None = None,
+        logvar: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Same as :meth:`loss`."""
+        return self.loss(latents, present, mean, logvar)
+
+    @abstractmethod
+    def loss(
+        self,
+        latents: torch.Tensor,
+        present: torch.Tensor,
+        mean: torch.Tensor | None = None,
+        logvar: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Alignment loss of latents (B, M, C, *S) with presence mask (B, M): a float32 scalar.
+
+        ``mean`` and ``logvar`` (B, M, C, *S) are the encoder's Gaussian parameters, read by the normal anchor only.
+        """
+
+    @abstractmethod
+    def anchor_center(self, latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """The anchor's point estimate per sample from the present modalities: (B, C, *S), float32."""
+
+    def fill_missing(self, latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Latents (B, M, C, *S) with every absent Z_j replaced by :meth:`anchor_center`, in the latents' dtype.
+
+        Present entries are returned unchanged (``torch.where``), so gradients flow to them, and through the anchor
+        into the present latents (and the mixture weights) from the filled ones.
+        """
+        present = _check(latents, present)
+        center = self.anchor_center(latents, present).to(latents.dtype).unsqueeze(1)
+        return torch.where(_expand(present, latents), latents, center)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"
+
+
+class NoAnchor(AnchorAlignment):
+    """No alignment: the loss is zero; absent modalities are filled with the mean of the present ones."""
+
+    name = "none"
+
+    def loss(
+        self,
+        latents: torch.Tensor,
+        present: torch.Tensor,
+        mean: torch.Tensor | None = None,
+        logvar: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Zero (float32 scalar), kept in the autograd graph of the present latents."""
+        present = _check(latents, present)
+        return _zero_absent(latents, present).sum() * 0.0
+
+    def anchor_center(self, latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Mean of the present latents: (B, C, *S)."""
+        return present_mean(latents, present)
+
+
+class NormalAnchor(AnchorAlignment):
+    """P^N: every modality's latent distribution N(mu_j, sigma_j^2) is pulled to N(0, 1).
+
+    loss = mean over samples of sum over present j of mean over (C, *S) of 0.5 (mu^2 + sigma^2 - log sigma^2 - 1),
+    with log sigma^2 clamped to :data:`LOGVAR_RANGE`. Absent modalities are filled with zeros, the anchor's mean.
+    """
+
+    name = "normal"
+    uses_gaussian_latents = True
+
+    @staticmethod
+    def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, training: bool) -> torch.Tensor:
+        """Z = mu + exp(0.5 logvar) * eps, eps ~ N(0, 1), in training; Z = mu in evaluation. Any shape, same dtype."""
+        if mean.shape != logvar.shape:
+            raise ValueError(f"mean {tuple(mean.shape)} and logvar {tuple(logvar.shape)} must have the same shape")
+        if not training:
+            return mean
+        std = torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))
+        return mean + std * torch.randn_like(mean)
+
+    def loss(
+        self,
+        latents: torch.Tensor,
+        present: torch.Tensor,
+        mean: torch.Tensor | None = None,
+        logvar: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """KL(N(mean, exp(logvar)) || N(0, 1)) of the present modalities (see the class docstring): float32 scalar.
+
+        ``latents`` is only used for its shape; ``mean`` and ``logvar`` (B, M, C, *S) are required.
+        """
+        if mean is None or logvar is None:
+            raise ValueError("the normal anchor needs the encoder's latent mean and logvar (B, M, C, *S)")
+        present = _check(mean, present)
+        if mean.shape != logvar.shape:
+            raise ValueError(f"mean {tuple(mean.shape)} and logvar {tuple(logvar.shape)} must have the same shape")
+        mu = _zero_absent(mean, present)
+        lv = _zero_absent(logvar, present).clamp(*LOGVAR_RANGE)
+        kl = 0.5 * (mu.pow(2) + lv.exp() - lv - 1.0)  # absent: mu = lv = 0 -> 0 exactly
+        per_modality = torch.where(present, kl.flatten(2).mean(-1), 0.0)  # (B, M)
+        return per_modality.sum(1).mean()
+
+    def anchor_center(self, latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Zeros (B, C, *S): the anchor's mean."""
+        _check(latents, present)
+        return torch.zeros_like(latents[:, 0], dtype=torch.float32)
+
+
+class ModalityAnchor(AnchorAlignment):
+    """P^k: every other modality is pulled to the anchor modality k.
+
+    loss = sum over j != k of [mean over the samples where j and k are both present of mean over (C, *S) of
+    (Z_j - sg(Z_k))^2]. Samples without k contribute nothing; a pair present in no sample contributes 0. With
+    ``stop_gradient`` the anchor Z_k is detached, so it is not pulled towards the others. Absent modalities are filled
+    with Z_k where k is present, else with the mean of the present modalities.
+    """
+
+    def __init__(self, anchor_index: int, stop_gradient: bool = True, anchor_name: str | None = None) -> None:
+        """``anchor_index``: channel of the anchor modality; ``anchor_name`` only sets :attr:`name`."""
+        super().__init__()
+        if anchor_index < 0:
+            raise ValueError(f"anchor_index must be >= 0, got {anchor_index}")
+        self.anchor_index = int(anchor_index)
+        self.stop_gradient = bool(stop_gradient)
+        self.name = f"modality:{anchor_name if anchor_name is not None else anchor_index}"
+
+    def _index(self, latents: torch.Tensor) -> int:
+        if self.anchor_index >= latents.shape[1]:
+            raise ValueError(f"anchor modality {self.anchor_index} is out of range for {latents.shape[1]} modalities")
+        return self.anchor_index
+
+    def loss(
+        self,
+        latents: torch.Tensor,
+        present: torch.Tensor,
+        mean: torch.Tensor | None = None,
+        logvar: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Squared distance to the anchor modality (see the class docstring): float32 scalar."""
+        present = _check(latents, present)
+        k = self._index(latents)
+        z = _zero_absent(latents, present)
+        zk = z[:, k : k + 1]
+        if self.stop_gradient:
+            zk = zk.detach()
+        not_k = torch.ones(z.shape[1], dtype=torch.bool, device=z.device)
+        not_k[k] = False
+        pair = present & present[:, k : k + 1] & not_k  # (B, M): j and k both present, j != k
+        dist = torch.where(pair, _voxel_mse(z, zk), 0.0)
+        per_modality = dist.sum(0) / pair.sum(0).clamp_min(1)  # (M,): mean over the samples holding the pair
+        return per_modality.sum()
+
+    def anchor_center(self, latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Z_k where k is present, else the mean of the present latents: (B, C, *S)."""
+        present = _check(latents, present)
+        k = self._index(latents)
+        has_k = present[:, k].reshape(-1, *([1] * (latents.dim() - 2)))
+        return torch.where(has_k, latents[:, k].float(), present_mean(latents, present))
+
+
+class MixtureAnchor(AnchorAlignment):
+    """P*: every modality is pulled to a learnable mixture of the present ones.
+
+    Per sample, w = softmax(raw_weights) restricted to the present modalities and renormalised (a masked softmax);
+    p_mix = sum_j w_j Z_j (not detached: the loss reaches both the weights and the latents);
+    loss = mean over samples of sum over present j of mean over (C, *S) of (Z_j - p_mix)^2.
+    Absent modalities are filled with p_mix.
+
+    The loss alone is minimised by p_mix = the plain mean of the present Z_j, so at uniform weights (the zero
+    initialisation) its gradient into ``raw_weights`` is zero; the weights move away from uniform through the gradient
+    that reaches them via :meth:`fill_missing` (the segmentation of samples with absent modalities).
+    """
+
+    name = "mixture"
+
+    def __init__(self, num_modalities: int) -> None:
+        """``num_modalities``: M, the number of raw weights (initialised to zero, i.e. uniform)."""
+        super().__init__()
+        if num_modalities < 1:
+            raise ValueError(f"num_modalities must be >= 1, got {num_modalities}")
+        self.raw_weights = nn.Parameter(torch.zeros(num_modalities))
+
+    def normalised_weights(self) -> torch.Tensor:
+        """softmax(raw_weights): (M,), float32, sums to 1 (the weights when every modality is present)."""
+        return torch.softmax(self.raw_weights.float(), dim=0)
+
+    def sample_weights(self, present: torch.Tensor) -> torch.Tensor:
+        """Masked softmax of the raw weights over each sample's present modalities: (B, M) -> (B, M), float32.
+
+        Absent entries are 0 and each row sums to 1 (a row with nothing present, not expected, is all 0).
+        """
+        present = present.to(device=self.raw_weights.device, dtype=torch.bool)
+        if present.dim() != 2 or present.shape[1] != self.raw_weights.numel():
+            raise ValueError(f"present must be (B, {self.raw_weights.numel()}), got shape {tuple(present.shape)}")
+        raw = self.raw_weights.float().unsqueeze(0).expand(present.shape[0], -1)
+        logits = raw.masked_fill(~present, torch.finfo(torch.float32).min)  # finite: an all-absent row cannot NaN
+        w = torch.softmax(logits, dim=1) * present
+        return w / w.sum(1, keepdim=True).clamp_min(1e-12)
+
+    def mixture(self, latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """p_mix = sum_j w_j Z_j over the present modalities: (B, M, C, *S) -> (B, C, *S), float32."""
+        present = _check(latents, present)
+        z = _zero_absent(latents, present)
+        w = self.sample_weights(present).to(z.device)
+        return (_expand(w, z) * z).sum(1)
+
+    def loss(
+        self,
+        latents: torch.Tensor,
+        present: torch.Tensor,
+        mean: torch.Tensor | None = None,
+        logvar: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Squared distance of each present Z_j to p_mix (see the class docstring): float32 scalar."""
+        present = _check(latents, present)
+        z = _zero_absent(latents, present)
+        p_mix = self.mixture(latents, present).unsqueeze(1)
+        dist = torch.where(present, _voxel_mse(z, p_mix), 0.0)  # (B, M)
+        return dist.sum(1).mean()
+
+    def anchor_center(self, latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """p_mix of the present modalities: (B, C, *S)."""
+        return self.mixture(latents, present)
+
+    def weights_dict(self, names: Sequence[str]) -> dict[str, dict[str, float]]:
+        """``{name: {"raw": float, "normalised": float}}`` for logging; ``names`` in channel order, one per weight."""
+        if len(names) != self.raw_weights.numel():
+            raise ValueError(f"{len(names)} names for {self.raw_weights.numel()} mixture weights")
+        raw = self.raw_weights.detach().float().cpu()
+        normalised = torch.softmax(raw, dim=0)
+        return {n: {"raw": float(raw[i]), "normalised": float(normalised[i])} for i, n in enumerate(names)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# registry and logging
+
+
+def _canonical_or_same(name: str) -> str:
+    try:
+        return canonical_modality(name)
+    except NnalignError:
+        return name
+
+
+def build_anchor(spec: str, modalities: Sequence[str]) -> AnchorAlignment:
+    """The anchor named by ``spec`` (``none | normal | modality[:NAME] | mixture``, case-insensitive) for a model whose
+    latents follow ``modalities`` (channel order).
+
+    ``modality`` alone anchors on T1ce; NAME takes any spelling :func:`canonical_modality` knows. Raises
+    :class:`NnalignError` (one line) for an unknown spec, an unknown modality, or one the model does not have.
+    """
+    kind, sep, arg = spec.strip().partition(":")
+    kind, arg = kind.strip().lower(), arg.strip()
+    if kind == "modality":
+        if sep and not arg:
+            raise NnalignError(
+                f"anchor {spec!r} names no modality: use modality:NAME, NAME one of {', '.join(modalities)}"
+            )
+        try:
+            name = canonical_modality(arg) if arg else DEFAULT_ANCHOR_MODALITY
+        except NnalignError as e:
+            raise NnalignError(f"anchor {spec!r}: {e}") from None
+        available = [_canonical_or_same(m) for m in modalities]
+        if name not in available:
+            raise NnalignError(
+                f"anchor {spec!r}: modality {name} is not one of this model's modalities ({', '.join(modalities)})"
+            )
+        return ModalityAnchor(available.index(name), anchor_name=name)
+    if kind in ("none", "normal", "mixture") and sep:
+        raise NnalignError(f"anchor {spec!r}: '{kind}' takes no ':' argument (valid anchors: {_VALID_SPECS})")
+    if kind == "none":
+        return NoAnchor()
+    if kind == "normal":
+        return NormalAnchor()
+    if kind == "mixture":
+        if not modalities:
+            raise NnalignError("anchor 'mixture' needs at least one modality")
+        return MixtureAnchor(len(modalities))
+    raise NnalignError(f"unknown anchor {spec!r} (valid anchors: {_VALID_SPECS})")
+
+
+@torch.no_grad()
+def modality_gap(latents: torch.Tensor, present: torch.Tensor, center: torch.Tensor) -> dict:
+    """Modality-gap summary of a batch, for the per-epoch log.
+
+    Each modality's centroid is its latent (B, M, C, *S) averaged over the samples where it is present and over space
+    (a C-vector); the anchor centroid is ``center`` (B, C, *S) averaged over all samples and space. Returns plain
+    floats: ``{"to_anchor": {modality index: Euclidean distance of its centroid to the anchor centroid},
+    "pairwise_mean": mean Euclidean distance between the centroids of modality pairs both present somewhere in the
+    batch}``. Modalities absent from the whole batch are left out; with fewer than two, ``pairwise_mean`` is 0.0.
+    """
+    present = _check(latents, present).cpu()
+    b, m, c = latents.shape[:3]
+    per_sample = latents.detach().float().reshape(b, m, c, -1).mean(-1).cpu()  # (B, M, C)
+    anchor = center.detach().float().reshape(b, c, -1).mean(-1).mean(0).cpu()  # (C,)
+    centroids = {j: per_sample[present[:, j], j].mean(0) for j in range(m) if bool(present[:, j].any())}
+    to_anchor = {j: float(torch.linalg.vector_norm(cj - anchor)) for j, cj in centroids.items()}
+    pairs = [float(torch.linalg.vector_norm(centroids[i] - centroids[j])) for i, j in combinations(centroids, 2)]
+    return {"to_anchor": to_anchor, "pairwise_mean": sum(pairs) / len(pairs) if pairs else 0.0}

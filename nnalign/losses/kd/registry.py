@@ -1,0 +1,92 @@
+"""One place that maps a distillation method's name (as typed on the command line) to its loss class.
+
+    @register_kd("kdnet")
+    class KDNetLoss(DistillationLoss): ...
+
+    loss = build_kd("kdnet", feature_channels=32, bottleneck_channels=320, skip_channels=[32, 64, ..., 320],
+                    temperature=4.0)
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence, TypeVar
+
+from nnalign.errors import NnalignError
+from nnalign.losses.kd.base import DistillationLoss
+
+_REGISTRY: dict[str, type[DistillationLoss]] = {}
+#: Registered method names in registration order (filled when ``nnalign.losses.kd`` imports the method modules).
+KD_METHODS: list[str] = []
+
+_L = TypeVar("_L", bound=type[DistillationLoss])
+
+
+def register_kd(name: str) -> Callable[[_L], _L]:
+    """Class decorator: register a :class:`DistillationLoss` subclass under ``name`` (lower case); sets its ``name``."""
+    key = name.strip().lower()
+
+    def decorate(cls: _L) -> _L:
+        if not (isinstance(cls, type) and issubclass(cls, DistillationLoss)):
+            raise TypeError(f"register_kd('{key}'): {cls!r} is not a DistillationLoss subclass")
+        if key in _REGISTRY and _REGISTRY[key] is not cls:
+            raise ValueError(f"KD method '{key}' is already registered by {_REGISTRY[key].__qualname__}")
+        cls.name = key
+        if key not in _REGISTRY:
+            KD_METHODS.append(key)
+        _REGISTRY[key] = cls
+        return cls
+
+    return decorate
+
+
+def kd_class(name: str) -> type[DistillationLoss]:
+    """The loss class registered under ``name``; NnalignError listing the methods for an unknown one."""
+    key = str(name).strip().lower()
+    if key not in _REGISTRY:
+        raise NnalignError(f"unknown KD method '{name}' (known: {', '.join(KD_METHODS)})")
+    return _REGISTRY[key]
+
+
+def build_kd(
+    name: str,
+    *,
+    feature_channels: int,
+    bottleneck_channels: int,
+    skip_channels: Sequence[int],
+    num_regions: int = 3,
+    **overrides: Any,
+) -> DistillationLoss:
+    """Build the distillation loss ``name`` for a network with the given shapes.
+
+    - ``feature_channels``: channels of ``NetworkOutputs.decoder_features`` (the last decoder stage).
+    - ``bottleneck_channels``: channels of the bottleneck (``skips[-1]``).
+    - ``skip_channels``: channels of every encoder stage, shallowest first (the last equals ``bottleneck_channels``).
+    - ``num_regions``: R, the number of sigmoid region outputs (3 for WT, TC, ET).
+    - ``overrides``: settings of the method (see its ``settings()``); an unknown key raises NnalignError.
+    """
+    cls = kd_class(name)
+    allowed = cls.setting_names()
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise NnalignError(
+            f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(repr(k) for k in unknown)} for KD method "
+            f"'{cls.name}' (known: {', '.join(allowed) if allowed else 'none'})"
+        )
+    skips = [int(c) for c in skip_channels]
+    if not skips or min(skips) < 1 or int(feature_channels) < 1 or int(bottleneck_channels) < 1 or int(num_regions) < 1:
+        raise NnalignError(
+            f"KD method '{cls.name}': channel counts must be positive and skip_channels non-empty "
+            f"(feature_channels={feature_channels}, bottleneck_channels={bottleneck_channels}, "
+            f"skip_channels={list(skip_channels)}, num_regions={num_regions})"
+        )
+    if skips[-1] != int(bottleneck_channels):
+        raise NnalignError(
+            f"KD method '{cls.name}': bottleneck_channels={bottleneck_channels} but the deepest skip has "
+            f"{skips[-1]} channels (the bottleneck is the last skip)"
+        )
+    return cls(
+        feature_channels=int(feature_channels),
+        bottleneck_channels=int(bottleneck_channels),
+        skip_channels=tuple(skips),
+        num_regions=int(num_regions),
+        **overrides,
+    )

@@ -1,0 +1,400 @@
+"""Anchor alignment losses against values worked out by hand on tiny tensors (B <= 3, M <= 4, C <= 2, 2 voxels)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nnalign.errors import NnalignError
+from nnalign.losses.anchors import (
+    ANCHOR_CHOICES,
+    AnchorAlignment,
+    MixtureAnchor,
+    ModalityAnchor,
+    NoAnchor,
+    NormalAnchor,
+    build_anchor,
+    modality_gap,
+)
+from nnalign.modalities import BRATS_MODALITIES
+
+NAN = float("nan")
+
+
+def Z(*per_sample):
+    """Latents (B, M, C=1, 2 voxels) from nested lists: Z([[a0, a1], [b0, b1]]) is one sample with two modalities."""
+    return torch.tensor(per_sample, dtype=torch.float32).unsqueeze(2)
+
+
+def P(*rows):
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+def mixture(raw=None, m=None):
+    anchor = MixtureAnchor(m if m is not None else len(raw))
+    if raw is not None:
+        with torch.no_grad():
+            anchor.raw_weights.copy_(torch.tensor(raw, dtype=torch.float32))
+    return anchor
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# normal anchor: KL(N(mu, exp(lv)) || N(0, 1)) = 0.5 (mu^2 + exp(lv) - lv - 1) per element
+
+
+@pytest.mark.parametrize(
+    "mu, lv, present, expected",
+    [
+        # mu = 0, lv = 0: 0.5 (0 + 1 - 0 - 1) = 0
+        ([[[0, 0]]], [[[0, 0]]], [[1]], 0.0),
+        # mu = 1, lv = 0: 0.5 (1 + 1 - 0 - 1) = 0.5 per element, mean over 2 voxels = 0.5
+        ([[[1, 1]]], [[[0, 0]]], [[1]], 0.5),
+        # mu = 0, lv = 2: 0.5 (e^2 - 2 - 1)
+        ([[[0, 0]]], [[[2, 2]]], [[1]], 0.5 * (math.exp(2) - 3)),
+        # voxels differ: (0.5 + 0) / 2 = 0.25
+        ([[[1, 0]]], [[[0, 0]]], [[1]], 0.25),
+        # two modalities summed: mu = 1 -> 0.5, mu = 2 -> 0.5 * 4 = 2.0; total 2.5
+        ([[[1, 1], [2, 2]]], [[[0, 0], [0, 0]]], [[1, 1]], 2.5),
+        # B = 2, sample 2 has only modality 0 (mu = 1 -> 0.5; its absent modality is NaN and ignored):
+        # mean over samples (2.5 + 0.5) / 2 = 1.5
+        ([[[1, 1], [2, 2]], [[1, 1], [NAN, NAN]]], [[[0, 0], [0, 0]], [[0, 0], [NAN, NAN]]], [[1, 1], [1, 0]], 1.5),
+        # lv = 50 is clamped to 10: 0.5 (e^10 - 10 - 1)
+        ([[[0, 0]]], [[[50, 50]]], [[1]], 0.5 * (math.exp(10) - 11)),
+    ],
+)
+def test_normal_kl_by_hand(mu, lv, present, expected):
+    mu, lv = Z(*mu), Z(*lv)
+    loss = NormalAnchor().loss(mu, P(*present), mean=mu, logvar=lv)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_normal_needs_mean_and_logvar():
+    with pytest.raises(ValueError, match="mean and logvar"):
+        NormalAnchor().loss(Z([[0, 0]]), P([1]))
+
+
+def test_reparameterize():
+    mu = torch.tensor([1.0, -2.0, 0.5])
+    lv = torch.tensor([0.0, 2 * math.log(3.0), 100.0])  # std 1, 3, and e^5 after clamping lv to 10
+    assert NormalAnchor.reparameterize(mu, lv, training=False) is mu
+    torch.manual_seed(0)
+    eps = torch.randn(3)
+    torch.manual_seed(0)
+    z = NormalAnchor.reparameterize(mu, lv, training=True)
+    torch.testing.assert_close(z, mu + torch.tensor([1.0, 3.0, math.exp(5)]) * eps)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# modality anchor: sum_{j != k} mean over samples with j, k of mean_voxels (Z_j - Z_k)^2
+
+# sample A: Z_0 = [1, 3], Z_1 = [0, 1] (anchor k = 1), Z_2 = [3, 1]
+#   d_0 = ((1-0)^2 + (3-1)^2) / 2 = 2.5;  d_2 = ((3-0)^2 + (1-1)^2) / 2 = 4.5
+A = [[1, 3], [0, 1], [3, 1]]
+# sample B lacks the anchor (Z_1 = NaN): it must contribute nothing
+B_NO_K = [[9, 9], [NAN, NAN], [-9, 9]]
+# sample C: Z_0 absent, Z_1 = [0, 0], Z_2 = [1, 1]: d_2 = 1
+C = [[NAN, NAN], [0, 0], [1, 1]]
+
+
+@pytest.mark.parametrize(
+    "latents, present, expected",
+    [
+        ([A], [[1, 1, 1]], 7.0),  # 2.5 + 4.5
+        ([A, B_NO_K], [[1, 1, 1], [1, 0, 1]], 7.0),  # B has no k: unchanged
+        # j = 0 paired only in A: 2.5;  j = 2 paired in A and C: (4.5 + 1) / 2 = 2.75;  total 5.25
+        ([A, C], [[1, 1, 1], [0, 1, 1]], 5.25),
+        ([A, B_NO_K, C], [[1, 1, 1], [1, 0, 1], [0, 1, 1]], 5.25),
+        ([A], [[1, 1, 0]], 2.5),  # Z_2 absent
+        ([A], [[0, 1, 0]], 0.0),  # only the anchor: nothing pairs up
+        ([B_NO_K], [[1, 0, 1]], 0.0),  # nobody has the anchor: zero, not NaN
+    ],
+)
+def test_modality_anchor_by_hand(latents, present, expected):
+    latents = Z(*latents).requires_grad_()
+    loss = ModalityAnchor(1).loss(latents, P(*present))
+    assert loss.item() == pytest.approx(expected)
+    loss.backward()
+    assert torch.isfinite(latents.grad).all()
+
+
+def test_modality_anchor_stop_gradient():
+    latents = Z(A).requires_grad_()
+    ModalityAnchor(1, stop_gradient=True).loss(latents, P([1, 1, 1])).backward()
+    # dL/dZ_k = 0 (detached); dL/dZ_0 = 2 (Z_0 - Z_1) / 2 voxels = [1, 2]; dL/dZ_2 = [3, 0]
+    torch.testing.assert_close(latents.grad[0, :, 0], torch.tensor([[1.0, 2.0], [0.0, 0.0], [3.0, 0.0]]))
+
+    latents.grad = None
+    ModalityAnchor(1, stop_gradient=False).loss(latents, P([1, 1, 1])).backward()
+    # dL/dZ_k = -sum_j (Z_j - Z_k) = -[(1-0) + (3-0), (3-1) + (1-1)] = [-4, -2]
+    torch.testing.assert_close(latents.grad[0, 1, 0], torch.tensor([-4.0, -2.0]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# mixture anchor: sum_j mean_voxels (Z_j - p_mix)^2, p_mix = sum_j w_j Z_j, w = masked softmax(raw)
+
+# Z_0 = [0, 0], Z_1 = [3, 3], Z_2 = [0, 6]
+MIX = [[0, 0], [3, 3], [0, 6]]
+
+
+@pytest.mark.parametrize(
+    "latents, present, expected",
+    [
+        # uniform: p = [1, 3]; d_0 = (1 + 9)/2 = 5, d_1 = (4 + 0)/2 = 2, d_2 = (1 + 9)/2 = 5; total 12
+        ([MIX], [[1, 1, 1]], 12.0),
+        # Z_2 absent (NaN, ignored): p = [1.5, 1.5]; d_0 = d_1 = 2.25; total 4.5
+        ([[[0, 0], [3, 3], [NAN, NAN]]], [[1, 1, 0]], 4.5),
+        # both samples: (12 + 4.5) / 2 = 8.25
+        ([MIX, [[0, 0], [3, 3], [NAN, NAN]]], [[1, 1, 1], [1, 1, 0]], 8.25),
+        # a single present modality: p = Z_j, loss 0
+        ([MIX], [[0, 0, 1]], 0.0),
+        # equal latents: loss 0
+        ([[[2, 5], [2, 5], [2, 5]]], [[1, 1, 1]], 0.0),
+    ],
+)
+def test_mixture_uniform_by_hand(latents, present, expected):
+    loss = mixture(m=3).loss(Z(*latents), P(*present))
+    assert loss.item() == pytest.approx(expected)
+
+
+def test_mixture_masked_softmax_renormalises():
+    # raw = log [1, 2, 3, 4] -> softmax [0.1, 0.2, 0.3, 0.4]
+    anchor = mixture(raw=[math.log(v) for v in (1, 2, 3, 4)])
+    torch.testing.assert_close(anchor.normalised_weights(), torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    w = anchor.sample_weights(P([1, 0, 1, 0], [0, 1, 1, 1], [1, 1, 1, 1]))
+    expected = torch.tensor([[1 / 4, 0, 3 / 4, 0], [0, 2 / 9, 3 / 9, 4 / 9], [0.1, 0.2, 0.3, 0.4]])
+    torch.testing.assert_close(w, expected)
+    # constant latents Z = [4, 8, 0, 12], present {0, 2}: p = 4/4 + 0 = 1; loss = (4-1)^2 + (0-1)^2 = 10
+    latents = Z([[4, 4], [8, 8], [0, 0], [12, 12]])
+    assert anchor.loss(latents, P([1, 0, 1, 0])).item() == pytest.approx(10.0)
+
+
+def test_mixture_gradient_reaches_raw_weights():
+    # raw = [0, log 3] -> w = [1/4, 3/4]; Z_0 = 0, Z_1 = 4: p = 3, loss = 9 + 1 = 10.
+    # dL/dp = -2 (0 - 3) - 2 (4 - 3) = 4; p = 4 sigmoid(r1 - r0), dp/dr1 = 4 w0 w1 = 3/4 -> dL/dr1 = 3, dL/dr0 = -3
+    anchor = mixture(raw=[0.0, math.log(3.0)])
+    latents = Z([[0, 0], [4, 4]]).requires_grad_()
+    loss = anchor.loss(latents, P([1, 1]))
+    assert loss.item() == pytest.approx(10.0)
+    loss.backward()
+    torch.testing.assert_close(anchor.raw_weights.grad, torch.tensor([-3.0, 3.0]))
+    assert latents.grad.abs().sum() > 0  # p_mix is not detached
+
+    # at uniform weights p_mix is the centroid, the minimiser of the loss in p: zero gradient into the weights ...
+    uniform = mixture(m=2)
+    uniform.loss(Z([[0, 0], [4, 4]]), P([1, 1])).backward()
+    torch.testing.assert_close(uniform.raw_weights.grad, torch.zeros(2))
+    # ... but the fill of an absent modality reaches them: fill = p = 4 sigmoid(r1 - r0), d/dr1 = 4 / 4 = 1 per voxel
+    three = mixture(m=3)
+    filled = three.fill_missing(Z([[0, 0], [4, 4], [NAN, NAN]]), P([1, 1, 0]))
+    filled[0, 2].sum().backward()  # 2 voxels -> d/dr = [-2, 2, 0]
+    torch.testing.assert_close(three.raw_weights.grad, torch.tensor([-2.0, 2.0, 0.0]))
+
+
+def test_mixture_normalisation_prevents_collapse():
+    # Z_0 = 0, Z_1 = 4. With w1 = sigmoid(r1 - r0), p = 4 w1 and L = (4 w1)^2 + (4 - 4 w1)^2 >= 8, equal at w1 = 1/2.
+    # A free weight could drive L to 0; the normalised one can only reach the centroid.
+    # init w = softmax([1, -1]) = [0.88, 0.12] -> L = 16 (0.12^2 + 0.88^2) = 12.6; lr 0.1 keeps SGD from oscillating
+    anchor = mixture(raw=[1.0, -1.0])
+    latents = Z([[0, 0], [4, 4]])
+    opt = torch.optim.SGD(anchor.parameters(), lr=0.1)
+    losses = []
+    for _ in range(100):
+        opt.zero_grad()
+        loss = anchor.loss(latents, P([1, 1]))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        assert anchor.normalised_weights().sum().item() == pytest.approx(1.0)
+    assert min(losses) >= 8.0 - 1e-4
+    assert losses[0] > losses[-1]
+    assert losses[-1] == pytest.approx(8.0, abs=1e-2)
+    torch.testing.assert_close(anchor.normalised_weights(), torch.tensor([0.5, 0.5]), atol=1e-2, rtol=0)
+
+
+def test_mixture_weights_dict():
+    anchor = mixture(raw=[0.0, math.log(3.0)])
+    d = anchor.weights_dict(["T1", "T1ce"])
+    assert d["T1"] == {"raw": 0.0, "normalised": pytest.approx(0.25)}
+    assert d["T1ce"]["raw"] == pytest.approx(math.log(3.0)) and d["T1ce"]["normalised"] == pytest.approx(0.75)
+    assert all(isinstance(v, float) for w in d.values() for v in w.values())
+    with pytest.raises(ValueError):
+        anchor.weights_dict(["T1"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fill_missing: absent entries replaced, present unchanged
+
+# Z_0 = [0, 0], Z_1 = [3, 3], Z_2 = [0, 6]; mean of {Z_0, Z_2} = [0, 3]; of {Z_1, Z_2} = [1.5, 4.5]
+@pytest.mark.parametrize(
+    "anchor, present, absent, expected",
+    [
+        (NoAnchor(), [1, 0, 1], 1, [0, 3]),
+        (NormalAnchor(), [1, 0, 1], 1, [0, 0]),
+        (ModalityAnchor(0), [1, 0, 1], 1, [0, 0]),  # k = 0 present: Z_0
+        (ModalityAnchor(1), [1, 0, 1], 1, [0, 3]),  # k = 1 absent: mean of present
+        (ModalityAnchor(1), [0, 1, 1], 0, [3, 3]),  # k = 1 present: Z_1
+        (MixtureAnchor(3), [0, 1, 1], 0, [1.5, 4.5]),  # uniform: mean of present
+        (mixture(raw=[0.0, 0.0, math.log(3.0)]), [1, 0, 1], 1, [0, 4.5]),  # w = [1/4, 0, 3/4]: [0, 18/4]
+    ],
+)
+def test_fill_missing_by_hand(anchor, present, absent, expected):
+    latents = Z(MIX)
+    latents[0, absent] = NAN  # whatever the network put there must not matter
+    latents.requires_grad_()
+    mask = P(present)
+    filled = anchor.fill_missing(latents, mask)
+    assert filled.shape == latents.shape
+    torch.testing.assert_close(filled[0, absent, 0], torch.tensor(expected, dtype=torch.float32))
+    torch.testing.assert_close(filled[0][mask[0]], latents[0][mask[0]])
+    filled[0][mask[0]].sum().backward()  # present entries pass their gradient straight through
+    torch.testing.assert_close(latents.grad[0][mask[0]], torch.ones_like(latents[0][mask[0]]))
+    assert not torch.isnan(latents.grad).any()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# shapes and numerics for 1..4 present modalities
+
+ANCHORS = {
+    "none": NoAnchor,
+    "normal": NormalAnchor,
+    "modality": lambda: ModalityAnchor(1),
+    "mixture": lambda: MixtureAnchor(4),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ANCHORS))
+@pytest.mark.parametrize("n_present", [1, 2, 3, 4])
+def test_shapes(kind, n_present):
+    torch.manual_seed(n_present)
+    anchor = ANCHORS[kind]()
+    latents = torch.randn(2, 4, 2, 1, 1, 2, requires_grad=True)  # (B, M, C, 1, 1, 2): 3-D spatial
+    logvar = torch.randn(2, 4, 2, 1, 1, 2)
+    present = torch.zeros(2, 4, dtype=torch.bool)
+    present[0, :n_present] = True
+    present[1, 4 - n_present :] = True
+    loss = anchor.loss(latents, present, mean=latents, logvar=logvar)
+    assert loss.dim() == 0 and loss.dtype == torch.float32 and torch.isfinite(loss)
+    if n_present == 1 and kind in ("modality", "mixture", "none"):
+        assert loss.item() == 0.0  # nothing pairs up
+    assert anchor.fill_missing(latents, present).shape == latents.shape
+    assert anchor.anchor_center(latents, present).shape == (2, 2, 1, 1, 2)
+    loss.backward()
+    assert torch.isfinite(latents.grad).all()
+
+
+@pytest.mark.parametrize(
+    "anchor, expected",
+    [
+        # Z_0 = 0, Z_1 = 600 (600^2 = 360000 overflows fp16)
+        (ModalityAnchor(1), 360000.0),
+        (MixtureAnchor(2), 2 * 300.0**2),  # p = 300
+        (NormalAnchor(), 0.5 * 600.0**2),  # mu_0 = 0 -> 0, mu_1 = 600 -> 0.5 * 600^2
+    ],
+)
+def test_fp16_inputs_computed_in_float32(anchor, expected):
+    latents = Z([[0, 0], [600, 600]]).half()
+    logvar = torch.zeros_like(latents)
+    loss = anchor.loss(latents, P([1, 1]), mean=latents, logvar=logvar)
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert anchor.loss(latents, P([1, 1]), mean=latents, logvar=logvar).dtype == torch.float32
+    assert anchor.fill_missing(latents, P([1, 0])).dtype == torch.float16
+
+
+def test_no_anchor_is_zero_and_in_graph():
+    latents = Z(MIX).requires_grad_()
+    loss = NoAnchor()(latents, P([1, 1, 1]))
+    assert loss.item() == 0.0 and loss.requires_grad
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# build_anchor
+
+
+@pytest.mark.parametrize(
+    "spec, modalities, cls, name, index",
+    [
+        ("none", BRATS_MODALITIES, NoAnchor, "none", None),
+        ("normal", BRATS_MODALITIES, NormalAnchor, "normal", None),
+        ("modality", BRATS_MODALITIES, ModalityAnchor, "modality:T1ce", 1),
+        ("modality:flair", BRATS_MODALITIES, ModalityAnchor, "modality:FLAIR", 3),
+        ("Modality: t1c ", BRATS_MODALITIES, ModalityAnchor, "modality:T1ce", 1),
+        ("modality:T2", ("T2", "FLAIR"), ModalityAnchor, "modality:T2", 0),
+        ("modality", ("flair", "t1gd"), ModalityAnchor, "modality:T1ce", 1),  # dataset spellings
+        (" MIXTURE ", BRATS_MODALITIES, MixtureAnchor, "mixture", None),
+    ],
+)
+def test_build_anchor(spec, modalities, cls, name, index):
+    anchor = build_anchor(spec, modalities)
+    assert type(anchor) is cls and isinstance(anchor, AnchorAlignment)
+    assert anchor.name == name
+    assert anchor.uses_gaussian_latents == (cls is NormalAnchor)
+    if index is not None:
+        assert anchor.anchor_index == index and anchor.stop_gradient
+    if cls is MixtureAnchor:
+        assert anchor.raw_weights.shape == (len(modalities),)
+    assert name.split(":")[0] in ANCHOR_CHOICES
+
+
+@pytest.mark.parametrize(
+    "spec, modalities, match",
+    [
+        ("bogus", BRATS_MODALITIES, "unknown anchor 'bogus'.*none, normal, modality.*mixture"),
+        ("", BRATS_MODALITIES, "unknown anchor"),
+        ("modality:", BRATS_MODALITIES, "names no modality"),
+        ("modality:PD", BRATS_MODALITIES, "unknown modality 'PD'"),
+        ("modality", ("T1", "T2"), "T1ce is not one of this model's modalities"),
+        ("modality:FLAIR", ("T1", "T2"), "FLAIR is not one of"),
+        ("mixture:3", BRATS_MODALITIES, "takes no"),
+        ("bo\ngus", BRATS_MODALITIES, "unknown anchor"),
+    ],
+)
+def test_build_anchor_errors(spec, modalities, match):
+    with pytest.raises(NnalignError, match=match) as info:
+        build_anchor(spec, modalities)
+    assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# modality_gap
+
+
+def test_modality_gap_by_hand():
+    # C = 2, 2 voxels, B = 2, M = 4. Per-sample spatial means (channel 0, channel 1):
+    #   sample 0: Z_0 voxels (-1, 1)/(0, 0) -> (0, 0);  Z_1 -> (3, 4);  Z_2 absent;  Z_3 absent
+    #   sample 1: Z_0 -> (2, 0);  Z_1 absent;  Z_2 -> (0, 0);  Z_3 absent
+    # centroids: c_0 = mean((0,0), (2,0)) = (1, 0); c_1 = (3, 4); c_2 = (0, 0); Z_3 nowhere -> left out
+    latents = torch.full((2, 4, 2, 2), 100.0)  # absent entries: garbage
+    latents[0, 0] = torch.tensor([[-1.0, 1.0], [0.0, 0.0]])
+    latents[0, 1] = torch.tensor([[3.0, 3.0], [4.0, 4.0]])
+    latents[1, 0] = torch.tensor([[1.0, 3.0], [0.0, 0.0]])
+    latents[1, 2] = 0.0
+    present = P([1, 1, 0, 0], [1, 0, 1, 0])
+    # anchor centroid: zeros -> (0, 0): distances |c_0| = 1, |c_1| = 5, |c_2| = 0
+    gap = modality_gap(latents, present, torch.zeros(2, 2, 2))
+    assert gap["to_anchor"] == {0: pytest.approx(1.0), 1: pytest.approx(5.0), 2: pytest.approx(0.0)}
+    # pairs: |c_0 - c_1| = |(-2, -4)| = sqrt(20); |c_0 - c_2| = 1; |c_1 - c_2| = 5 -> mean (sqrt(20) + 6) / 3
+    assert gap["pairwise_mean"] == pytest.approx((math.sqrt(20) + 6) / 3)
+    assert isinstance(gap["pairwise_mean"], float) and all(isinstance(v, float) for v in gap["to_anchor"].values())
+
+    # anchor centroid averaged over samples and space: sample 0 (2, 0) and sample 1 (0, 0) -> (1, 0) = c_0
+    center = torch.zeros(2, 2, 2)
+    center[0, 0] = torch.tensor([1.0, 3.0])
+    gap = modality_gap(latents, present, center)
+    assert gap["to_anchor"][0] == pytest.approx(0.0)
+    assert gap["to_anchor"][1] == pytest.approx(math.sqrt(4 + 16))
+
+    # one modality in the whole batch: no pairs
+    assert modality_gap(latents, P([1, 0, 0, 0], [1, 0, 0, 0]), center)["pairwise_mean"] == 0.0
+
+
+def test_modality_gap_uses_anchor_center():
+    # the modality anchor's center is Z_k: its own distance is 0
+    latents = Z(MIX)
+    anchor = ModalityAnchor(1)
+    gap = modality_gap(latents, P([1, 1, 1]), anchor.anchor_center(latents, P([1, 1, 1])))
+    assert gap["to_anchor"][1] == 0.0
+    # c_0 = 0, c_1 = 3, c_2 = 3 (spatial means, C = 1): to anchor 3, 0, 0; pairs 3, 3, 0 -> mean 2
+    assert gap["to_anchor"][0] == pytest.approx(3.0) and gap["pairwise_mean"] == pytest.approx(2.0)
