@@ -7,8 +7,10 @@ leaves nothing behind.
 """
 from __future__ import annotations
 
+import gzip
 import re
 import shutil
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -68,6 +70,30 @@ def _geometry(reader) -> tuple:
             np.array(reader.GetDirection()))
 
 
+def _check_complete(case: BratsCase, path: Path, reader) -> None:
+    """Raise if ``path`` holds fewer bytes than its NIfTI header promises (a truncated or corrupt download).
+
+    SimpleITK reads such a file without complaint and returns the missing voxels as zeros, so the check is on the
+    bytes: the (decompressed) file must reach ``vox_offset + voxels * bitpix / 8``.
+    """
+    try:
+        ndim = int(reader.GetMetaData("dim[0]"))
+        voxels = int(np.prod([int(reader.GetMetaData(f"dim[{i}]")) for i in range(1, ndim + 1)]))
+        needed = int(float(reader.GetMetaData("vox_offset"))) + voxels * int(reader.GetMetaData("bitpix")) // 8
+    except (RuntimeError, ValueError):
+        return  # no NIfTI header fields to check against
+    if path.name.lower().endswith(".gz"):
+        try:
+            with gzip.open(path, "rb") as f:
+                have = sum(len(chunk) for chunk in iter(lambda: f.read(1 << 22), b""))
+        except (OSError, EOFError, zlib.error):
+            raise NnalignError(f"{case.case_id}: {path.name}: truncated or corrupt gzip data") from None
+    else:
+        have = path.stat().st_size
+    if have < needed:
+        raise NnalignError(f"{case.case_id}: {path.name}: truncated file ({have} of {needed} bytes)")
+
+
 def _check_geometry(case: BratsCase, reference_name: str, reference: tuple, path: Path, reader) -> None:
     size, spacing, origin, direction = _geometry(reader)
     checks = (("shape", reference[0] == size, reference[0], size),
@@ -96,9 +122,12 @@ def convert_case(case: BratsCase, images_dir: Path, labels_dir: Path | None) -> 
         _check_geometry(case, ref_name, reference, case.images[m], readers[m])
         if readers[m].GetNumberOfComponents() != 1 or len(reference[0]) != 3:
             raise NnalignError(f"{case.case_id}: {case.images[m].name}: expected a 3D scalar image")
+        _check_complete(case, case.images[m], readers[m])
     result = CaseResult(case.case_id, labelled=case.seg is not None and labels_dir is not None)
     if result.labelled:
-        _check_geometry(case, ref_name, reference, case.seg, _read_header(case.seg))
+        seg_reader = _read_header(case.seg)
+        _check_geometry(case, ref_name, reference, case.seg, seg_reader)
+        _check_complete(case, case.seg, seg_reader)
         try:
             seg_image = sitk.ReadImage(str(case.seg))
         except RuntimeError:
@@ -219,7 +248,8 @@ def convert_brats(source: Path, dataset_id: int, raw_root: Path, name: str | Non
 def _run_jobs(jobs: list[tuple], num_processes: int, progress: bool) -> list:
     from tqdm import tqdm
 
-    bar = dict(total=len(jobs), desc="Converting cases", unit="case", disable=not progress)
+    # disable=None: a bar only on a terminal, so that a failing run's stderr is its one error line.
+    bar = dict(total=len(jobs), desc="Converting cases", unit="case", disable=None if progress else True)
     if num_processes <= 1 or len(jobs) == 1:
         return [_convert_job(j) for j in tqdm(jobs, **bar)]
     with ProcessPoolExecutor(min(num_processes, len(jobs)), mp_context=get_context("spawn")) as pool:

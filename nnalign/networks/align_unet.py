@@ -1,0 +1,197 @@
+"""The aligned multi-modal teacher and the modality-subset student, built from nnU-Net's plans.
+
+Both wrap dynamic_network_architectures' ``PlainConvUNet`` (the nnU-Net-planned predictor C*) and take the plans'
+``arch_kwargs`` plus nnalign's own keywords, so ``get_network_from_plans`` builds them like any nnU-Net network.
+
+Teacher (:class:`nnAlignTeacherUNet`)::
+
+    x (B, M, *S) --per-modality encoder--> Z_j (B, M, C_z, *S) --anchor fills absent Z_j--> concat (B, M*C_z, *S)
+                 --PlainConvUNet--> region logits (WT, TC, ET)
+
+The per-modality encoder is a few conv blocks at full resolution; by default one encoder shared by all modalities,
+run as a single batched pass (the modality axis folded into the batch). Its latents are what the anchor loss aligns.
+
+Student (:class:`nnAlignStudentUNet`): the planned U-Net on its own modality channels only, so at inference it is a
+plain nnU-Net model; the full-modality "original" nnU-Net baseline is the student with every modality.
+
+``forward(x)`` returns logits only, as nnU-Net's trainer, validation and predictor expect. ``forward(x,
+return_parts=True)`` returns a dict that :func:`as_outputs` turns into :class:`NetworkOutputs` for the losses.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from nnalign.losses.anchors import NormalAnchor, build_anchor
+from nnalign.modalities import BRATS_MODALITIES
+from nnalign.networks.outputs import NetworkOutputs
+
+_UNET_KEYS = ("n_stages", "features_per_stage", "conv_op", "kernel_sizes", "strides", "n_conv_per_stage",
+              "n_conv_per_stage_decoder", "conv_bias", "norm_op", "norm_op_kwargs", "dropout_op", "dropout_op_kwargs",
+              "nonlin", "nonlin_kwargs", "nonlin_first")
+
+
+def _plain_unet(input_channels: int, num_classes: int, deep_supervision: bool, unet_kwargs: dict) -> nn.Module:
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    return PlainConvUNet(input_channels, num_classes=num_classes, deep_supervision=deep_supervision, **unet_kwargs)
+
+
+def run_unet(unet: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Run a PlainConvUNet keeping its parts: (encoder skips, logits per scale highest first, last decoder features).
+
+    Uses the decoder's own modules stage by stage; logits are returned for every scale only when the decoder's
+    ``deep_supervision`` is on, else a one-element list.
+    """
+    skips = unet.encoder(x)
+    dec = unet.decoder
+    lres, logits = skips[-1], []
+    for s, stage in enumerate(dec.stages):
+        lres = stage(torch.cat((dec.transpconvs[s](lres), skips[-(s + 2)]), 1))
+        if dec.deep_supervision or s == len(dec.stages) - 1:
+            logits.append(dec.seg_layers[s](lres))
+    return skips, logits[::-1], lres
+
+
+def as_outputs(parts: dict) -> NetworkOutputs:
+    """Turn the dict a network returns with ``return_parts=True`` into :class:`NetworkOutputs`."""
+    return NetworkOutputs(**parts)
+
+
+class _PartsNetwork(nn.Module):
+    """Common behaviour: nnU-Net's ``decoder.deep_supervision`` switch and He initialisation."""
+
+    unet: nn.Module
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The predictor's decoder; nnU-Net's trainer toggles ``decoder.deep_supervision`` through it."""
+        return self.unet.decoder
+
+    @staticmethod
+    def initialize(module: nn.Module) -> None:
+        from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+
+        InitWeights_He(1e-2)(module)
+
+    def _logits(self, parts: dict, return_parts: bool):
+        if return_parts:
+            return parts
+        return parts["logits"] if self.decoder.deep_supervision else parts["logits"][0]
+
+
+class nnAlignTeacherUNet(_PartsNetwork):
+    """Multi-modal teacher: per-modality latent encoding, anchor alignment and fill, planned U-Net predictor.
+
+    Extra keywords beyond PlainConvUNet's: ``modalities`` (names, channel order), ``latent_channels`` C_z,
+    ``latent_convs`` (conv blocks of the modality encoder), ``shared_encoder`` (one encoder for all modalities, else
+    one each), ``anchor`` (``none|normal|modality:NAME|mixture``), ``input_scale`` (optional (a, b): x -> a*x + b on
+    present channels, e.g. (2, -1) maps [0, 1] to [-1, 1]).
+
+    ``present_modalities`` (indices) says which channels are real when ``forward`` gets no mask; nnalign_predict sets
+    it for cases with missing modalities.
+    """
+
+    def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False, *,
+                 modalities: Sequence[str] = BRATS_MODALITIES, latent_channels: int = 8, latent_convs: int = 2,
+                 shared_encoder: bool = True, anchor: str = "none", input_scale: Sequence[float] | None = None,
+                 **unet_kwargs) -> None:
+        super().__init__()
+        from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
+
+        if len(modalities) != input_channels:
+            raise ValueError(f"{input_channels} input channels but {len(modalities)} modalities {list(modalities)}")
+        self.modalities = tuple(modalities)
+        self.latent_channels = latent_channels
+        self.anchor = build_anchor(anchor, self.modalities)
+        self.gaussian = self.anchor.uses_gaussian_latents
+        self.input_scale = tuple(input_scale) if input_scale else None
+        self.present_modalities: tuple[int, ...] = tuple(range(input_channels))
+        conv_op, kernel = unet_kwargs["conv_op"], unet_kwargs["kernel_sizes"][0]
+        block_kwargs = {k: unet_kwargs.get(k) for k in ("conv_bias", "norm_op", "norm_op_kwargs", "dropout_op",
+                                                         "dropout_op_kwargs", "nonlin", "nonlin_kwargs")}
+        head_channels = 2 * latent_channels if self.gaussian else latent_channels
+
+        def encoder() -> nn.Module:
+            return nn.Sequential(
+                StackedConvBlocks(latent_convs, conv_op, 1, latent_channels, kernel, 1,
+                                  nonlin_first=unet_kwargs.get("nonlin_first", False), **block_kwargs),
+                conv_op(latent_channels, head_channels, 1))
+
+        self.encoders = nn.ModuleList([encoder() for _ in range(1 if shared_encoder else input_channels)])
+        self.unet = _plain_unet(input_channels * latent_channels, num_classes, deep_supervision, unet_kwargs)
+
+    def presence_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, M) bool mask from ``present_modalities``."""
+        mask = torch.zeros(x.shape[0], len(self.modalities), dtype=torch.bool, device=x.device)
+        mask[:, list(self.present_modalities)] = True
+        return mask
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-modality encoder outputs (B, M, H, *S), H = C_z, or 2 C_z (mean, log-variance) for the normal anchor."""
+        b, m, spatial = x.shape[0], x.shape[1], x.shape[2:]
+        if len(self.encoders) == 1:
+            out = self.encoders[0](x.reshape(b * m, 1, *spatial))
+            return out.reshape(b, m, *out.shape[1:])
+        return torch.stack([enc(x[:, j:j + 1]) for j, enc in enumerate(self.encoders)], 1)
+
+    def forward(self, x: torch.Tensor, present: torch.Tensor | None = None, return_parts: bool = False):
+        """Region logits (a list per scale under deep supervision), or all parts with ``return_parts``."""
+        if present is None:
+            present = self.presence_mask(x)
+        if self.input_scale is not None:
+            keep = present.reshape(*present.shape, *([1] * (x.dim() - 2)))
+            x = torch.where(keep, x * self.input_scale[0] + self.input_scale[1], torch.zeros_like(x))
+        encoded = self.encode(x)
+        mean = logvar = None
+        if self.gaussian:
+            mean, logvar = encoded.chunk(2, dim=2)
+            latents = NormalAnchor.reparameterize(mean, logvar, self.training)
+        else:
+            latents = encoded
+        filled = self.anchor.fill_missing(latents, present)
+        skips, logits, features = run_unet(self.unet, filled.flatten(1, 2))
+        parts = {"logits": logits, "skips": skips, "decoder_features": features, "latents": latents,
+                 "latent_mean": mean, "latent_logvar": logvar, "present": present}
+        return self._logits(parts, return_parts)
+
+    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
+        """Activation voxels the planner budgets: predictor U-Net plus every modality's encoder and latents."""
+        per_modality = self.encoders[0][0].compute_conv_feature_map_size(input_size)
+        voxels = int(torch.tensor(list(input_size)).prod())
+        latents = self.encoders[0][1].out_channels * voxels
+        return int(self.unet.compute_conv_feature_map_size(input_size)
+                   + len(self.modalities) * (per_modality + latents) + len(self.modalities) * self.latent_channels * voxels)
+
+
+class nnAlignStudentUNet(_PartsNetwork):
+    """Subset student: the planned U-Net on the channels of ``student_modalities`` (indices into the dataset's).
+
+    It receives the dataset's full channel stack, as nnU-Net's data loader gives it, and reads only its own channels,
+    so one preprocessed dataset serves the teacher and every student.
+    """
+
+    def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False, *,
+                 student_modalities: Sequence[int] | None = None, input_scale: Sequence[float] | None = None,
+                 **unet_kwargs) -> None:
+        super().__init__()
+        unet_kwargs = {k: v for k, v in unet_kwargs.items() if k in _UNET_KEYS}
+        self.channels = tuple(student_modalities) if student_modalities is not None else tuple(range(input_channels))
+        if not self.channels or not all(0 <= c < input_channels for c in self.channels):
+            raise ValueError(f"student channels {self.channels} do not fit {input_channels} input channels")
+        self.input_scale = tuple(input_scale) if input_scale else None
+        self.unet = _plain_unet(len(self.channels), num_classes, deep_supervision, unet_kwargs)
+
+    def forward(self, x: torch.Tensor, present: torch.Tensor | None = None, return_parts: bool = False):
+        """Region logits from the student's own channels (``present`` is accepted for a uniform call and ignored)."""
+        x = x[:, list(self.channels)]
+        if self.input_scale is not None:
+            x = x * self.input_scale[0] + self.input_scale[1]
+        skips, logits, features = run_unet(self.unet, x)
+        return self._logits({"logits": logits, "skips": skips, "decoder_features": features}, return_parts)
+
+    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
+        """Activation voxels of the predictor U-Net."""
+        return int(self.unet.compute_conv_feature_map_size(input_size))
