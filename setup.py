@@ -35,6 +35,7 @@ setup(
             "nnalign_convert_brats=nnalign.cli.convert_brats:main",
             "nnalign_synth=nnalign.cli.synth:main",
             "nnalign_plan_and_preprocess=nnalign.cli.plan_and_preprocess:main",
+            "nnalign_train=nnalign.cli.train:main",
         ]
     },
 )

@@ -86,7 +86,7 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = DEFAULT
         extract_fingerprint_dataset(int(dataset_id), nnAlignFingerprintExtractor, num_processes,
                                     check_dataset_integrity=verify, clean=True, verbose=False)
     except (RuntimeError, AssertionError, ValueError) as e:
-        raise NnalignError(f"{raw_folder}: nnU-Net's dataset check failed: {_one_line(e)}") from None
+        raise NnalignError(f"{raw_folder}: nnU-Net's integrity check failed: {_one_line(e)}") from None
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
         plans, plans_id = plan_experiment_dataset(int(dataset_id), nnAlignPlanner, gpu_memory_target_in_gb=gpu_memory_gb)

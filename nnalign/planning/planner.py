@@ -112,12 +112,33 @@ class nnAlignPlanner(ExperimentPlanner):
             configs["paper"] = self._plan_paper(fullres)
         plans["nnalign"] = {"version": __version__, "latent_defaults": LATENT_DEFAULTS,
                             "gpu_memory_target_gb": self.UNet_vram_target_GB}
-        for name, cfg in configs.items():
+        # The networks' modality names (channel order), so that a network can be rebuilt from the plans alone
+        # (nnU-Net's predictor calls build_network_architecture without dataset.json).
+        from nnalign.modalities import modalities_from_dataset_json
+
+        modalities = list(modalities_from_dataset_json(self.dataset_json))
+        for cfg in configs.values():
             if "architecture" in cfg:
+                cfg["architecture"]["arch_kwargs"]["modalities"] = modalities
+        for cfg in configs.values():
+            if "architecture" in cfg:
+                self._fit_batch_to_target(cfg)
                 cfg["nnalign_estimated_memory_gb"] = round(self.estimated_memory_gb(cfg), 2)
         self.plans = plans
         self.save_plans(plans)
         return plans
+
+    def _fit_batch_to_target(self, configuration: dict) -> None:
+        """Lower the batch size (never below nnU-Net's minimum) until the estimate fits the memory target.
+
+        nnU-Net rounds the batch size to the nearest integer, which can overshoot the target by up to half a sample.
+        The CPU and paper configurations have their own fixed budgets and are left alone.
+        """
+        if configuration["data_identifier"].endswith(("3d_cpu", "paper")):
+            return
+        while (configuration["batch_size"] > self.UNet_min_batch_size
+               and self.estimated_memory_gb(configuration) > self.UNet_vram_target_GB):
+            configuration["batch_size"] -= 1
 
     def _median_shape_at(self, fullres: dict, spacing) -> np.ndarray:
         return np.array(fullres["median_image_size_in_voxels"]) * np.array(fullres["spacing"]) / np.array(spacing)

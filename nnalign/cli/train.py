@@ -1,0 +1,243 @@
+"""``nnalign_train``: train a teacher with nnU-Net's own training loop (``run_training``, DDP, ``--c``, ``--val``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from pathlib import Path
+
+from nnalign.errors import NnalignError, cli_entry
+
+PROG = "nnalign_train"
+PLANS_NAME = "nnAlignPlans"
+CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Train an nnalign model on a dataset planned and preprocessed with nnalign_plan_and_preprocess. "
+                    "The teacher encodes each modality into a latent, aligns the latents to an anchor and segments "
+                    "WT/TC/ET with the planned nnU-Net. Results go to $nnUNet_results/DATASET/"
+                    "<trainer>__nnAlignPlans__CONFIG/fold_FOLD; the trainer name encodes the settings "
+                    "(e.g. nnAlignTeacher_mixture, nnAlignTeacher_modalityT1ce_w0p5_sep_drop0p3).")
+    p.add_argument("dataset", help="dataset ID (e.g. 137) or name (e.g. Dataset137_BraTS2021)")
+    p.add_argument("configuration", help="configuration from the plans: 3d_fullres, 3d_cpu, paper, 2d")
+    p.add_argument("fold", help="cross-validation fold (0-4, or fewer for small datasets) or 'all'")
+    p.add_argument("--role", choices=("teacher",), default="teacher", help="what to train (default: teacher)")
+    p.add_argument("--anchor", default="mixture", metavar="ANCHOR",
+                   help="none | normal | modality:NAME | mixture | original (plain nnU-Net on all modalities) "
+                        "(default: %(default)s)")
+    p.add_argument("--align-weight", type=float, default=0.1, metavar="LAMBDA",
+                   help="weight of the alignment loss (default: %(default)s)")
+    p.add_argument("--separate-encoders", action="store_true",
+                   help="one latent encoder per modality instead of one shared encoder")
+    p.add_argument("--modality-dropout", type=float, default=0.0, metavar="P",
+                   help="drop each modality of each training sample with probability P, never all (default: 0)")
+    p.add_argument("--no-stop-gradient", action="store_true",
+                   help="modality anchor: let the alignment loss pull the anchor modality too")
+    p.add_argument("-device", choices=("cpu", "cuda", "mps"), default="cuda",
+                   help="device to train on (default: %(default)s)")
+    p.add_argument("--num-gpus", type=int, default=1, metavar="N", help="GPUs for DDP training (default: 1)")
+    p.add_argument("--c", dest="continue_training", action="store_true",
+                   help="continue the run with these settings from its latest checkpoint")
+    p.add_argument("--val", dest="validation_only", action="store_true",
+                   help="only run the final validation of a finished run")
+    p.add_argument("--npz", action="store_true", help="save the validation softmax/sigmoid outputs")
+    p.add_argument("--epochs", type=int, default=None, metavar="N",
+                   help="number of epochs (default: nnU-Net's 1000, or the run's own when continuing)")
+    p.add_argument("--iters-per-epoch", type=int, default=None, metavar="N",
+                   help="training iterations per epoch (default: nnU-Net's 250, or the run's own when continuing); "
+                        "validation iterations become max(1, N // 5)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# checks that need no torch
+
+
+def resolve_dataset(spec: str, preprocessed_root: Path, raw_root: Path) -> str:
+    """The preprocessed dataset folder name for an ID or name, or a one-line error saying what to run."""
+    spec = spec.strip()
+    if re.fullmatch(r"\d+", spec):
+        dataset_id, pattern = int(spec), f"Dataset{int(spec):03d}_*"
+    else:
+        m = re.fullmatch(r"Dataset(\d{3})_.+", spec)
+        dataset_id = int(m.group(1)) if m else None
+        pattern = spec if m else f"Dataset[0-9][0-9][0-9]_{spec}"
+    found = sorted(p.name for p in preprocessed_root.glob(pattern) if p.is_dir()) if preprocessed_root.is_dir() else []
+    if len(found) > 1:
+        raise NnalignError(f"dataset {spec!r} matches several folders in {preprocessed_root}: {', '.join(found)}")
+    if found:
+        return found[0]
+    raw = sorted(p.name for p in raw_root.glob(pattern) if p.is_dir()) if raw_root.is_dir() else []
+    if raw:
+        raw_id = dataset_id if dataset_id is not None else int(raw[0][7:10])
+        raise NnalignError(f"dataset {raw[0]} is not preprocessed (nothing in {preprocessed_root}): run "
+                           f"nnalign_plan_and_preprocess -d {raw_id}")
+    raise NnalignError(f"no dataset {spec!r} in {preprocessed_root} or {raw_root} (make one with nnalign_synth or "
+                       f"nnalign_convert_brats, then run nnalign_plan_and_preprocess)")
+
+
+def _data_identifier(configurations: dict, name: str) -> str | None:
+    seen = set()
+    while name in configurations and name not in seen:
+        seen.add(name)
+        cfg = configurations[name]
+        if cfg.get("data_identifier"):
+            return cfg["data_identifier"]
+        name = cfg.get("inherits_from")
+    return None
+
+
+def check_preprocessed(dataset_folder: Path, configuration: str) -> tuple[dict, dict]:
+    """(plans, dataset.json) of a preprocessed dataset, checked for ``configuration``; one-line errors otherwise."""
+    dataset_id = int(dataset_folder.name[7:10])
+    plans_file = dataset_folder / f"{PLANS_NAME}.json"
+    how = f"run nnalign_plan_and_preprocess -d {dataset_id} -c {configuration}"
+    if not plans_file.is_file():
+        raise NnalignError(f"{dataset_folder} has no {PLANS_NAME}.json (not planned by nnalign): {how}")
+    try:
+        plans = json.loads(plans_file.read_text())
+        dataset_json = json.loads((dataset_folder / "dataset.json").read_text())
+    except (OSError, ValueError) as e:
+        raise NnalignError(f"{dataset_folder}: cannot read the plans or dataset.json ({e}): {how}") from None
+    if plans.get("dataset_name") != dataset_folder.name:
+        raise NnalignError(f"{plans_file} belongs to dataset {plans.get('dataset_name')!r}, not {dataset_folder.name}: "
+                           f"{how}")
+    configurations = plans.get("configurations", {})
+    if configuration not in configurations:
+        raise NnalignError(f"configuration {configuration!r} is not in {plans_file.name} "
+                           f"(it has {', '.join(configurations)})")
+    identifier = _data_identifier(configurations, configuration)
+    data_folder = dataset_folder / identifier if identifier else None
+    if data_folder is None or not data_folder.is_dir() or not any(data_folder.glob("*.pkl")):
+        raise NnalignError(f"configuration {configuration} of {dataset_folder.name} is not preprocessed "
+                           f"(no {data_folder or 'data folder'}): {how}")
+    return plans, dataset_json
+
+
+def parse_fold(fold: str) -> int | str:
+    if fold == "all":
+        return fold
+    try:
+        value = int(fold)
+    except ValueError:
+        raise NnalignError(f"fold must be an integer or 'all', got {fold!r}") from None
+    if value < 0:
+        raise NnalignError(f"fold must not be negative, got {value}")
+    return value
+
+
+def run_folder(results_root: Path, dataset: str, trainer: str, configuration: str, fold) -> Path:
+    """nnU-Net's output folder of a run."""
+    return results_root / dataset / f"{trainer}__{PLANS_NAME}__{configuration}" / f"fold_{fold}"
+
+
+def existing_runs(results_root: Path, dataset: str, configuration: str, fold) -> list[str]:
+    """Trainer names of the nnalign runs with a checkpoint for this dataset, configuration and fold."""
+    from nnalign.training.settings import is_teacher_trainer_name
+
+    base = results_root / dataset
+    suffix = f"__{PLANS_NAME}__{configuration}"
+    runs = []
+    for folder in sorted(base.glob(f"*{suffix}")) if base.is_dir() else []:
+        trainer = folder.name[: -len(suffix)]
+        if is_teacher_trainer_name(trainer) and any((folder / f"fold_{fold}" / c).is_file() for c in CHECKPOINTS):
+            runs.append(trainer)
+    return runs
+
+
+def check_run_state(folder: Path, settings, trainer: str, args, results_root: Path, dataset: str):
+    """One-line errors for ``--c`` / ``--val`` that cannot work; returns the run's settings record, if any."""
+    from nnalign.training.record import read_settings_record
+
+    record = read_settings_record(folder)
+    if args.continue_training and args.validation_only:
+        raise NnalignError("--c and --val cannot be combined (--c also runs the final validation)")
+    if args.continue_training and not any((folder / c).is_file() for c in CHECKPOINTS):
+        runs = existing_runs(results_root, dataset, args.configuration, args.fold)
+        listing = ", ".join(runs) if runs else "none"
+        raise NnalignError(f"--c: no checkpoint of {trainer} in {folder}; runs with a checkpoint for "
+                           f"{args.configuration} fold {args.fold}: {listing}")
+    if args.validation_only and not (folder / "checkpoint_final.pth").is_file():
+        raise NnalignError(f"--val: {folder} has no checkpoint_final.pth (train it first, or finish it with --c)")
+    if (args.continue_training or args.validation_only) and record is not None:
+        recorded = {k: record.get("settings", {}).get(k) for k in settings.model_settings()}
+        if recorded != settings.model_settings():
+            diff = ", ".join(f"{k} {recorded[k]!r} != {v!r}" for k, v in settings.model_settings().items()
+                             if recorded[k] != v)
+            raise NnalignError(f"{folder / 'nnalign_settings.json'} was trained with other settings ({diff})")
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@cli_entry(PROG)
+def main() -> int:
+    args = build_parser().parse_args()
+    from nnalign.modalities import modalities_from_dataset_json
+    from nnalign.paths import setup_env
+    from nnalign.training.settings import ENV_EPOCHS, ENV_ITERS, TeacherSettings
+
+    folders = setup_env()
+    if args.num_gpus < 1:
+        raise NnalignError(f"--num-gpus must be at least 1, got {args.num_gpus}")
+    if args.num_gpus > 1 and args.device != "cuda":
+        raise NnalignError(f"--num-gpus {args.num_gpus} (DDP) needs -device cuda")
+    settings = TeacherSettings(anchor=args.anchor, align_weight=args.align_weight,
+                               shared_encoder=not args.separate_encoders, modality_dropout=args.modality_dropout,
+                               stop_gradient=not args.no_stop_gradient, epochs=args.epochs,
+                               iters_per_epoch=args.iters_per_epoch)
+    args.fold = parse_fold(args.fold)
+    preprocessed, results = Path(folders["nnUNet_preprocessed"]), Path(folders["nnUNet_results"])
+    dataset = resolve_dataset(args.dataset, preprocessed, Path(folders["nnUNet_raw"]))
+    _, dataset_json = check_preprocessed(preprocessed / dataset, args.configuration)
+    modalities = modalities_from_dataset_json(dataset_json)
+    if settings.anchor_modality is not None and settings.anchor_modality not in modalities:
+        raise NnalignError(f"anchor {settings.anchor}: {dataset} has no {settings.anchor_modality} "
+                           f"(it has {', '.join(modalities)})")
+    trainer = settings.trainer_name()
+    folder = run_folder(results, dataset, trainer, args.configuration, args.fold)
+    record = check_run_state(folder, settings, trainer, args, results, dataset)
+
+    # Training length travels by environment variable (inherited by DDP ranks); a continued run keeps its own.
+    epochs, iters = settings.epochs, settings.iters_per_epoch
+    if record is not None and (args.continue_training or args.validation_only):
+        epochs = epochs if epochs is not None else record.get("epochs")
+        iters = iters if iters is not None else record.get("iters_per_epoch")
+    for var, value in ((ENV_EPOCHS, epochs), (ENV_ITERS, iters)):
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = str(int(value))
+    if not (args.continue_training or args.validation_only) and (folder / "checkpoint_final.pth").is_file():
+        print(f"warning: {folder} holds a finished run; training it again from scratch "
+              f"(use --c --epochs N to continue it instead)")
+
+    import torch
+
+    if args.device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    elif args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise NnalignError("-device cuda: no CUDA GPU is available (use -device cpu)")
+        if args.num_gpus > torch.cuda.device_count():
+            raise NnalignError(f"--num-gpus {args.num_gpus}: only {torch.cuda.device_count()} GPUs are visible")
+        torch.set_num_threads(1)
+        torch.set_num_interop_threads(1)
+    elif not torch.backends.mps.is_available():
+        raise NnalignError("-device mps: MPS is not available (use -device cpu)")
+
+    from nnunetv2.run.run_training import run_training
+
+    print(f"{PROG}: {trainer} on {dataset} {args.configuration} fold {args.fold} -> {folder}")
+    run_training(dataset, args.configuration, args.fold, trainer, PLANS_NAME, None, args.num_gpus, args.npz,
+                 args.continue_training, args.validation_only, False, False, device=torch.device(args.device))
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""The teacher trainer: nnU-Net's training loop, the aligned teacher network and the anchor loss.
+
+Everything else (data loading, augmentation, deep supervision, checkpoints, validation, DDP) is nnU-Net's own. The
+class used for a run is a subclass generated from its name (:func:`teacher_trainer_class`), whose ``settings``
+say which anchor, loss weight, encoder mode and modality dropout to train with; see :mod:`nnalign.training.settings`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast
+from torch import distributed as dist
+from torch._dynamo import OptimizedModule
+
+from nnalign import __version__
+from nnalign.errors import NnalignError
+from nnalign.losses.anchors import MixtureAnchor, ModalityAnchor, modality_gap
+from nnalign.modalities import BRATS_MODALITIES
+from nnalign.networks.align_unet import nnAlignStudentUNet, nnAlignTeacherUNet
+from nnalign.training.optim import optimizer_from_plans
+from nnalign.training.presence import sample_presence, zero_absent
+from nnalign.training.progress import plot_alignment_png
+from nnalign.training.record import SETTINGS_RECORD, write_json_atomic
+from nnalign.training.settings import TeacherSettings
+
+TEACHER_NETWORK = f"{nnAlignTeacherUNet.__module__}.{nnAlignTeacherUNet.__name__}"
+ORIGINAL_NETWORK = f"{nnAlignStudentUNet.__module__}.{nnAlignStudentUNet.__name__}"
+PLANS_TRAINING_KEY = "nnalign_training"
+
+
+def plans_modalities(arch_kwargs: dict, num_input_channels: int) -> tuple[str, ...]:
+    """Modality names of the network's input channels: the plans' ``modalities``, else BraTS's for 4 channels."""
+    names = arch_kwargs.get("modalities")
+    if names:
+        return tuple(names)
+    if num_input_channels == len(BRATS_MODALITIES):
+        return BRATS_MODALITIES
+    raise NnalignError(f"the plans name no modalities for {num_input_channels} input channels; "
+                       f"re-run nnalign_plan_and_preprocess")
+
+
+def unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    """The network itself, out of DDP's ``.module`` and torch.compile's ``._orig_mod``."""
+    if isinstance(network, torch.nn.parallel.DistributedDataParallel):
+        network = network.module
+    if isinstance(network, OptimizedModule):
+        network = network._orig_mod
+    return network
+
+
+class nnAlignTeacherTrainer(nnUNetTrainer):
+    """nnU-Net's trainer for the aligned multi-modal teacher (and the ``original`` all-modality nnU-Net baseline).
+
+    Per training step: draw each sample's present modalities (``settings.modality_dropout``), zero the absent input
+    channels, run the network with the presence mask, and minimise nnU-Net's segmentation loss plus
+    ``align_weight`` x the anchor loss. Per epoch it logs ``align_losses``, ``modality_gap`` (mean pairwise distance of
+    the modality centroids) and, for the mixture anchor, ``mixture_weights``; plots them in ``alignment.png``; and
+    rewrites the settings record ``nnalign_settings.json`` in the fold folder.
+    """
+
+    settings: TeacherSettings = TeacherSettings()
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        epochs, iters = TeacherSettings.length_from_env()
+        self.settings = type(self).settings.with_length(epochs, iters)
+        if epochs is not None:
+            self.num_epochs = epochs
+        if iters is not None:
+            self.num_iterations_per_epoch = iters
+            self.num_val_iterations_per_epoch = max(1, iters // 5)
+        self.plans_training = self.configuration_manager.configuration.get(PLANS_TRAINING_KEY)
+        if self.plans_training:
+            self.initial_lr = float(self.plans_training["initial_lr"])
+            self.weight_decay = float(self.plans_training.get("weight_decay", 0.0))
+        log = self.logger.local_logger.my_fantastic_logging
+        if not self.settings.is_original:
+            log["align_losses"] = []
+            log["modality_gap"] = []
+        if self.settings.anchor_kind == "mixture":
+            log["mixture_weights"] = []
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # network and optimizer
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
+        """The teacher (or, for ``original``, the plain U-Net on every channel) from the plans and ``cls.settings``.
+
+        A classmethod with nnU-Net's parameter names: nnU-Net's predictor calls it on the class.
+        """
+        settings = cls.settings
+        kwargs = dict(configuration_manager.network_arch_init_kwargs)
+        modalities = plans_modalities(kwargs, num_input_channels)
+        kwargs.pop("modalities", None)
+        if settings.is_original:
+            arch, extra = ORIGINAL_NETWORK, {"student_modalities": None}
+        else:
+            arch, extra = TEACHER_NETWORK, {"modalities": list(modalities), "anchor": settings.anchor,
+                                            "shared_encoder": settings.shared_encoder}
+        network = get_network_from_plans(arch, {**kwargs, **extra},
+                                         configuration_manager.network_arch_init_kwargs_req_import,
+                                         num_input_channels, num_output_channels, allow_init=True,
+                                         deep_supervision=enable_deep_supervision)
+        if isinstance(getattr(network, "anchor", None), ModalityAnchor):
+            network.anchor.stop_gradient = settings.stop_gradient
+        return network
+
+    def configure_optimizers(self):
+        """nnU-Net's SGD + poly, or the plans' ``nnalign_training`` (the paper configuration: Adam, poly to a floor)."""
+        if not self.plans_training:
+            return super().configure_optimizers()
+        return optimizer_from_plans(self.network.parameters(), self.plans_training, self.num_epochs)
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """The network out of its DDP / torch.compile wrappers (for the anchor and its weights)."""
+        return unwrap(self.network)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # training step
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        if isinstance(target, list):
+            target = [t.to(self.device, non_blocking=True) for t in target]
+        else:
+            target = target.to(self.device, non_blocking=True)
+        present = sample_presence(data.shape[0], data.shape[1], self.settings.modality_dropout, device=self.device)
+        if self.settings.modality_dropout > 0:
+            data = zero_absent(data, present)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        # autocast on CUDA only, as nnU-Net (slow on CPU, unsupported on MPS)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            parts = self.network(data, present, return_parts=True)
+            logits = parts["logits"] if self.enable_deep_supervision else parts["logits"][0]
+            loss = self.loss(logits, target)
+            align = None
+            if not self.settings.is_original:
+                align = self.net.anchor.loss(parts["latents"], present, parts["latent_mean"], parts["latent_logvar"])
+                loss = loss + self.settings.align_weight * align
+
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+
+        out = {"loss": loss.detach().cpu().numpy()}
+        if align is not None:
+            latents = parts["latents"].detach()
+            with torch.no_grad():
+                center = self.net.anchor.anchor_center(latents, present)
+                out["align_loss"] = align.detach().cpu().numpy()
+                out["modality_gap"] = float(modality_gap(latents, present, center)["pairwise_mean"])
+        return out
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # per-epoch logging, plot and settings record
+
+    def _epoch_mean(self, values) -> float:
+        values = np.asarray(values, dtype=np.float64).ravel()
+        if self.is_ddp:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, values)
+            values = np.concatenate(gathered)
+        return float(values.mean())
+
+    def mixture_weights(self) -> dict[str, dict[str, float]] | None:
+        """``{modality: {"raw", "normalised"}}`` of the mixture anchor, else None."""
+        anchor = getattr(self.net, "anchor", None)
+        if not isinstance(anchor, MixtureAnchor):
+            return None
+        return anchor.weights_dict(self.net.modalities)
+
+    def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
+        super().on_train_epoch_end(train_outputs)
+        if self.settings.is_original:
+            return
+        outputs = collate_outputs(train_outputs)
+        epoch = self.current_epoch
+        self.logger.log("align_losses", self._epoch_mean(outputs["align_loss"]), epoch)
+        self.logger.log("modality_gap", self._epoch_mean(outputs["modality_gap"]), epoch)
+        weights = self.mixture_weights()
+        if weights is not None:
+            self.logger.log("mixture_weights", {k: v["normalised"] for k, v in weights.items()}, epoch)
+
+    def on_epoch_end(self) -> None:
+        if not self.settings.is_original:
+            get = self.logger.get_value
+            self.print_to_log_file("align_loss", np.round(get("align_losses", step=-1), decimals=4))
+            self.print_to_log_file("modality_gap", np.round(get("modality_gap", step=-1), decimals=4))
+            if self.settings.anchor_kind == "mixture":
+                self.print_to_log_file("mixture weights",
+                                       {k: round(v, 4) for k, v in get("mixture_weights", step=-1).items()})
+        super().on_epoch_end()
+        if self.local_rank == 0:
+            if not self.settings.is_original:
+                plot_alignment_png(self.logger.local_logger.my_fantastic_logging, self.output_folder)
+            self.write_settings_record()
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.local_rank == 0:
+            self.write_settings_record()
+
+    def settings_record(self) -> dict:
+        """What ``nnalign_settings.json`` holds: how this model was made."""
+        arch = self.configuration_manager.network_arch_init_kwargs
+        s = self.settings
+        net = self.net if self.network is not None else None
+        modalities = list(getattr(net, "modalities", None) or plans_modalities(arch, len(self.dataset_json["channel_names"])))
+        record = {
+            "nnalign_version": __version__,
+            "role": "teacher",
+            "trainer": type(self).__name__,
+            "dataset": self.plans_manager.dataset_name,
+            "plans": self.plans_manager.plans_name,
+            "configuration": self.configuration_name,
+            "fold": self.fold,
+            "modalities": modalities,
+            "anchor": s.anchor,
+            "align_weight": s.align_weight,
+            "encoder": "shared" if s.shared_encoder else "separate",
+            "modality_dropout": s.modality_dropout,
+            "stop_gradient": s.stop_gradient,
+            "epochs": self.num_epochs,
+            "iters_per_epoch": self.num_iterations_per_epoch,
+            "val_iters_per_epoch": self.num_val_iterations_per_epoch,
+            "epochs_completed": self.current_epoch,
+            "optimizer": dict(self.plans_training) if self.plans_training else
+            {"optimizer": "sgd", "initial_lr": self.initial_lr, "weight_decay": self.weight_decay},
+            "settings": s.as_dict(),
+            # the latent is the per-modality encoders' output at the input resolution (level 0), before the U-Net
+            "latent": None if s.is_original else {"level": 0, "channels": arch.get("latent_channels"),
+                                                  "convs": arch.get("latent_convs")},
+        }
+        weights = self.mixture_weights() if net is not None else None
+        if weights is not None:
+            record["mixture_weights"] = weights
+        return record
+
+    def write_settings_record(self) -> None:
+        """Rewrite ``nnalign_settings.json`` in the fold folder (atomically)."""
+        write_json_atomic(f"{self.output_folder}/{SETTINGS_RECORD}", self.settings_record())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# trainer classes by name
+
+_GENERATED: dict[str, type] = {}
+
+
+def teacher_trainer_class(settings_or_name: TeacherSettings | str) -> type:
+    """The trainer subclass for these settings (or a name :meth:`TeacherSettings.trainer_name` made).
+
+    The same name always gives the same class object. Raises ValueError for a name that is not a teacher name.
+    """
+    settings = (TeacherSettings.from_trainer_name(settings_or_name) if isinstance(settings_or_name, str)
+                else settings_or_name.with_length(None, None))
+    name = settings.trainer_name()
+    cls = _GENERATED.get(name)
+    if cls is None:
+        cls = type(name, (nnAlignTeacherTrainer,), {
+            "settings": settings, "__module__": __name__, "__qualname__": name,
+            "__doc__": f"nnalign teacher trainer with {settings.model_settings()}."})
+        _GENERATED[name] = cls
+    return cls
+
+
+def __getattr__(name: str):
+    """PEP 562: ``nnalign.training.teacher_trainer.nnAlignTeacher_mixture`` (etc.) resolves, so generated classes
+    pickle by reference and ``pydoc.locate`` finds them."""
+    try:
+        return teacher_trainer_class(name)
+    except ValueError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
