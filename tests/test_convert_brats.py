@@ -448,7 +448,7 @@ def test_release_mixing_et_labels_3_and_4_fails(tmp_path):
     source, raw = tmp_path / "release", tmp_path / "raw"
     write_case(source, "Brats18_GOOD_1", seg=make_seg(4, 0))
     write_case(source, "Brats18_GOOD_2", seg=make_seg(3, 1))
-    assert_clean_failure(run_cli(raw, "-i", source, "-d", 22, "-np", 1), raw, "release", "3 and 4")
+    assert_clean_failure(run_cli(raw, "-i", source, "-d", 22, "-np", 1), raw, "release", "labels 3 (Brats18_GOOD_2) and 4 (Brats18_GOOD_1)")
 
 
 def test_existing_dataset_id_fails_unless_overwrite_then_replaced(tmp_path):

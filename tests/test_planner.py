@@ -1,49 +1,23 @@
 """nnalign's planner on a real-BraTS-sized fingerprint, compared with stock nnU-Net planning for the same target."""
-import json
-
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
-from nnalign.data.raw_dataset import image_filename, write_dataset_json
+from nnalign.planning.brats_like import plan_brats_like, write_brats_like_fingerprint
 
 DATASET_ID = 501
-BRATS_CASES = 285
-BRATS_SHAPE_AFTER_CROP = (138, 169, 138)
 
 
 @pytest.fixture
 def brats_sized_dataset(tmp_path, monkeypatch):
-    """A raw dataset folder with two tiny files and a fingerprint that looks like BraTS 2018 (285 cases, 1 mm)."""
+    """nnU-Net folders in tmp_path holding a placeholder dataset with a BraTS 2018-sized fingerprint."""
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.setenv(var, str(tmp_path / var))
-    raw = tmp_path / "nnUNet_raw" / f"Dataset{DATASET_ID}_BraTSLike"
-    (raw / "imagesTr").mkdir(parents=True)
-    (raw / "labelsTr").mkdir()
-    for case in ("a", "b"):
-        for c in range(4):
-            sitk.WriteImage(sitk.GetImageFromArray(np.ones((4, 4, 4), np.float32)), str(raw / "imagesTr" / image_filename(case, c)))
-        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 4, 4), np.uint8)), str(raw / "labelsTr" / f"{case}.nii.gz"))
-    write_dataset_json(raw, BRATS_CASES, "BraTSLike")
-    pre = tmp_path / "nnUNet_preprocessed" / raw.name
-    pre.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    shapes = [list(np.array(BRATS_SHAPE_AFTER_CROP) + rng.integers(-10, 10, 3)) for _ in range(BRATS_CASES)]
-    stats = {"mean": 500.0, "median": 480.0, "std": 150.0, "min": 0.0, "max": 2000.0,
-             "percentile_99_5": 1500.0, "percentile_00_5": 50.0}
-    fingerprint = {"spacings": [[1.0, 1.0, 1.0]] * BRATS_CASES, "shapes_after_crop": [[int(v) for v in s] for s in shapes],
-                   "foreground_intensity_properties_per_channel": {str(c): stats for c in range(4)},
-                   "median_relative_size_after_cropping": 0.6}
-    (pre / "dataset_fingerprint.json").write_text(json.dumps(fingerprint))
+    write_brats_like_fingerprint(DATASET_ID)
     return DATASET_ID
 
 
 def _plan(planner_cls, dataset_id, gb, plans_name):
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        return planner_cls(dataset_id, gpu_memory_target_in_gb=gb, plans_name=plans_name).plan_experiment()
+    return plan_brats_like(planner_cls, dataset_id, gb, plans_name)
 
 
 def _voxels_per_step(cfg):
@@ -76,8 +50,9 @@ def test_estimate_counts_the_teacher_and_distillation(brats_sized_dataset, plann
 
     cfg = _plan(planners[1], brats_sized_dataset, 8, "nnAlignPlans")["configurations"]["3d_fullres"]
     arch = cfg["architecture"]
-    plain_kwargs = {k: v for k, v in arch["arch_kwargs"].items()
-                    if k not in ("latent_channels", "latent_convs", "shared_encoder")}
+    from nnalign.networks.align_unet import PLAIN_UNET_KEYS
+
+    plain_kwargs = {k: v for k, v in arch["arch_kwargs"].items() if k in PLAIN_UNET_KEYS}
     stock = ExperimentPlanner.static_estimate_VRAM_usage(
         cfg["patch_size"], 4, 4, "dynamic_network_architectures.architectures.unet.PlainConvUNet", plain_kwargs,
         arch["_kw_requires_import"])

@@ -53,7 +53,7 @@ class ConversionReport:
     cases: dict[str, CaseResult] = field(default_factory=dict)
 
 
-def _read_header(path: Path):
+def _read_header(case: BratsCase, path: Path):
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
@@ -61,7 +61,7 @@ def _read_header(path: Path):
     try:
         reader.ReadImageInformation()
     except RuntimeError:
-        raise NnalignError(f"{path}: not a readable NIfTI image") from None
+        raise NnalignError(f"{case.case_id}: {path.name}: not a readable NIfTI image") from None
     return reader
 
 
@@ -115,7 +115,7 @@ def convert_case(case: BratsCase, images_dir: Path, labels_dir: Path | None) -> 
     if missing:
         raise NnalignError(f"{case.case_id}: missing {missing[0]} file (expected {case.expected_file(missing[0])} "
                            f"in {case.folder})")
-    readers = {m: _read_header(case.images[m]) for m in BRATS_MODALITIES}
+    readers = {m: _read_header(case, case.images[m]) for m in BRATS_MODALITIES}
     ref_name = BRATS_MODALITIES[-1]
     reference = _geometry(readers[ref_name])
     for m in BRATS_MODALITIES:
@@ -125,7 +125,7 @@ def convert_case(case: BratsCase, images_dir: Path, labels_dir: Path | None) -> 
         _check_complete(case, case.images[m], readers[m])
     result = CaseResult(case.case_id, labelled=case.seg is not None and labels_dir is not None)
     if result.labelled:
-        seg_reader = _read_header(case.seg)
+        seg_reader = _read_header(case, case.seg)
         _check_geometry(case, ref_name, reference, case.seg, seg_reader)
         _check_complete(case, case.seg, seg_reader)
         try:
@@ -221,7 +221,9 @@ def convert_brats(source: Path, dataset_id: int, raw_root: Path, name: str | Non
             raise NnalignError(f"{source}: no case could be converted")
         conventions = {r.convention for r in ok.values() if r.convention}
         if len(conventions) > 1:
-            raise NnalignError(f"{source}: cases mix enhancing-tumour labels 3 and 4; convert them separately")
+            by_convention = {r.convention: r.case_id for r in ok.values() if r.convention}
+            raise NnalignError(f"{source}: cases mix enhancing-tumour labels 3 ({by_convention['brats2023']}) and 4 "
+                               f"({by_convention['brats2018']}); convert them separately")
         default = "brats2023" if any(c.naming == NAMING_2023 for c in cases) else "brats2018"
         convention = conventions.pop() if conventions else default
         train_ids = sorted(case.case_id for case, images_dir, _ in jobs

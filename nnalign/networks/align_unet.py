@@ -28,7 +28,7 @@ from nnalign.losses.anchors import NormalAnchor, build_anchor
 from nnalign.modalities import BRATS_MODALITIES
 from nnalign.networks.outputs import NetworkOutputs
 
-_UNET_KEYS = ("n_stages", "features_per_stage", "conv_op", "kernel_sizes", "strides", "n_conv_per_stage",
+PLAIN_UNET_KEYS = ("n_stages", "features_per_stage", "conv_op", "kernel_sizes", "strides", "n_conv_per_stage",
               "n_conv_per_stage_decoder", "conv_bias", "norm_op", "norm_op_kwargs", "dropout_op", "dropout_op_kwargs",
               "nonlin", "nonlin_kwargs", "nonlin_first")
 
@@ -177,7 +177,7 @@ class nnAlignStudentUNet(_PartsNetwork):
                  student_modalities: Sequence[int] | None = None, input_scale: Sequence[float] | None = None,
                  **unet_kwargs) -> None:
         super().__init__()
-        unet_kwargs = {k: v for k, v in unet_kwargs.items() if k in _UNET_KEYS}
+        unet_kwargs = {k: v for k, v in unet_kwargs.items() if k in PLAIN_UNET_KEYS}
         self.channels = tuple(student_modalities) if student_modalities is not None else tuple(range(input_channels))
         if not self.channels or not all(0 <= c < input_channels for c in self.channels):
             raise ValueError(f"student channels {self.channels} do not fit {input_channels} input channels")
