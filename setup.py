@@ -28,6 +28,7 @@ setup(
         "scipy>=1.10",
         "tqdm>=4.60",
         "matplotlib>=3.6",
+        "medpy>=0.5",
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={
@@ -36,6 +37,7 @@ setup(
             "nnalign_synth=nnalign.cli.synth:main",
             "nnalign_plan_and_preprocess=nnalign.cli.plan_and_preprocess:main",
             "nnalign_train=nnalign.cli.train:main",
+            "nnalign_evaluate=nnalign.cli.evaluate:main",
         ]
     },
 )

@@ -95,7 +95,7 @@ class nnAlignTeacherUNet(_PartsNetwork):
     """
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False, *,
-                 modalities: Sequence[str] = BRATS_MODALITIES, latent_channels: int = 8, latent_convs: int = 2,
+                 modalities: Sequence[str] = BRATS_MODALITIES, latent_channels: int = 4, latent_convs: int = 2,
                  shared_encoder: bool = True, anchor: str = "none", input_scale: Sequence[float] | None = None,
                  **unet_kwargs) -> None:
         super().__init__()

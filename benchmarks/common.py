@@ -1,0 +1,91 @@
+"""Shared pieces of the step benchmarks: BraTS-sized plans, nnU-Net's region loss, timing and memory."""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from nnalign.paths import setup_env
+
+
+@contextmanager
+def brats_like_plans(gpu_memory_gb: float = 8.0):
+    """Yield nnalign's plans for a BraTS 2018-sized dataset, planned in a scratch folder."""
+    from nnalign.planning.brats_like import plan_brats_like
+    from nnalign.planning.planner import nnAlignPlanner
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+            os.environ[var] = os.path.join(tmp, var)
+        setup_env()
+        yield plan_brats_like(nnAlignPlanner, 999, gpu_memory_gb)
+
+
+def region_loss(deep_supervision_scales: int, batch_dice: bool):
+    """nnU-Net's region loss for BraTS (Dice + BCE) under its deep-supervision weights, as its trainer builds it."""
+    from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    loss = DC_and_BCE_loss({}, {"batch_dice": batch_dice, "do_bg": True, "smooth": 1e-5, "ddp": False},
+                           use_ignore_label=False, dice_class=MemoryEfficientSoftDiceLoss)
+    weights = np.array([1 / (2 ** i) for i in range(deep_supervision_scales)])
+    weights[-1] = 0
+    return DeepSupervisionWrapper(loss, weights / weights.sum())
+
+
+def region_targets(batch: int, patch, strides, device) -> list[torch.Tensor]:
+    """Random nested WT/TC/ET region targets at every deep-supervision scale (highest resolution first)."""
+    scales = np.cumprod(np.array(strides), axis=0)[:-1]
+    targets = []
+    for s in scales:
+        shape = [batch, 1, *[p // int(f) for p, f in zip(patch, s)]]
+        level = torch.randint(0, 4, shape, device=device)
+        targets.append(torch.cat([level >= 1, level >= 2, level >= 3], 1).float())
+    return targets
+
+
+def saved_activation_bytes(step) -> int:
+    """Bytes of tensors autograd saves for the backward pass of ``step()`` (device-independent activation memory)."""
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return total
+
+
+def median_step_seconds(step, device: torch.device, warmup: int, steps: int) -> float:
+    """Median wall time of ``step()`` after ``warmup`` untimed calls (CUDA synchronised)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_cuda_bytes(step) -> int:
+    """Peak CUDA memory allocated during one ``step()``."""
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()

@@ -1,0 +1,114 @@
+"""Teacher training step (each anchor) against stock nnU-Net's network, same plan and patch, in one run.
+
+    python benchmarks/teacher_step.py --config 3d_cpu --device cpu
+    python benchmarks/teacher_step.py --config 3d_fullres --device cuda --amp
+
+The plan is nnalign's for a BraTS 2018-sized dataset (8 GB target). The step is what nnU-Net's trainer does:
+forward, region Dice+BCE with deep supervision (plus lambda * alignment for the teacher), backward, gradient clipping,
+SGD. Prints median step time and memory (peak CUDA memory on a GPU; saved activations on a CPU) and the ratio to
+stock nnU-Net. Target: teacher step <= 1.25x stock.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (brats_like_plans, median_step_seconds, peak_cuda_bytes, region_loss, region_targets,  # noqa: E402
+                    saved_activation_bytes)
+
+ANCHORS = ("none", "normal", "modality:T1ce", "mixture")
+TARGET_RATIO = 1.25
+
+
+def build(variant: str, arch: dict, req_import, deep_supervision: bool):
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    from nnalign.networks.align_unet import PLAIN_UNET_KEYS
+
+    if variant == "stock":
+        kwargs = {k: v for k, v in arch["arch_kwargs"].items() if k in PLAIN_UNET_KEYS}
+        return get_network_from_plans("dynamic_network_architectures.architectures.unet.PlainConvUNet", kwargs,
+                                      req_import, 4, 3, deep_supervision=deep_supervision)
+    return get_network_from_plans(arch["network_class_name"], {**arch["arch_kwargs"], "anchor": variant}, req_import,
+                                  4, 3, deep_supervision=deep_supervision)
+
+
+def make_step(net, cfg: dict, device: torch.device, amp: bool, align_weight: float):
+    kw = cfg["architecture"]["arch_kwargs"]
+    loss_fn = region_loss(len(kw["strides"]), cfg.get("batch_dice", False))
+    opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+    x = torch.randn(cfg["batch_size"], 4, *cfg["patch_size"], device=device)
+    targets = region_targets(cfg["batch_size"], cfg["patch_size"], kw["strides"], device)
+    teacher = hasattr(net, "anchor")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        ctx = torch.autocast("cuda", torch.float16) if amp else contextlib.nullcontext()
+        with ctx:
+            if teacher:
+                parts = net(x, return_parts=True)
+                loss = loss_fn(parts["logits"], targets) + align_weight * net.anchor.loss(
+                    parts["latents"], parts["present"], parts["latent_mean"], parts["latent_logvar"])
+            else:
+                loss = loss_fn(net(x), targets)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
+            opt.step()
+
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="3d_cpu", choices=("3d_cpu", "3d_fullres", "paper"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--amp", action="store_true", help="fp16 autocast and grad scaling (CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks (CUDA)")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--align-weight", type=float, default=0.1)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    with brats_like_plans() as plans:
+        cfg = plans["configurations"][args.config]
+        arch = cfg["architecture"]
+        print(f"plan {args.config}: patch {cfg['patch_size']}, batch {cfg['batch_size']}, "
+              f"features {arch['arch_kwargs']['features_per_stage']}, device {device}"
+              f"{', AMP' if args.amp else ''}{', compiled' if args.compile else ''}")
+        rows = []
+        for variant in ("stock", *ANCHORS):
+            torch.manual_seed(0)
+            net = build(variant, arch, arch["_kw_requires_import"], True).to(device)
+            if args.compile:
+                net = torch.compile(net)
+            step = make_step(net, cfg, device, args.amp, args.align_weight)
+            seconds = median_step_seconds(step, device, args.warmup, args.steps)
+            memory = peak_cuda_bytes(step) if device.type == "cuda" else saved_activation_bytes(step)
+            rows.append((variant, seconds, memory))
+            del net, step
+    stock_s, stock_m = rows[0][1], rows[0][2]
+    kind = "peak CUDA memory" if device.type == "cuda" else "saved activations"
+    print(f"\n| network | median step (s) | ratio | {kind} (MiB) | ratio |\n|---|---|---|---|---|")
+    for name, s, m in rows:
+        print(f"| {'stock nnU-Net' if name == 'stock' else 'teacher ' + name} | {s:.3f} | {s / stock_s:.2f} | "
+              f"{m / 2**20:.0f} | {m / stock_m:.2f} |")
+    worst = max(s / stock_s for _, s, _ in rows[1:])
+    print(f"\nslowest teacher step: {worst:.2f}x stock (target <= {TARGET_RATIO}x): "
+          f"{'met' if worst <= TARGET_RATIO else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
