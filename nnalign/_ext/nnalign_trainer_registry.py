@@ -2,17 +2,21 @@
 
 ``nnalign.paths.setup_env`` puts this folder on ``nnUNet_extTrainer``. nnU-Net then imports this module by its bare
 name and asks it for a trainer by name (``--c``, ``--val``, DDP ranks, ``nnUNetPredictor``). Teacher names such as
-``nnAlignTeacher_modalityT1ce_w0p5`` are synthesised on demand (PEP 562) by
-:func:`nnalign.training.teacher_trainer.teacher_trainer_class`, which caches them, so a name always gives the same
+``nnAlignTeacher_modalityT1ce_w0p5`` and student names such as ``nnAlignStudent_T1ce_protokd_Teacher-mixture`` are
+synthesised on demand (PEP 562) by :func:`nnalign.training.teacher_trainer.teacher_trainer_class` and
+:func:`nnalign.training.student_trainer.student_trainer_class`, which cache them, so a name always gives the same
 class even though nnU-Net drops this module from ``sys.modules`` after each lookup.
 """
+from nnalign.training.student_trainer import nnAlignStudentTrainer, student_trainer_class
 from nnalign.training.teacher_trainer import nnAlignTeacherTrainer, teacher_trainer_class
 
-__all__ = ["nnAlignTeacherTrainer"]
+__all__ = ["nnAlignTeacherTrainer", "nnAlignStudentTrainer"]
 
 
 def __getattr__(name: str):
-    try:
-        return teacher_trainer_class(name)
-    except ValueError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    for make in (teacher_trainer_class, student_trainer_class):
+        try:
+            return make(name)
+        except ValueError:
+            continue
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

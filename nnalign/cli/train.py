@@ -1,4 +1,5 @@
-"""``nnalign_train``: train a teacher with nnU-Net's own training loop (``run_training``, DDP, ``--c``, ``--val``)."""
+"""``nnalign_train``: train a teacher or a student with nnU-Net's own training loop (``run_training``, DDP, ``--c``,
+``--val``)."""
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", help="dataset ID (e.g. 137) or name (e.g. Dataset137_BraTS2021)")
     p.add_argument("configuration", help="configuration from the plans: 3d_fullres, 3d_cpu, paper, 2d")
     p.add_argument("fold", help="cross-validation fold (0-4, or fewer for small datasets) or 'all'")
-    p.add_argument("--role", choices=("teacher",), default="teacher", help="what to train (default: teacher)")
+    p.add_argument("--role", choices=("teacher", "student"), default="teacher", help="what to train (default: teacher)")
     p.add_argument("--anchor", default="mixture", metavar="ANCHOR",
                    help="none | normal | modality:NAME | mixture | original (plain nnU-Net on all modalities) "
                         "(default: %(default)s)")
@@ -37,6 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop each modality of each training sample with probability P, never all (default: 0)")
     p.add_argument("--no-stop-gradient", action="store_true",
                    help="modality anchor: let the alignment loss pull the anchor modality too")
+    student = p.add_argument_group("student (--role student)")
+    student.add_argument("--modalities", metavar="LIST",
+                         help="the modalities the student sees, comma-separated (e.g. T1ce or T1,T2)")
+    student.add_argument("--kd", metavar="METHOD",
+                         help="distillation: kdnet | pmkl | protokd | smunet | none (the subset baseline)")
+    student.add_argument("--teacher", metavar="MODEL_DIR",
+                         help="the teacher's model folder, $nnUNet_results/DATASET/<teacher>__nnAlignPlans__CONFIG")
+    student.add_argument("--teacher-fold", metavar="F", help="the teacher's fold (default: the student's fold)")
+    student.add_argument("--temperature", type=float, metavar="T", help="distillation temperature (kdnet, pmkl, protokd)")
+    student.add_argument("--kd-set", action="append", default=[], metavar="KEY=VALUE",
+                         help="set a loss weight of the method, e.g. kd_weight=5 or proto_weight=0.2 (repeatable; "
+                              "an unknown key lists the method's settings)")
+    p.add_argument("--overwrite", action="store_true", help="train a finished run again from scratch")
     p.add_argument("-device", choices=("cpu", "cuda", "mps"), default="cuda",
                    help="device to train on (default: %(default)s)")
     p.add_argument("--num-gpus", type=int, default=1, metavar="N", help="GPUs for DDP training (default: 1)")
@@ -138,13 +152,14 @@ def run_folder(results_root: Path, dataset: str, trainer: str, configuration: st
 def existing_runs(results_root: Path, dataset: str, configuration: str, fold) -> list[str]:
     """Trainer names of the nnalign runs with a checkpoint for this dataset, configuration and fold."""
     from nnalign.training.settings import is_teacher_trainer_name
+    from nnalign.training.student_settings import is_student_trainer_name
 
     base = results_root / dataset
     suffix = f"__{PLANS_NAME}__{configuration}"
     runs = []
     for folder in sorted(base.glob(f"*{suffix}")) if base.is_dir() else []:
         trainer = folder.name[: -len(suffix)]
-        if is_teacher_trainer_name(trainer) and any((folder / f"fold_{fold}" / c).is_file() for c in CHECKPOINTS):
+        if (is_teacher_trainer_name(trainer) or is_student_trainer_name(trainer)) and any((folder / f"fold_{fold}" / c).is_file() for c in CHECKPOINTS):
             runs.append(trainer)
     return runs
 
@@ -163,13 +178,80 @@ def check_run_state(folder: Path, settings, trainer: str, args, results_root: Pa
                            f"{args.configuration} fold {args.fold}: {listing}")
     if args.validation_only and not (folder / "checkpoint_final.pth").is_file():
         raise NnalignError(f"--val: {folder} has no checkpoint_final.pth (train it first, or finish it with --c)")
-    if (args.continue_training or args.validation_only) and record is not None:
+    if settings is not None and (args.continue_training or args.validation_only) and record is not None:
         recorded = {k: record.get("settings", {}).get(k) for k in settings.model_settings()}
         if recorded != settings.model_settings():
             diff = ", ".join(f"{k} {recorded[k]!r} != {v!r}" for k, v in settings.model_settings().items()
                              if recorded[k] != v)
             raise NnalignError(f"{folder / 'nnalign_settings.json'} was trained with other settings ({diff})")
     return record
+
+
+def parse_kd_overrides(method: str, assignments: list[str], temperature: float | None) -> dict:
+    """``KEY=VALUE`` flags (and ``--temperature``) as the method's loss-setting overrides, checked against it."""
+    from nnalign.losses.kd.registry import kd_class
+
+    cls = kd_class(method)
+    known = cls.setting_names()
+    overrides: dict = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise NnalignError(f"--kd-set {item!r}: expected KEY=VALUE")
+        try:
+            overrides[key] = float(value)
+        except ValueError:
+            raise NnalignError(f"--kd-set {item!r}: {value!r} is not a number") from None
+    if temperature is not None:
+        overrides["temperature"] = temperature
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise NnalignError(f"{method} has no setting {unknown[0]!r} (its settings: {', '.join(known) or 'none'})")
+    return {k: int(v) if k.endswith("epochs") else v for k, v in overrides.items()}
+
+
+def check_teacher(teacher_dir: str, dataset: str, configuration: str, fold) -> tuple[str, str | None]:
+    """(teacher trainer name, teacher fold) of a teacher model folder; one-line errors for one that cannot serve."""
+    from nnalign.training.settings import is_teacher_trainer_name
+
+    folder = Path(teacher_dir).resolve()
+    if not folder.is_dir():
+        raise NnalignError(f"--teacher {teacher_dir}: no such folder")
+    trainer, sep, rest = folder.name.partition("__")
+    plans, _, teacher_config = rest.partition("__")
+    if not sep or not is_teacher_trainer_name(trainer):
+        raise NnalignError(f"--teacher {folder}: not an nnalign teacher model folder "
+                           f"(expected <nnAlignTeacher...>__{PLANS_NAME}__{configuration})")
+    if folder.parent.name != dataset:
+        raise NnalignError(f"--teacher {folder}: the teacher was trained on {folder.parent.name}, not {dataset}")
+    if plans != PLANS_NAME or teacher_config != configuration:
+        raise NnalignError(f"--teacher {folder}: the teacher uses {plans} {teacher_config}, the student "
+                           f"{PLANS_NAME} {configuration} (they must match so that features match)")
+    return trainer, None
+
+
+def student_trainer(args, dataset: str, modalities: tuple[str, ...]) -> tuple[str, dict]:
+    """The student trainer name and its loss-setting overrides, from the command line."""
+    from nnalign.losses.kd import KD_METHODS
+    from nnalign.modalities import parse_modalities
+    from nnalign.training.student_settings import StudentSettings
+
+    for flag, value in (("--modalities", args.modalities), ("--kd", args.kd), ("--teacher", args.teacher)):
+        if value is None:
+            raise NnalignError(f"--role student needs {flag}")
+    subset = parse_modalities(args.modalities, modalities)
+    kd = args.kd.strip().lower()
+    if kd not in KD_METHODS:
+        raise NnalignError(f"unknown KD method {args.kd!r} (known: {', '.join(KD_METHODS)})")
+    overrides = parse_kd_overrides(kd, args.kd_set, args.temperature)
+    teacher, _ = check_teacher(args.teacher, dataset, args.configuration, args.fold)
+    teacher_fold = None if args.teacher_fold is None else str(parse_fold(args.teacher_fold))
+    fold_folder = Path(args.teacher).resolve() / f"fold_{teacher_fold if teacher_fold is not None else args.fold}"
+    if not (fold_folder / "checkpoint_final.pth").is_file():
+        raise NnalignError(f"--teacher {fold_folder}: no checkpoint_final.pth (the teacher's training for this fold "
+                           f"is incomplete; use --teacher-fold to pick another fold)")
+    return StudentSettings(subset, kd, teacher, teacher_fold, overrides).trainer_name(), overrides
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -181,30 +263,36 @@ def main() -> int:
     from nnalign.modalities import modalities_from_dataset_json
     from nnalign.paths import setup_env
     from nnalign.training.settings import ENV_EPOCHS, ENV_ITERS, TeacherSettings
+    from nnalign.training.student_trainer import ENV_KD_OVERRIDES
 
     folders = setup_env()
     if args.num_gpus < 1:
         raise NnalignError(f"--num-gpus must be at least 1, got {args.num_gpus}")
     if args.num_gpus > 1 and args.device != "cuda":
         raise NnalignError(f"--num-gpus {args.num_gpus} (DDP) needs -device cuda")
-    settings = TeacherSettings(anchor=args.anchor, align_weight=args.align_weight,
-                               shared_encoder=not args.separate_encoders, modality_dropout=args.modality_dropout,
-                               stop_gradient=not args.no_stop_gradient, epochs=args.epochs,
-                               iters_per_epoch=args.iters_per_epoch)
     args.fold = parse_fold(args.fold)
     preprocessed, results = Path(folders["nnUNet_preprocessed"]), Path(folders["nnUNet_results"])
     dataset = resolve_dataset(args.dataset, preprocessed, Path(folders["nnUNet_raw"]))
     _, dataset_json = check_preprocessed(preprocessed / dataset, args.configuration)
     modalities = modalities_from_dataset_json(dataset_json)
-    if settings.anchor_modality is not None and settings.anchor_modality not in modalities:
-        raise NnalignError(f"anchor {settings.anchor}: {dataset} has no {settings.anchor_modality} "
-                           f"(it has {', '.join(modalities)})")
-    trainer = settings.trainer_name()
+    if args.role == "teacher":
+        settings = TeacherSettings(anchor=args.anchor, align_weight=args.align_weight,
+                                   shared_encoder=not args.separate_encoders, modality_dropout=args.modality_dropout,
+                                   stop_gradient=not args.no_stop_gradient)
+        if settings.anchor_modality is not None and settings.anchor_modality not in modalities:
+            raise NnalignError(f"anchor {settings.anchor}: {dataset} has no {settings.anchor_modality} "
+                               f"(it has {', '.join(modalities)})")
+        trainer = settings.trainer_name()
+        os.environ.pop(ENV_KD_OVERRIDES, None)
+    else:
+        settings = None
+        trainer, overrides = student_trainer(args, dataset, modalities)
+        os.environ[ENV_KD_OVERRIDES] = json.dumps(overrides, sort_keys=True)
     folder = run_folder(results, dataset, trainer, args.configuration, args.fold)
     record = check_run_state(folder, settings, trainer, args, results, dataset)
 
     # Training length travels by environment variable (inherited by DDP ranks); a continued run keeps its own.
-    epochs, iters = settings.epochs, settings.iters_per_epoch
+    epochs, iters = args.epochs, args.iters_per_epoch
     if record is not None and (args.continue_training or args.validation_only):
         epochs = epochs if epochs is not None else record.get("epochs")
         iters = iters if iters is not None else record.get("iters_per_epoch")
@@ -213,9 +301,10 @@ def main() -> int:
             os.environ.pop(var, None)
         else:
             os.environ[var] = str(int(value))
-    if not (args.continue_training or args.validation_only) and (folder / "checkpoint_final.pth").is_file():
-        print(f"warning: {folder} holds a finished run; training it again from scratch "
-              f"(use --c --epochs N to continue it instead)")
+    if not (args.continue_training or args.validation_only or args.overwrite) and \
+            (folder / "checkpoint_final.pth").is_file():
+        raise NnalignError(f"{folder} holds a finished run: --c --epochs N continues it, --val validates it, "
+                           f"--overwrite trains it again from scratch")
 
     import torch
 

@@ -20,25 +20,30 @@ def plot_alignment_png(logging: dict, output_folder: str | os.PathLike) -> Path 
 
     matplotlib.use("agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = list(range(n))
     rows = 2 + bool(weights)
-    fig, axes = plt.subplots(rows, 1, figsize=(10, 3.2 * rows), sharex=True)
-    axes[0].plot(epochs, [float(v) for v in losses[:n]], color="b", label="alignment loss (train)")
-    axes[0].set_ylabel("alignment loss")
-    axes[1].plot(epochs, [float(v) for v in gaps[:n]], color="r", label="modality gap (mean pairwise)")
-    axes[1].set_ylabel("modality gap")
-    if weights:
-        for name in weights[0]:
-            axes[2].plot(epochs[:len(weights)], [w[name] for w in weights[:n]], label=name)
-        axes[2].set_ylabel("mixture weight")
-        axes[2].set_ylim(0, 1)
-    for ax in axes:
-        ax.legend(loc="upper right")
-        ax.grid(alpha=0.3)
-    axes[-1].set_xlabel("epoch")
-    fig.tight_layout()
-    out = Path(output_folder) / "alignment.png"
-    fig.savefig(out)
+    # nnU-Net's progress plot sets seaborn's large-font theme globally; draw this one with matplotlib's defaults
+    with plt.style.context("default"):
+        fig, axes = plt.subplots(rows, 1, figsize=(10, 3.2 * rows), sharex=True)
+        axes[0].plot(epochs, [float(v) for v in losses[:n]], "b.-", label="alignment loss (train)")
+        axes[0].set_ylabel("alignment loss")
+        axes[1].plot(epochs, [float(v) for v in gaps[:n]], "r.-", label="modality gap (mean pairwise)")
+        axes[1].set_ylabel("modality gap")
+        if weights:
+            k = min(n, len(weights))
+            for name in weights[0]:
+                axes[2].plot(epochs[:k], [w[name] for w in weights[:k]], ".-", label=name)
+            axes[2].set_ylabel("mixture weight")
+            axes[2].set_ylim(0, 1)
+        for ax in axes:
+            ax.legend(loc="upper right")
+            ax.grid(alpha=0.3)
+        axes[-1].set_xlabel("epoch")
+        axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.tight_layout()
+        out = Path(output_folder) / "alignment.png"
+        fig.savefig(out)
     plt.close(fig)
     return out

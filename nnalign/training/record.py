@@ -15,6 +15,9 @@ def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f, indent=2)
             f.flush()

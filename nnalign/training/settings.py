@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 from nnalign.errors import NnalignError
 from nnalign.modalities import canonical_modality
@@ -223,5 +223,3 @@ def is_teacher_trainer_name(name: str) -> bool:
         return False
     return True
 
-
-SETTING_FIELDS = tuple(f.name for f in fields(TeacherSettings))

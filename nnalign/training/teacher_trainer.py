@@ -21,6 +21,7 @@ from nnalign.errors import NnalignError
 from nnalign.losses.anchors import MixtureAnchor, ModalityAnchor, modality_gap
 from nnalign.modalities import BRATS_MODALITIES
 from nnalign.networks.align_unet import nnAlignStudentUNet, nnAlignTeacherUNet
+from nnalign.training.common import apply_plans_training, apply_training_length, optimizer_step
 from nnalign.training.optim import optimizer_from_plans
 from nnalign.training.presence import sample_presence, zero_absent
 from nnalign.training.progress import plot_alignment_png
@@ -29,7 +30,6 @@ from nnalign.training.settings import TeacherSettings
 
 TEACHER_NETWORK = f"{nnAlignTeacherUNet.__module__}.{nnAlignTeacherUNet.__name__}"
 ORIGINAL_NETWORK = f"{nnAlignStudentUNet.__module__}.{nnAlignStudentUNet.__name__}"
-PLANS_TRAINING_KEY = "nnalign_training"
 
 
 def plans_modalities(arch_kwargs: dict, num_input_channels: int) -> tuple[str, ...]:
@@ -67,17 +67,8 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        epochs, iters = TeacherSettings.length_from_env()
-        self.settings = type(self).settings.with_length(epochs, iters)
-        if epochs is not None:
-            self.num_epochs = epochs
-        if iters is not None:
-            self.num_iterations_per_epoch = iters
-            self.num_val_iterations_per_epoch = max(1, iters // 5)
-        self.plans_training = self.configuration_manager.configuration.get(PLANS_TRAINING_KEY)
-        if self.plans_training:
-            self.initial_lr = float(self.plans_training["initial_lr"])
-            self.weight_decay = float(self.plans_training.get("weight_decay", 0.0))
+        self.settings = type(self).settings.with_length(*apply_training_length(self))
+        self.plans_training = apply_plans_training(self)
         log = self.logger.local_logger.my_fantastic_logging
         if not self.settings.is_original:
             log["align_losses"] = []
@@ -148,16 +139,7 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
                 align = self.net.anchor.loss(parts["latents"], present, parts["latent_mean"], parts["latent_logvar"])
                 loss = loss + self.settings.align_weight * align
 
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+        optimizer_step(self, loss, self.network.parameters())
 
         out = {"loss": loss.detach().cpu().numpy()}
         if align is not None:

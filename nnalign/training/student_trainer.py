@@ -1,0 +1,262 @@
+"""The student trainer: nnU-Net's training loop for a modality-subset U-Net distilled from a frozen teacher.
+
+The student is the planned U-Net on its own modality channels (a plain nnU-Net model at inference). Each step the
+frozen teacher (eval mode, no gradients, same autocast) sees every modality, the student sees its subset, and the loss
+is ``seg_weight`` x nnU-Net's segmentation loss plus the distillation loss chosen by name (:mod:`nnalign.losses.kd`).
+Trainable parts of a distillation loss (PMKL's projection heads) join the student's optimizer; a discriminator
+(SMU-Net) gets its own Adam. The class used for a run is generated from its name (:func:`student_trainer_class`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast
+
+from nnalign import __version__
+from nnalign.errors import NnalignError
+from nnalign.losses.kd import build_kd
+from nnalign.modalities import channel_indices
+from nnalign.networks.align_unet import as_outputs, nnAlignStudentUNet
+from nnalign.training.common import apply_plans_training, apply_training_length, optimizer_step
+from nnalign.training.optim import optimizer_from_plans
+from nnalign.training.record import SETTINGS_RECORD, write_json_atomic
+from nnalign.training.student_settings import StudentSettings, overrides_hash
+from nnalign.training.teacher_trainer import plans_modalities, teacher_trainer_class, unwrap
+
+STUDENT_NETWORK = f"{nnAlignStudentUNet.__module__}.{nnAlignStudentUNet.__name__}"
+ENV_KD_OVERRIDES = "NNALIGN_KD_OVERRIDES"
+KD_STATE_FILE = "nnalign_kd_state.pth"
+
+
+def teacher_checkpoint(results_dataset_folder: str | os.PathLike, teacher_trainer: str, plans: str,
+                       configuration: str, fold) -> Path:
+    """Where the teacher's final checkpoint for a fold lives (nnU-Net's results layout)."""
+    return (Path(results_dataset_folder) / f"{teacher_trainer}__{plans}__{configuration}" / f"fold_{fold}"
+            / "checkpoint_final.pth")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class nnAlignStudentTrainer(nnUNetTrainer):
+    """nnU-Net's trainer for a student distilled from a frozen nnalign teacher (see the module docstring)."""
+
+    student: StudentSettings | None = None
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if type(self).student is None:
+            raise NnalignError("use a generated student trainer (nnAlignStudent_<subset>_<kd>_<teacher>)")
+        overrides = json.loads(os.environ.get(ENV_KD_OVERRIDES) or "{}")
+        self.settings = StudentSettings(self.student.modalities, self.student.kd, self.student.teacher_trainer,
+                                        self.student.teacher_fold, overrides)
+        if self.settings.trainer_name() != type(self).__name__:
+            raise NnalignError(f"{type(self).__name__}: the loss settings {overrides} do not match this run "
+                               f"(they hash to x{overrides_hash(overrides)})")
+        apply_training_length(self)
+        self.plans_training = apply_plans_training(self)
+        self.kd = None
+        self.teacher = None
+        self.adversary_optimizer = None
+        self.teacher_checkpoint = None
+        self.logger.local_logger.my_fantastic_logging["kd_losses"] = []
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # networks, losses, optimizers
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
+        """The planned U-Net on the student's modality channels (a classmethod: nnU-Net's predictor calls it)."""
+        kwargs = dict(configuration_manager.network_arch_init_kwargs)
+        modalities = plans_modalities(kwargs, num_input_channels)
+        missing = [m for m in cls.student.modalities if m not in modalities]
+        if missing:
+            raise NnalignError(f"{cls.__name__}: modality {missing[0]} is not in this dataset ({', '.join(modalities)})")
+        kwargs["student_modalities"] = list(channel_indices(cls.student.modalities, modalities))
+        return get_network_from_plans(STUDENT_NETWORK, kwargs, configuration_manager.network_arch_init_kwargs_req_import,
+                                      num_input_channels, num_output_channels, allow_init=True,
+                                      deep_supervision=enable_deep_supervision)
+
+    def initialize(self) -> None:
+        features = list(self.configuration_manager.network_arch_init_kwargs["features_per_stage"])
+        self.kd = build_kd(self.settings.kd, feature_channels=features[0], bottleneck_channels=features[-1],
+                           skip_channels=features, num_regions=self.label_manager.num_segmentation_heads,
+                           **self.settings.overrides).to(self.device)
+        super().initialize()
+        self.teacher = self._load_teacher()
+        adversary = list(self.kd.adversary_parameters())
+        if adversary:
+            self.adversary_optimizer = torch.optim.Adam(adversary, lr=self.kd.adversary_lr)
+
+    def _load_teacher(self) -> torch.nn.Module:
+        teacher_name = self.settings.teacher_trainer
+        fold = self.settings.teacher_fold if self.settings.teacher_fold is not None else self.fold
+        path = teacher_checkpoint(Path(self.output_folder_base).parent, teacher_name, self.plans_manager.plans_name,
+                                  self.configuration_name, fold)
+        if not path.is_file():
+            raise NnalignError(f"{path}: teacher checkpoint not found (train the teacher first)")
+        checkpoint = torch.load(path, map_location=self.device, weights_only=False)
+        teacher = teacher_trainer_class(teacher_name).build_network_architecture(
+            self.plans_manager, self.configuration_manager, self.num_input_channels,
+            self.label_manager.num_segmentation_heads, True)
+        teacher.load_state_dict(checkpoint["network_weights"])
+        self.teacher_checkpoint = {"path": str(path), "fold": fold, "sha256": file_sha256(path)}
+        return teacher.to(self.device).eval().requires_grad_(False)
+
+    def configure_optimizers(self):
+        """nnU-Net's optimizer (or the plans' Adam) over the student and the distillation loss's trainable parts."""
+        extra = list(self.kd.student_side_parameters())
+        if self.plans_training:
+            return optimizer_from_plans([*self.network.parameters(), *extra], self.plans_training, self.num_epochs)
+        optimizer, scheduler = super().configure_optimizers()
+        if extra:
+            optimizer.add_param_group({"params": extra})
+        return optimizer, scheduler
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # training step
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        full_res_target = target[0] if isinstance(target, list) else target
+
+        self.optimizer.zero_grad(set_to_none=True)
+        amp = autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+        with amp:
+            with torch.no_grad():
+                teacher = as_outputs(self.teacher(data, None, return_parts=True))
+            student = as_outputs(self.network(data, None, return_parts=True))
+            logits = student.logits if self.enable_deep_supervision else student.logits[0]
+            seg = self.loss(logits, target)
+            kd = self.kd(student, teacher, full_res_target, self.current_epoch)
+            loss = self.kd.seg_weight * seg + kd["total"]
+        optimizer_step(self, loss, [*self.network.parameters(), *self.kd.student_side_parameters()])
+
+        if self.adversary_optimizer is not None:
+            self.adversary_optimizer.zero_grad(set_to_none=True)
+            adversary = self.kd.adversary_loss(_detached(student), teacher)
+            adversary.backward()
+            self.adversary_optimizer.step()
+        return {"loss": loss.detach().cpu().numpy(), "kd_loss": kd["total"].detach().cpu().numpy()}
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # logging, checkpoints, settings record
+
+    def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
+        super().on_train_epoch_end(train_outputs)
+        kd = np.asarray(collate_outputs(train_outputs)["kd_loss"], dtype=np.float64)
+        self.logger.log("kd_losses", float(kd.mean()), self.current_epoch)
+
+    def on_epoch_end(self) -> None:
+        self.print_to_log_file("kd_loss", np.round(self.logger.get_value("kd_losses", step=-1), decimals=4))
+        super().on_epoch_end()
+        if self.local_rank == 0:
+            self.write_settings_record()
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.local_rank == 0:
+            self.write_settings_record()
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, plus the distillation loss's own state (heads, discriminator) beside it."""
+        super().save_checkpoint(filename)
+        if self.local_rank == 0 and not self.disable_checkpointing:
+            state = {"kd": self.kd.state_dict(),
+                     "adversary_optimizer": self.adversary_optimizer.state_dict() if self.adversary_optimizer else None}
+            torch.save(state, Path(self.output_folder) / KD_STATE_FILE)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        path = Path(self.output_folder) / KD_STATE_FILE
+        if path.is_file():
+            state = torch.load(path, map_location=self.device, weights_only=False)
+            self.kd.load_state_dict(state["kd"])
+            if self.adversary_optimizer is not None and state["adversary_optimizer"] is not None:
+                self.adversary_optimizer.load_state_dict(state["adversary_optimizer"])
+
+    def settings_record(self) -> dict:
+        """What ``nnalign_settings.json`` holds: how this student was made."""
+        return {
+            "nnalign_version": __version__,
+            "role": "student",
+            "trainer": type(self).__name__,
+            "dataset": self.plans_manager.dataset_name,
+            "plans": self.plans_manager.plans_name,
+            "configuration": self.configuration_name,
+            "fold": self.fold,
+            "modalities": list(self.settings.modalities),
+            "kd": self.settings.kd,
+            "kd_settings": self.kd.settings() if self.kd is not None else None,
+            "seg_weight": self.kd.seg_weight if self.kd is not None else None,
+            "kd_overrides": self.settings.overrides,
+            "teacher": {"trainer": self.settings.teacher_trainer, **(self.teacher_checkpoint or {})},
+            "epochs": self.num_epochs,
+            "iters_per_epoch": self.num_iterations_per_epoch,
+            "epochs_completed": self.current_epoch,
+        }
+
+    def write_settings_record(self) -> None:
+        """Rewrite ``nnalign_settings.json`` in the fold folder (atomically)."""
+        write_json_atomic(Path(self.output_folder) / SETTINGS_RECORD, self.settings_record())
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """The student out of its DDP / torch.compile wrappers."""
+        return unwrap(self.network)
+
+
+def _detached(outputs):
+    from dataclasses import replace
+
+    return replace(outputs, logits=[t.detach() for t in outputs.logits], skips=[t.detach() for t in outputs.skips],
+                   decoder_features=outputs.decoder_features.detach())
+
+
+_GENERATED: dict[str, type] = {}
+
+
+def student_trainer_class(name: str) -> type:
+    """The student trainer subclass for a name :meth:`StudentSettings.trainer_name` made (cached; ValueError else).
+
+    The loss-setting overrides are not in the class (only their hash is in the name); the trainer reads them from
+    ``NNALIGN_KD_OVERRIDES`` and checks them against the name.
+    """
+    cls = _GENERATED.get(name)
+    if cls is None:
+        subset = StudentSettings.subset_from_trainer_name(name)
+        teacher, teacher_fold = StudentSettings.teacher_from_trainer_name(name)
+        kd = name.split("_")[2]
+        settings = StudentSettings(subset, kd, teacher, teacher_fold)
+        cls = type(name, (nnAlignStudentTrainer,), {"student": settings, "__module__": __name__, "__qualname__": name,
+                                                    "__doc__": f"nnalign student trainer for {'+'.join(subset)}."})
+        _GENERATED[name] = cls
+    return cls
+
+
+def __getattr__(name: str):
+    """PEP 562: generated student trainers resolve as module attributes (pickling, ``pydoc.locate``)."""
+    try:
+        return student_trainer_class(name)
+    except ValueError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

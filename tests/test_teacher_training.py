@@ -1,0 +1,469 @@
+"""Teacher training on nnU-Net's loop: settings names, the trainer shim, train steps, nnalign_train end to end.
+
+The slow part is one module-scoped synthetic dataset (4 cases of 48^3, configuration 3d_cpu: 2 mm, patch 20x24x20)
+shared by the in-process trainer tests and the CLI runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nnalign.errors import NnalignError
+from nnalign.training.presence import sample_presence, zero_absent
+from nnalign.training.settings import ENV_EPOCHS, ENV_ITERS, TeacherSettings, is_teacher_trainer_name
+
+DATASET_ID = 990
+DATASET = "Dataset990_SyntheticBraTS"
+CONFIG = "3d_cpu"
+ANCHORS = ("none", "normal", "modality:T1ce", "mixture", "original")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# settings <-> trainer name
+
+
+@pytest.mark.parametrize("settings, name", [
+    (TeacherSettings(), "nnAlignTeacher_mixture"),
+    (TeacherSettings("none"), "nnAlignTeacher_none"),
+    (TeacherSettings("normal", 1e-5), "nnAlignTeacher_normal_w1em05"),
+    (TeacherSettings("modality"), "nnAlignTeacher_modalityT1ce"),
+    (TeacherSettings("modality:t2f", 0.5, False, 0.3, False), "nnAlignTeacher_modalityFLAIR_w0p5_sep_drop0p3_nosg"),
+    (TeacherSettings("mixture", 2.0, True, 0.25), "nnAlignTeacher_mixture_w2_drop0p25"),
+    (TeacherSettings("original"), "nnAlignOriginal"),
+    (TeacherSettings("original", modality_dropout=0.5), "nnAlignOriginal_drop0p5"),
+    (TeacherSettings("mixture", 0.0), "nnAlignTeacher_mixture_w0"),
+])
+def test_trainer_name_encodes_settings_and_inverts_exactly(settings, name):
+    assert settings.trainer_name() == name
+    assert re.fullmatch(r"[A-Za-z0-9_]+", name)
+    assert TeacherSettings.from_trainer_name(name) == settings
+    assert is_teacher_trainer_name(name)
+
+
+def test_round_trip_over_a_grid_and_every_name_distinct():
+    names = set()
+    for anchor in ("none", "normal", "modality:T1", "modality:T1ce", "mixture", "original"):
+        for w in (0.1, 0.0, 0.123456789, 10.0):
+            for shared in (True, False):
+                for p in (0.0, 0.5, 1 / 3):
+                    for sg in (True, False):
+                        try:
+                            s = TeacherSettings(anchor, w, shared, p, sg)
+                        except NnalignError:
+                            continue
+                        name = s.trainer_name()
+                        assert TeacherSettings.from_trainer_name(name) == s, name
+                        assert name not in names, name
+                        names.add(name)
+    assert len(names) > 100
+
+
+def test_training_length_is_not_in_the_name():
+    s = TeacherSettings("mixture", epochs=3, iters_per_epoch=5)
+    assert s.trainer_name() == "nnAlignTeacher_mixture"
+    assert TeacherSettings.from_trainer_name(s.trainer_name()) == s.with_length(None, None)
+
+
+@pytest.mark.parametrize("name", [
+    "nnAlignTeacher", "nnAlignTeacher_", "nnAlignTeacher_bogus", "nnAlignTeacher_modalityT5", "nnAlignTeacher_modality",
+    "nnAlignTeacher_mixture_w0p1",  # the default written out is not canonical
+    "nnAlignTeacher_mixture_drop0p3_w0p5",  # tokens out of order
+    "nnAlignTeacher_mixture_nosg", "nnAlignTeacher_none_w0p5", "nnAlignOriginal_sep", "nnAlignTeacher_mixture_drop1",
+    "nnAlignTeacher_mixture_wabc", "nnAlignTeacher_modalityt1ce", "nnAlignTeacherTrainer", "nnUNetTrainer",
+])
+def test_names_not_made_by_trainer_name_are_rejected(name):
+    with pytest.raises(ValueError):
+        TeacherSettings.from_trainer_name(name)
+    assert not is_teacher_trainer_name(name)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"anchor": "bogus"}, "unknown anchor"),
+    ({"anchor": "modality:T5"}, "unknown modality"),
+    ({"anchor": "modality:"}, "names no modality"),
+    ({"anchor": "mixture:T1"}, "takes no"),
+    ({"align_weight": -1.0}, ">= 0"),
+    ({"align_weight": float("nan")}, "finite"),
+    ({"modality_dropout": 1.0}, "[0, 1)"),
+    ({"anchor": "mixture", "stop_gradient": False}, "only applies to the modality anchor"),
+    ({"anchor": "none", "align_weight": 0.5}, "no effect"),
+    ({"anchor": "original", "shared_encoder": False}, "no effect"),
+    ({"epochs": 0}, "positive"),
+])
+def test_bad_settings_are_one_line_errors(kwargs, message):
+    with pytest.raises(NnalignError, match=re.escape(message)):
+        TeacherSettings(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# modality dropout
+
+
+def test_presence_without_dropout_is_all_present():
+    present = sample_presence(7, 4, 0.0)
+    assert present.dtype == torch.bool and present.shape == (7, 4) and bool(present.all())
+
+
+@pytest.mark.parametrize("p", [0.3, 0.5, 0.9, 0.999])
+def test_presence_never_drops_every_modality(p):
+    gen = torch.Generator().manual_seed(0)
+    present = sample_presence(4000, 4, p, generator=gen)
+    assert bool(present.any(1).all())
+    if p <= 0.5:
+        # conditioned on at least one present: P(present) = (1 - p) / (1 - p^4)
+        assert present.float().mean().item() == pytest.approx((1 - p) / (1 - p ** 4), abs=0.03)
+    assert not bool(present.all(1).all())  # some samples do miss modalities
+
+
+def test_presence_rejects_dropout_one_and_zeroes_absent_channels():
+    with pytest.raises(ValueError):
+        sample_presence(2, 4, 1.0)
+    data = torch.ones(2, 3, 2, 2)
+    out = zero_absent(data, torch.tensor([[True, False, True], [False, False, True]]))
+    assert out[:, :, 0, 0].tolist() == [[1, 0, 1], [0, 0, 1]]
+
+
+def test_poly_lr_with_floor_goes_from_initial_to_final():
+    from nnalign.training.optim import optimizer_from_plans
+
+    opt, sched = optimizer_from_plans([torch.nn.Parameter(torch.zeros(1))],
+                                      {"optimizer": "adam", "initial_lr": 1e-3, "final_lr": 1e-5,
+                                       "weight_decay": 1e-5}, 10)
+    assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["weight_decay"] == 1e-5
+    lrs = []
+    for epoch in range(11):
+        sched.step(epoch)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-5)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    with pytest.raises(NnalignError):
+        optimizer_from_plans([torch.nn.Parameter(torch.zeros(1))], {"optimizer": "lamb", "initial_lr": 1}, 10)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the synthetic dataset shared by everything below
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    """Raw + preprocessed 4-case synthetic dataset; yields the root holding raw/, pre/ (results go elsewhere)."""
+    root = tmp_path_factory.mktemp("teacher")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("nnUNet_raw", str(root / "raw"))
+        mp.setenv("nnUNet_preprocessed", str(root / "pre"))
+        mp.setenv("nnUNet_results", str(root / "results"))
+        mp.setenv("nnUNet_n_proc_DA", "0")
+        from nnalign.data.synthetic import write_synthetic_dataset
+        from nnalign.planning.plan_and_preprocess import plan_and_preprocess
+
+        write_synthetic_dataset(root / "raw", DATASET_ID, num_cases=4, shape=(48, 48, 48))
+        plan_and_preprocess(DATASET_ID, [CONFIG], num_processes=1, warn=lambda m: None)
+    return root
+
+
+@pytest.fixture
+def env(planned, tmp_path, monkeypatch):
+    """nnU-Net's variables for one test: the shared data, a fresh results folder, the trainer shim registered."""
+    monkeypatch.setenv("nnUNet_raw", str(planned / "raw"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(planned / "pre"))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    monkeypatch.setenv("nnUNet_def_n_proc", "1")
+    monkeypatch.setenv("nnUNet_compile", "f")
+    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+    monkeypatch.delenv(ENV_EPOCHS, raising=False)
+    monkeypatch.delenv(ENV_ITERS, raising=False)
+    from nnalign.paths import setup_env
+
+    setup_env()
+    return planned
+
+
+def test_plans_name_the_modalities(planned):
+    plans = json.loads((planned / "pre" / DATASET / "nnAlignPlans.json").read_text())
+    for cfg in plans["configurations"].values():
+        if "architecture" in cfg:
+            assert cfg["architecture"]["arch_kwargs"]["modalities"] == ["T1", "T1ce", "T2", "FLAIR"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the shim: nnU-Net finds generated trainers by name
+
+
+def test_nnunet_finds_generated_trainers_through_the_shim(env):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnalign.training.teacher_trainer import nnAlignTeacherTrainer, teacher_trainer_class
+
+    cls = recursive_find_trainer_class_by_name("nnAlignTeacher_mixture")
+    assert issubclass(cls, nnAlignTeacherTrainer) and issubclass(cls, nnUNetTrainer)
+    assert cls is teacher_trainer_class("nnAlignTeacher_mixture")
+    assert cls is recursive_find_trainer_class_by_name("nnAlignTeacher_mixture")  # cached: same class every time
+    assert cls.__name__ == "nnAlignTeacher_mixture" and cls.__module__ == "nnalign.training.teacher_trainer"
+    assert cls.settings == TeacherSettings("mixture")
+    other = recursive_find_trainer_class_by_name("nnAlignTeacher_modalityT1ce_w0p5_sep_drop0p3_nosg")
+    assert other.settings == TeacherSettings("modality:T1ce", 0.5, False, 0.3, False)
+    assert recursive_find_trainer_class_by_name("nnAlignOriginal").settings.is_original
+    import nnalign.training.teacher_trainer as tt
+
+    assert tt.nnAlignTeacher_mixture is cls  # PEP 562 on the defining module too (pickling, pydoc.locate)
+    with pytest.raises(RuntimeError, match="Could not find"):
+        recursive_find_trainer_class_by_name("nnAlignTeacher_bogus")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the trainer in process: one train step per anchor, and a one-epoch run per anchor
+
+
+def _trainer(anchor: str, **settings):
+    from nnalign.training.teacher_trainer import teacher_trainer_class
+
+    pre = Path(os.environ["nnUNet_preprocessed"]) / DATASET
+    plans = json.loads((pre / "nnAlignPlans.json").read_text())
+    plans["continue_training"] = False
+    cls = teacher_trainer_class(TeacherSettings(anchor, **settings))
+    return cls(plans=plans, configuration=CONFIG, fold=0, dataset_json=json.loads((pre / "dataset.json").read_text()),
+               device=torch.device("cpu"))
+
+
+def _batch(trainer, b=2):
+    patch = trainer.configuration_manager.patch_size
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randn(b, 4, *patch, generator=gen)
+    targets, shape = [], list(patch)
+    for stride in [[1, 1, 1]] + trainer.configuration_manager.pool_op_kernel_sizes[1:-1]:
+        shape = [s // k for s, k in zip(shape, stride)]
+        targets.append(torch.rand(b, 3, *shape, generator=gen) > 0.7)
+    return {"data": data, "target": targets, "keys": np.array(["a", "b"][:b])}
+
+
+@pytest.mark.parametrize("anchor, extra", [
+    ("none", {}), ("normal", {}), ("modality:T1ce", {}), ("modality:T1ce", {"stop_gradient": False}),
+    ("mixture", {}), ("mixture", {"shared_encoder": False}), ("original", {}),
+])
+def test_train_step_every_anchor_updates_every_parameter(env, anchor, extra):
+    trainer = _trainer(anchor, modality_dropout=0.5, **extra)
+    trainer.initialize()
+    before = {k: v.detach().clone() for k, v in trainer.network.state_dict().items()}
+    out = trainer.train_step(_batch(trainer))
+    assert np.isfinite(out["loss"])
+    if anchor == "original":
+        assert set(out) == {"loss"}
+    else:
+        assert set(out) == {"loss", "align_loss", "modality_gap"}
+        assert np.isfinite(out["align_loss"]) and out["modality_gap"] >= 0
+        if anchor == "none":
+            assert float(out["align_loss"]) == 0.0
+    # every parameter took part (no find_unused_parameters needed under DDP), except the lowest-resolution
+    # segmentation head (the decoder's first stage) that nnU-Net's deep-supervision weights drop (weight 0; nnU-Net
+    # sets 1e-6 under DDP for exactly this reason)
+    lowest_head = "unet.decoder.seg_layers.0."
+    missing = [n for n, p in trainer.network.named_parameters() if p.grad is None and not n.startswith(lowest_head)]
+    assert not missing
+    changed = [k for k, v in trainer.network.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed
+    if anchor == "original":
+        from nnalign.networks.align_unet import nnAlignStudentUNet
+
+        assert isinstance(trainer.network, nnAlignStudentUNet) and trainer.network.channels == (0, 1, 2, 3)
+    else:
+        assert trainer.network.anchor.name == anchor
+        assert len(trainer.network.encoders) == (1 if extra.get("shared_encoder", True) else 4)
+        if anchor.startswith("modality"):
+            assert trainer.network.anchor.stop_gradient == extra.get("stop_gradient", True)
+
+
+def test_paper_style_configuration_trains_with_adam_and_poly_to_floor(env):
+    trainer = _trainer("mixture")
+    trainer.configuration_manager.configuration["nnalign_training"] = {
+        "optimizer": "adam", "initial_lr": 1e-3, "final_lr": 1e-5, "weight_decay": 1e-5}
+    trainer.plans_training = trainer.configuration_manager.configuration["nnalign_training"]
+    trainer.initialize()
+    assert isinstance(trainer.optimizer, torch.optim.Adam)
+    trainer.lr_scheduler.step(trainer.num_epochs)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("anchor", ANCHORS)
+def test_one_epoch_per_anchor_logs_plots_and_records(env, monkeypatch, anchor):
+    monkeypatch.setenv(ENV_EPOCHS, "1")
+    monkeypatch.setenv(ENV_ITERS, "1")
+    trainer = _trainer(anchor)
+    assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch) == (1, 1, 1)
+    trainer.run_training()
+    folder = Path(trainer.output_folder)
+    assert (folder / "checkpoint_final.pth").is_file() and (folder / "progress.png").is_file()
+    log = trainer.logger.local_logger.my_fantastic_logging
+    record = json.loads((folder / "nnalign_settings.json").read_text())
+    assert record["anchor"] == anchor and record["epochs_completed"] == 1 and record["epochs"] == 1
+    assert record["dataset"] == DATASET and record["configuration"] == CONFIG and record["fold"] == 0
+    if anchor == "original":
+        assert "align_losses" not in log and not (folder / "alignment.png").exists() and record["latent"] is None
+    else:
+        assert len(log["align_losses"]) == len(log["modality_gap"]) == len(log["train_losses"]) == 1
+        assert (folder / "alignment.png").is_file()
+        arch = trainer.configuration_manager.network_arch_init_kwargs
+        assert record["latent"] == {"level": 0, "channels": arch["latent_channels"], "convs": arch["latent_convs"]}
+    assert ("mixture_weights" in log) == (anchor == "mixture") == ("mixture_weights" in record)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# nnalign_train end to end (subprocess, as a user runs it)
+
+
+def _cli(env_root: Path, results: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    environ = {**os.environ, "nnUNet_raw": str(env_root / "raw"), "nnUNet_preprocessed": str(env_root / "pre"),
+               "nnUNet_results": str(results), "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1",
+               "nnUNet_compile": "f"}
+    for var in ("nnUNet_extTrainer", ENV_EPOCHS, ENV_ITERS, "NNALIGN_DEBUG"):
+        environ.pop(var, None)
+    return subprocess.run([sys.executable, "-m", "nnalign.cli.train", *args], capture_output=True, text=True,
+                          env=environ, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def trained(planned, tmp_path_factory):
+    """A mixture teacher with modality dropout 0.5, trained by nnalign_train for 2 epochs x 8 iterations.
+
+    (With 3 iterations per epoch the epoch-2 loss was above epoch 1 in 1 of 5 probe runs; with 8 the drop was
+    0.14-0.32 in 4 of 4.)
+    """
+    results = tmp_path_factory.mktemp("results")
+    start = time.perf_counter()
+    proc = _cli(planned, results, str(DATASET_ID), CONFIG, "0", "--role", "teacher", "--anchor", "mixture",
+                "--modality-dropout", "0.5", "--epochs", "2", "--iters-per-epoch", "8", "-device", "cpu")
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    model_dir = results / DATASET / f"nnAlignTeacher_mixture_drop0p5__nnAlignPlans__{CONFIG}"
+    return {"data_root": planned, "results": results, "model_dir": model_dir, "fold_dir": model_dir / "fold_0",
+            "seconds": seconds}
+
+
+def test_cli_trains_a_teacher_that_learns(trained):
+    fold_dir = trained["fold_dir"]
+    assert (fold_dir / "checkpoint_final.pth").is_file()
+    assert (fold_dir / "validation" / "summary.json").is_file()
+    assert (fold_dir / "progress.png").is_file() and (fold_dir / "alignment.png").is_file()
+    ckpt = torch.load(fold_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["trainer_name"] == "nnAlignTeacher_mixture_drop0p5"
+    log = ckpt["logging"]
+    losses = [float(v) for v in log["train_losses"]]
+    assert len(losses) == 2 and losses[1] < losses[0], losses
+    assert len(log["align_losses"]) == len(log["modality_gap"]) == len(log["mixture_weights"]) == 2
+    assert set(log["mixture_weights"][-1]) == {"T1", "T1ce", "T2", "FLAIR"}
+    assert sum(log["mixture_weights"][-1].values()) == pytest.approx(1.0)
+    assert "anchor.raw_weights" in ckpt["network_weights"]
+    record = json.loads((fold_dir / "nnalign_settings.json").read_text())
+    assert record["trainer"] == "nnAlignTeacher_mixture_drop0p5" and record["modality_dropout"] == 0.5
+    assert record["epochs"] == 2 and record["iters_per_epoch"] == 8 and record["epochs_completed"] == 2
+    weights = record["mixture_weights"]
+    raw = ckpt["network_weights"]["anchor.raw_weights"].tolist()
+    assert [weights[m]["raw"] for m in ("T1", "T1ce", "T2", "FLAIR")] == pytest.approx(raw)
+    norm = [weights[m]["normalised"] for m in ("T1", "T1ce", "T2", "FLAIR")]
+    assert norm == pytest.approx(torch.softmax(torch.tensor(raw), 0).tolist())
+
+
+def test_nnunet_predictor_loads_the_teacher_and_predicts_any_subset(trained, env):
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    images = sorted((env / "raw" / DATASET / "imagesTr").glob("SYN_0000_*.nii.gz"))
+    img, props = SimpleITKIO().read_images([str(p) for p in images])
+    predictor = nnUNetPredictor(device=torch.device("cpu"), use_mirroring=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(trained["model_dir"]), use_folds=(0,))
+    seg, probs = predictor.predict_single_npy_array(img, props, save_or_return_probabilities=True)
+    assert seg.shape == img.shape[1:] and set(np.unique(seg)) <= {0, 1, 2, 3}
+    predictor.network.present_modalities = (1,)  # T1ce only: absent latents filled by the mixture anchor
+    seg1, probs1 = predictor.predict_single_npy_array(img, props, save_or_return_probabilities=True)
+    assert seg1.shape == img.shape[1:] and set(np.unique(seg1)) <= {0, 1, 2, 3}
+    assert not np.allclose(probs, probs1)
+
+
+def test_cli_continues_the_same_run_with_more_epochs(trained):
+    """--c --epochs 3 continues the 2-epoch run in the same folder (the length is not part of the trainer name)."""
+    before = torch.load(trained["fold_dir"] / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    proc = _cli(trained["data_root"], trained["results"], DATASET, CONFIG, "0", "--anchor", "mixture",
+                "--modality-dropout", "0.5", "--c", "--epochs", "3", "-device", "cpu")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after = torch.load(trained["fold_dir"] / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert before["current_epoch"] == 2 and after["current_epoch"] == 3
+    assert len(after["logging"]["train_losses"]) == len(after["logging"]["align_losses"]) == 3
+    assert [float(v) for v in after["logging"]["train_losses"][:2]] == \
+        [float(v) for v in before["logging"]["train_losses"]]
+    record = json.loads((trained["fold_dir"] / "nnalign_settings.json").read_text())
+    assert record["epochs"] == 3 and record["epochs_completed"] == 3 and record["iters_per_epoch"] == 8  # kept
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# bad input: one line on stderr, exit 1, no traceback
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("nnalign_train: error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--anchor", "bogus"], ["unknown anchor 'bogus'"]),
+    (["--anchor", "modality:T5"], ["unknown modality 'T5'"]),
+    (["--anchor", "mixture", "--no-stop-gradient"], ["only applies to the modality anchor"]),
+    (["--modality-dropout", "1"], ["[0, 1)"]),
+    (["--val"], ["no checkpoint_final.pth"]),
+    (["--c", "--val"], ["cannot be combined"]),
+])
+def test_bad_settings_and_run_state_are_one_line_errors(planned, tmp_path, args, fragments):
+    _assert_one_line_error(_cli(planned, tmp_path, str(DATASET_ID), CONFIG, "0", "-device", "cpu", *args), *fragments)
+
+
+def test_continue_without_a_checkpoint_lists_the_existing_runs(trained):
+    line = _assert_one_line_error(
+        _cli(trained["data_root"], trained["results"], str(DATASET_ID), CONFIG, "0", "--anchor", "normal", "--c",
+             "-device", "cpu"), "--c: no checkpoint of nnAlignTeacher_normal")
+    assert line.endswith("nnAlignTeacher_mixture_drop0p5"), line
+
+
+def test_dataset_problems_are_one_line_errors_with_the_command_to_run(planned, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(planned / "pre", root / "pre")
+    (root / "raw" / "Dataset991_RawOnly").mkdir(parents=True)
+    other = root / "pre" / "Dataset992_Other"
+    shutil.copytree(root / "pre" / DATASET, other)  # plans still say Dataset990_...
+    results = tmp_path / "results"
+    _assert_one_line_error(_cli(root, results, "991", CONFIG, "0", "-device", "cpu"),
+                           "Dataset991_RawOnly is not preprocessed", "nnalign_plan_and_preprocess -d 991")
+    _assert_one_line_error(_cli(root, results, "993", CONFIG, "0", "-device", "cpu"), "no dataset '993'")
+    _assert_one_line_error(_cli(root, results, "992", CONFIG, "0", "-device", "cpu"),
+                           "belongs to dataset 'Dataset990_SyntheticBraTS'", "nnalign_plan_and_preprocess -d 992")
+    _assert_one_line_error(_cli(root, results, DATASET, "3d_fullres", "0", "-device", "cpu"),
+                           "3d_fullres of Dataset990_SyntheticBraTS is not preprocessed",
+                           "nnalign_plan_and_preprocess -d 990 -c 3d_fullres")
+    _assert_one_line_error(_cli(root, results, "SyntheticBraTS", "3d_nope", "0", "-device", "cpu"),
+                           "configuration '3d_nope' is not in nnAlignPlans.json")
+    (root / "pre" / DATASET / "nnAlignPlans.json").unlink()
+    _assert_one_line_error(_cli(root, results, "990", CONFIG, "0", "-device", "cpu"),
+                           "no nnAlignPlans.json", "nnalign_plan_and_preprocess -d 990 -c 3d_cpu")
+    _assert_one_line_error(_cli(root, results, "990", CONFIG, "x", "-device", "cpu"), "fold must be")
+
+
+def test_help_is_fast():
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "nnalign.cli.train", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--anchor" in proc.stdout
+    assert time.perf_counter() - start < 3.0
+    assert "--role {teacher}" in proc.stdout
