@@ -64,18 +64,19 @@ def parse_filename(name: str) -> tuple[str, str, str] | None:
     return None
 
 
-def _nifti_files(root: Path, depth: int = 0):
+def _nifti_files(root: Path, depth: int = 0, exclude: Path | None = None):
     for entry in sorted(root.iterdir()):
         if entry.name.startswith("."):
             continue
         if entry.is_dir() and depth < MAX_DEPTH:
-            yield from _nifti_files(entry, depth + 1)
+            if exclude is None or entry.resolve() != exclude:
+                yield from _nifti_files(entry, depth + 1, exclude)
         elif entry.is_file() and (entry.name.lower().endswith(".nii") or entry.name.lower().endswith(".nii.gz")):
             yield entry
 
 
-def find_cases(source: Path) -> list[BratsCase]:
-    """All cases under ``source`` (searched up to three folders deep), sorted by case ID.
+def find_cases(source: Path, exclude: Path | None = None) -> list[BratsCase]:
+    """All cases under ``source`` (searched up to three folders deep, skipping the folder ``exclude``), sorted by ID.
 
     Raises NnalignError if ``source`` is not a folder, holds no recognisable BraTS files, or two folders hold a case
     with the same ID. Cases with missing files are returned as they are; the caller decides what to do.
@@ -84,7 +85,7 @@ def find_cases(source: Path) -> list[BratsCase]:
     if not source.is_dir():
         raise NnalignError(f"{source}: no such folder")
     cases: dict[str, BratsCase] = {}
-    for path in _nifti_files(source):
+    for path in _nifti_files(source, exclude=Path(exclude).resolve() if exclude is not None else None):
         parsed = parse_filename(path.name)
         if parsed is None:
             continue

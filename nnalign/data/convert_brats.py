@@ -7,10 +7,8 @@ leaves nothing behind.
 """
 from __future__ import annotations
 
-import gzip
 import re
 import shutil
-import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -19,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from nnalign.data.brats_layout import NAMING_2023, BratsCase, find_cases
+from nnalign.data.case_checks import check_case_images, check_complete, check_geometry, image_geometry, read_header
 from nnalign.data.labels import brats_to_nnunet, detect_convention
 from nnalign.data.raw_dataset import FILE_ENDING, build_dataset_folder, image_filename, write_dataset_json
 from nnalign.data.splits import protokd_split, write_splits_file
@@ -53,60 +52,6 @@ class ConversionReport:
     cases: dict[str, CaseResult] = field(default_factory=dict)
 
 
-def _read_header(case: BratsCase, path: Path):
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        raise NnalignError(f"{case.case_id}: {path.name}: not a readable NIfTI image") from None
-    return reader
-
-
-def _geometry(reader) -> tuple:
-    return (tuple(reader.GetSize()), np.array(reader.GetSpacing()), np.array(reader.GetOrigin()),
-            np.array(reader.GetDirection()))
-
-
-def _check_complete(case: BratsCase, path: Path, reader) -> None:
-    """Raise if ``path`` holds fewer bytes than its NIfTI header promises (a truncated or corrupt download).
-
-    SimpleITK reads such a file without complaint and returns the missing voxels as zeros, so the check is on the
-    bytes: the (decompressed) file must reach ``vox_offset + voxels * bitpix / 8``.
-    """
-    try:
-        ndim = int(reader.GetMetaData("dim[0]"))
-        voxels = int(np.prod([int(reader.GetMetaData(f"dim[{i}]")) for i in range(1, ndim + 1)]))
-        needed = int(float(reader.GetMetaData("vox_offset"))) + voxels * int(reader.GetMetaData("bitpix")) // 8
-    except (RuntimeError, ValueError):
-        return  # no NIfTI header fields to check against
-    if path.name.lower().endswith(".gz"):
-        try:
-            with gzip.open(path, "rb") as f:
-                have = sum(len(chunk) for chunk in iter(lambda: f.read(1 << 22), b""))
-        except (OSError, EOFError, zlib.error):
-            raise NnalignError(f"{case.case_id}: {path.name}: truncated or corrupt gzip data") from None
-    else:
-        have = path.stat().st_size
-    if have < needed:
-        raise NnalignError(f"{case.case_id}: {path.name}: truncated file ({have} of {needed} bytes)")
-
-
-def _check_geometry(case: BratsCase, reference_name: str, reference: tuple, path: Path, reader) -> None:
-    size, spacing, origin, direction = _geometry(reader)
-    checks = (("shape", reference[0] == size, reference[0], size),
-              ("spacing", np.allclose(reference[1], spacing), reference[1], spacing),
-              ("origin", np.allclose(reference[2], origin, atol=1e-3), reference[2], origin),
-              ("direction", np.allclose(reference[3], direction, atol=1e-4), reference[3], direction))
-    for what, ok, ref, got in checks:
-        if not ok:
-            fmt = (lambda v: tuple(np.round(np.asarray(v, dtype=float), 4).tolist()))
-            raise NnalignError(f"{case.case_id}: {path.name}: {what} {fmt(got)} differs from "
-                               f"{reference_name} {fmt(ref)}")
-
-
 def convert_case(case: BratsCase, images_dir: Path, labels_dir: Path | None) -> CaseResult:
     """Check one case and write it into nnU-Net naming; raises NnalignError naming the case, file and problem."""
     import SimpleITK as sitk
@@ -115,19 +60,14 @@ def convert_case(case: BratsCase, images_dir: Path, labels_dir: Path | None) -> 
     if missing:
         raise NnalignError(f"{case.case_id}: missing {missing[0]} file (expected {case.expected_file(missing[0])} "
                            f"in {case.folder})")
-    readers = {m: _read_header(case, case.images[m]) for m in BRATS_MODALITIES}
     ref_name = BRATS_MODALITIES[-1]
-    reference = _geometry(readers[ref_name])
-    for m in BRATS_MODALITIES:
-        _check_geometry(case, ref_name, reference, case.images[m], readers[m])
-        if readers[m].GetNumberOfComponents() != 1 or len(reference[0]) != 3:
-            raise NnalignError(f"{case.case_id}: {case.images[m].name}: expected a 3D scalar image")
-        _check_complete(case, case.images[m], readers[m])
+    readers = check_case_images(case, BRATS_MODALITIES, ref_name)
+    reference = image_geometry(readers[ref_name])
     result = CaseResult(case.case_id, labelled=case.seg is not None and labels_dir is not None)
     if result.labelled:
-        seg_reader = _read_header(case, case.seg)
-        _check_geometry(case, ref_name, reference, case.seg, seg_reader)
-        _check_complete(case, case.seg, seg_reader)
+        seg_reader = read_header(case, case.seg)
+        check_geometry(case, ref_name, reference, case.seg, seg_reader)
+        check_complete(case, case.seg, seg_reader)
         try:
             seg_image = sitk.ReadImage(str(case.seg))
         except RuntimeError:

@@ -1,0 +1,95 @@
+"""``nnalign_predict``: segment BraTS cases with whatever modalities they have, choosing a trained model per case."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from nnalign.errors import NnalignError, cli_entry
+
+PROG = "nnalign_predict"
+# Kept equal to nnalign.inference.predict.LABEL_OPTIONS (a test checks), so that --help imports nothing heavy.
+LABEL_OPTIONS = ("source", "brats2018", "brats2023", "nnunet")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Segment brain tumours (WT/TC/ET) in BraTS cases that may lack modalities. Per case the modalities "
+                    "present are read from the files, and a model is chosen from MODELS: a student trained on exactly "
+                    "those modalities, else (all modalities present) a teacher or original nnU-Net model, else a "
+                    "teacher trained with modality dropout. Among several, the best mean validation Dice wins. Writes "
+                    "OUT/<case>.nii.gz in the geometry of the case's images, and the log "
+                    "OUT/nnalign_predict_log.csv/.json. Finished cases are skipped unless --overwrite.")
+    p.add_argument("-i", dest="input", required=True,
+                   help="a folder of cases (BraTS 2018/2020/2023 naming in case folders, or nnU-Net <case>_0000.nii.gz "
+                        "files), a folder holding one case's files, or one image file")
+    p.add_argument("-o", dest="output", required=True, help="output folder")
+    p.add_argument("-m", dest="models", required=True,
+                   help="one model folder <Trainer>__<plans>__<configuration>, or a dataset results folder "
+                        "($nnUNet_results/DatasetXXX_Name) holding several")
+    p.add_argument("-f", dest="folds", nargs="+", default=None, metavar="FOLD",
+                   help="folds to ensemble, e.g. -f 0 1 2 or -f all (default: every fold_N with the checkpoint; "
+                        "fold_all only when it is the only one)")
+    p.add_argument("-chk", dest="checkpoint", default="checkpoint_final.pth",
+                   help="checkpoint file name in each fold folder (default: %(default)s)")
+    p.add_argument("-device", choices=("cpu", "cuda", "mps"), default="cuda",
+                   help="device to predict on (default: %(default)s)")
+    p.add_argument("--disable-tta", action="store_true",
+                   help="no mirroring test-time augmentation (about 8x faster, slightly less accurate)")
+    p.add_argument("--modalities", default=None, metavar="LIST",
+                   help="use only these modalities of each case, e.g. T1ce,T2 (each must be there); "
+                        "default: every modality found")
+    p.add_argument("--labels", choices=LABEL_OPTIONS, default="source",
+                   help="label convention of the output: source (that of the data the model was trained on, recorded "
+                        "in its dataset.json; brats2018 if unknown), brats2018 (1 necrosis, 2 edema, 4 ET), brats2023 "
+                        "(1 necrosis, 2 edema, 3 ET), nnunet (1 edema, 2 necrosis, 3 ET) (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists again")
+    return p
+
+
+def _setup_device(device: str):
+    import torch
+
+    if device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)  # as nnUNetv2_predict: every core
+    elif device == "cuda":
+        if not torch.cuda.is_available():
+            raise NnalignError("-device cuda: no CUDA GPU is available (use -device cpu)")
+        torch.set_num_threads(1)
+        torch.set_num_interop_threads(1)
+    elif not torch.backends.mps.is_available():
+        raise NnalignError("-device mps: MPS is not available (use -device cpu)")
+
+
+@cli_entry(PROG)
+def main() -> int:
+    args = build_parser().parse_args()
+    from nnalign.modalities import parse_modalities
+
+    modalities = parse_modalities(args.modalities) if args.modalities is not None else None
+    folds = None
+    if args.folds is not None:
+        from nnalign.inference.models import parse_fold
+
+        folds = list(dict.fromkeys(parse_fold(f) for f in args.folds))
+    _setup_device(args.device)
+    from tqdm import tqdm
+
+    from nnalign.inference.predict import predict
+
+    def on_error(message: str) -> None:
+        tqdm.write(f"{PROG}: error: {message}", file=sys.stderr)  # above the progress bar, if there is one
+
+    report = predict(args.input, args.output, args.models, folds=folds, checkpoint=args.checkpoint,
+                     device=args.device, disable_tta=args.disable_tta, modalities=modalities, labels=args.labels,
+                     overwrite=args.overwrite, on_error=on_error)
+    unusable = f", {len(report.model_problems)} model folder(s) unusable" if report.model_problems else ""
+    print(f"{len(report.records)} cases: {report.count('ok')} predicted, {report.count('skipped')} skipped "
+          f"(output exists), {report.count('failed')} failed{unusable}. Log: {report.log_csv}")
+    # each problem was one line on stderr as it happened; the exit status says there were some
+    return 1 if report.failed or report.model_problems else 0
+
+
+if __name__ == "__main__":
+    main()

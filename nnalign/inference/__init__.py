@@ -1,0 +1,5 @@
+"""Inference: choose a trained model for each case's modalities and predict with nnU-Net's predictor.
+
+``models`` (light) finds model folders and applies the selection rules; ``predict`` (imports nnU-Net lazily) reads the
+cases, zero-fills the absent modality channels, predicts and writes the segmentations and a log.
+"""

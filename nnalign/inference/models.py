@@ -1,0 +1,264 @@
+"""Finding trained models and choosing one for a case's modality subset.
+
+A model is an nnU-Net training output folder ``{Trainer}__{plans}__{configuration}`` with ``fold_*/checkpoint_*.pth``,
+``dataset.json`` and ``plans.json``. What it can segment follows from its trainer name alone:
+
+- student (``nnAlignStudent_<subset>_...``): exactly its modality subset;
+- teacher (``nnAlignTeacher_...``): every modality; any non-empty subset too if it was trained with modality
+  dropout (``_drop<p>``), the absent modalities' latents then being filled by its anchor;
+- original (``nnAlignOriginal...``, and any other nnU-Net trainer): every modality only.
+
+:func:`select_model` applies the selection rules of ``nnalign_predict`` (see ``documentation/predict.md``). Nothing
+here imports torch or nnU-Net.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from nnalign.errors import NnalignError
+from nnalign.modalities import modalities_from_dataset_json, subset_tag
+
+STUDENT, TEACHER, ORIGINAL, NNUNET = "student", "teacher", "original", "nnunet"
+DEFAULT_CHECKPOINT = "checkpoint_final.pth"
+FALLBACK_LABEL_CONVENTION = "brats2018"
+_FOLD_RE = re.compile(r"fold_(\d+|all)")
+
+
+class ModelError(Exception):
+    """A model folder that cannot be used; the message is one line naming the folder."""
+
+
+class NoModelError(Exception):
+    """No model serves a case's modalities; the message is one line listing the models and what they serve."""
+
+
+def parse_fold(fold: str | int) -> int | str:
+    """``'3'`` -> 3, ``'all'`` -> ``'all'``; NnalignError otherwise."""
+    if fold == "all":
+        return fold
+    try:
+        value = int(fold)
+    except (TypeError, ValueError):
+        raise NnalignError(f"fold must be an integer or 'all', got {fold!r}") from None
+    if value < 0:
+        raise NnalignError(f"fold must not be negative, got {value}")
+    return value
+
+
+def _fold_key(fold: int | str) -> tuple[int, int]:
+    return (1, 0) if fold == "all" else (0, int(fold))
+
+
+@dataclass(frozen=True)
+class Model:
+    """A usable trained model: its folder, what its trainer name says, the folds to ensemble and their Dice."""
+
+    folder: Path
+    trainer: str
+    plans: str
+    configuration: str
+    kind: str  # STUDENT, TEACHER, ORIGINAL or NNUNET
+    modalities: tuple[str, ...]  # the dataset's channels, in channel order (dataset.json)
+    subset: tuple[str, ...]  # the channels it reads: a student's subset, else all of ``modalities``
+    modality_dropout: float
+    folds: tuple[int | str, ...]
+    mean_dice: float | None  # nnU-Net's validation foreground-mean Dice averaged over ``folds``; None if none found
+    checkpoint: str = DEFAULT_CHECKPOINT
+    dataset_json: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def any_subset(self) -> bool:
+        """A teacher trained with modality dropout: it serves every non-empty subset of its modalities."""
+        return self.kind == TEACHER and self.modality_dropout > 0
+
+    def serves(self, present: Sequence[str]) -> bool:
+        """Whether this model can segment a case with exactly the modalities ``present``."""
+        wanted = set(present)
+        if not wanted or not wanted <= set(self.modalities):
+            return False
+        return wanted == set(self.subset) or self.any_subset
+
+    def serves_description(self) -> str:
+        """What it serves, for messages: ``T1ce+T2``, ``all modalities (T1+T1ce+T2+FLAIR)`` or ``any subset``."""
+        if self.any_subset:
+            return f"any subset of {'+'.join(self.modalities)}"
+        if set(self.subset) == set(self.modalities):
+            return f"all modalities ({'+'.join(self.modalities)})"
+        return "+".join(self.subset)
+
+    def channel_indices(self, present: Sequence[str]) -> tuple[int, ...]:
+        """Indices of ``present`` among the model's input channels, in channel order."""
+        return tuple(i for i, m in enumerate(self.modalities) if m in set(present))
+
+    @property
+    def source_label_convention(self) -> str:
+        """The label convention of the data the model was trained on (dataset.json ``nnalign``), else brats2018."""
+        info = self.dataset_json.get("nnalign") or {}
+        convention = info.get("source_label_convention") if isinstance(info, dict) else None
+        return convention if convention in ("brats2018", "brats2023") else FALLBACK_LABEL_CONVENTION
+
+
+def looks_like_model_folder(folder: Path) -> bool:
+    """A folder named ``{Trainer}__{plans}__{configuration}`` (three non-empty parts)."""
+    parts = folder.name.split("__")
+    return len(parts) == 3 and all(parts)
+
+
+def _classify(trainer: str) -> tuple[str, tuple[str, ...] | None, float]:
+    """(kind, student subset or None, modality dropout) from a trainer name; ModelError for a bad nnalign name."""
+    from nnalign.training.settings import TeacherSettings
+    from nnalign.training.student_settings import STUDENT_PREFIX, StudentSettings
+
+    if trainer.split("_")[0] == STUDENT_PREFIX:
+        try:
+            return STUDENT, StudentSettings.subset_from_trainer_name(trainer), 0.0
+        except ValueError as e:
+            raise ModelError(str(e)) from None
+    if trainer.startswith("nnAlign"):
+        try:
+            settings = TeacherSettings.from_trainer_name(trainer)
+        except ValueError as e:
+            raise ModelError(str(e)) from None
+        return (ORIGINAL if settings.is_original else TEACHER), None, settings.modality_dropout
+    return NNUNET, None, 0.0
+
+
+def _available_folds(folder: Path, checkpoint: str) -> list[int | str]:
+    folds = []
+    for sub in folder.iterdir() if folder.is_dir() else []:
+        m = _FOLD_RE.fullmatch(sub.name)
+        if m and sub.is_dir() and (sub / checkpoint).is_file():
+            folds.append(parse_fold(m.group(1)))
+    return sorted(folds, key=_fold_key)
+
+
+def validation_dice(folder: Path, folds: Sequence[int | str]) -> float | None:
+    """Mean over ``folds`` of ``fold_*/validation/summary.json``'s ``foreground_mean`` Dice (finite values only)."""
+    values = []
+    for f in folds:
+        try:
+            summary = json.loads((folder / f"fold_{f}" / "validation" / "summary.json").read_text())
+            dice = float(summary["foreground_mean"]["Dice"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if math.isfinite(dice):
+            values.append(dice)
+    return sum(values) / len(values) if values else None
+
+
+def load_model(folder: Path, folds: Sequence[int | str] | None = None,
+               checkpoint: str = DEFAULT_CHECKPOINT) -> Model:
+    """Read one model folder; ModelError (one line naming the folder) if it cannot be used.
+
+    ``folds`` None takes every ``fold_N`` with the checkpoint, as nnU-Net's auto-detection does (``fold_all`` only
+    when it is the only one); given folds must all have it.
+    """
+    folder = Path(folder)
+    if not looks_like_model_folder(folder):
+        raise ModelError(f"{folder}: not a model folder (expected a name like <Trainer>__<plans>__<configuration>)")
+    trainer, plans, configuration = folder.name.split("__")
+    try:
+        kind, student_subset, dropout = _classify(trainer)
+    except ModelError as e:
+        raise ModelError(f"{folder}: unknown nnalign trainer name: {e}") from None
+    for required in ("dataset.json", "plans.json"):
+        if not (folder / required).is_file():
+            raise ModelError(f"{folder}: no {required} (not a finished nnU-Net training output)")
+    try:
+        dataset_json = json.loads((folder / "dataset.json").read_text())
+        modalities = modalities_from_dataset_json(dataset_json)
+    except (OSError, ValueError, NnalignError) as e:
+        raise ModelError(f"{folder}: cannot read dataset.json ({e})") from None
+    available = _available_folds(folder, checkpoint)
+    if folds is None:
+        use = [f for f in available if f != "all"] or available
+        if not use:
+            raise ModelError(f"{folder}: no fold_*/{checkpoint} (not trained yet, or training not finished)")
+    else:
+        use = [parse_fold(f) for f in folds]
+        missing = [f for f in use if f not in available]
+        if missing:
+            raise ModelError(f"{folder}: fold_{missing[0]} has no {checkpoint}"
+                             + (f" (folds with it: {', '.join(map(str, available))})" if available else ""))
+    if student_subset is not None and not set(student_subset) <= set(modalities):
+        raise ModelError(f"{folder}: student subset {subset_tag(student_subset)} is not among the dataset's "
+                         f"modalities {', '.join(modalities)}")
+    subset = tuple(m for m in modalities if m in student_subset) if student_subset is not None else modalities
+    return Model(folder=folder, trainer=trainer, plans=plans, configuration=configuration, kind=kind,
+                 modalities=modalities, subset=subset, modality_dropout=dropout, folds=tuple(use),
+                 mean_dice=validation_dice(folder, use), checkpoint=checkpoint, dataset_json=dataset_json)
+
+
+@dataclass
+class ModelSet:
+    """The usable models under MODELS, and a one-line problem for each model folder that cannot be used."""
+
+    models: list[Model]
+    problems: list[str] = field(default_factory=list)
+
+
+def discover_models(models: Path, folds: Sequence[int | str] | None = None,
+                    checkpoint: str = DEFAULT_CHECKPOINT) -> ModelSet:
+    """The models under ``models``: one model folder, or a dataset results folder holding several.
+
+    Raises NnalignError (one line) if there is no usable model at all.
+    """
+    models = Path(models)
+    if not models.is_dir():
+        raise NnalignError(f"{models}: no such folder (give a model folder <Trainer>__<plans>__<configuration> or a "
+                           f"dataset results folder holding such folders)")
+    single = looks_like_model_folder(models) or any(_FOLD_RE.fullmatch(p.name) for p in models.iterdir())
+    candidates = [models] if single else sorted(p for p in models.iterdir()
+                                                if p.is_dir() and looks_like_model_folder(p))
+    if not candidates:
+        raise NnalignError(f"{models}: no model folders in it (expected <Trainer>__<plans>__<configuration> folders "
+                           f"with fold_*/{checkpoint})")
+    found = ModelSet([])
+    for folder in candidates:
+        try:
+            found.models.append(load_model(folder, folds, checkpoint))
+        except ModelError as e:
+            found.problems.append(str(e))
+    if not found.models:
+        more = f" (and {len(found.problems) - 1} other model folder(s) unusable)" if len(found.problems) > 1 else ""
+        raise NnalignError(f"no usable model: {found.problems[0]}{more}")
+    return found
+
+
+def _best(models: list[Model]) -> Model:
+    """Highest mean validation Dice first; models without one after; ties and the rest by folder name."""
+    return min(models, key=lambda m: (0, -m.mean_dice, m.name) if m.mean_dice is not None else (1, 0.0, m.name))
+
+
+def select_model(models: Sequence[Model], present: Sequence[str]) -> tuple[Model, str]:
+    """The model for a case whose modalities are ``present``, and why it was chosen.
+
+    1. a student whose subset is exactly ``present``; 2. for all modalities, a teacher or original model; 3. a
+    teacher trained with modality dropout. Among several, the best mean validation Dice, then the folder name.
+    Raises NoModelError listing the models and what they serve.
+    """
+    wanted = set(present)
+    students = [m for m in models if m.kind == STUDENT and set(m.subset) == wanted and m.serves(present)]
+    if students:
+        return _best(students), "student for these modalities"
+    full = [m for m in models if m.kind != STUDENT and set(m.modalities) == wanted]
+    if full:
+        return _best(full), "all modalities present"
+    dropout = [m for m in models if m.any_subset and m.serves(present)]
+    if dropout:
+        return _best(dropout), "teacher trained with modality dropout (missing-modality path)"
+    raise NoModelError(f"no model for modalities {'+'.join(present)}; models: {describe_models(models)}")
+
+
+def describe_models(models: Sequence[Model]) -> str:
+    """``NAME serves WHAT; ...`` for messages."""
+    return "; ".join(f"{m.name} serves {m.serves_description()}" for m in models) or "none"

@@ -1,0 +1,385 @@
+"""``nnalign_predict``'s engine: per case, pick a model for the modalities present, zero-fill the absent channels,
+predict with nnU-Net's predictor and write the segmentation and a log.
+
+nnU-Net needs every trained input channel (issues #513, #1245), so a case's present modalities are read with
+nnU-Net's own ``SimpleITKIO`` and placed at their channel indices in an all-zero array of the model's channel count.
+A student reads only its own channels; a teacher is told which channels are real (``present_modalities``) and fills
+the absent latents with its anchor. The segmentation comes back in the case's original geometry.
+
+A case that cannot be predicted (no image file, an unreadable or truncated file, modalities that differ in geometry,
+no model for its modalities, a failed prediction) is reported as one line naming the case and the file, recorded as
+``failed`` in the log, and the other cases still run.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from nnalign.data.brats_layout import BratsCase, find_cases, parse_filename
+from nnalign.errors import NnalignError
+from nnalign.inference.models import (DEFAULT_CHECKPOINT, Model, ModelError, NoModelError, discover_models,
+                                      select_model)
+from nnalign.modalities import BRATS_MODALITIES
+
+LABEL_OPTIONS = ("source", "brats2018", "brats2023", "nnunet")
+OUTPUT_ENDING = ".nii.gz"
+LOG_STEM = "nnalign_predict_log"
+LOG_COLUMNS = ("case", "status", "model", "folds", "modalities_present", "modalities_used", "labels", "message",
+               "model_folder")
+OK, SKIPPED, FAILED = "ok", "skipped", "failed"
+
+
+class CaseError(Exception):
+    """A case that cannot be predicted; the message is one line naming the case (and file)."""
+
+
+@dataclass
+class CaseRecord:
+    """One case's line in the log."""
+
+    case: str
+    status: str
+    model: str = ""
+    folds: list = field(default_factory=list)
+    modalities_present: list[str] = field(default_factory=list)
+    modalities_used: list[str] = field(default_factory=list)
+    labels: str = ""
+    message: str = ""
+    model_folder: str = ""
+
+    def csv_row(self) -> dict:
+        row = asdict(self)
+        for key in ("folds", "modalities_present", "modalities_used"):
+            row[key] = ",".join(map(str, row[key]))
+        return row
+
+
+@dataclass
+class PredictionReport:
+    """What a run did: one record per case of this run, and the model folders that could not be used."""
+
+    records: list[CaseRecord]
+    model_problems: list[str]
+    log_csv: Path
+    log_json: Path
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.records)
+
+    @property
+    def failed(self) -> list[CaseRecord]:
+        return [r for r in self.records if r.status == FAILED]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# input
+
+
+def output_file(output: Path, case_id: str) -> Path:
+    return Path(output) / f"{case_id}{OUTPUT_ENDING}"
+
+
+def input_cases(source: Path, modalities: Sequence[str] | None = None, exclude: Path | None = None
+                ) -> list[BratsCase]:
+    """The cases in ``source``: a folder of case folders or of one case's files (any naming ``find_cases``
+    understands; the folder ``exclude``, the output, is skipped), or a single image file.
+
+    A single file whose name does not say its modality needs ``modalities`` to name exactly one. Segmentation files
+    are kept on the case (``seg``) but never read.
+    """
+    source = Path(source)
+    if source.is_dir():
+        if exclude is not None and Path(exclude).resolve() == source.resolve():
+            raise NnalignError(f"{source}: the output folder must not be the input folder")
+        return find_cases(source, exclude)
+    if not source.is_file():
+        raise NnalignError(f"{source}: no such file or folder")
+    name = source.name
+    stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else name.rsplit(".", 1)[0]
+    parsed = parse_filename(name)
+    if parsed is None:
+        if modalities is None or len(modalities) != 1:
+            raise NnalignError(f"{source}: cannot tell the modality from the file name (name it like "
+                               f"<case>_t1ce.nii.gz, <case>-t1c.nii.gz or <case>_0001.nii.gz, or pass --modalities "
+                               f"with that one modality)")
+        return [BratsCase(stem, source.parent, "single file", images={modalities[0]: source})]
+    case_id, kind, naming = parsed
+    if kind == "seg":
+        raise NnalignError(f"{source}: a segmentation, not an image (give an image file or a folder)")
+    return [BratsCase(case_id, source.parent, naming, images={kind: source})]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the log
+
+
+class PredictionLog:
+    """``nnalign_predict_log.csv`` and ``.json`` in the output folder, merged with an earlier run's and rewritten
+    (atomically) after every case."""
+
+    def __init__(self, output: Path) -> None:
+        self.csv_path = Path(output) / f"{LOG_STEM}.csv"
+        self.json_path = Path(output) / f"{LOG_STEM}.json"
+        self.records: dict[str, CaseRecord] = {}
+        try:
+            earlier = json.loads(self.json_path.read_text())
+            for entry in earlier["cases"]:
+                record = CaseRecord(**{k: v for k, v in entry.items() if k in LOG_COLUMNS})
+                self.records[record.case] = record
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            pass  # no earlier log, or one that cannot be parsed: start afresh
+
+    def earlier(self, case_id: str) -> CaseRecord | None:
+        return self.records.get(case_id)
+
+    def update(self, record: CaseRecord) -> None:
+        self.records[record.case] = record
+        self.write()
+
+    def write(self) -> None:
+        from nnalign import __version__
+
+        records = [self.records[k] for k in sorted(self.records)]
+        payload = {"nnalign_version": __version__, "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                   "cases": [asdict(r) for r in records]}
+        _write_atomic(self.json_path, json.dumps(payload, indent=2))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(r.csv_row() for r in records)
+        _write_atomic(self.csv_path, buffer.getvalue())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# nnU-Net's predictor, one per model
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+class Predictors:
+    """One initialised ``nnUNetPredictor`` per model folder (all its folds), made on first use."""
+
+    def __init__(self, device: str = "cpu", disable_tta: bool = False) -> None:
+        self.device = device
+        self.disable_tta = disable_tta
+        self._cache: dict[Path, object] = {}
+
+    def get(self, model: Model):
+        """The predictor of ``model``; ModelError (one line) if nnU-Net cannot load it."""
+        cached = self._cache.get(model.folder)
+        if isinstance(cached, ModelError):
+            raise cached
+        if cached is not None:
+            return cached
+        import torch
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        try:
+            # nnU-Net's chatter about devices and folds, and timm's FutureWarning when nnU-Net's trainer lookup
+            # imports every trainer module (primus -> timm -> torch.jit.interface)
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r".*torch\.jit\.interface", category=FutureWarning)
+                predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=not self.disable_tta,
+                                            perform_everything_on_device=self.device == "cuda",
+                                            device=torch.device(self.device), verbose=False,
+                                            verbose_preprocessing=False, allow_tqdm=False)
+                predictor.initialize_from_trained_model_folder(str(model.folder), model.folds, model.checkpoint)
+        except Exception as e:  # noqa: BLE001 - whatever nnU-Net or torch.load raise, the model is unusable
+            if os.environ.get("NNALIGN_DEBUG"):
+                raise
+            error = ModelError(f"model {model.name} could not be loaded: {_one_line(e)}")
+            self._cache[model.folder] = error
+            raise error from None
+        self._cache[model.folder] = predictor
+        return predictor
+
+
+@contextlib.contextmanager
+def present_channels(predictor, indices: Sequence[int]):
+    """Tell a teacher network which input channels are real for the duration of one prediction.
+
+    The attribute lives on the network object, which the predictor keeps and reloads each fold's weights into, so
+    one assignment covers every fold; it is reset afterwards. Networks without it (students, plain U-Nets) are left
+    alone.
+    """
+    net = predictor.network
+    net = getattr(net, "_orig_mod", net)  # torch.compile wrapper
+    if not hasattr(net, "present_modalities"):
+        yield
+        return
+    before = net.present_modalities
+    net.present_modalities = tuple(indices)
+    try:
+        yield
+    finally:
+        net.present_modalities = before
+
+
+def predict_array(predictor, model: Model, case: BratsCase, used: Sequence[str]):
+    """nnU-Net-labelled segmentation (z, y, x) of one case from the files of ``used``, absent channels zero."""
+    import numpy as np
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    indices = model.channel_indices(used)
+    files = [str(case.images[model.modalities[i]]) for i in indices]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            data, props = SimpleITKIO().read_images(files)
+    except RuntimeError as e:
+        raise CaseError(f"{case.case_id}: cannot read {', '.join(Path(f).name for f in files)}: "
+                        f"{_one_line(e)}") from None
+    full = np.zeros((len(model.modalities), *data.shape[1:]), dtype=np.float32)
+    full[list(indices)] = data
+    with present_channels(predictor, indices):
+        return predictor.predict_single_npy_array(full, props, None, None, False)
+
+
+def convert_labels(seg, convention: str):
+    """Map an nnU-Net-labelled segmentation to ``convention`` (``nnunet`` leaves it as it is); uint8."""
+    import numpy as np
+
+    from nnalign.data.labels import nnunet_to_brats
+
+    seg = np.asarray(seg)
+    return seg.astype(np.uint8) if convention == "nnunet" else nnunet_to_brats(seg, convention)
+
+
+def write_segmentation(seg, reference_reader, target: Path) -> None:
+    """Write ``seg`` with the geometry of ``reference_reader`` (a header reader of one of the case's images),
+    through a hidden temporary file renamed over ``target``."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(seg)
+    image.SetSpacing(reference_reader.GetSpacing())
+    image.SetOrigin(reference_reader.GetOrigin())
+    image.SetDirection(reference_reader.GetDirection())
+    tmp = target.parent / f".{target.name[: -len(OUTPUT_ENDING)]}.tmp{OUTPUT_ENDING}"
+    try:
+        sitk.WriteImage(image, str(tmp), True)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# one case, all cases
+
+
+def predict_case(case: BratsCase, output: Path, models: Sequence[Model], predictors: Predictors,
+                 modalities: Sequence[str] | None, labels: str, overwrite: bool, log: PredictionLog) -> CaseRecord:
+    """Predict one case (or skip it if its output exists) and return its log record; never raises for bad input."""
+    from nnalign.data.case_checks import check_case_images
+
+    present = [m for m in BRATS_MODALITIES if m in case.images]
+    record = CaseRecord(case.case_id, FAILED, modalities_present=present)
+    target = output_file(output, case.case_id)
+    if target.exists() and not overwrite:
+        earlier = log.earlier(case.case_id)
+        if earlier is not None and earlier.status in (OK, SKIPPED):
+            record = CaseRecord(**{**asdict(earlier), "modalities_present": present})
+        record.status = SKIPPED
+        record.message = "output exists (use --overwrite to predict it again)"
+        return record
+    try:
+        if not present:
+            found = f" (only the segmentation {case.seg.name})" if case.seg is not None else ""
+            raise CaseError(f"{case.case_id}: no image file{found} in {case.folder}")
+        used = list(present)
+        if modalities is not None:
+            absent = [m for m in modalities if m not in case.images]
+            if absent:
+                raise CaseError(f"{case.case_id}: --modalities names {absent[0]}, but the case has no {absent[0]} "
+                                f"file (it has {', '.join(present)})")
+            used = [m for m in present if m in modalities]
+        record.modalities_used = used
+        readers = check_case_images(case, used)
+        model, why = select_model(models, used)
+        record.model, record.model_folder, record.folds = model.name, str(model.folder.resolve()), list(model.folds)
+        convention = model.source_label_convention if labels == "source" else labels
+        record.labels = convention
+        predictor = predictors.get(model)
+        seg = predict_array(predictor, model, case, used)
+        write_segmentation(convert_labels(seg, convention), readers[used[-1]], target)
+    except CaseError as e:
+        record.message = str(e)
+        return record
+    except (NnalignError, ModelError, NoModelError) as e:
+        msg = str(e)
+        record.message = msg if msg.startswith(f"{case.case_id}:") else f"{case.case_id}: {msg}"
+        return record
+    except Exception as e:  # noqa: BLE001 - a failed prediction (e.g. out of memory) fails this case only
+        if os.environ.get("NNALIGN_DEBUG"):
+            raise
+        record.message = f"{case.case_id}: prediction failed: {type(e).__name__}: {_one_line(e)}"
+        return record
+    record.status, record.message = OK, f"chosen: {why}"
+    return record
+
+
+def predict(source: Path, output: Path, models: Path, folds: Sequence[int | str] | None = None,
+            checkpoint: str = DEFAULT_CHECKPOINT, device: str = "cpu", disable_tta: bool = False,
+            modalities: Sequence[str] | None = None, labels: str = "source", overwrite: bool = False,
+            on_error: Callable[[str], None] | None = None, progress: bool = True) -> PredictionReport:
+    """Predict every case of ``source`` into ``output/<case>.nii.gz`` and write the log; see the module docstring.
+
+    ``on_error`` gets each unusable model folder's and each failed case's one-line message as it happens. Raises
+    NnalignError only for problems that stop the whole run (no input, no usable model).
+    """
+    from tqdm import tqdm
+
+    from nnalign.paths import setup_env
+
+    if labels not in LABEL_OPTIONS:
+        raise NnalignError(f"unknown label convention '{labels}' (choose from {', '.join(LABEL_OPTIONS)})")
+    setup_env()  # registers nnalign's trainer shim, so nnU-Net's predictor finds nnalign's trainers by name
+    on_error = on_error or (lambda message: None)
+    found = discover_models(Path(models), folds, checkpoint)
+    output = Path(output)
+    cases = input_cases(Path(source), modalities, exclude=output)
+    for problem in found.problems:
+        on_error(problem)
+    if output.exists() and not output.is_dir():
+        raise NnalignError(f"{output}: exists and is not a folder")
+    output.mkdir(parents=True, exist_ok=True)
+    log = PredictionLog(output)
+    predictors = Predictors(device, disable_tta)
+    records = []
+    # disable=None: a bar only on a terminal, so that a failing run's stderr is its error lines.
+    for case in tqdm(cases, desc="Predicting", unit="case", disable=None if progress else True):
+        record = predict_case(case, output, found.models, predictors, modalities, labels, overwrite, log)
+        log.update(record)
+        records.append(record)
+        if record.status == FAILED:
+            on_error(record.message)
+    if not records:
+        log.write()
+    return PredictionReport(records, found.problems, log.csv_path, log.json_path)
