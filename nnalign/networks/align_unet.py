@@ -95,7 +95,7 @@ class nnAlignTeacherUNet(_PartsNetwork):
     """
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False, *,
-                 modalities: Sequence[str] = BRATS_MODALITIES, latent_channels: int = 4, latent_convs: int = 2,
+                 modalities: Sequence[str] = BRATS_MODALITIES, latent_channels: int = 4, latent_convs: int = 1,
                  shared_encoder: bool = True, anchor: str = "none", input_scale: Sequence[float] | None = None,
                  **unet_kwargs) -> None:
         super().__init__()
@@ -138,7 +138,12 @@ class nnAlignTeacherUNet(_PartsNetwork):
         return torch.stack([enc(x[:, j:j + 1]) for j, enc in enumerate(self.encoders)], 1)
 
     def forward(self, x: torch.Tensor, present: torch.Tensor | None = None, return_parts: bool = False):
-        """Region logits (a list per scale under deep supervision), or all parts with ``return_parts``."""
+        """Region logits (a list per scale under deep supervision), or all parts with ``return_parts``.
+
+        ``present`` (B, M) bool marks each sample's real modalities; None means ``present_modalities`` for all.
+        When every modality is known to be present the anchor fill is the identity and is skipped.
+        """
+        all_present = present is None and len(self.present_modalities) == len(self.modalities)
         if present is None:
             present = self.presence_mask(x)
         if self.input_scale is not None:
@@ -151,7 +156,7 @@ class nnAlignTeacherUNet(_PartsNetwork):
             latents = NormalAnchor.reparameterize(mean, logvar, self.training)
         else:
             latents = encoded
-        filled = self.anchor.fill_missing(latents, present)
+        filled = latents if all_present else self.anchor.fill_missing(latents, present)
         skips, logits, features = run_unet(self.unet, filled.flatten(1, 2))
         parts = {"logits": logits, "skips": skips, "decoder_features": features, "latents": latents,
                  "latent_mean": mean, "latent_logvar": logvar, "present": present}

@@ -118,7 +118,8 @@ class nnAlignStudentTrainer(nnUNetTrainer):
             self.label_manager.num_segmentation_heads, True)
         teacher.load_state_dict(checkpoint["network_weights"])
         self.teacher_checkpoint = {"path": str(path), "fold": fold, "sha256": file_sha256(path)}
-        return teacher.to(self.device).eval().requires_grad_(False)
+        teacher = teacher.to(self.device).eval().requires_grad_(False)
+        return torch.compile(teacher) if self._do_i_compile() else teacher
 
     def configure_optimizers(self):
         """nnU-Net's optimizer (or the plans' Adam) over the student and the distillation loss's trainable parts."""
@@ -143,8 +144,10 @@ class nnAlignStudentTrainer(nnUNetTrainer):
         self.optimizer.zero_grad(set_to_none=True)
         amp = autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
         with amp:
-            with torch.no_grad():
-                teacher = as_outputs(self.teacher(data, None, return_parts=True))
+            teacher = None
+            if self.kd.uses_teacher:
+                with torch.no_grad():
+                    teacher = as_outputs(self.teacher(data, None, return_parts=True))
             student = as_outputs(self.network(data, None, return_parts=True))
             logits = student.logits if self.enable_deep_supervision else student.logits[0]
             seg = self.loss(logits, target)

@@ -131,7 +131,8 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
         self.optimizer.zero_grad(set_to_none=True)
         # autocast on CUDA only, as nnU-Net (slow on CPU, unsupported on MPS)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            parts = self.network(data, present, return_parts=True)
+            # without dropout every modality is present: None lets the network skip the (identity) anchor fill
+            parts = self.network(data, present if self.settings.modality_dropout > 0 else None, return_parts=True)
             logits = parts["logits"] if self.enable_deep_supervision else parts["logits"][0]
             loss = self.loss(logits, target)
             align = None

@@ -54,6 +54,8 @@ class DistillationLoss(nn.Module):
     seg_weight: float = 1.0
     #: Learning rate of the separate optimiser for :meth:`adversary_parameters`; None for methods without one.
     adversary_lr: float | None = None
+    #: Whether :meth:`components` reads the teacher's outputs (if not, the trainer skips the teacher's forward pass).
+    uses_teacher: bool = True
 
     def forward(
         self, student: NetworkOutputs, teacher: NetworkOutputs, target: Tensor, epoch: int

@@ -16,7 +16,9 @@ from nnalign.networks.outputs import NetworkOutputs
 
 @register_kd("none")
 class NoDistillation(DistillationLoss):
-    """No distillation term: ``{"total": 0}``; ``seg_weight`` = 1."""
+    """No distillation term: ``{"total": 0}``; ``seg_weight`` = 1. The teacher is not run (``teacher`` may be None)."""
+
+    uses_teacher = False
 
     def __init__(
         self,
