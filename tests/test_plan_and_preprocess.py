@@ -77,4 +77,4 @@ def test_dataset_failing_integrity_check_is_one_line(nnunet_env, tmp_path):
     bad.CopyInformation(seg)
     sitk.WriteImage(bad, str(label_file))
     assert_one_line_error(run_cli(nnunet_env, "-d", str(DATASET_ID), "--verify", "-np", "1"),
-                          folder.name, "integrity check failed", "unexpected labels")
+                          folder.name, "integrity check failed", "Unexpected labels found in file", "SYN_0001", "7.")

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
+import sys
+import tempfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from nnalign.data.raw_dataset import find_dataset_folder
 from nnalign.errors import NnalignError
@@ -82,20 +83,53 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = DEFAULT
     from nnalign.planning.planner import nnAlignPlanner
 
     preprocessed = Path(os.environ["nnUNet_preprocessed"]) / raw_folder.name
-    try:
-        extract_fingerprint_dataset(int(dataset_id), nnAlignFingerprintExtractor, num_processes,
-                                    check_dataset_integrity=verify, clean=True, verbose=False)
-    except (RuntimeError, AssertionError, ValueError) as e:
-        raise NnalignError(f"{raw_folder}: nnU-Net's integrity check failed: {_one_line(e)}") from None
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        plans, plans_id = plan_experiment_dataset(int(dataset_id), nnAlignPlanner, gpu_memory_target_in_gb=gpu_memory_gb)
-    (preprocessed / "nnalign_planning.log").write_text(log.getvalue())
-    ensure_small_dataset_split(raw_folder, preprocessed, warn)
-    if not plan_only:
-        preprocess_dataset(int(dataset_id), plans_id, tuple(configurations), [num_processes] * len(configurations),
-                           verbose=False)
+    with tempfile.TemporaryFile("w+") as log:  # nnU-Net's printing, workers' too; progress bars stay on stderr
+        try:
+            try:
+                with captured_stdout(log):
+                    extract_fingerprint_dataset(int(dataset_id), nnAlignFingerprintExtractor, num_processes,
+                                                check_dataset_integrity=verify, clean=True, verbose=False)
+            except (RuntimeError, AssertionError, ValueError) as e:
+                log.seek(0)
+                raise NnalignError(f"{raw_folder}: nnU-Net's integrity check failed: "
+                                   f"{_offending_line(log.read()) or _one_line(e)}") from None
+            with captured_stdout(log):
+                plans, plans_id = plan_experiment_dataset(int(dataset_id), nnAlignPlanner,
+                                                          gpu_memory_target_in_gb=gpu_memory_gb)
+            ensure_small_dataset_split(raw_folder, preprocessed, warn)
+            if not plan_only:
+                with captured_stdout(log):
+                    preprocess_dataset(int(dataset_id), plans_id, tuple(configurations),
+                                       [num_processes] * len(configurations), verbose=False)
+        finally:
+            if preprocessed.is_dir():
+                log.seek(0)
+                (preprocessed / "nnalign_planning.log").write_text(log.read())
     return plans
+
+
+@contextlib.contextmanager
+def captured_stdout(stream) -> Iterator[None]:
+    """Send file descriptor 1 (this process's and its workers' stdout) to ``stream`` for the duration."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(stream.fileno(), 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _offending_line(output: str) -> str | None:
+    """The first line of nnU-Net's integrity-check output that says what is wrong with which file."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("Error"):
+            found = next((x for x in lines[i + 1:i + 4] if x.startswith("Found")), "")
+            return f"{line.removeprefix('Error: ')} {found}".strip()
+    return None
 
 
 def configuration_table(plans: dict) -> str:
