@@ -38,6 +38,7 @@ setup(
             "nnalign_plan_and_preprocess=nnalign.cli.plan_and_preprocess:main",
             "nnalign_train=nnalign.cli.train:main",
             "nnalign_evaluate=nnalign.cli.evaluate:main",
+            "nnalign_demo=nnalign.cli.demo:main",
             "nnalign_report=nnalign.cli.report:main",
             "nnalign_predict=nnalign.cli.predict:main",
         ]

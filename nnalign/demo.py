@@ -1,0 +1,194 @@
+"""The end-to-end demo: data -> plan -> teacher -> students -> prediction with missing modalities -> evaluation ->
+report, on the CPU, each step skipped when its result already exists (so an interrupted demo resumes).
+
+Every step runs the same command a user would (``nnalign_train``, ``nnalign_predict``) or the function behind it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from nnalign.data.raw_dataset import find_dataset_folder
+from nnalign.errors import NnalignError
+from nnalign.modalities import BRATS_MODALITIES, subset_tag
+
+DEMO_SUBSETS: tuple[tuple[str, ...], ...] = (BRATS_MODALITIES, ("T1ce",), ("FLAIR",))
+CONFIGURATION = "3d_cpu"
+PLANS = "nnAlignPlans"
+HOLD_OUT_FRACTION = 0.2
+
+
+@dataclass
+class DemoOptions:
+    """What the demo trains and on which data (defaults: short runs that show the pipeline on 2 CPU cores; the
+    segmentation quality needs longer training, e.g. 50 epochs each, or a GPU)."""
+
+    dataset_id: int = 900
+    data: Path | None = None
+    cases: int = 8
+    test_cases: int = 3
+    shape: tuple[int, int, int] = (64, 64, 64)
+    seed: int = 0
+    teacher_epochs: int = 8
+    student_epochs: int = 6
+    iters_per_epoch: int = 10
+    kd: str = "protokd"
+    student_modalities: tuple[str, ...] = ("T1ce",)
+    device: str = "cpu"
+    workers: int = 2
+
+
+@dataclass
+class DemoResult:
+    """Where the demo's outputs are."""
+
+    dataset: str
+    results: Path
+    report: Path
+    rows: list[dict] = field(default_factory=list)
+
+
+def _run(command: list[str], log: Path, say: Callable[[str], None]) -> None:
+    """Run one nnalign command, its output to ``log``; a failure raises with the log's last line."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        code = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT)
+    if code != 0:
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+        raise NnalignError(f"{' '.join(command[2:5])} failed: {lines[-1] if lines else 'no output'} (log: {log})")
+
+
+def _prepare_data(opts: DemoOptions, raw_root: Path, say) -> Path:
+    folder = find_dataset_folder(raw_root, opts.dataset_id)
+    if folder is not None:
+        say(f"data: reusing {folder}")
+        return folder
+    if opts.data is None:
+        from nnalign.data.synthetic import write_synthetic_dataset
+
+        say(f"data: {opts.cases} synthetic training cases and {opts.test_cases} held-out cases "
+            f"({'x'.join(map(str, opts.shape))} voxels)")
+        return write_synthetic_dataset(raw_root, opts.dataset_id, opts.cases, opts.shape, opts.seed,
+                                       num_test=opts.test_cases, name="DemoSyntheticBraTS")
+    from nnalign.data.brats_layout import find_cases
+    from nnalign.data.convert_brats import convert_brats
+    from nnalign.data.splits import protokd_split
+
+    listed = set().union(*protokd_split().values())
+    split = "protokd" if any(c.case_id in listed for c in find_cases(opts.data)) else "5fold"
+    say(f"data: converting {opts.data} (split {split})")
+    report = convert_brats(opts.data, opts.dataset_id, raw_root, name="DemoBraTS", split=split,
+                           num_processes=opts.workers)
+    if not (report.dataset_folder / "labelsTs").is_dir():
+        hold_out(report.dataset_folder, HOLD_OUT_FRACTION)
+    return report.dataset_folder
+
+
+def hold_out(dataset_folder: Path, fraction: float) -> list[str]:
+    """Move the last ``fraction`` of the labelled training cases to imagesTs/labelsTs (at least one)."""
+    dataset_json = json.loads((dataset_folder / "dataset.json").read_text())
+    ending = dataset_json["file_ending"]
+    cases = sorted(p.name[: -len(ending)] for p in (dataset_folder / "labelsTr").glob(f"*{ending}"))
+    if len(cases) < 2:
+        raise NnalignError(f"{dataset_folder}: {len(cases)} labelled case; the demo needs at least 2")
+    held = cases[-max(1, round(len(cases) * fraction)):]
+    for sub in ("imagesTs", "labelsTs"):
+        (dataset_folder / sub).mkdir(exist_ok=True)
+    for case in held:
+        shutil.move(dataset_folder / "labelsTr" / f"{case}{ending}", dataset_folder / "labelsTs" / f"{case}{ending}")
+        for image in (dataset_folder / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{ending}"):
+            shutil.move(image, dataset_folder / "imagesTs" / image.name)
+    dataset_json["numTraining"] = len(cases) - len(held)
+    (dataset_folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    return held
+
+
+def _subset_inputs(dataset_folder: Path, subset: tuple[str, ...], target: Path) -> Path:
+    """A folder of the held-out cases with only ``subset``'s files (links), in nnU-Net naming."""
+    ending = json.loads((dataset_folder / "dataset.json").read_text())["file_ending"]
+    target.mkdir(parents=True, exist_ok=True)
+    for channel, modality in enumerate(BRATS_MODALITIES):
+        if modality not in subset:
+            continue
+        for image in sorted((dataset_folder / "imagesTs").glob(f"*_{channel:04d}{ending}")):
+            link = target / image.name
+            if not link.exists():
+                os.symlink(image.resolve(), link)
+    return target
+
+
+def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoResult:
+    """Run (or resume) the demo and return where its outputs are."""
+    from nnalign.evaluation.evaluate import evaluate
+    from nnalign.paths import setup_env
+    from nnalign.planning.plan_and_preprocess import plan_and_preprocess
+    from nnalign.reporting.report import build_report
+    from nnalign.training.settings import TeacherSettings
+    from nnalign.training.student_settings import StudentSettings
+
+    folders = setup_env()
+    os.environ.setdefault("nnUNet_n_proc_DA", str(opts.workers))
+    raw_root, results_root = Path(folders["nnUNet_raw"]), Path(folders["nnUNet_results"])
+    start = time.time()
+    dataset_folder = _prepare_data(opts, raw_root, say)
+    dataset = dataset_folder.name
+    work = results_root / dataset / "nnalign_demo"
+    preprocessed = Path(folders["nnUNet_preprocessed"]) / dataset
+    if not (preprocessed / f"{PLANS}.json").is_file() or not any(preprocessed.glob(f"*{CONFIGURATION}/*.pkl")):
+        say(f"plan and preprocess ({CONFIGURATION})")
+        plan_and_preprocess(opts.dataset_id, [CONFIGURATION], num_processes=opts.workers, warn=lambda m: say(f"  {m}"))
+    train = [sys.executable, "-m", "nnalign.cli.train", dataset, CONFIGURATION, "0", "-device", opts.device]
+    teacher = TeacherSettings(anchor="mixture", modality_dropout=0.5).trainer_name()
+    teacher_dir = results_root / dataset / f"{teacher}__{PLANS}__{CONFIGURATION}"
+    models = [(teacher_dir, train + ["--anchor", "mixture", "--modality-dropout", "0.5",
+                                     "--epochs", str(opts.teacher_epochs)], "teacher P* (modality dropout 0.5)")]
+    for kd in (opts.kd, "none"):
+        name = StudentSettings(opts.student_modalities, kd, teacher).trainer_name()
+        models.append((results_root / dataset / f"{name}__{PLANS}__{CONFIGURATION}",
+                       train + ["--role", "student", "--modalities", ",".join(opts.student_modalities), "--kd", kd,
+                                "--teacher", str(teacher_dir), "--epochs", str(opts.student_epochs)],
+                       f"student {'+'.join(opts.student_modalities)} ({kd})"))
+    for folder, command, what in models:
+        if (folder / "fold_0" / "checkpoint_final.pth").is_file():
+            say(f"train {what}: done before")
+            continue
+        say(f"train {what} ...")
+        _run(command + ["--iters-per-epoch", str(opts.iters_per_epoch)], work / "logs" / f"{folder.name}.log", say)
+
+    rows = []
+    for folder, _, what in models:
+        subsets = DEMO_SUBSETS if folder == teacher_dir else (opts.student_modalities,)
+        for subset in subsets:
+            tag = subset_tag(subset)
+            inputs = _subset_inputs(dataset_folder, subset, work / "inputs" / tag)
+            predictions = work / "predictions" / folder.name / tag
+            say(f"predict {tag} held-out cases with {what}")
+            _run([sys.executable, "-m", "nnalign.cli.predict", "-i", str(inputs), "-o", str(predictions),
+                  "-m", str(folder), "-device", opts.device, "--disable-tta", "--labels", "nnunet"],
+                 work / "logs" / f"predict_{folder.name}_{tag}.log", say)
+            metrics = results_root / dataset / "nnalign_evaluations" / folder.name / tag / "metrics.csv"
+            report = evaluate(dataset_folder / "labelsTs", predictions, labels="nnunet", output=metrics,
+                              progress=False)
+            mean = report.aggregates["mean"]
+            rows.append({"model": what, "modalities": "+".join(subset), **{
+                f"Dice {r}": mean[f"Dice_{r}"] for r in ("WT", "TC", "ET")}})
+    say("report")
+    report = build_report(results_root / dataset, tsne_cases=1)
+    say(f"done in {(time.time() - start) / 60:.1f} min")
+    return DemoResult(dataset, results_root / dataset, report.report_md, rows)
+
+
+def rows_markdown(rows: list[dict]) -> str:
+    """The demo's summary: held-out Dice per model and modality subset."""
+    lines = ["| model | modalities | Dice WT | Dice TC | Dice ET |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['modalities']} | {r['Dice WT']:.3f} | {r['Dice TC']:.3f} | "
+                     f"{r['Dice ET']:.3f} |")
+    return "\n".join(lines)
