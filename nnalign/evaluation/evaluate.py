@@ -7,17 +7,16 @@ region.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from nnalign.atomic import write_text_atomic
 from nnalign.data.labels import REGION_NAMES
 from nnalign.evaluation.metrics import (AGGREGATES, HD95_EMPTY, LABEL_CHOICES, METRIC_COLUMNS, aggregate, case_metrics,
                                         check_labels, label_values, missing_prediction_scores, resolve_convention)
@@ -203,22 +202,3 @@ def aggregates_markdown(aggregates: dict[str, dict[str, float]]) -> str:
         cells += [f"{aggregates[a][f'HD95_{region}']:.2f}" for a in AGGREGATES]
         lines.append("| " + " | ".join([region, *cells]) + " |")
     return "\n".join(lines)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -17,13 +17,13 @@ import csv
 import io
 import json
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from nnalign.atomic import write_text_atomic
 from nnalign.data.brats_layout import BratsCase, find_cases, parse_filename
 from nnalign.errors import NnalignError
 from nnalign.inference.models import (DEFAULT_CHECKPOINT, Model, ModelError, NoModelError, discover_models,
@@ -151,27 +151,12 @@ class PredictionLog:
         records = [self.records[k] for k in sorted(self.records)]
         payload = {"nnalign_version": __version__, "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
                    "cases": [asdict(r) for r in records]}
-        _write_atomic(self.json_path, json.dumps(payload, indent=2))
+        write_text_atomic(self.json_path, json.dumps(payload, indent=2))
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(r.csv_row() for r in records)
-        _write_atomic(self.csv_path, buffer.getvalue())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        write_text_atomic(self.csv_path, buffer.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -228,7 +228,8 @@ def score_validation_fold(fold_dir: Path, gt_folder: Path, on_error: Callable[[s
     ``nnalign_evaluate``). A case that cannot be scored is reported through ``on_error`` and left out. None when the
     fold has no predictions, or none could be scored.
     """
-    from nnalign.evaluation.evaluate import CaseError, score_case, write_text_atomic
+    from nnalign.atomic import write_text_atomic
+    from nnalign.evaluation.evaluate import CaseError, score_case
     from nnalign.evaluation.metrics import HD95_EMPTY, aggregate
     from nnalign.evaluation.pairing import ReferenceFile
 

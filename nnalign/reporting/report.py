@@ -16,7 +16,7 @@ from typing import Callable
 
 from nnalign import __version__
 from nnalign.errors import NnalignError
-from nnalign.evaluation.evaluate import write_text_atomic
+from nnalign.atomic import write_text_atomic
 from nnalign.modalities import BRATS_MODALITIES, all_subsets, modalities_from_dataset_json
 from nnalign.reporting.collect import (FULL_SUBSET, KD_ORDER, TEACHER, Results, Run, anchor_order_key, kd_order_key,
                                        validation_predictions)

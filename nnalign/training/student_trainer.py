@@ -28,7 +28,8 @@ from nnalign.modalities import channel_indices
 from nnalign.networks.align_unet import as_outputs, nnAlignStudentUNet
 from nnalign.training.common import apply_plans_training, apply_training_length, optimizer_step
 from nnalign.training.optim import optimizer_from_plans
-from nnalign.training.record import SETTINGS_RECORD, write_json_atomic
+from nnalign.atomic import write_json_atomic
+from nnalign.training.record import SETTINGS_RECORD
 from nnalign.training.student_settings import StudentSettings, overrides_hash
 from nnalign.training.teacher_trainer import plans_modalities, teacher_trainer_class, unwrap
 

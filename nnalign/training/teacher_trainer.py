@@ -25,7 +25,8 @@ from nnalign.training.common import apply_plans_training, apply_training_length,
 from nnalign.training.optim import optimizer_from_plans
 from nnalign.training.presence import sample_presence, zero_absent
 from nnalign.training.progress import plot_alignment_png
-from nnalign.training.record import SETTINGS_RECORD, write_json_atomic
+from nnalign.atomic import write_json_atomic
+from nnalign.training.record import SETTINGS_RECORD
 from nnalign.training.settings import TeacherSettings
 
 TEACHER_NETWORK = f"{nnAlignTeacherUNet.__module__}.{nnAlignTeacherUNet.__name__}"
