@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error, nnunet_env, plan_synthetic, run_train
 
 from nnalign.errors import NnalignError
 from nnalign.training.presence import sample_presence, zero_absent
@@ -157,35 +158,13 @@ def test_poly_lr_with_floor_goes_from_initial_to_final():
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
     """Raw + preprocessed 4-case synthetic dataset; yields the root holding raw/, pre/ (results go elsewhere)."""
-    root = tmp_path_factory.mktemp("teacher")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("nnUNet_raw", str(root / "raw"))
-        mp.setenv("nnUNet_preprocessed", str(root / "pre"))
-        mp.setenv("nnUNet_results", str(root / "results"))
-        mp.setenv("nnUNet_n_proc_DA", "0")
-        from nnalign.data.synthetic import write_synthetic_dataset
-        from nnalign.planning.plan_and_preprocess import plan_and_preprocess
-
-        write_synthetic_dataset(root / "raw", DATASET_ID, num_cases=4, shape=(48, 48, 48))
-        plan_and_preprocess(DATASET_ID, [CONFIG], num_processes=1, warn=lambda m: None)
-    return root
+    return plan_synthetic(tmp_path_factory.mktemp("teacher"), DATASET_ID, num_cases=4, shape=(48, 48, 48))
 
 
 @pytest.fixture
 def env(planned, tmp_path, monkeypatch):
     """nnU-Net's variables for one test: the shared data, a fresh results folder, the trainer shim registered."""
-    monkeypatch.setenv("nnUNet_raw", str(planned / "raw"))
-    monkeypatch.setenv("nnUNet_preprocessed", str(planned / "pre"))
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
-    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
-    monkeypatch.setenv("nnUNet_def_n_proc", "1")
-    monkeypatch.setenv("nnUNet_compile", "f")
-    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
-    monkeypatch.delenv(ENV_EPOCHS, raising=False)
-    monkeypatch.delenv(ENV_ITERS, raising=False)
-    from nnalign.paths import setup_env
-
-    setup_env()
+    nnunet_env(monkeypatch, planned, tmp_path / "results")
     return planned
 
 
@@ -322,16 +301,6 @@ def test_one_epoch_per_anchor_logs_plots_and_records(env, monkeypatch, anchor):
 # nnalign_train end to end (subprocess, as a user runs it)
 
 
-def _cli(env_root: Path, results: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    environ = {**os.environ, "nnUNet_raw": str(env_root / "raw"), "nnUNet_preprocessed": str(env_root / "pre"),
-               "nnUNet_results": str(results), "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1",
-               "nnUNet_compile": "f"}
-    for var in ("nnUNet_extTrainer", ENV_EPOCHS, ENV_ITERS, "NNALIGN_DEBUG"):
-        environ.pop(var, None)
-    return subprocess.run([sys.executable, "-m", "nnalign.cli.train", *args], capture_output=True, text=True,
-                          env=environ, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def trained(planned, tmp_path_factory):
     """A mixture teacher with modality dropout 0.5, trained by nnalign_train for 2 epochs x 8 iterations.
@@ -341,8 +310,8 @@ def trained(planned, tmp_path_factory):
     """
     results = tmp_path_factory.mktemp("results")
     start = time.perf_counter()
-    proc = _cli(planned, results, str(DATASET_ID), CONFIG, "0", "--role", "teacher", "--anchor", "mixture",
-                "--modality-dropout", "0.5", "--epochs", "2", "--iters-per-epoch", "8", "-device", "cpu")
+    proc = run_train(planned, results, str(DATASET_ID), CONFIG, "0", "--role", "teacher", "--anchor", "mixture",
+                     "--modality-dropout", "0.5", "--epochs", "2", "--iters-per-epoch", "8", "-device", "cpu")
     seconds = time.perf_counter() - start
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     model_dir = results / DATASET / f"nnAlignTeacher_mixture_drop0p5__nnAlignPlans__{CONFIG}"
@@ -393,8 +362,8 @@ def test_nnunet_predictor_loads_the_teacher_and_predicts_any_subset(trained, env
 def test_cli_continues_the_same_run_with_more_epochs(trained):
     """--c --epochs 3 continues the 2-epoch run in the same folder (the length is not part of the trainer name)."""
     before = torch.load(trained["fold_dir"] / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    proc = _cli(trained["data_root"], trained["results"], DATASET, CONFIG, "0", "--anchor", "mixture",
-                "--modality-dropout", "0.5", "--c", "--epochs", "3", "-device", "cpu")
+    proc = run_train(trained["data_root"], trained["results"], DATASET, CONFIG, "0", "--anchor", "mixture",
+                     "--modality-dropout", "0.5", "--c", "--epochs", "3", "-device", "cpu")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     after = torch.load(trained["fold_dir"] / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert before["current_epoch"] == 2 and after["current_epoch"] == 3
@@ -409,16 +378,6 @@ def test_cli_continues_the_same_run_with_more_epochs(trained):
 # bad input: one line on stderr, exit 1, no traceback
 
 
-def _assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 1, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[0].startswith("nnalign_train: error: "), lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
 @pytest.mark.parametrize("args, fragments", [
     (["--anchor", "bogus"], ["unknown anchor 'bogus'"]),
     (["--anchor", "modality:T5"], ["unknown modality 'T5'"]),
@@ -428,13 +387,14 @@ def _assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -
     (["--c", "--val"], ["cannot be combined"]),
 ])
 def test_bad_settings_and_run_state_are_one_line_errors(planned, tmp_path, args, fragments):
-    _assert_one_line_error(_cli(planned, tmp_path, str(DATASET_ID), CONFIG, "0", "-device", "cpu", *args), *fragments)
+    assert_one_line_error(run_train(planned, tmp_path, str(DATASET_ID), CONFIG, "0", "-device", "cpu", *args),
+                          *fragments)
 
 
 def test_continue_without_a_checkpoint_lists_the_existing_runs(trained):
-    line = _assert_one_line_error(
-        _cli(trained["data_root"], trained["results"], str(DATASET_ID), CONFIG, "0", "--anchor", "normal", "--c",
-             "-device", "cpu"), "--c: no checkpoint of nnAlignTeacher_normal")
+    line = assert_one_line_error(
+        run_train(trained["data_root"], trained["results"], str(DATASET_ID), CONFIG, "0", "--anchor", "normal", "--c",
+                  "-device", "cpu"), "--c: no checkpoint of nnAlignTeacher_normal")
     assert line.endswith("nnAlignTeacher_mixture_drop0p5"), line
 
 
@@ -445,20 +405,20 @@ def test_dataset_problems_are_one_line_errors_with_the_command_to_run(planned, t
     other = root / "pre" / "Dataset992_Other"
     shutil.copytree(root / "pre" / DATASET, other)  # plans still say Dataset990_...
     results = tmp_path / "results"
-    _assert_one_line_error(_cli(root, results, "991", CONFIG, "0", "-device", "cpu"),
-                           "Dataset991_RawOnly is not preprocessed", "nnalign_plan_and_preprocess -d 991")
-    _assert_one_line_error(_cli(root, results, "993", CONFIG, "0", "-device", "cpu"), "no dataset '993'")
-    _assert_one_line_error(_cli(root, results, "992", CONFIG, "0", "-device", "cpu"),
-                           "belongs to dataset 'Dataset990_SyntheticBraTS'", "nnalign_plan_and_preprocess -d 992")
-    _assert_one_line_error(_cli(root, results, DATASET, "3d_fullres", "0", "-device", "cpu"),
-                           "3d_fullres of Dataset990_SyntheticBraTS is not preprocessed",
-                           "nnalign_plan_and_preprocess -d 990 -c 3d_fullres")
-    _assert_one_line_error(_cli(root, results, "SyntheticBraTS", "3d_nope", "0", "-device", "cpu"),
-                           "configuration '3d_nope' is not in nnAlignPlans.json")
+    assert_one_line_error(run_train(root, results, "991", CONFIG, "0", "-device", "cpu"),
+                          "Dataset991_RawOnly is not preprocessed", "nnalign_plan_and_preprocess -d 991")
+    assert_one_line_error(run_train(root, results, "993", CONFIG, "0", "-device", "cpu"), "no dataset '993'")
+    assert_one_line_error(run_train(root, results, "992", CONFIG, "0", "-device", "cpu"),
+                          "belongs to dataset 'Dataset990_SyntheticBraTS'", "nnalign_plan_and_preprocess -d 992")
+    assert_one_line_error(run_train(root, results, DATASET, "3d_fullres", "0", "-device", "cpu"),
+                          "3d_fullres of Dataset990_SyntheticBraTS is not preprocessed",
+                          "nnalign_plan_and_preprocess -d 990 -c 3d_fullres")
+    assert_one_line_error(run_train(root, results, "SyntheticBraTS", "3d_nope", "0", "-device", "cpu"),
+                          "configuration '3d_nope' is not in nnAlignPlans.json")
     (root / "pre" / DATASET / "nnAlignPlans.json").unlink()
-    _assert_one_line_error(_cli(root, results, "990", CONFIG, "0", "-device", "cpu"),
-                           "no nnAlignPlans.json", "nnalign_plan_and_preprocess -d 990 -c 3d_cpu")
-    _assert_one_line_error(_cli(root, results, "990", CONFIG, "x", "-device", "cpu"), "fold must be")
+    assert_one_line_error(run_train(root, results, "990", CONFIG, "0", "-device", "cpu"),
+                          "no nnAlignPlans.json", "nnalign_plan_and_preprocess -d 990 -c 3d_cpu")
+    assert_one_line_error(run_train(root, results, "990", CONFIG, "x", "-device", "cpu"), "fold must be")
 
 
 def test_help_is_fast():
@@ -466,4 +426,4 @@ def test_help_is_fast():
     proc = subprocess.run([sys.executable, "-m", "nnalign.cli.train", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--anchor" in proc.stdout
     assert time.perf_counter() - start < 3.0
-    assert "--role {teacher}" in proc.stdout
+    assert "--role {teacher,student}" in proc.stdout

@@ -211,8 +211,12 @@ def parse_kd_overrides(method: str, assignments: list[str], temperature: float |
     return {k: int(v) if k.endswith("epochs") else v for k, v in overrides.items()}
 
 
-def check_teacher(teacher_dir: str, dataset: str, configuration: str, fold) -> tuple[str, str | None]:
-    """(teacher trainer name, teacher fold) of a teacher model folder; one-line errors for one that cannot serve."""
+def check_teacher(teacher_dir: str, dataset: str, configuration: str, fold,
+                  results_root: Path) -> tuple[str, str | None]:
+    """(teacher trainer name, teacher fold) of a teacher model folder; one-line errors for one that cannot serve.
+
+    The student trainer loads its teacher from ``results_root/dataset`` by name, so the folder must lie there.
+    """
     from nnalign.training.settings import is_teacher_trainer_name
 
     folder = Path(teacher_dir).resolve()
@@ -225,13 +229,16 @@ def check_teacher(teacher_dir: str, dataset: str, configuration: str, fold) -> t
                            f"(expected <nnAlignTeacher...>__{PLANS_NAME}__{configuration})")
     if folder.parent.name != dataset:
         raise NnalignError(f"--teacher {folder}: the teacher was trained on {folder.parent.name}, not {dataset}")
+    if folder.parent != (results_root / dataset).resolve():
+        raise NnalignError(f"--teacher {folder}: not in {results_root / dataset} ($nnUNet_results), where the student "
+                           f"loads its teacher from")
     if plans != PLANS_NAME or teacher_config != configuration:
         raise NnalignError(f"--teacher {folder}: the teacher uses {plans} {teacher_config}, the student "
                            f"{PLANS_NAME} {configuration} (they must match so that features match)")
     return trainer, None
 
 
-def student_trainer(args, dataset: str, modalities: tuple[str, ...]) -> tuple[str, dict]:
+def student_trainer(args, dataset: str, modalities: tuple[str, ...], results_root: Path) -> tuple[str, dict]:
     """The student trainer name and its loss-setting overrides, from the command line."""
     from nnalign.losses.kd import KD_METHODS
     from nnalign.modalities import parse_modalities
@@ -245,7 +252,7 @@ def student_trainer(args, dataset: str, modalities: tuple[str, ...]) -> tuple[st
     if kd not in KD_METHODS:
         raise NnalignError(f"unknown KD method {args.kd!r} (known: {', '.join(KD_METHODS)})")
     overrides = parse_kd_overrides(kd, args.kd_set, args.temperature)
-    teacher, _ = check_teacher(args.teacher, dataset, args.configuration, args.fold)
+    teacher, _ = check_teacher(args.teacher, dataset, args.configuration, args.fold, results_root)
     teacher_fold = None if args.teacher_fold is None else str(parse_fold(args.teacher_fold))
     fold_folder = Path(args.teacher).resolve() / f"fold_{teacher_fold if teacher_fold is not None else args.fold}"
     if not (fold_folder / "checkpoint_final.pth").is_file():
@@ -286,7 +293,7 @@ def main() -> int:
         os.environ.pop(ENV_KD_OVERRIDES, None)
     else:
         settings = None
-        trainer, overrides = student_trainer(args, dataset, modalities)
+        trainer, overrides = student_trainer(args, dataset, modalities, results)
         os.environ[ENV_KD_OVERRIDES] = json.dumps(overrides, sort_keys=True)
     folder = run_folder(results, dataset, trainer, args.configuration, args.fold)
     record = check_run_state(folder, settings, trainer, args, results, dataset)

@@ -23,7 +23,7 @@ from torch import autocast
 
 from nnalign import __version__
 from nnalign.errors import NnalignError
-from nnalign.losses.kd import build_kd
+from nnalign.losses.kd import KD_METHODS, build_kd
 from nnalign.modalities import channel_indices
 from nnalign.networks.align_unet import as_outputs, nnAlignStudentUNet
 from nnalign.training.common import apply_plans_training, apply_training_length, optimizer_step
@@ -251,6 +251,8 @@ def student_trainer_class(name: str) -> type:
         subset = StudentSettings.subset_from_trainer_name(name)
         teacher, teacher_fold = StudentSettings.teacher_from_trainer_name(name)
         kd = name.split("_")[2]
+        if kd not in KD_METHODS:
+            raise ValueError(f"{name!r}: unknown KD method {kd!r}")
         settings = StudentSettings(subset, kd, teacher, teacher_fold)
         cls = type(name, (nnAlignStudentTrainer,), {"student": settings, "__module__": __name__, "__qualname__": name,
                                                     "__doc__": f"nnalign student trainer for {'+'.join(subset)}."})
