@@ -121,7 +121,8 @@ def test_student_trainer_class_is_cached_and_rejects_other_names():
     import nnalign.training.student_trainer as st
 
     assert getattr(st, name) is cls  # PEP 562 (pickling, pydoc.locate)
-    for bad in ("nnAlignTeacher_mixture", "nnUNetTrainer", "nnAlignStudent_T2-T1_kdnet_Teacher-mixture"):
+    for bad in ("nnAlignTeacher_mixture", "nnUNetTrainer", "nnAlignStudent_T2-T1_kdnet_Teacher-mixture",
+                "nnAlignStudent_T1ce_bogus_Teacher-mixture"):
         with pytest.raises(ValueError):
             student_trainer_class(bad)
     assert not hasattr(st, "nnAlignStudent_T2-T1_kdnet_Teacher-mixture")
