@@ -63,7 +63,7 @@ def main() -> None:
         trainer, plans, configuration = model.name.split("__")
         dataset = model.parent.name
         out_nnunet, out_nnalign = work / "pred_nnunet", work / "pred_nnalign"
-        nnunet = [sys.executable, "-m", "nnunetv2.inference.predict_from_raw_data", "-i", str(images), "-o",
+        nnunet = [str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(images), "-o",
                   str(out_nnunet), "-d", dataset, "-tr", trainer, "-p", plans, "-c", configuration, "-f", "0",
                   "-device", args.device, "--disable_tta"]
         nnalign = [sys.executable, "-m", "nnalign.cli.predict", "-i", str(images), "-o", str(out_nnalign), "-m",
@@ -73,8 +73,8 @@ def main() -> None:
             times["nnUNetv2_predict"].append(run(nnunet, env))
             times["nnalign_predict"].append(run(nnalign, env))
         agree = _same_segmentations(out_nnunet, out_nnalign)
+        n = len(list(images.glob("*_0000.nii.gz")))
     base, ours = (float(np.median(times[k])) for k in ("nnUNetv2_predict", "nnalign_predict"))
-    n = len(list(images.glob("*_0000.nii.gz")))
     print(f"{n} cases, {args.device}, no TTA, median of {args.repeats} runs each (process start included)\n")
     print("| command | wall time (s) | ratio |\n|---|---|---|")
     print(f"| nnUNetv2_predict | {base:.1f} | 1.00 |\n| nnalign_predict | {ours:.1f} | {ours / base:.2f} |")
