@@ -36,12 +36,6 @@ def setup_env(base: str | os.PathLike | None = None) -> dict[str, str]:
     return {var: os.environ[var] for var in DEFAULT_FOLDERS}
 
 
-def folder(var: str) -> Path:
-    """The folder behind one of nnU-Net's variables, after :func:`setup_env`."""
-    setup_env()
-    return Path(os.environ[var])
-
-
 def dataset_name(dataset_id: int, name: str) -> str:
     """nnU-Net's folder name for a dataset: ``Dataset{id:03d}_{name}``."""
     return f"Dataset{int(dataset_id):03d}_{name}"

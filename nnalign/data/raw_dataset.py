@@ -11,6 +11,7 @@ from typing import Iterator, Sequence
 from nnalign.data.labels import NNUNET_LABELS, REGIONS_CLASS_ORDER
 from nnalign.errors import NnalignError
 from nnalign.modalities import BRATS_MODALITIES
+from nnalign.paths import dataset_name
 
 FILE_ENDING = ".nii.gz"
 
@@ -41,7 +42,7 @@ def build_dataset_folder(raw_root: Path, dataset_id: int, name: str, overwrite: 
     existing = find_dataset_folder(raw_root, dataset_id)
     if existing is not None and not overwrite:
         raise NnalignError(f"{existing}: dataset ID {dataset_id} already exists (use --overwrite to replace it)")
-    final = raw_root / f"Dataset{int(dataset_id):03d}_{name}"
+    final = raw_root / dataset_name(dataset_id, name)
     raw_root.mkdir(parents=True, exist_ok=True)
     staging = raw_root / f".{final.name}.partial-{os.getpid()}"
     if staging.exists():
