@@ -36,8 +36,8 @@ class DemoOptions:
     test_cases: int = 3
     shape: tuple[int, int, int] = (64, 64, 64)
     seed: int = 0
-    teacher_epochs: int = 20
-    student_epochs: int = 15
+    teacher_epochs: int = 16
+    student_epochs: int = 10
     iters_per_epoch: int = 10
     kd: str = "protokd"
     student_modalities: tuple[str, ...] = ("T1ce",)
