@@ -6,6 +6,7 @@ import statistics
 import tempfile
 import time
 from contextlib import contextmanager
+from typing import Callable
 
 import numpy as np
 import torch
@@ -67,20 +68,22 @@ def saved_activation_bytes(step) -> int:
     return total
 
 
-def median_step_seconds(step, device: torch.device, warmup: int, steps: int) -> float:
-    """Median wall time of ``step()`` after ``warmup`` untimed calls (CUDA synchronised)."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def interleaved_median_seconds(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int,
+                               rounds: int) -> dict[str, float]:
+    """Median wall time of each named ``step()``, timed round-robin (one call of each per round, after ``warmup``
+    untimed rounds), so drift in clock speed or background load hits every variant alike (CUDA synchronised)."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(warmup + rounds):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def peak_cuda_bytes(step) -> int:

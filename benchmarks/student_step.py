@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (brats_like_plans, median_step_seconds, peak_cuda_bytes, region_loss, region_targets,  # noqa: E402
+from common import (brats_like_plans, interleaved_median_seconds, peak_cuda_bytes, region_loss, region_targets,  # noqa: E402
                     saved_activation_bytes)
 
 TARGET_RATIO = 1.4
@@ -92,8 +92,8 @@ def main() -> None:
     p.add_argument("--config", default="3d_cpu", choices=("3d_cpu", "3d_fullres", "paper"))
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--amp", action="store_true", help="fp16 autocast and grad scaling (CUDA)")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5, help="timed rounds (one step of each variant per round)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     args = p.parse_args()
     device = torch.device(args.device)
     with brats_like_plans() as plans:
@@ -113,12 +113,10 @@ def main() -> None:
         kd = build_kd(method, feature_channels=features[0], bottleneck_channels=features[-1],
                       skip_channels=features).to(device)
         variants.append((f"student + {method}", make_student().to(device), kd))
-    rows = []
-    for name, net, kd in variants:
-        step = make_step(net, cfg, device, args.amp, teacher, kd)
-        seconds = median_step_seconds(step, device, args.warmup, args.steps)
-        memory = peak_cuda_bytes(step) if device.type == "cuda" else saved_activation_bytes(step)
-        rows.append((name, seconds, memory))
+    steps = {name: make_step(net, cfg, device, args.amp, teacher, kd) for name, net, kd in variants}
+    seconds = interleaved_median_seconds(steps, device, args.warmup, args.steps)
+    rows = [(name, seconds[name], peak_cuda_bytes(step) if device.type == "cuda" else saved_activation_bytes(step))
+            for name, step in steps.items()]
     plain_s, plain_m = rows[1][1], rows[1][2]
     kind = "peak CUDA memory" if device.type == "cuda" else "saved activations"
     print(f"\n| step | median (s) | vs plain student | vs stock | {kind} (MiB) | vs plain student |\n"

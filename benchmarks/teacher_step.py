@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (brats_like_plans, median_step_seconds, peak_cuda_bytes, region_loss, region_targets,  # noqa: E402
+from common import (brats_like_plans, interleaved_median_seconds, peak_cuda_bytes, region_loss, region_targets,  # noqa: E402
                     saved_activation_bytes)
 
 ANCHORS = ("none", "normal", "modality:T1ce", "mixture")
@@ -80,8 +80,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--amp", action="store_true", help="fp16 autocast and grad scaling (CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks (CUDA)")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5, help="timed rounds (one step of each network per round)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--align-weight", type=float, default=0.1)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -91,20 +91,20 @@ def main() -> None:
         print(f"plan {args.config}: patch {cfg['patch_size']}, batch {cfg['batch_size']}, "
               f"features {arch['arch_kwargs']['features_per_stage']}, device {device}"
               f"{', AMP' if args.amp else ''}{', compiled' if args.compile else ''}")
-        rows = []
         planned_convs = arch["arch_kwargs"]["latent_convs"]
         other_convs = 2 if planned_convs == 1 else 1
         variants = [("stock", None), *((a, None) for a in ANCHORS), ("mixture", other_convs)]
+        steps = {}
         for variant, convs in variants:
             torch.manual_seed(0)
             net = build(variant, arch, arch["_kw_requires_import"], True, convs).to(device)
             if args.compile:
                 net = torch.compile(net)
-            step = make_step(net, cfg, device, args.amp, args.align_weight)
-            seconds = median_step_seconds(step, device, args.warmup, args.steps)
-            memory = peak_cuda_bytes(step) if device.type == "cuda" else saved_activation_bytes(step)
-            rows.append((variant if convs is None else f"{variant}, {convs}-conv latent encoder", seconds, memory))
-            del net, step
+            name = variant if convs is None else f"{variant}, {convs}-conv latent encoder"
+            steps[name] = make_step(net, cfg, device, args.amp, args.align_weight)
+        seconds = interleaved_median_seconds(steps, device, args.warmup, args.steps)
+        rows = [(name, seconds[name], peak_cuda_bytes(step) if device.type == "cuda" else saved_activation_bytes(step))
+                for name, step in steps.items()]
     stock_s, stock_m = rows[0][1], rows[0][2]
     kind = "peak CUDA memory" if device.type == "cuda" else "saved activations"
     print(f"\n| network | median step (s) | ratio | {kind} (MiB) | ratio |\n|---|---|---|---|---|")

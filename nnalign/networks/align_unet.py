@@ -55,6 +55,30 @@ def run_unet(unet: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], list
     return skips, logits[::-1], lres
 
 
+class PointwiseConv(nn.Module):
+    """A kernel-size-1 convolution computed as a matrix product over the channel axis.
+
+    Same parameters (``conv``'s weight and bias, initialised like any conv) and the same result as calling ``conv``,
+    but several times faster for the few channels of a latent head: oneDNN's convolution kernels are slow for a 1x1x1
+    kernel on 4 channels (8x slower than this matmul on a CPU, forward plus backward).
+    """
+
+    def __init__(self, conv_op: type[nn.Module], in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = conv_op(in_channels, out_channels, 1)
+
+    @property
+    def out_channels(self) -> int:
+        """Output channels, as a convolution reports them."""
+        return self.conv.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``conv(x)`` for x of shape (N, C_in, *S)."""
+        weight = self.conv.weight.flatten(1)
+        y = torch.bmm(weight.expand(x.shape[0], *weight.shape), x.flatten(2))  # autograd saves a view of x, no copy
+        return (y + self.conv.bias.to(y.dtype)[:, None]).unflatten(2, x.shape[2:])
+
+
 def as_outputs(parts: dict) -> NetworkOutputs:
     """Turn the dict a network returns with ``return_parts=True`` into :class:`NetworkOutputs`."""
     return NetworkOutputs(**parts)
@@ -118,7 +142,7 @@ class nnAlignTeacherUNet(_PartsNetwork):
             return nn.Sequential(
                 StackedConvBlocks(latent_convs, conv_op, 1, latent_channels, kernel, 1,
                                   nonlin_first=unet_kwargs.get("nonlin_first", False), **block_kwargs),
-                conv_op(latent_channels, head_channels, 1))
+                PointwiseConv(conv_op, latent_channels, head_channels))
 
         self.encoders = nn.ModuleList([encoder() for _ in range(1 if shared_encoder else input_channels)])
         self.unet = _plain_unet(input_channels * latent_channels, num_classes, deep_supervision, unet_kwargs)

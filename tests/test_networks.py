@@ -1,0 +1,53 @@
+"""Network building blocks: the pointwise latent head and the teacher's per-modality encoding."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from nnalign.networks.align_unet import PointwiseConv, nnAlignTeacherUNet
+
+
+@pytest.mark.parametrize("conv_op, spatial", [(nn.Conv3d, (3, 4, 5)), (nn.Conv2d, (6, 7))])
+def test_pointwise_conv_equals_the_convolution_it_holds(conv_op, spatial):
+    torch.manual_seed(0)
+    head = PointwiseConv(conv_op, 4, 6)
+    x = torch.randn(3, 4, *spatial, requires_grad=True)
+    got = head(x)
+    expected = head.conv(x)
+    torch.testing.assert_close(got, expected)
+    assert head.out_channels == 6
+    weight_grad, = torch.autograd.grad(got.square().sum(), head.conv.weight)
+    expected_grad, = torch.autograd.grad(expected.square().sum(), head.conv.weight)
+    torch.testing.assert_close(weight_grad, expected_grad)
+
+
+def test_pointwise_conv_keeps_the_autocast_dtype():
+    head = PointwiseConv(nn.Conv3d, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = head(torch.randn(1, 4, 2, 2, 2))
+    assert y.dtype == torch.bfloat16
+
+
+def _teacher(shared: bool) -> nnAlignTeacherUNet:
+    return nnAlignTeacherUNet(
+        4, 3, False, anchor="mixture", shared_encoder=shared, latent_channels=2, n_stages=2,
+        features_per_stage=(4, 8), conv_op=nn.Conv3d, kernel_sizes=((3, 3, 3),) * 2, strides=((1, 1, 1), (2, 2, 2)),
+        n_conv_per_stage=(1, 1), n_conv_per_stage_decoder=(1,), conv_bias=True, norm_op=nn.InstanceNorm3d,
+        norm_op_kwargs={"eps": 1e-5, "affine": True}, dropout_op=None, dropout_op_kwargs=None, nonlin=nn.LeakyReLU,
+        nonlin_kwargs={"inplace": True})
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_each_modality_is_encoded_on_its_own(shared):
+    torch.manual_seed(0)
+    net = _teacher(shared).eval()
+    x = torch.randn(2, 4, 8, 8, 8)
+    encoded = net.encode(x)
+    assert encoded.shape == (2, 4, 2, 8, 8, 8)
+    for j in range(4):
+        encoder = net.encoders[0 if shared else j]
+        torch.testing.assert_close(encoded[:, j], encoder(x[:, j:j + 1]))
+    changed = x.clone()
+    changed[:, 2] = torch.randn(2, 8, 8, 8)
+    torch.testing.assert_close(net.encode(changed)[:, [0, 1, 3]], encoded[:, [0, 1, 3]])
