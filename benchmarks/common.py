@@ -1,6 +1,7 @@
 """Shared pieces of the step benchmarks: BraTS-sized plans, nnU-Net's region loss, timing and memory."""
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import tempfile
@@ -92,3 +93,15 @@ def peak_cuda_bytes(step) -> int:
     step()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated()
+
+
+def step_benchmark_parser(description: str) -> argparse.ArgumentParser:
+    """The options both step benchmarks take: configuration, device, AMP, compile, timed and warm-up rounds."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="3d_cpu", choices=("3d_cpu", "3d_fullres", "paper"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--amp", action="store_true", help="fp16 autocast and grad scaling (CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks, as nnU-Net does on CUDA")
+    p.add_argument("--steps", type=int, default=5, help="timed rounds (one step of each variant per round)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    return p

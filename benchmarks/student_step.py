@@ -2,7 +2,7 @@
 stock nnU-Net, same plan and patch, in one run.
 
     python benchmarks/student_step.py --config 3d_cpu --device cpu
-    python benchmarks/student_step.py --config 3d_fullres --device cuda --amp
+    python benchmarks/student_step.py --config 3d_fullres --device cuda --amp [--compile]
 
 A distillation step is what nnalign's student trainer does: the frozen teacher's forward pass (no gradients, same
 autocast), the student's forward, nnU-Net's region loss plus the distillation loss, backward, clipping, SGD (and the
@@ -10,7 +10,6 @@ discriminator's step for SMU-Net). Target: every KD step <= 1.4x the plain stude
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (brats_like_plans, interleaved_median_seconds, peak_cuda_bytes, region_loss, region_targets,  # noqa: E402
-                    saved_activation_bytes)
+                    saved_activation_bytes, step_benchmark_parser)
 
 TARGET_RATIO = 1.4
 
@@ -43,6 +42,7 @@ def build_networks(arch: dict, student_channels: list[int]):
 
 def make_step(net, cfg, device, amp: bool, teacher=None, kd=None):
     from nnalign.networks.align_unet import as_outputs
+    from nnalign.training.common import optimizer_step
 
     kw = cfg["architecture"]["arch_kwargs"]
     loss_fn = region_loss(len(kw["strides"]), cfg.get("batch_dice", False))
@@ -67,16 +67,7 @@ def make_step(net, cfg, device, amp: bool, teacher=None, kd=None):
                         t = as_outputs(teacher(x, None, return_parts=True))
                 s = as_outputs(net(x, None, return_parts=True))
                 loss = kd.seg_weight * loss_fn(s.logits, targets) + kd(s, t, targets[0], 5)["total"]
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, 12)
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 12)
-            opt.step()
+        optimizer_step(loss, opt, scaler, params)
         if adv_opt is not None:
             adv_opt.zero_grad(set_to_none=True)
             kd.adversary_loss(s, t).backward()
@@ -88,13 +79,7 @@ def make_step(net, cfg, device, amp: bool, teacher=None, kd=None):
 def main() -> None:
     from nnalign.losses.kd import KD_METHODS, build_kd
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="3d_cpu", choices=("3d_cpu", "3d_fullres", "paper"))
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--amp", action="store_true", help="fp16 autocast and grad scaling (CUDA)")
-    p.add_argument("--steps", type=int, default=5, help="timed rounds (one step of each variant per round)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    args = p.parse_args()
+    args = step_benchmark_parser(__doc__).parse_args()
     device = torch.device(args.device)
     with brats_like_plans() as plans:
         cfg = plans["configurations"][args.config]
@@ -102,17 +87,18 @@ def main() -> None:
     features = list(arch["arch_kwargs"]["features_per_stage"])
     torch.manual_seed(0)
     stock, make_student, teacher = build_networks(arch, [1])
-    teacher = teacher.to(device)
+    prepare = (lambda net: torch.compile(net.to(device))) if args.compile else (lambda net: net.to(device))
+    teacher = prepare(teacher)
     print(f"plan {args.config}: patch {cfg['patch_size']}, batch {cfg['batch_size']}, features {features}, "
-          f"student T1ce, device {device}{', AMP' if args.amp else ''}")
-    variants = [("stock nnU-Net (4 modalities)", stock.to(device), None),
-                ("student, no distillation", make_student().to(device), None)]
+          f"student T1ce, device {device}{', AMP' if args.amp else ''}{', compiled' if args.compile else ''}")
+    variants = [("stock nnU-Net (4 modalities)", prepare(stock), None),
+                ("student, no distillation", prepare(make_student()), None)]
     for method in KD_METHODS:
         if method == "none":
             continue
         kd = build_kd(method, feature_channels=features[0], bottleneck_channels=features[-1],
                       skip_channels=features).to(device)
-        variants.append((f"student + {method}", make_student().to(device), kd))
+        variants.append((f"student + {method}", prepare(make_student()), kd))
     steps = {name: make_step(net, cfg, device, args.amp, teacher, kd) for name, net, kd in variants}
     seconds = interleaved_median_seconds(steps, device, args.warmup, args.steps)
     rows = [(name, seconds[name], peak_cuda_bytes(step) if device.type == "cuda" else saved_activation_bytes(step))

@@ -1,7 +1,7 @@
 """Teacher training step (each anchor) against stock nnU-Net's network, same plan and patch, in one run.
 
     python benchmarks/teacher_step.py --config 3d_cpu --device cpu
-    python benchmarks/teacher_step.py --config 3d_fullres --device cuda --amp
+    python benchmarks/teacher_step.py --config 3d_fullres --device cuda --amp [--compile]
 
 The plan is nnalign's for a BraTS 2018-sized dataset (8 GB target). The step is what nnU-Net's trainer does:
 forward, region Dice+BCE with deep supervision (plus lambda * alignment for the teacher), backward, gradient clipping,
@@ -10,7 +10,6 @@ stock nnU-Net. Target: teacher step <= 1.25x stock.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (brats_like_plans, interleaved_median_seconds, peak_cuda_bytes, region_loss, region_targets,  # noqa: E402
-                    saved_activation_bytes)
+                    saved_activation_bytes, step_benchmark_parser)
 
 ANCHORS = ("none", "normal", "modality:T1ce", "mixture")
 TARGET_RATIO = 1.25
@@ -42,6 +41,8 @@ def build(variant: str, arch: dict, req_import, deep_supervision: bool, latent_c
 
 
 def make_step(net, cfg: dict, device: torch.device, amp: bool, align_weight: float):
+    from nnalign.training.common import optimizer_step
+
     kw = cfg["architecture"]["arch_kwargs"]
     loss_fn = region_loss(len(kw["strides"]), cfg.get("batch_dice", False))
     opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
@@ -60,28 +61,13 @@ def make_step(net, cfg: dict, device: torch.device, amp: bool, align_weight: flo
                     parts["latents"], parts["present"], parts["latent_mean"], parts["latent_logvar"])
             else:
                 loss = loss_fn(net(x), targets)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
-            opt.step()
+        optimizer_step(loss, opt, scaler, net.parameters())
 
     return step
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="3d_cpu", choices=("3d_cpu", "3d_fullres", "paper"))
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--amp", action="store_true", help="fp16 autocast and grad scaling (CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the networks (CUDA)")
-    p.add_argument("--steps", type=int, default=5, help="timed rounds (one step of each network per round)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    p = step_benchmark_parser(__doc__)
     p.add_argument("--align-weight", type=float, default=0.1)
     args = p.parse_args()
     device = torch.device(args.device)

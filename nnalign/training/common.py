@@ -30,16 +30,18 @@ def apply_plans_training(trainer) -> dict | None:
     return training
 
 
-def optimizer_step(trainer, loss: torch.Tensor, parameters: Iterable[torch.nn.Parameter]) -> None:
-    """Backward and step as nnU-Net does: grad scaler on CUDA, gradient norm clipped at 12."""
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, grad_scaler: torch.amp.GradScaler | None,
+                   parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Backward and step as nnU-Net's trainer does: through the grad scaler when there is one (CUDA), gradient norm
+    clipped at 12."""
     parameters = list(parameters)
-    if trainer.grad_scaler is not None:
-        trainer.grad_scaler.scale(loss).backward()
-        trainer.grad_scaler.unscale_(trainer.optimizer)
+    if grad_scaler is not None:
+        grad_scaler.scale(loss).backward()
+        grad_scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(parameters, 12)
-        trainer.grad_scaler.step(trainer.optimizer)
-        trainer.grad_scaler.update()
+        grad_scaler.step(optimizer)
+        grad_scaler.update()
     else:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 12)
-        trainer.optimizer.step()
+        optimizer.step()

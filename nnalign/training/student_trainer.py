@@ -154,7 +154,7 @@ class nnAlignStudentTrainer(nnUNetTrainer):
             seg = self.loss(logits, target)
             kd = self.kd(student, teacher, full_res_target, self.current_epoch)
             loss = self.kd.seg_weight * seg + kd["total"]
-        optimizer_step(self, loss, [*self.network.parameters(), *self.kd.student_side_parameters()])
+        optimizer_step(loss, self.optimizer, self.grad_scaler, [*self.network.parameters(), *self.kd.student_side_parameters()])
 
         if self.adversary_optimizer is not None:
             self.adversary_optimizer.zero_grad(set_to_none=True)

@@ -141,7 +141,7 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
                 align = self.net.anchor.loss(parts["latents"], present, parts["latent_mean"], parts["latent_logvar"])
                 loss = loss + self.settings.align_weight * align
 
-        optimizer_step(self, loss, self.network.parameters())
+        optimizer_step(loss, self.optimizer, self.grad_scaler, self.network.parameters())
 
         out = {"loss": loss.detach().cpu().numpy()}
         if align is not None:

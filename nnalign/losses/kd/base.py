@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
 import torch
@@ -36,15 +37,27 @@ from torch import Tensor, nn
 from nnalign.errors import NnalignError
 from nnalign.networks.outputs import NetworkOutputs
 
-# Constructor arguments every method receives from ``build_kd``; they describe the network, not the method, so they
-# are neither overridable settings nor part of ``settings()``.
-STRUCTURAL_ARGS: tuple[str, ...] = ("feature_channels", "bottleneck_channels", "skip_channels", "num_regions")
+
+
+@dataclass(frozen=True)
+class NetworkShape:
+    """What every method's constructor gets first from ``build_kd``: the channel counts of the networks it reads
+    (they describe the network, not the method, so they are not settings).
+
+    ``feature_channels``: the last decoder stage's; ``bottleneck_channels``: the deepest skip's; ``skip_channels``:
+    every encoder stage's, shallowest first; ``num_regions``: R sigmoid region outputs (3 for WT, TC, ET).
+    """
+
+    feature_channels: int
+    bottleneck_channels: int
+    skip_channels: tuple[int, ...]
+    num_regions: int = 3
 
 
 class DistillationLoss(nn.Module):
     """Base of the distillation losses: subclasses implement :meth:`components`.
 
-    Every keyword-only constructor argument other than :data:`STRUCTURAL_ARGS` is a setting: it must be stored on
+    The constructor takes a :class:`NetworkShape` first; every keyword-only argument after it is a setting: it must be stored on
     the instance under the same name, can be overridden through ``build_kd(..., name=value)``, and is reported by
     :meth:`settings`.
     """
@@ -84,7 +97,7 @@ class DistillationLoss(nn.Module):
         params = inspect.signature(cls.__init__).parameters.values()
         return tuple(
             p.name for p in params
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in STRUCTURAL_ARGS
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
         )
 
     def settings(self) -> dict[str, Any]:

@@ -30,13 +30,12 @@ The teacher is frozen; its tensors are detached. Computed in float32; finite for
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch.nn.functional as F
 from torch import Tensor
 
 from nnalign.errors import NnalignError
 from nnalign.losses.kd.base import (
+    NetworkShape,
     DistillationLoss,
     as_student,
     as_teacher,
@@ -69,11 +68,8 @@ class KDNetLoss(DistillationLoss):
 
     def __init__(
         self,
+        shape: NetworkShape,
         *,
-        feature_channels: int,
-        bottleneck_channels: int,
-        skip_channels: Sequence[int],
-        num_regions: int = 3,
         temperature: float = 10.0,
         imitation_weight: float = 0.75,
         feature_weight: float = 0.1,

@@ -5,11 +5,9 @@ a trainer can always call ``(seg_weight·L_seg + total).backward()`` without spe
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 from torch import Tensor
 
-from nnalign.losses.kd.base import DistillationLoss
+from nnalign.losses.kd.base import DistillationLoss, NetworkShape
 from nnalign.losses.kd.registry import register_kd
 from nnalign.networks.outputs import NetworkOutputs
 
@@ -20,14 +18,7 @@ class NoDistillation(DistillationLoss):
 
     uses_teacher = False
 
-    def __init__(
-        self,
-        *,
-        feature_channels: int,
-        bottleneck_channels: int,
-        skip_channels: Sequence[int],
-        num_regions: int = 3,
-    ) -> None:
+    def __init__(self, shape: NetworkShape) -> None:
         super().__init__()
 
     def components(

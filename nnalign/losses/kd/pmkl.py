@@ -44,13 +44,12 @@ optimiser. Computed in float32; finite for any finite inputs.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nnalign.losses.kd.base import (
+    NetworkShape,
     DistillationLoss,
     as_student,
     as_teacher,
@@ -134,11 +133,8 @@ class PMKLLoss(DistillationLoss):
 
     def __init__(
         self,
+        shape: NetworkShape,
         *,
-        feature_channels: int,
-        bottleneck_channels: int,
-        skip_channels: Sequence[int],
-        num_regions: int = 3,
         temperature: float = 10.0,
         rkd_weight: float = 0.5,
         ckd_weight: float = 0.5,
@@ -158,8 +154,8 @@ class PMKLLoss(DistillationLoss):
         self.margin = float(margin)
         self.projection_hidden = int(projection_hidden)
         self.projection_dim = int(projection_dim)
-        self.student_head = ProjectionHead(feature_channels, self.projection_hidden, self.projection_dim)
-        self.teacher_head = ProjectionHead(feature_channels, self.projection_hidden, self.projection_dim)
+        self.student_head = ProjectionHead(shape.feature_channels, self.projection_hidden, self.projection_dim)
+        self.teacher_head = ProjectionHead(shape.feature_channels, self.projection_hidden, self.projection_dim)
 
     def components(
         self, student: NetworkOutputs, teacher: NetworkOutputs, target: Tensor, epoch: int

@@ -31,13 +31,12 @@ Components: ``kd``, ``proto``. ``seg_weight`` = 1. Teacher tensors detached; flo
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from nnalign.losses.kd.base import (
+    NetworkShape,
     DistillationLoss,
     as_student,
     as_teacher,
@@ -98,11 +97,8 @@ class ProtoKDLoss(DistillationLoss):
 
     def __init__(
         self,
+        shape: NetworkShape,
         *,
-        feature_channels: int,
-        bottleneck_channels: int,
-        skip_channels: Sequence[int],
-        num_regions: int = 3,
         temperature: float = 10.0,
         kd_weight: float = 10.0,
         proto_weight: float = 0.1,
@@ -113,7 +109,7 @@ class ProtoKDLoss(DistillationLoss):
         self.temperature = float(temperature)
         self.kd_weight = float(kd_weight)
         self.proto_weight = float(proto_weight)
-        self.num_classes = int(num_regions) + 1
+        self.num_classes = shape.num_regions + 1
 
     def components(
         self, student: NetworkOutputs, teacher: NetworkOutputs, target: Tensor, epoch: int

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence, TypeVar
 
 from nnalign.errors import NnalignError
-from nnalign.losses.kd.base import DistillationLoss
+from nnalign.losses.kd.base import DistillationLoss, NetworkShape
 
 _REGISTRY: dict[str, type[DistillationLoss]] = {}
 #: Registered method names in registration order (filled when ``nnalign.losses.kd`` imports the method modules).
@@ -83,10 +83,5 @@ def build_kd(
             f"KD method '{cls.name}': bottleneck_channels={bottleneck_channels} but the deepest skip has "
             f"{skips[-1]} channels (the bottleneck is the last skip)"
         )
-    return cls(
-        feature_channels=int(feature_channels),
-        bottleneck_channels=int(bottleneck_channels),
-        skip_channels=tuple(skips),
-        num_regions=int(num_regions),
-        **overrides,
-    )
+    return cls(NetworkShape(int(feature_channels), int(bottleneck_channels), tuple(skips), int(num_regions)),
+               **overrides)

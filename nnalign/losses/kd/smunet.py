@@ -55,6 +55,7 @@ from torch.func import functional_call
 
 from nnalign.errors import NnalignError
 from nnalign.losses.kd.base import (
+    NetworkShape,
     DistillationLoss,
     as_student,
     as_teacher,
@@ -136,11 +137,8 @@ class SMUNetLoss(DistillationLoss):
 
     def __init__(
         self,
+        shape: NetworkShape,
         *,
-        feature_channels: int,
-        bottleneck_channels: int,
-        skip_channels: Sequence[int],
-        num_regions: int = 3,
         content_weight: float = 0.2,
         style_weight: float = 1.0,
         adversarial_weight: float = 2e-4,
@@ -161,7 +159,7 @@ class SMUNetLoss(DistillationLoss):
         self.consistency_max = float(consistency_max)
         self.ramp_epochs = int(ramp_epochs)
         self.adversary_lr = float(adversary_lr)
-        skips = list(skip_channels)
+        skips = shape.skip_channels
         self.discriminator = StyleDiscriminator(skips[-2] if len(skips) >= 2 else skips[-1])
 
     # -- optimiser wiring ---------------------------------------------------------------------------------------
