@@ -70,7 +70,7 @@ def main() -> int:
     modalities = parse_modalities(args.modalities) if args.modalities is not None else None
     folds = None
     if args.folds is not None:
-        from nnalign.inference.models import parse_fold
+        from nnalign.model_folders import parse_fold
 
         folds = list(dict.fromkeys(parse_fold(f) for f in args.folds))
     _setup_device(args.device)

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from nnalign.errors import NnalignError, cli_entry
+from nnalign.model_folders import parse_fold
 
 PROG = "nnalign_train"
 PLANS_NAME = "nnAlignPlans"
@@ -130,18 +131,6 @@ def check_preprocessed(dataset_folder: Path, configuration: str) -> tuple[dict, 
         raise NnalignError(f"configuration {configuration} of {dataset_folder.name} is not preprocessed "
                            f"(no {data_folder or 'data folder'}): {how}")
     return plans, dataset_json
-
-
-def parse_fold(fold: str) -> int | str:
-    if fold == "all":
-        return fold
-    try:
-        value = int(fold)
-    except ValueError:
-        raise NnalignError(f"fold must be an integer or 'all', got {fold!r}") from None
-    if value < 0:
-        raise NnalignError(f"fold must not be negative, got {value}")
-    return value
 
 
 def run_folder(results_root: Path, dataset: str, trainer: str, configuration: str, fold) -> Path:

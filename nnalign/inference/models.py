@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from nnalign.errors import NnalignError
 from nnalign.modalities import modalities_from_dataset_json, subset_tag
+from nnalign.model_folders import FOLD_RE, folds_in, model_folder_parts, parse_fold
 
 STUDENT, TEACHER, ORIGINAL, NNUNET = "student", "teacher", "original", "nnunet"
 DEFAULT_CHECKPOINT = "checkpoint_final.pth"
 FALLBACK_LABEL_CONVENTION = "brats2018"
-_FOLD_RE = re.compile(r"fold_(\d+|all)")
 
 
 class ModelError(Exception):
@@ -35,23 +34,6 @@ class ModelError(Exception):
 
 class NoModelError(Exception):
     """No model serves a case's modalities; the message is one line listing the models and what they serve."""
-
-
-def parse_fold(fold: str | int) -> int | str:
-    """``'3'`` -> 3, ``'all'`` -> ``'all'``; NnalignError otherwise."""
-    if fold == "all":
-        return fold
-    try:
-        value = int(fold)
-    except (TypeError, ValueError):
-        raise NnalignError(f"fold must be an integer or 'all', got {fold!r}") from None
-    if value < 0:
-        raise NnalignError(f"fold must not be negative, got {value}")
-    return value
-
-
-def _fold_key(fold: int | str) -> tuple[int, int]:
-    return (1, 0) if fold == "all" else (0, int(fold))
 
 
 @dataclass(frozen=True)
@@ -107,12 +89,6 @@ class Model:
         return convention if convention in ("brats2018", "brats2023") else FALLBACK_LABEL_CONVENTION
 
 
-def looks_like_model_folder(folder: Path) -> bool:
-    """A folder named ``{Trainer}__{plans}__{configuration}`` (three non-empty parts)."""
-    parts = folder.name.split("__")
-    return len(parts) == 3 and all(parts)
-
-
 def _classify(trainer: str) -> tuple[str, tuple[str, ...] | None, float]:
     """(kind, student subset or None, modality dropout) from a trainer name; ModelError for a bad nnalign name."""
     from nnalign.training.settings import TeacherSettings
@@ -130,15 +106,6 @@ def _classify(trainer: str) -> tuple[str, tuple[str, ...] | None, float]:
             raise ModelError(str(e)) from None
         return (ORIGINAL if settings.is_original else TEACHER), None, settings.modality_dropout
     return NNUNET, None, 0.0
-
-
-def _available_folds(folder: Path, checkpoint: str) -> list[int | str]:
-    folds = []
-    for sub in folder.iterdir() if folder.is_dir() else []:
-        m = _FOLD_RE.fullmatch(sub.name)
-        if m and sub.is_dir() and (sub / checkpoint).is_file():
-            folds.append(parse_fold(m.group(1)))
-    return sorted(folds, key=_fold_key)
 
 
 def validation_dice(folder: Path, folds: Sequence[int | str]) -> float | None:
@@ -163,9 +130,10 @@ def load_model(folder: Path, folds: Sequence[int | str] | None = None,
     when it is the only one); given folds must all have it.
     """
     folder = Path(folder)
-    if not looks_like_model_folder(folder):
+    parts = model_folder_parts(folder)
+    if parts is None:
         raise ModelError(f"{folder}: not a model folder (expected a name like <Trainer>__<plans>__<configuration>)")
-    trainer, plans, configuration = folder.name.split("__")
+    trainer, plans, configuration = parts
     try:
         kind, student_subset, dropout = _classify(trainer)
     except ModelError as e:
@@ -178,7 +146,7 @@ def load_model(folder: Path, folds: Sequence[int | str] | None = None,
         modalities = modalities_from_dataset_json(dataset_json)
     except (OSError, ValueError, NnalignError) as e:
         raise ModelError(f"{folder}: cannot read dataset.json ({e})") from None
-    available = _available_folds(folder, checkpoint)
+    available = folds_in(folder, checkpoint)
     if folds is None:
         use = [f for f in available if f != "all"] or available
         if not use:
@@ -216,9 +184,9 @@ def discover_models(models: Path, folds: Sequence[int | str] | None = None,
     if not models.is_dir():
         raise NnalignError(f"{models}: no such folder (give a model folder <Trainer>__<plans>__<configuration> or a "
                            f"dataset results folder holding such folders)")
-    single = looks_like_model_folder(models) or any(_FOLD_RE.fullmatch(p.name) for p in models.iterdir())
+    single = model_folder_parts(models) is not None or any(FOLD_RE.fullmatch(p.name) for p in models.iterdir())
     candidates = [models] if single else sorted(p for p in models.iterdir()
-                                                if p.is_dir() and looks_like_model_folder(p))
+                                                if p.is_dir() and model_folder_parts(p) is not None)
     if not candidates:
         raise NnalignError(f"{models}: no model folders in it (expected <Trainer>__<plans>__<configuration> folders "
                            f"with fold_*/{checkpoint})")

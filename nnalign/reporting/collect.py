@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Sequence
 from nnalign.data.labels import REGION_NAMES
 from nnalign.errors import NnalignError
 from nnalign.modalities import BRATS_MODALITIES, subset_tag
+from nnalign.model_folders import folds_in, model_folder_parts
 
 TEACHER, STUDENT = "teacher", "student"
 KD_ORDER: tuple[str, ...] = ("none", "kdnet", "pmkl", "protokd", "smunet")
@@ -44,7 +45,6 @@ EVALUATION_FILE = "metrics.json"
 CACHE_FILE = "nnalign_metrics.json"
 CHECKPOINTS: tuple[str, ...] = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 FULL_SUBSET: tuple[str, ...] = BRATS_MODALITIES
-_FOLD_RE = re.compile(r"fold_(\d+|all)")
 _NIFTI_ENDINGS = (".nii.gz", ".nii")
 # nnU-Net's summary.json keys for the BraTS regions (str of the region tuple), in REGION_NAMES order.
 _SUMMARY_REGION_KEYS = ("(1, 2, 3)", "(2, 3)", "(3,)")
@@ -146,12 +146,11 @@ def classify(folder: Path) -> Run | None:
     from nnalign.training.settings import TeacherSettings
     from nnalign.training.student_settings import STUDENT_PREFIX, StudentSettings
 
-    parts = folder.name.split("__")
-    if len(parts) != 3 or not all(parts):
+    parts = model_folder_parts(folder)
+    if parts is None:
         return None
     trainer, plans, configuration = parts
-    folds = tuple(sorted((m.group(1) for p in folder.iterdir() if p.is_dir() and (m := _FOLD_RE.fullmatch(p.name))),
-                         key=lambda f: (f == "all", int(f) if f.isdigit() else 0)))
+    folds = tuple(str(f) for f in folds_in(folder))
     common = dict(folder=folder, trainer=trainer, plans=plans, configuration=configuration, folds=folds)
     if trainer.split("_")[0] == STUDENT_PREFIX:
         subset = StudentSettings.subset_from_trainer_name(trainer)
@@ -353,7 +352,7 @@ class Results:
                 notes.append(f"skipped {sub.name}: {e}")
                 continue
             if run is None:
-                if len(sub.name.split("__")) == 3:
+                if model_folder_parts(sub) is not None:
                     others.append(sub.name)
                 continue
             runs.append(run)
