@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 import os
 
+from nnalign.cli.parsing import CommandParser, positive_int
 from nnalign.errors import cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="nnalign_convert_brats",
         description="Convert a BraTS release (2018/2019 HGG/LGG or flat, 2020/2021, 2023+ naming) into the nnU-Net raw "
                     "dataset DatasetXXX_NAME under $nnUNet_raw (default ./nnalign_raw_data). Channels T1, T1ce, T2, "
@@ -21,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "train/val/test split (test cases go to imagesTs/labelsTs)")
     p.add_argument("--skip-bad", action="store_true", help="skip cases with bad files and list them, instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset with the same ID")
-    p.add_argument("-np", dest="num_processes", type=int, default=min(4, os.cpu_count() or 1),
+    p.add_argument("-np", dest="num_processes", type=positive_int, default=min(4, os.cpu_count() or 1),
                    help="worker processes (default: %(default)s)")
     return p
 

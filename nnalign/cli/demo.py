@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nnalign.cli.parsing import CommandParser, positive_int
 from nnalign.errors import cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="nnalign_demo",
         description="Synthetic BraTS-like cases (or --data, a BraTS release) -> plan and preprocess (3d_cpu) -> "
                     "teacher with the learned mixture anchor P* -> a T1ce student distilled with one KD method and "
@@ -20,11 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", dest="dataset_id", type=int, default=900, help="dataset ID to use (default: %(default)s)")
     p.add_argument("--kd", default="protokd", help="distillation method of the student (default: %(default)s)")
     p.add_argument("--modalities", default="T1ce", help="the student's modalities (default: %(default)s)")
-    p.add_argument("--teacher-epochs", type=int, default=16, help="(default: %(default)s)")
-    p.add_argument("--student-epochs", type=int, default=10, help="(default: %(default)s)")
-    p.add_argument("--iters-per-epoch", type=int, default=10, help="(default: %(default)s)")
-    p.add_argument("--cases", type=int, default=8, help="synthetic training cases (default: %(default)s)")
-    p.add_argument("--test-cases", type=int, default=3, help="synthetic held-out cases (default: %(default)s)")
+    p.add_argument("--teacher-epochs", type=positive_int, default=16, help="(default: %(default)s)")
+    p.add_argument("--student-epochs", type=positive_int, default=10, help="(default: %(default)s)")
+    p.add_argument("--iters-per-epoch", type=positive_int, default=10, help="(default: %(default)s)")
+    p.add_argument("--cases", type=positive_int, default=8, help="synthetic training cases (default: %(default)s)")
+    p.add_argument("--test-cases", type=positive_int, default=3, help="synthetic held-out cases (default: %(default)s)")
     p.add_argument("-device", choices=("cpu", "cuda", "mps"), default="cpu", help="(default: %(default)s)")
     return p
 

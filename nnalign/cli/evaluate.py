@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nnalign.cli.parsing import CommandParser, non_negative_int
 from nnalign.errors import cli_entry
 
 PROG = "nnalign_evaluate"
@@ -11,18 +12,8 @@ PROG = "nnalign_evaluate"
 LABEL_CHOICES = ("auto", "nnunet", "brats2018", "brats2023")
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog=PROG,
         description="Per-case Dice and HD95 (mm) on the whole tumour (WT), tumour core (TC) and enhancing tumour (ET) "
                     "with the BraTS conventions: both masks empty gives Dice 1 and HD95 0; exactly one empty gives "
@@ -38,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "brats2018 (1 necrosis, 2 edema, 4 ET), brats2023 (1 necrosis, 2 edema, 3 ET). auto: brats2018 "
                         "if label 4 occurs, else nnunet for flat <case>.nii.gz references and brats2023 for "
                         "<case>_seg references. Give it explicitly to be sure (default: %(default)s)")
-    p.add_argument("--et-min-voxels", type=_non_negative_int, default=0, metavar="N",
+    p.add_argument("--et-min-voxels", type=non_negative_int, default=0, metavar="N",
                    help="ET post-processing as in RFNet/mmFormer: a predicted ET of fewer than N voxels is relabelled "
                         "necrosis, i.e. scored as an empty ET (TC and WT unchanged); the literature uses 500 "
                         "(default: 0, off)")

@@ -4,13 +4,14 @@ from __future__ import annotations
 import argparse
 import os
 
+from nnalign.cli.parsing import CommandParser, positive_int
 from nnalign.errors import cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:
     from nnalign.planning.plan_and_preprocess import CONFIGURATIONS, DEFAULT_CONFIGURATIONS
 
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="nnalign_plan_and_preprocess",
         description="Fingerprint, plan and preprocess a raw dataset. Plans all configurations (2d, 3d_fullres, "
                     "3d_cpu: coarse spacing and a small network for CPU training, paper: the paper's 80^3 / batch 4 / "
@@ -22,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           f"(default: {' '.join(DEFAULT_CONFIGURATIONS)})")
     p.add_argument("--gpu-memory", type=float, default=8.0, metavar="GB",
                    help="GPU memory target the plans are sized for (default: %(default)s)")
-    p.add_argument("-np", dest="num_processes", type=int, default=min(4, os.cpu_count() or 1),
+    p.add_argument("-np", dest="num_processes", type=positive_int, default=min(4, os.cpu_count() or 1),
                    help="worker processes (default: %(default)s)")
     p.add_argument("--verify", action="store_true", help="run nnU-Net's dataset integrity check first")
     p.add_argument("--plan-only", action="store_true", help="plan without preprocessing")

@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 
+from nnalign.cli.parsing import CommandParser
 from nnalign.errors import NnalignError, cli_entry
 
 PROG = "nnalign_predict"
@@ -13,7 +14,7 @@ LABEL_OPTIONS = ("source", "brats2018", "brats2023", "nnunet")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog=PROG,
         description="Segment brain tumours (WT/TC/ET) in BraTS cases that may lack modalities. Per case the modalities "
                     "present are read from the files, and a model is chosen from MODELS: a student trained on exactly "

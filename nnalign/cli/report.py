@@ -4,23 +4,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nnalign.cli.parsing import CommandParser, positive_int
 from nnalign.errors import cli_entry
 
 PROG = "nnalign_report"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog=PROG,
         description="Collect every nnalign teacher and student under RESULTS and write the paper's tables: III "
                     "(the 15 modality subsets without vs with alignment), I (KD method x teacher anchor for the "
@@ -42,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report only this configuration (default: the plans/configuration with the most runs)")
     p.add_argument("-p", dest="plans", default=None, metavar="PLANS",
                    help="report only these plans (default: as -c)")
-    p.add_argument("--tsne-cases", type=_positive_int, default=2, metavar="N",
+    p.add_argument("--tsne-cases", type=positive_int, default=2, metavar="N",
                    help="preprocessed cases per teacher for the t-SNE (default: %(default)s)")
-    p.add_argument("--tsne-samples", type=_positive_int, default=300, metavar="N",
+    p.add_argument("--tsne-samples", type=positive_int, default=300, metavar="N",
                    help="latent voxels sampled per modality for the t-SNE (default: %(default)s)")
     return p
 

@@ -4,21 +4,22 @@ from __future__ import annotations
 import argparse
 import os
 
+from nnalign.cli.parsing import CommandParser, non_negative_int, positive_int
 from nnalign.errors import cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="nnalign_synth",
         description="Generate synthetic BraTS-like cases (channels T1, T1ce, T2, FLAIR; labels 1 edema, 2 necrosis, "
                     "3 enhancing tumour) as the nnU-Net raw dataset DatasetXXX_NAME under $nnUNet_raw (default "
                     "./nnalign_raw_data). The same seed always gives the same cases.")
     p.add_argument("-d", dest="dataset_id", type=int, required=True, help="dataset ID (1-999)")
-    p.add_argument("-n", dest="num_cases", type=int, required=True, help="number of training cases (imagesTr/labelsTr)")
+    p.add_argument("-n", dest="num_cases", type=positive_int, required=True, help="number of training cases (imagesTr/labelsTr)")
     p.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"), default=(96, 96, 96),
                    help="image size in voxels of 1 mm, each at least 32 (default: 96 96 96)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--num-test", type=int, default=0,
+    p.add_argument("--num-test", type=non_negative_int, default=0,
                    help="held-out cases for imagesTs, with references in labelsTs (default: %(default)s)")
     p.add_argument("--name", default="SyntheticBraTS", help="dataset name (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset with the same ID")

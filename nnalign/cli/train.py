@@ -8,6 +8,7 @@ import os
 import re
 from pathlib import Path
 
+from nnalign.cli.parsing import CommandParser, positive_int
 from nnalign.errors import NnalignError, cli_entry
 from nnalign.model_folders import parse_fold
 
@@ -17,7 +18,7 @@ CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog=PROG,
         description="Train an nnalign model on a dataset planned and preprocessed with nnalign_plan_and_preprocess. "
                     "The teacher encodes each modality into a latent, aligns the latents to an anchor and segments "
@@ -54,15 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="train a finished run again from scratch")
     p.add_argument("-device", choices=("cpu", "cuda", "mps"), default="cuda",
                    help="device to train on (default: %(default)s)")
-    p.add_argument("--num-gpus", type=int, default=1, metavar="N", help="GPUs for DDP training (default: 1)")
+    p.add_argument("--num-gpus", type=positive_int, default=1, metavar="N", help="GPUs for DDP training (default: 1)")
     p.add_argument("--c", dest="continue_training", action="store_true",
                    help="continue the run with these settings from its latest checkpoint")
     p.add_argument("--val", dest="validation_only", action="store_true",
                    help="only run the final validation of a finished run")
     p.add_argument("--npz", action="store_true", help="save the validation softmax/sigmoid outputs")
-    p.add_argument("--epochs", type=int, default=None, metavar="N",
+    p.add_argument("--epochs", type=positive_int, default=None, metavar="N",
                    help="number of epochs (default: nnU-Net's 1000, or the run's own when continuing)")
-    p.add_argument("--iters-per-epoch", type=int, default=None, metavar="N",
+    p.add_argument("--iters-per-epoch", type=positive_int, default=None, metavar="N",
                    help="training iterations per epoch (default: nnU-Net's 250, or the run's own when continuing); "
                         "validation iterations become max(1, N // 5)")
     return p
