@@ -36,7 +36,7 @@ def build_networks(arch: dict, student_channels: list[int]):
     kwargs = {**arch["arch_kwargs"], "student_modalities": student_channels}
     make_student = lambda: get_network_from_plans(student_class, kwargs, req, 4, 3, deep_supervision=True)  # noqa: E731
     teacher = get_network_from_plans(arch["network_class_name"], {**arch["arch_kwargs"], "anchor": "mixture"}, req, 4,
-                                     3, deep_supervision=True)
+                                     3, deep_supervision=False)
     return stock, make_student, teacher.eval().requires_grad_(False)
 
 

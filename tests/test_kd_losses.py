@@ -263,6 +263,17 @@ def test_prototype_cosine_maps():
     assert torch.allclose(maps[0, 2], torch.zeros(4))  # absent class: zero prototype, cosine 0 (eps), no NaN
 
 
+def test_prototype_maps_of_a_zero_feature_voxel_are_zero_with_finite_gradients():
+    f = t([[1.0, 0.0, 2.0], [1.0, 0.0, 0.0]], (1, 2, 3)).requires_grad_()  # voxel 1 has the zero feature vector
+    onehot = torch.nn.functional.one_hot(torch.tensor([[0, 1, 1]]), 2).transpose(1, 2).float()
+    maps = prototype_maps(f, onehot)
+    # class 0: p = (1, 1) -> cosines 1, 0 (zero voxel), 1/sqrt(2); class 1: p = (1, 0) -> 1/sqrt(2), 0, 1
+    r = 1 / math.sqrt(2)
+    assert torch.allclose(maps[0], t([[1, 0, r], [r, 0, 1]]), atol=1e-5)
+    maps.sum().backward()
+    assert torch.isfinite(f.grad).all()
+
+
 @pytest.mark.parametrize("target_repeat", [1, 2])  # 2: the target at twice the feature resolution (nearest)
 def test_protokd_prototype_term_skips_absent_class(target_repeat):
     loss = build_kd("protokd", feature_channels=2, bottleneck_channels=1, skip_channels=[1])

@@ -114,9 +114,11 @@ class nnAlignStudentTrainer(nnUNetTrainer):
         if not path.is_file():
             raise NnalignError(f"{path}: teacher checkpoint not found (train the teacher first)")
         checkpoint = torch.load(path, map_location=self.device, weights_only=False)
+        # Without deep supervision: the losses read only the teacher's full-resolution logits (the lower-resolution
+        # heads stay in the state dict but are not run).
         teacher = teacher_trainer_class(teacher_name).build_network_architecture(
             self.plans_manager, self.configuration_manager, self.num_input_channels,
-            self.label_manager.num_segmentation_heads, True)
+            self.label_manager.num_segmentation_heads, False)
         teacher.load_state_dict(checkpoint["network_weights"])
         self.teacher_checkpoint = {"path": str(path), "fold": fold, "sha256": file_sha256(path)}
         teacher = teacher.to(self.device).eval().requires_grad_(False)

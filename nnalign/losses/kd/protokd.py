@@ -72,7 +72,10 @@ def prototype_maps(features: Tensor, onehot: Tensor) -> Tensor:
     # length of N (2M voxels at 128³), for which cuBLAS picks a kernel ~6x slower than the whole loss (H100).
     sums = torch.stack([(features * onehot[:, k : k + 1]).sum(dim=2) for k in range(onehot.shape[1])], dim=1)
     protos = sums / (counts[..., None] + PROTO_EPS)  # (B, K, C)
-    return torch.einsum("bkc,bcn->bkn", _unit(protos, dim=2), _unit(features, dim=1))
+    # Divide the (B, K, N) products by the voxel norms rather than normalise the (B, C, N) features: no normalised
+    # copy of the features is made and kept for the backward pass.
+    voxel_norms = torch.linalg.vector_norm(features, dim=1, keepdim=True).clamp_min(PROTO_EPS)  # (B, 1, N)
+    return torch.einsum("bkc,bcn->bkn", _unit(protos, dim=2), features) / voxel_norms
 
 
 def prototype_loss(features_student: Tensor, features_teacher: Tensor, labels: Tensor, num_classes: int) -> Tensor:
