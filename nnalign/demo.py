@@ -39,7 +39,7 @@ class DemoOptions:
     teacher_epochs: int = 16
     student_epochs: int = 10
     iters_per_epoch: int = 10
-    kd: str = "protokd"
+    kd: str = "kdnet"
     student_modalities: tuple[str, ...] = ("T1ce",)
     device: str = "cpu"
     workers: int = 2

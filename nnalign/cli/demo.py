@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "go to nnU-Net's folders (default ./nnalign_*).")
     p.add_argument("--data", type=Path, default=None, help="a BraTS release folder instead of synthetic cases")
     p.add_argument("-d", dest="dataset_id", type=int, default=900, help="dataset ID to use (default: %(default)s)")
-    p.add_argument("--kd", default="protokd", help="distillation method of the student (default: %(default)s)")
+    p.add_argument("--kd", default="kdnet", help="distillation method of the student (default: %(default)s)")
     p.add_argument("--modalities", default="T1ce", help="the student's modalities (default: %(default)s)")
     p.add_argument("--teacher-epochs", type=positive_int, default=16, help="(default: %(default)s)")
     p.add_argument("--student-epochs", type=positive_int, default=10, help="(default: %(default)s)")
