@@ -37,9 +37,9 @@ class DemoOptions:
     shape: tuple[int, int, int] = (64, 64, 64)
     seed: int = 0
     teacher_epochs: int = 16
-    student_epochs: int = 10
+    student_epochs: int = 30
     iters_per_epoch: int = 10
-    kd: str = "kdnet"
+    kd: str = "pmkl"
     student_modalities: tuple[str, ...] = ("T1ce",)
     device: str = "cpu"
     workers: int = 2
