@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from nnalign.data.raw_dataset import find_dataset_folder
 from nnalign.errors import NnalignError
 from nnalign.modalities import BRATS_MODALITIES, subset_tag
+from nnalign.model_folders import PLANS_NAME
 
 DEMO_SUBSETS: tuple[tuple[str, ...], ...] = (BRATS_MODALITIES, ("T1ce",), ("FLAIR",))
 CONFIGURATION = "3d_cpu"
-PLANS = "nnAlignPlans"
 HOLD_OUT_FRACTION = 0.2
 
 
@@ -66,6 +65,8 @@ def _run(command: list[str], log: Path, say: Callable[[str], None]) -> None:
 
 
 def _prepare_data(opts: DemoOptions, raw_root: Path, say) -> Path:
+    from nnalign.data.raw_dataset import find_dataset_folder
+
     folder = find_dataset_folder(raw_root, opts.dataset_id)
     if folder is not None:
         say(f"data: reusing {folder}")
@@ -141,17 +142,17 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoResul
     dataset = dataset_folder.name
     work = results_root / dataset / "nnalign_demo"
     preprocessed = Path(folders["nnUNet_preprocessed"]) / dataset
-    if not (preprocessed / f"{PLANS}.json").is_file() or not any(preprocessed.glob(f"*{CONFIGURATION}/*.pkl")):
+    if not (preprocessed / f"{PLANS_NAME}.json").is_file() or not any(preprocessed.glob(f"*{CONFIGURATION}/*.pkl")):
         say(f"plan and preprocess ({CONFIGURATION})")
         plan_and_preprocess(opts.dataset_id, [CONFIGURATION], num_processes=opts.workers, warn=lambda m: say(f"  {m}"))
     train = [sys.executable, "-m", "nnalign.cli.train", dataset, CONFIGURATION, "0", "-device", opts.device]
     teacher = TeacherSettings(anchor="mixture", modality_dropout=0.5).trainer_name()
-    teacher_dir = results_root / dataset / f"{teacher}__{PLANS}__{CONFIGURATION}"
+    teacher_dir = results_root / dataset / f"{teacher}__{PLANS_NAME}__{CONFIGURATION}"
     models = [(teacher_dir, train + ["--anchor", "mixture", "--modality-dropout", "0.5",
                                      "--epochs", str(opts.teacher_epochs)], "teacher P* (modality dropout 0.5)")]
     for kd in (opts.kd, "none"):
         name = StudentSettings(opts.student_modalities, kd, teacher).trainer_name()
-        models.append((results_root / dataset / f"{name}__{PLANS}__{CONFIGURATION}",
+        models.append((results_root / dataset / f"{name}__{PLANS_NAME}__{CONFIGURATION}",
                        train + ["--role", "student", "--modalities", ",".join(opts.student_modalities), "--kd", kd,
                                 "--teacher", str(teacher_dir), "--epochs", str(opts.student_epochs)],
                        f"student {'+'.join(opts.student_modalities)} ({kd})"))

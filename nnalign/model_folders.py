@@ -10,6 +10,10 @@ from pathlib import Path
 from nnalign.errors import NnalignError
 
 FOLD_RE = re.compile(r"fold_(\d+|all)")
+#: The plans nnalign's planner writes (``nnAlignPlans.json``), the middle part of its model folder names.
+PLANS_NAME = "nnAlignPlans"
+#: A fold's checkpoints, most finished first.
+CHECKPOINTS: tuple[str, ...] = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 
 
 def parse_fold(fold: str | int) -> int | str:

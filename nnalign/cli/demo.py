@@ -5,10 +5,12 @@ import argparse
 from pathlib import Path
 
 from nnalign.cli.parsing import CommandParser, positive_int
+from nnalign.demo import DemoOptions
 from nnalign.errors import cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:
+    defaults = DemoOptions()
     p = CommandParser(
         prog="nnalign_demo",
         description="Synthetic BraTS-like cases (or --data, a BraTS release) -> plan and preprocess (3d_cpu) -> "
@@ -18,22 +20,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "epochs, or use -device cuda, for real results); an interrupted demo resumes. Data and results "
                     "go to nnU-Net's folders (default ./nnalign_*).")
     p.add_argument("--data", type=Path, default=None, help="a BraTS release folder instead of synthetic cases")
-    p.add_argument("-d", dest="dataset_id", type=int, default=900, help="dataset ID to use (default: %(default)s)")
-    p.add_argument("--kd", default="pmkl", help="distillation method of the student (default: %(default)s)")
-    p.add_argument("--modalities", default="T1ce", help="the student's modalities (default: %(default)s)")
-    p.add_argument("--teacher-epochs", type=positive_int, default=16, help="(default: %(default)s)")
-    p.add_argument("--student-epochs", type=positive_int, default=30, help="(default: %(default)s)")
-    p.add_argument("--iters-per-epoch", type=positive_int, default=10, help="(default: %(default)s)")
-    p.add_argument("--cases", type=positive_int, default=8, help="synthetic training cases (default: %(default)s)")
-    p.add_argument("--test-cases", type=positive_int, default=3, help="synthetic held-out cases (default: %(default)s)")
-    p.add_argument("-device", choices=("cpu", "cuda", "mps"), default="cpu", help="(default: %(default)s)")
+    p.add_argument("-d", dest="dataset_id", type=int, default=defaults.dataset_id, help="dataset ID to use (default: %(default)s)")
+    p.add_argument("--kd", default=defaults.kd, help="distillation method of the student (default: %(default)s)")
+    p.add_argument("--modalities", default=",".join(defaults.student_modalities), help="the student's modalities (default: %(default)s)")
+    p.add_argument("--teacher-epochs", type=positive_int, default=defaults.teacher_epochs, help="(default: %(default)s)")
+    p.add_argument("--student-epochs", type=positive_int, default=defaults.student_epochs, help="(default: %(default)s)")
+    p.add_argument("--iters-per-epoch", type=positive_int, default=defaults.iters_per_epoch, help="(default: %(default)s)")
+    p.add_argument("--cases", type=positive_int, default=defaults.cases, help="synthetic training cases (default: %(default)s)")
+    p.add_argument("--test-cases", type=positive_int, default=defaults.test_cases, help="synthetic held-out cases (default: %(default)s)")
+    p.add_argument("-device", choices=("cpu", "cuda", "mps"), default=defaults.device, help="(default: %(default)s)")
     return p
 
 
 @cli_entry("nnalign_demo")
 def main() -> int:
     args = build_parser().parse_args()
-    from nnalign.demo import DemoOptions, rows_markdown, run_demo
+    from nnalign.demo import rows_markdown, run_demo
     from nnalign.modalities import parse_modalities
 
     opts = DemoOptions(dataset_id=args.dataset_id, data=args.data, cases=args.cases, test_cases=args.test_cases,

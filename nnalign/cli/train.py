@@ -10,11 +10,9 @@ from pathlib import Path
 
 from nnalign.cli.parsing import CommandParser, positive_int
 from nnalign.errors import NnalignError, cli_entry
-from nnalign.model_folders import parse_fold
+from nnalign.model_folders import CHECKPOINTS, PLANS_NAME, parse_fold
 
 PROG = "nnalign_train"
-PLANS_NAME = "nnAlignPlans"
-CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 
 
 def build_parser() -> argparse.ArgumentParser:

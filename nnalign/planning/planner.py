@@ -20,9 +20,9 @@ from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner
 from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 
 from nnalign import __version__
+from nnalign.model_folders import PLANS_NAME
 from nnalign.networks.align_unet import nnAlignStudentUNet, nnAlignTeacherUNet
 
-PLANS_NAME = "nnAlignPlans"
 CPU_SPACING_MM = 2.0
 CPU_MEMORY_TARGET_GB = 0.5
 CPU_BASE_FEATURES = 16

@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Sequence
 from nnalign.data.labels import REGION_NAMES
 from nnalign.errors import NnalignError
 from nnalign.modalities import BRATS_MODALITIES, subset_tag
-from nnalign.model_folders import folds_in, model_folder_parts
+from nnalign.model_folders import CHECKPOINTS, folds_in, model_folder_parts
 
 TEACHER, STUDENT = "teacher", "student"
 KD_ORDER: tuple[str, ...] = ("none", "kdnet", "pmkl", "protokd", "smunet")
@@ -43,7 +43,6 @@ STANDARD_ANCHORS: tuple[str, ...] = ("none", "normal", "modality:T1ce", "mixture
 EVALUATIONS_DIR = "nnalign_evaluations"
 EVALUATION_FILE = "metrics.json"
 CACHE_FILE = "nnalign_metrics.json"
-CHECKPOINTS: tuple[str, ...] = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 FULL_SUBSET: tuple[str, ...] = BRATS_MODALITIES
 _NIFTI_ENDINGS = (".nii.gz", ".nii")
 # nnU-Net's summary.json keys for the BraTS regions (str of the region tuple), in REGION_NAMES order.
