@@ -57,8 +57,7 @@ def make_step(net, cfg: dict, device: torch.device, amp: bool, align_weight: flo
         with ctx:
             if teacher:
                 parts = net(x, return_parts=True)
-                loss = loss_fn(parts["logits"], targets) + align_weight * net.anchor.loss(
-                    parts["latents"], parts["present"], parts["latent_mean"], parts["latent_logvar"])
+                loss = loss_fn(parts["logits"], targets) + align_weight * net.anchor.alignment_loss(parts)
             else:
                 loss = loss_fn(net(x), targets)
         optimizer_step(loss, opt, scaler, net.parameters())

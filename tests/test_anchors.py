@@ -17,6 +17,7 @@ from nnalign.losses.anchors import (
     build_anchor,
     modality_gap,
 )
+from nnalign.losses.normal_latents import kl_to_standard_normal
 from nnalign.modalities import BRATS_MODALITIES
 
 NAN = float("nan")
@@ -65,25 +66,14 @@ def mixture(raw=None, m=None):
 )
 def test_normal_kl_by_hand(mu, lv, present, expected):
     mu, lv = Z(*mu), Z(*lv)
-    loss = NormalAnchor().loss(mu, P(*present), mean=mu, logvar=lv)
+    loss = NormalAnchor().kl_loss(kl_to_standard_normal(mu, lv), P(*present))
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
-def test_normal_needs_mean_and_logvar():
-    with pytest.raises(ValueError, match="mean and logvar"):
-        NormalAnchor().loss(Z([[0, 0]]), P([1]))
-
-
-def test_reparameterize():
-    mu = torch.tensor([1.0, -2.0, 0.5])
-    lv = torch.tensor([0.0, 2 * math.log(3.0), 100.0])  # std 1, 3, and e^5 after clamping lv to 10
-    assert NormalAnchor.reparameterize(mu, lv, training=False) is mu
-    torch.manual_seed(0)
-    eps = torch.randn(3)
-    torch.manual_seed(0)
-    z = NormalAnchor.reparameterize(mu, lv, training=True)
-    torch.testing.assert_close(z, mu + torch.tensor([1.0, 3.0, math.exp(5)]) * eps)
+def test_normal_needs_the_networks_kl():
+    with pytest.raises(ValueError, match="latent_kl"):
+        NormalAnchor().alignment_loss({"latents": Z([[0, 0]]), "present": P([1]), "latent_kl": None})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -256,6 +246,11 @@ def test_fill_missing_by_hand(anchor, present, absent, expected):
 # ----------------------------------------------------------------------------------------------------------------------
 # shapes and numerics for 1..4 present modalities
 
+def parts(latents, present, logvar):
+    """The teacher's parts for the anchor losses: latents as the normal anchor's means."""
+    return {"latents": latents, "present": present, "latent_kl": kl_to_standard_normal(latents, logvar)}
+
+
 ANCHORS = {
     "none": NoAnchor,
     "normal": NormalAnchor,
@@ -274,7 +269,7 @@ def test_shapes(kind, n_present):
     present = torch.zeros(2, 4, dtype=torch.bool)
     present[0, :n_present] = True
     present[1, 4 - n_present :] = True
-    loss = anchor.loss(latents, present, mean=latents, logvar=logvar)
+    loss = anchor.alignment_loss(parts(latents, present, logvar))
     assert loss.dim() == 0 and loss.dtype == torch.float32 and torch.isfinite(loss)
     if n_present == 1 and kind in ("modality", "mixture", "none"):
         assert loss.item() == 0.0  # nothing pairs up
@@ -296,16 +291,16 @@ def test_shapes(kind, n_present):
 def test_fp16_inputs_computed_in_float32(anchor, expected):
     latents = Z([[0, 0], [600, 600]]).half()
     logvar = torch.zeros_like(latents)
-    loss = anchor.loss(latents, P([1, 1]), mean=latents, logvar=logvar)
+    loss = anchor.alignment_loss(parts(latents, P([1, 1]), logvar))
     assert loss.dtype == torch.float32 and loss.item() == pytest.approx(expected)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert anchor.loss(latents, P([1, 1]), mean=latents, logvar=logvar).dtype == torch.float32
+        assert anchor.alignment_loss(parts(latents, P([1, 1]), logvar)).dtype == torch.float32
     assert anchor.fill_missing(latents, P([1, 0])).dtype == torch.float16
 
 
 def test_no_anchor_is_zero_and_in_graph():
     latents = Z(MIX).requires_grad_()
-    loss = NoAnchor()(latents, P([1, 1, 1]))
+    loss = NoAnchor().alignment_loss({"latents": latents, "present": P([1, 1, 1])})
     assert loss.item() == 0.0 and loss.requires_grad
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from itertools import combinations
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -32,8 +32,6 @@ ANCHOR_CHOICES: tuple[str, ...] = ("none", "normal", "modality", "mixture")
 """Anchor spec names; ``modality`` takes an optional ``:NAME`` (default T1ce)."""
 
 DEFAULT_ANCHOR_MODALITY = "T1ce"
-LOGVAR_RANGE: tuple[float, float] = (-10.0, 10.0)
-"""Log-variance is clamped to this range before ``exp`` (std between e^-5 and e^5)."""
 
 _VALID_SPECS = "none, normal, modality[:NAME], mixture"
 
@@ -83,37 +81,19 @@ def present_mean(latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
 
 
 class AnchorAlignment(nn.Module, ABC):
-    """Base of the anchors: an alignment loss, a fill for absent modalities and a point estimate of the anchor.
-
-    Calling the module is the same as :meth:`loss`.
-    """
+    """Base of the anchors: an alignment loss, a fill for absent modalities and a point estimate of the anchor."""
 
     name: str = ""
     """The CLI spec string (``none``, ``normal``, ``modality:T1ce``, ``mixture``)."""
     uses_gaussian_latents: bool = False
     """True when the encoder must output a mean and log-variance per modality (only the normal anchor)."""
 
-    def forward(
-        self,
-        latents: torch.Tensor,
-        present: torch.Tensor,
-        mean: torch.Tensor | None = None,
-        logvar: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Same as :meth:`loss`."""
-        return self.loss(latents, present, mean, logvar)
-
     @abstractmethod
-    def loss(
-        self,
-        latents: torch.Tensor,
-        present: torch.Tensor,
-        mean: torch.Tensor | None = None,
-        logvar: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Alignment loss of latents (B, M, C, *S) with presence mask (B, M): a float32 scalar.
+    def alignment_loss(self, parts: Mapping[str, Any]) -> torch.Tensor:
+        """The anchor loss of one teacher forward pass, a float32 scalar.
 
-        ``mean`` and ``logvar`` (B, M, C, *S) are the encoder's Gaussian parameters, read by the normal anchor only.
+        ``parts`` is what the teacher returns with ``return_parts=True``: ``latents`` (B, M, C, *S), ``present``
+        (B, M) and, for the normal anchor, ``latent_kl`` (B, M).
         """
 
     @abstractmethod
@@ -134,18 +114,24 @@ class AnchorAlignment(nn.Module, ABC):
         return f"name={self.name!r}"
 
 
-class NoAnchor(AnchorAlignment):
+class LatentDistanceAnchor(AnchorAlignment):
+    """An anchor whose loss is a distance between the latents themselves (none, modality, mixture)."""
+
+    def alignment_loss(self, parts: Mapping[str, Any]) -> torch.Tensor:
+        """:meth:`loss` of the parts' ``latents`` and ``present``."""
+        return self.loss(parts["latents"], parts["present"])
+
+    @abstractmethod
+    def loss(self, latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Alignment loss of latents (B, M, C, *S) with presence mask (B, M): a float32 scalar."""
+
+
+class NoAnchor(LatentDistanceAnchor):
     """No alignment: the loss is zero; absent modalities are filled with the mean of the present ones."""
 
     name = "none"
 
-    def loss(
-        self,
-        latents: torch.Tensor,
-        present: torch.Tensor,
-        mean: torch.Tensor | None = None,
-        logvar: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def loss(self, latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """Zero (float32 scalar), kept in the autograd graph of the present latents."""
         present = _check(latents, present)
         return _zero_absent(latents, present).sum() * 0.0
@@ -158,44 +144,31 @@ class NoAnchor(AnchorAlignment):
 class NormalAnchor(AnchorAlignment):
     """P^N: every modality's latent distribution N(mu_j, sigma_j^2) is pulled to N(0, 1).
 
-    loss = mean over samples of sum over present j of mean over (C, *S) of 0.5 (mu^2 + sigma^2 - log sigma^2 - 1),
-    with log sigma^2 clamped to :data:`LOGVAR_RANGE`. Absent modalities are filled with zeros, the anchor's mean.
+    loss = mean over samples of sum over present j of KL_j, KL_j the mean over (C, *S) of
+    0.5 (mu^2 + sigma^2 - log sigma^2 - 1), log sigma^2 clamped to ``normal_latents.LOGVAR_RANGE``. The teacher
+    computes the KL_j along with its latent sample (:func:`nnalign.losses.normal_latents.sample_normal_latents`).
+    Absent modalities are filled with zeros, the anchor's mean.
     """
 
     name = "normal"
     uses_gaussian_latents = True
 
+    def alignment_loss(self, parts: Mapping[str, Any]) -> torch.Tensor:
+        """:meth:`kl_loss` of the parts' ``latent_kl`` and ``present``."""
+        if parts.get("latent_kl") is None:
+            raise ValueError("the normal anchor needs the network's per-modality KL (latent_kl, (B, M))")
+        return self.kl_loss(parts["latent_kl"], parts["present"])
+
     @staticmethod
-    def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, training: bool) -> torch.Tensor:
-        """Z = mu + exp(0.5 logvar) * eps, eps ~ N(0, 1), in training; Z = mu in evaluation. Any shape, same dtype."""
-        if mean.shape != logvar.shape:
-            raise ValueError(f"mean {tuple(mean.shape)} and logvar {tuple(logvar.shape)} must have the same shape")
-        if not training:
-            return mean
-        std = torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))
-        return mean + std * torch.randn_like(mean)
+    def kl_loss(kl: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Per-modality KL (B, M) summed over the present modalities, averaged over samples: float32 scalar.
 
-    def loss(
-        self,
-        latents: torch.Tensor,
-        present: torch.Tensor,
-        mean: torch.Tensor | None = None,
-        logvar: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """KL(N(mean, exp(logvar)) || N(0, 1)) of the present modalities (see the class docstring): float32 scalar.
-
-        ``latents`` is only used for its shape; ``mean`` and ``logvar`` (B, M, C, *S) are required.
+        Absent entries are ignored, whatever they hold (NaN included).
         """
-        if mean is None or logvar is None:
-            raise ValueError("the normal anchor needs the encoder's latent mean and logvar (B, M, C, *S)")
-        present = _check(mean, present)
-        if mean.shape != logvar.shape:
-            raise ValueError(f"mean {tuple(mean.shape)} and logvar {tuple(logvar.shape)} must have the same shape")
-        mu = _zero_absent(mean, present)
-        lv = _zero_absent(logvar, present).clamp(*LOGVAR_RANGE)
-        kl = 0.5 * (mu.pow(2) + lv.exp() - lv - 1.0)  # absent: mu = lv = 0 -> 0 exactly
-        per_modality = torch.where(present, kl.flatten(2).mean(-1), 0.0)  # (B, M)
-        return per_modality.sum(1).mean()
+        if kl.dim() != 2 or tuple(present.shape) != tuple(kl.shape):
+            raise ValueError(f"kl and present must both be (B, M), got {tuple(kl.shape)} and {tuple(present.shape)}")
+        present = present.to(device=kl.device, dtype=torch.bool)
+        return torch.where(present, kl.float(), 0.0).sum(1).mean()
 
     def anchor_center(self, latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """Zeros (B, C, *S): the anchor's mean."""
@@ -203,7 +176,7 @@ class NormalAnchor(AnchorAlignment):
         return torch.zeros_like(latents[:, 0], dtype=torch.float32)
 
 
-class ModalityAnchor(AnchorAlignment):
+class ModalityAnchor(LatentDistanceAnchor):
     """P^k: every other modality is pulled to the anchor modality k.
 
     loss = sum over j != k of [mean over the samples where j and k are both present of mean over (C, *S) of
@@ -226,13 +199,7 @@ class ModalityAnchor(AnchorAlignment):
             raise ValueError(f"anchor modality {self.anchor_index} is out of range for {latents.shape[1]} modalities")
         return self.anchor_index
 
-    def loss(
-        self,
-        latents: torch.Tensor,
-        present: torch.Tensor,
-        mean: torch.Tensor | None = None,
-        logvar: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def loss(self, latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """Squared distance to the anchor modality (see the class docstring): float32 scalar."""
         present = _check(latents, present)
         k = self._index(latents)
@@ -255,7 +222,7 @@ class ModalityAnchor(AnchorAlignment):
         return torch.where(has_k, latents[:, k].float(), present_mean(latents, present))
 
 
-class MixtureAnchor(AnchorAlignment):
+class MixtureAnchor(LatentDistanceAnchor):
     """P*: every modality is pulled to a learnable mixture of the present ones.
 
     Per sample, w = softmax(raw_weights) restricted to the present modalities and renormalised (a masked softmax);
@@ -301,13 +268,7 @@ class MixtureAnchor(AnchorAlignment):
         w = self.sample_weights(present).to(z.device)
         return (_expand(w, z) * z).sum(1)
 
-    def loss(
-        self,
-        latents: torch.Tensor,
-        present: torch.Tensor,
-        mean: torch.Tensor | None = None,
-        logvar: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def loss(self, latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """Squared distance of each present Z_j to p_mix (see the class docstring): float32 scalar."""
         present = _check(latents, present)
         z = _zero_absent(latents, present)

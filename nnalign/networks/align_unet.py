@@ -25,7 +25,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from nnalign.losses.anchors import NormalAnchor, build_anchor
+from nnalign.losses.anchors import build_anchor
+from nnalign.losses.normal_latents import sample_normal_latents
 from nnalign.modalities import BRATS_MODALITIES
 from nnalign.networks.outputs import NetworkOutputs
 
@@ -208,16 +209,15 @@ class nnAlignTeacherUNet(_PartsNetwork):
             keep = present.reshape(*present.shape, *([1] * (x.dim() - 2)))
             x = torch.where(keep, x * self.input_scale[0] + self.input_scale[1], torch.zeros_like(x))
         encoded = self.encode(x)
-        mean = logvar = None
+        kl = None
         if self.gaussian:
-            mean, logvar = encoded.chunk(2, dim=2)
-            latents = NormalAnchor.reparameterize(mean, logvar, self.training)
+            latents, kl = sample_normal_latents(encoded, self.training)
         else:
             latents = encoded
         filled = latents if all_present else self.anchor.fill_missing(latents, present)
         skips, logits, features = run_unet(self.unet, filled.flatten(1, 2))
         parts = {"logits": logits, "skips": skips, "decoder_features": features, "latents": latents,
-                 "latent_mean": mean, "latent_logvar": logvar, "present": present}
+                 "latent_kl": kl, "present": present}
         return self._logits(parts, return_parts)
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:

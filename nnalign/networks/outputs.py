@@ -16,7 +16,7 @@ class NetworkOutputs:
     - ``skips``: encoder features per stage, (B, C_s, *S_s); the last one is the predictor's bottleneck.
     - ``decoder_features``: last decoder features before the segmentation layer, (B, C_0, *S).
     - ``latents``: per-modality latent features Z_j, (B, M, C_z, *S_z), or None for a network without them.
-    - ``latent_mean`` / ``latent_logvar``: the encoder's Gaussian parameters for the N(0, 1) anchor, else None.
+    - ``latent_kl``: (B, M) float32, each modality's KL divergence to N(0, 1) for the normal anchor, else None.
     - ``present``: (B, M) bool, which modalities were present for each sample, or None.
     """
 
@@ -24,8 +24,7 @@ class NetworkOutputs:
     skips: list[torch.Tensor]
     decoder_features: torch.Tensor
     latents: torch.Tensor | None = None
-    latent_mean: torch.Tensor | None = None
-    latent_logvar: torch.Tensor | None = None
+    latent_kl: torch.Tensor | None = None
     present: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
 

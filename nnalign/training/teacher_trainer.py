@@ -138,7 +138,7 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
             loss = self.loss(logits, target)
             align = None
             if not self.settings.is_original:
-                align = self.net.anchor.loss(parts["latents"], present, parts["latent_mean"], parts["latent_logvar"])
+                align = self.net.anchor.alignment_loss(parts)
                 loss = loss + self.settings.align_weight * align
 
         optimizer_step(loss, self.optimizer, self.grad_scaler, self.network.parameters())

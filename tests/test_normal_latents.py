@@ -1,0 +1,84 @@
+"""The fused reparameterised sample and KL of the N(0, 1) anchor against the plain formulas and autograd."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nnalign.losses.normal_latents import LOGVAR_RANGE, kl_to_standard_normal, sample_normal_latents
+
+
+def test_kl_by_hand():
+    # one sample, two modalities, C = 1, 2 voxels: mu = 1, lv = 0 -> 0.5; mu = 0, lv = [2, 50 -> 10]
+    mean = torch.tensor([[[[1.0, 1.0]], [[0.0, 0.0]]]])
+    logvar = torch.tensor([[[[0.0, 0.0]], [[2.0, 50.0]]]])
+    kl = kl_to_standard_normal(mean, logvar)
+    expected = [[0.5, (0.5 * (math.exp(2) - 3) + 0.5 * (math.exp(10) - 11)) / 2]]
+    torch.testing.assert_close(kl, torch.tensor(expected))
+
+
+def test_evaluation_returns_the_mean():
+    encoded = torch.randn(2, 3, 4, 5)
+    latents, kl = sample_normal_latents(encoded, training=False)
+    torch.testing.assert_close(latents, encoded[:, :, :2])
+    torch.testing.assert_close(kl, kl_to_standard_normal(encoded[:, :, :2], encoded[:, :, 2:]))
+
+
+def reference(encoded: torch.Tensor, noise: torch.Tensor):
+    """The same sample and KL as plain autograd operations."""
+    mean, logvar = encoded.chunk(2, dim=2)
+    latents = mean + torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE)) * noise
+    return latents, kl_to_standard_normal(mean, logvar)
+
+
+def encoded_with_clamped_entries(dtype=torch.float32) -> torch.Tensor:
+    torch.manual_seed(3)
+    encoded = torch.randn(2, 3, 4, 2, 3, 2, dtype=dtype)  # (B, M, 2C, *S), C = 2, 3-D spatial
+    encoded[0, 1, 2, 0, 0, 0] = 12.0  # log-variances beyond both ends of the clamp range
+    encoded[1, 2, 3, 1, 1, 1] = -11.0
+    return encoded
+
+
+def test_training_sample_and_gradients_match_autograd():
+    encoded = encoded_with_clamped_entries()
+    torch.manual_seed(0)
+    weights = torch.randn(2, 3, 2, 2, 3, 2), torch.randn(2, 3)  # an arbitrary loss on both outputs
+    results = []
+    for fused in (True, False):
+        x = encoded.clone().requires_grad_()
+        torch.manual_seed(1)
+        if fused:
+            latents, kl = sample_normal_latents(x, training=True)
+        else:
+            latents, kl = reference(x, torch.randn(2, 3, 2, 2, 3, 2))
+        ((latents * weights[0]).sum() + (kl * weights[1]).sum()).backward()
+        results.append((latents.detach(), kl.detach(), x.grad))
+    for fused, ref in zip(*results):
+        torch.testing.assert_close(fused, ref)
+    assert results[0][2][0, 1, 2, 0, 0, 0] == 0 and results[0][2][1, 2, 3, 1, 1, 1] == 0  # clamped: no gradient
+
+
+@pytest.mark.parametrize("which", ["latents", "kl"])
+def test_gradcheck(which):
+    encoded = encoded_with_clamped_entries(torch.float64).requires_grad_()
+
+    def run(x):
+        torch.manual_seed(0)  # the same noise on every call
+        latents, kl = sample_normal_latents(x, training=True)
+        return latents if which == "latents" else kl
+
+    assert torch.autograd.gradcheck(run, (encoded,), eps=1e-6, atol=1e-5)
+
+
+def test_half_precision_kl_in_float32():
+    encoded = torch.zeros(1, 2, 2, 3, dtype=torch.float16)
+    encoded[0, 1, 0] = 600.0  # mu = 600: mu^2 overflows fp16
+    latents, kl = sample_normal_latents(encoded, training=True)
+    assert latents.dtype == torch.float16 and kl.dtype == torch.float32
+    torch.testing.assert_close(kl, torch.tensor([[0.0, 0.5 * 600.0**2]]))
+
+
+def test_odd_channel_count_is_rejected():
+    with pytest.raises(ValueError, match="2C"):
+        sample_normal_latents(torch.zeros(1, 2, 3, 4), training=True)
