@@ -17,7 +17,7 @@ from typing import Callable
 
 from nnalign.errors import NnalignError
 from nnalign.modalities import BRATS_MODALITIES, subset_tag
-from nnalign.model_folders import PLANS_NAME
+from nnalign.model_folders import FINAL_CHECKPOINT, PLANS_NAME, fold_folder, model_folder
 
 DEMO_SUBSETS: tuple[tuple[str, ...], ...] = (BRATS_MODALITIES, ("T1ce",), ("FLAIR",))
 CONFIGURATION = "3d_cpu"
@@ -147,17 +147,17 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoResul
         plan_and_preprocess(opts.dataset_id, [CONFIGURATION], num_processes=opts.workers, warn=lambda m: say(f"  {m}"))
     train = [sys.executable, "-m", "nnalign.cli.train", dataset, CONFIGURATION, "0", "-device", opts.device]
     teacher = TeacherSettings(anchor="mixture", modality_dropout=0.5).trainer_name()
-    teacher_dir = results_root / dataset / f"{teacher}__{PLANS_NAME}__{CONFIGURATION}"
+    teacher_dir = model_folder(results_root / dataset, teacher, CONFIGURATION)
     models = [(teacher_dir, train + ["--anchor", "mixture", "--modality-dropout", "0.5",
                                      "--epochs", str(opts.teacher_epochs)], "teacher P* (modality dropout 0.5)")]
     for kd in (opts.kd, "none"):
         name = StudentSettings(opts.student_modalities, kd, teacher).trainer_name()
-        models.append((results_root / dataset / f"{name}__{PLANS_NAME}__{CONFIGURATION}",
+        models.append((model_folder(results_root / dataset, name, CONFIGURATION),
                        train + ["--role", "student", "--modalities", ",".join(opts.student_modalities), "--kd", kd,
                                 "--teacher", str(teacher_dir), "--epochs", str(opts.student_epochs)],
                        f"student {'+'.join(opts.student_modalities)} ({kd})"))
     for folder, command, what in models:
-        if (folder / "fold_0" / "checkpoint_final.pth").is_file():
+        if (fold_folder(folder, 0) / FINAL_CHECKPOINT).is_file():
             say(f"train {what}: done before")
             continue
         say(f"train {what} ...")

@@ -12,8 +12,10 @@ from nnalign.errors import NnalignError
 FOLD_RE = re.compile(r"fold_(\d+|all)")
 #: The plans nnalign's planner writes (``nnAlignPlans.json``), the middle part of its model folder names.
 PLANS_NAME = "nnAlignPlans"
+#: The checkpoint nnU-Net writes when a fold's training has finished.
+FINAL_CHECKPOINT = "checkpoint_final.pth"
 #: A fold's checkpoints, most finished first.
-CHECKPOINTS: tuple[str, ...] = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+CHECKPOINTS: tuple[str, ...] = (FINAL_CHECKPOINT, "checkpoint_latest.pth", "checkpoint_best.pth")
 
 
 def parse_fold(fold: str | int) -> int | str:
@@ -32,6 +34,16 @@ def parse_fold(fold: str | int) -> int | str:
 def fold_sort_key(fold: int | str) -> tuple[int, int]:
     """Numbered folds in order, then ``all``."""
     return (1, 0) if fold == "all" else (0, int(fold))
+
+
+def model_folder(results_dataset_folder: str | Path, trainer: str, configuration: str, plans: str = PLANS_NAME) -> Path:
+    """``results_dataset_folder / {trainer}__{plans}__{configuration}``, nnU-Net's model folder of a trainer."""
+    return Path(results_dataset_folder) / f"{trainer}__{plans}__{configuration}"
+
+
+def fold_folder(model_folder: str | Path, fold: int | str) -> Path:
+    """``model_folder / fold_{fold}``."""
+    return Path(model_folder) / f"fold_{fold}"
 
 
 def model_folder_parts(folder: Path) -> tuple[str, str, str] | None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from nnalign.errors import NnalignError
-from nnalign.model_folders import folds_in, model_folder_parts, parse_fold
+from nnalign.model_folders import (FINAL_CHECKPOINT, PLANS_NAME, fold_folder, folds_in, model_folder, model_folder_parts,
+                                    parse_fold)
 
 
 @pytest.mark.parametrize("text, expected", [("0", 0), ("12", 12), (3, 3), ("all", "all")])
@@ -35,3 +36,14 @@ def test_folds_in_sorts_numbers_then_all_and_filters_by_file(tmp_path):
     (tmp_path / "fold_2" / "checkpoint_final.pth").write_text("")
     assert folds_in(tmp_path, "checkpoint_final.pth") == [2]
     assert folds_in(tmp_path / "missing") == []
+
+
+def test_model_and_fold_folders_follow_nnunet_layout(tmp_path):
+    folder = model_folder(tmp_path / "Dataset001_X", "nnAlignTeacher_none", "3d_cpu")
+    assert folder == tmp_path / "Dataset001_X" / "nnAlignTeacher_none__nnAlignPlans__3d_cpu"
+    assert model_folder_parts(folder) == ("nnAlignTeacher_none", PLANS_NAME, "3d_cpu")
+    assert fold_folder(folder, 2) == folder / "fold_2" and fold_folder(folder, "all") == folder / "fold_all"
+    for fold in (0, "all"):
+        (fold_folder(folder, fold) / FINAL_CHECKPOINT).parent.mkdir(parents=True)
+        (fold_folder(folder, fold) / FINAL_CHECKPOINT).touch()
+    assert folds_in(folder, FINAL_CHECKPOINT) == [0, "all"]

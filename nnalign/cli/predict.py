@@ -7,6 +7,7 @@ import sys
 
 from nnalign.cli.parsing import CommandParser
 from nnalign.errors import NnalignError, cli_entry
+from nnalign.model_folders import FINAL_CHECKPOINT, parse_fold
 
 PROG = "nnalign_predict"
 # Kept equal to nnalign.inference.predict.LABEL_OPTIONS (a test checks), so that --help imports nothing heavy.
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", dest="folds", nargs="+", default=None, metavar="FOLD",
                    help="folds to ensemble, e.g. -f 0 1 2 or -f all (default: every fold_N with the checkpoint; "
                         "fold_all only when it is the only one)")
-    p.add_argument("-chk", dest="checkpoint", default="checkpoint_final.pth",
+    p.add_argument("-chk", dest="checkpoint", default=FINAL_CHECKPOINT,
                    help="checkpoint file name in each fold folder (default: %(default)s)")
     p.add_argument("-device", choices=("cpu", "cuda", "mps"), default="cuda",
                    help="device to predict on (default: %(default)s)")
@@ -71,8 +72,6 @@ def main() -> int:
     modalities = parse_modalities(args.modalities) if args.modalities is not None else None
     folds = None
     if args.folds is not None:
-        from nnalign.model_folders import parse_fold
-
         folds = list(dict.fromkeys(parse_fold(f) for f in args.folds))
     _setup_device(args.device)
     from tqdm import tqdm

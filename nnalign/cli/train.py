@@ -10,7 +10,7 @@ from pathlib import Path
 
 from nnalign.cli.parsing import CommandParser, positive_int
 from nnalign.errors import NnalignError, cli_entry
-from nnalign.model_folders import CHECKPOINTS, PLANS_NAME, parse_fold
+from nnalign.model_folders import CHECKPOINTS, FINAL_CHECKPOINT, PLANS_NAME, fold_folder, model_folder, parse_fold
 
 PROG = "nnalign_train"
 
@@ -134,7 +134,7 @@ def check_preprocessed(dataset_folder: Path, configuration: str) -> tuple[dict, 
 
 def run_folder(results_root: Path, dataset: str, trainer: str, configuration: str, fold) -> Path:
     """nnU-Net's output folder of a run."""
-    return results_root / dataset / f"{trainer}__{PLANS_NAME}__{configuration}" / f"fold_{fold}"
+    return fold_folder(model_folder(results_root / dataset, trainer, configuration), fold)
 
 
 def existing_runs(results_root: Path, dataset: str, configuration: str, fold) -> list[str]:
@@ -147,7 +147,7 @@ def existing_runs(results_root: Path, dataset: str, configuration: str, fold) ->
     runs = []
     for folder in sorted(base.glob(f"*{suffix}")) if base.is_dir() else []:
         trainer = folder.name[: -len(suffix)]
-        if (is_teacher_trainer_name(trainer) or is_student_trainer_name(trainer)) and any((folder / f"fold_{fold}" / c).is_file() for c in CHECKPOINTS):
+        if (is_teacher_trainer_name(trainer) or is_student_trainer_name(trainer)) and any((fold_folder(folder, fold) / c).is_file() for c in CHECKPOINTS):
             runs.append(trainer)
     return runs
 
@@ -164,7 +164,7 @@ def check_run_state(folder: Path, settings, trainer: str, args, results_root: Pa
         listing = ", ".join(runs) if runs else "none"
         raise NnalignError(f"--c: no checkpoint of {trainer} in {folder}; runs with a checkpoint for "
                            f"{args.configuration} fold {args.fold}: {listing}")
-    if args.validation_only and not (folder / "checkpoint_final.pth").is_file():
+    if args.validation_only and not (folder / FINAL_CHECKPOINT).is_file():
         raise NnalignError(f"--val: {folder} has no checkpoint_final.pth (train it first, or finish it with --c)")
     if settings is not None and (args.continue_training or args.validation_only) and record is not None:
         recorded = {k: record.get("settings", {}).get(k) for k in settings.model_settings()}
@@ -242,9 +242,10 @@ def student_trainer(args, dataset: str, modalities: tuple[str, ...], results_roo
     overrides = parse_kd_overrides(kd, args.kd_set, args.temperature)
     teacher, _ = check_teacher(args.teacher, dataset, args.configuration, args.fold, results_root)
     teacher_fold = None if args.teacher_fold is None else str(parse_fold(args.teacher_fold))
-    fold_folder = Path(args.teacher).resolve() / f"fold_{teacher_fold if teacher_fold is not None else args.fold}"
-    if not (fold_folder / "checkpoint_final.pth").is_file():
-        raise NnalignError(f"--teacher {fold_folder}: no checkpoint_final.pth (the teacher's training for this fold "
+    teacher_fold_folder = fold_folder(Path(args.teacher).resolve(),
+                                      teacher_fold if teacher_fold is not None else args.fold)
+    if not (teacher_fold_folder / FINAL_CHECKPOINT).is_file():
+        raise NnalignError(f"--teacher {teacher_fold_folder}: no {FINAL_CHECKPOINT} (the teacher's training for this fold "
                            f"is incomplete; use --teacher-fold to pick another fold)")
     return StudentSettings(subset, kd, teacher, teacher_fold, overrides).trainer_name(), overrides
 
@@ -297,7 +298,7 @@ def main() -> int:
         else:
             os.environ[var] = str(int(value))
     if not (args.continue_training or args.validation_only or args.overwrite) and \
-            (folder / "checkpoint_final.pth").is_file():
+            (folder / FINAL_CHECKPOINT).is_file():
         raise NnalignError(f"{folder} holds a finished run: --c --epochs N continues it, --val validates it, "
                            f"--overwrite trains it again from scratch")
 

@@ -21,10 +21,10 @@ from typing import Sequence
 
 from nnalign.errors import NnalignError
 from nnalign.modalities import modalities_from_dataset_json, subset_tag
-from nnalign.model_folders import FOLD_RE, folds_in, model_folder_parts, parse_fold
+from nnalign.model_folders import FINAL_CHECKPOINT, FOLD_RE, fold_folder, folds_in, model_folder_parts, parse_fold
 
 STUDENT, TEACHER, ORIGINAL, NNUNET = "student", "teacher", "original", "nnunet"
-DEFAULT_CHECKPOINT = "checkpoint_final.pth"
+DEFAULT_CHECKPOINT = FINAL_CHECKPOINT
 FALLBACK_LABEL_CONVENTION = "brats2018"
 
 
@@ -113,7 +113,7 @@ def validation_dice(folder: Path, folds: Sequence[int | str]) -> float | None:
     values = []
     for f in folds:
         try:
-            summary = json.loads((folder / f"fold_{f}" / "validation" / "summary.json").read_text())
+            summary = json.loads((fold_folder(folder, f) / "validation" / "summary.json").read_text())
             dice = float(summary["foreground_mean"]["Dice"])
         except (OSError, ValueError, KeyError, TypeError):
             continue

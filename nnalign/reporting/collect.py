@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Sequence
 from nnalign.data.labels import REGION_NAMES
 from nnalign.errors import NnalignError
 from nnalign.modalities import BRATS_MODALITIES, subset_tag
-from nnalign.model_folders import CHECKPOINTS, folds_in, model_folder_parts
+from nnalign.model_folders import CHECKPOINTS, fold_folder, folds_in, model_folder_parts
 
 TEACHER, STUDENT = "teacher", "student"
 KD_ORDER: tuple[str, ...] = ("none", "kdnet", "pmkl", "protokd", "smunet")
@@ -103,7 +103,7 @@ class Run:
     def fold_dirs(self) -> list[Path]:
         """Fold folders to pool: every ``fold_N``; ``fold_all`` only when it is the only one."""
         numbered = [f for f in self.folds if f != "all"]
-        return [self.folder / f"fold_{f}" for f in (numbered or list(self.folds))]
+        return [fold_folder(self.folder, f) for f in (numbered or list(self.folds))]
 
     def checkpoint(self, fold_dir: Path) -> Path | None:
         """The fold's final checkpoint, else its latest (training in progress), else its best; None if it has none."""

@@ -22,6 +22,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from nnalign.model_folders import FINAL_CHECKPOINT
+
 # nnU-Net labels: 1 edema, 2 necrosis / non-enhancing core, 3 enhancing tumour.
 LABEL_COLOURS = {1: (0.1, 0.8, 0.1, 0.45), 2: (0.9, 0.1, 0.1, 0.55), 3: (1.0, 0.85, 0.0, 0.6)}
 MODALITY_COLOURS = {"T1": "tab:blue", "T1ce": "tab:orange", "T2": "tab:green", "FLAIR": "tab:red"}
@@ -183,7 +185,7 @@ def _centre_crop(array: np.ndarray, size: Sequence[int], fill=0) -> np.ndarray:
 
 
 def teacher_latents(model_dir: Path, fold: str, preprocessed: Path, cases: Sequence[str] = (), max_cases: int = 2,
-                    checkpoint: str = "checkpoint_final.pth") -> Latents:
+                    checkpoint: str = FINAL_CHECKPOINT) -> Latents:
     """Load a teacher on the CPU with nnU-Net's predictor and run it on centre crops (the configuration's patch size)
     of up to ``max_cases`` preprocessed cases (``cases`` first, e.g. the fold's validation cases).
 

@@ -25,6 +25,7 @@ from nnalign import __version__
 from nnalign.errors import NnalignError
 from nnalign.losses.kd import KD_METHODS, build_kd
 from nnalign.modalities import channel_indices
+from nnalign.model_folders import FINAL_CHECKPOINT, fold_folder, model_folder
 from nnalign.networks.align_unet import as_outputs, nnAlignStudentUNet
 from nnalign.training.common import apply_plans_training, apply_training_length, optimizer_step
 from nnalign.training.optim import optimizer_from_plans
@@ -41,8 +42,7 @@ KD_STATE_FILE = "nnalign_kd_state.pth"
 def teacher_checkpoint(results_dataset_folder: str | os.PathLike, teacher_trainer: str, plans: str,
                        configuration: str, fold) -> Path:
     """Where the teacher's final checkpoint for a fold lives (nnU-Net's results layout)."""
-    return (Path(results_dataset_folder) / f"{teacher_trainer}__{plans}__{configuration}" / f"fold_{fold}"
-            / "checkpoint_final.pth")
+    return fold_folder(model_folder(results_dataset_folder, teacher_trainer, configuration, plans), fold) / FINAL_CHECKPOINT
 
 
 def file_sha256(path: str | os.PathLike) -> str:
