@@ -104,4 +104,13 @@ def step_benchmark_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the networks, as nnU-Net does on CUDA")
     p.add_argument("--steps", type=int, default=5, help="timed rounds (one step of each variant per round)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    p.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"),
+                   help="replace the plan's patch size (a quick check that the script runs; the ratios that count "
+                        "are at the planned size)")
     return p
+
+
+def benchmark_configuration(plans: dict, args: argparse.Namespace) -> dict:
+    """The plans' configuration ``args.config``, with ``args.patch`` as its patch size when given."""
+    cfg = plans["configurations"][args.config]
+    return {**cfg, "patch_size": tuple(args.patch)} if args.patch else cfg

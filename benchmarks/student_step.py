@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (brats_like_plans, interleaved_median_seconds, peak_cuda_bytes, region_loss, region_targets,  # noqa: E402
-                    saved_activation_bytes, step_benchmark_parser)
+from common import (benchmark_configuration, brats_like_plans, interleaved_median_seconds,  # noqa: E402
+                    peak_cuda_bytes, region_loss, region_targets, saved_activation_bytes, step_benchmark_parser)
 
 TARGET_RATIO = 1.4
 TEACHER_ROW = "frozen teacher forward alone"
@@ -98,7 +98,7 @@ def main() -> None:
     args = step_benchmark_parser(__doc__).parse_args()
     device = torch.device(args.device)
     with brats_like_plans() as plans:
-        cfg = plans["configurations"][args.config]
+        cfg = benchmark_configuration(plans, args)
     arch = cfg["architecture"]
     features = list(arch["arch_kwargs"]["features_per_stage"])
     torch.manual_seed(0)

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (brats_like_plans, interleaved_median_seconds, peak_cuda_bytes, region_loss, region_targets,  # noqa: E402
-                    saved_activation_bytes, step_benchmark_parser)
+from common import (benchmark_configuration, brats_like_plans, interleaved_median_seconds,  # noqa: E402
+                    peak_cuda_bytes, region_loss, region_targets, saved_activation_bytes, step_benchmark_parser)
 
 ANCHORS = ("none", "normal", "modality:T1ce", "mixture")
 TARGET_RATIO = 1.25
@@ -71,7 +71,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     with brats_like_plans() as plans:
-        cfg = plans["configurations"][args.config]
+        cfg = benchmark_configuration(plans, args)
         arch = cfg["architecture"]
         print(f"plan {args.config}: patch {cfg['patch_size']}, batch {cfg['batch_size']}, "
               f"features {arch['arch_kwargs']['features_per_stage']}, device {device}"
