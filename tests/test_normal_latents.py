@@ -40,10 +40,16 @@ def encoded_with_clamped_entries(dtype=torch.float32) -> torch.Tensor:
     return encoded
 
 
-def test_training_sample_and_gradients_match_autograd():
-    encoded = encoded_with_clamped_entries()
+# the GPU cases run where CUDA is present (half precision: the dtype of the teacher's latents under nnU-Net's AMP)
+DEVICES = [("cpu", torch.float32)] + ([("cuda", torch.float32), ("cuda", torch.float16)]
+                                      if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device, dtype", DEVICES)
+def test_training_sample_and_gradients_match_autograd(device, dtype):
+    encoded = encoded_with_clamped_entries().to(device, dtype)
     torch.manual_seed(0)
-    weights = torch.randn(2, 3, 2, 2, 3, 2), torch.randn(2, 3)  # an arbitrary loss on both outputs
+    weights = torch.randn(2, 3, 2, 2, 3, 2, device=device), torch.randn(2, 3, device=device)  # a loss on both outputs
     results = []
     for fused in (True, False):
         x = encoded.clone().requires_grad_()
@@ -51,11 +57,12 @@ def test_training_sample_and_gradients_match_autograd():
         if fused:
             latents, kl = sample_normal_latents(x, training=True)
         else:
-            latents, kl = reference(x, torch.randn(2, 3, 2, 2, 3, 2))
+            latents, kl = reference(x, torch.randn(2, 3, 2, 2, 3, 2, device=device, dtype=dtype))
         ((latents * weights[0]).sum() + (kl * weights[1]).sum()).backward()
         results.append((latents.detach(), kl.detach(), x.grad))
     for fused, ref in zip(*results):
-        torch.testing.assert_close(fused, ref)
+        torch.testing.assert_close(fused, ref, rtol=1e-2 if dtype == torch.float16 else None,
+                                   atol=1e-2 if dtype == torch.float16 else None)
     assert results[0][2][0, 1, 2, 0, 0, 0] == 0 and results[0][2][1, 2, 3, 1, 1, 1] == 0  # clamped: no gradient
 
 
