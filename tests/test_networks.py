@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from nnalign.losses.normal_latents import kl_to_standard_normal
 from nnalign.networks.align_unet import PointwiseConv, modality_folded_conv, nnAlignTeacherUNet
 
 
@@ -47,9 +48,9 @@ def test_folded_conv_equals_the_plain_convolution(conv_op, spatial, bias, batch)
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-4)
 
 
-def _teacher(shared: bool) -> nnAlignTeacherUNet:
+def _teacher(shared: bool, anchor: str = "mixture") -> nnAlignTeacherUNet:
     return nnAlignTeacherUNet(
-        4, 3, False, anchor="mixture", shared_encoder=shared, latent_channels=2, n_stages=2,
+        4, 3, False, anchor=anchor, shared_encoder=shared, latent_channels=2, n_stages=2,
         features_per_stage=(4, 8), conv_op=nn.Conv3d, kernel_sizes=((3, 3, 3),) * 2, strides=((1, 1, 1), (2, 2, 2)),
         n_conv_per_stage=(1, 1), n_conv_per_stage_decoder=(1,), conv_bias=True, norm_op=nn.InstanceNorm3d,
         norm_op_kwargs={"eps": 1e-5, "affine": True}, dropout_op=None, dropout_op_kwargs=None, nonlin=nn.LeakyReLU,
@@ -69,3 +70,21 @@ def test_each_modality_is_encoded_on_its_own(shared):
     changed = x.clone()
     changed[:, 2] = torch.randn(2, 8, 8, 8)
     torch.testing.assert_close(net.encode(changed)[:, [0, 1, 3]], encoded[:, [0, 1, 3]])
+
+
+def test_normal_teacher_samples_in_training_and_uses_the_mean_in_evaluation():
+    torch.manual_seed(0)
+    teacher = _teacher(True, "normal")
+    x = torch.randn(2, 4, 4, 4, 4)
+    mean, logvar = teacher.encode(x).detach().chunk(2, dim=2)
+    expected_kl = kl_to_standard_normal(mean, logvar)
+
+    parts = teacher.train()(x, return_parts=True)
+    assert parts["latents"].shape == mean.shape and not torch.allclose(parts["latents"], mean)  # noise was added
+    torch.testing.assert_close(parts["latent_kl"], expected_kl)
+
+    teacher.eval()
+    parts = teacher(x, return_parts=True)
+    torch.testing.assert_close(parts["latents"], mean)
+    torch.testing.assert_close(parts["latent_kl"], expected_kl)
+    torch.testing.assert_close(teacher(x), parts["logits"][0])

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from nnalign.losses.normal_latents import LOGVAR_RANGE, kl_to_standard_normal, sample_normal_latents
+from nnalign.losses.normal_latents import LOGVAR_RANGE, kl_to_standard_normal, mean_and_logvar, sample_normal_latents
 
 
 def test_kl_by_hand():
@@ -18,11 +18,12 @@ def test_kl_by_hand():
     torch.testing.assert_close(kl, torch.tensor(expected))
 
 
-def test_evaluation_returns_the_mean():
+def test_mean_and_logvar_are_views_of_the_halves():
     encoded = torch.randn(2, 3, 4, 5)
-    latents, kl = sample_normal_latents(encoded, training=False)
-    torch.testing.assert_close(latents, encoded[:, :, :2])
-    torch.testing.assert_close(kl, kl_to_standard_normal(encoded[:, :, :2], encoded[:, :, 2:]))
+    mean, logvar = mean_and_logvar(encoded)
+    torch.testing.assert_close(mean, encoded[:, :, :2])
+    torch.testing.assert_close(logvar, encoded[:, :, 2:])
+    assert mean.data_ptr() == encoded.data_ptr()
 
 
 def reference(encoded: torch.Tensor, noise: torch.Tensor):
@@ -55,7 +56,7 @@ def test_training_sample_and_gradients_match_autograd(device, dtype):
         x = encoded.clone().requires_grad_()
         torch.manual_seed(1)
         if fused:
-            latents, kl = sample_normal_latents(x, training=True)
+            latents, kl = sample_normal_latents(x)
         else:
             latents, kl = reference(x, torch.randn(2, 3, 2, 2, 3, 2, device=device, dtype=dtype))
         ((latents * weights[0]).sum() + (kl * weights[1]).sum()).backward()
@@ -72,7 +73,7 @@ def test_gradcheck(which):
 
     def run(x):
         torch.manual_seed(0)  # the same noise on every call
-        latents, kl = sample_normal_latents(x, training=True)
+        latents, kl = sample_normal_latents(x)
         return latents if which == "latents" else kl
 
     assert torch.autograd.gradcheck(run, (encoded,), eps=1e-6, atol=1e-5)
@@ -81,11 +82,11 @@ def test_gradcheck(which):
 def test_half_precision_kl_in_float32():
     encoded = torch.zeros(1, 2, 2, 3, dtype=torch.float16)
     encoded[0, 1, 0] = 600.0  # mu = 600: mu^2 overflows fp16
-    latents, kl = sample_normal_latents(encoded, training=True)
+    latents, kl = sample_normal_latents(encoded)
     assert latents.dtype == torch.float16 and kl.dtype == torch.float32
     torch.testing.assert_close(kl, torch.tensor([[0.0, 0.5 * 600.0**2]]))
 
 
 def test_odd_channel_count_is_rejected():
     with pytest.raises(ValueError, match="2C"):
-        sample_normal_latents(torch.zeros(1, 2, 3, 4), training=True)
+        sample_normal_latents(torch.zeros(1, 2, 3, 4))

@@ -1,8 +1,9 @@
 """Gaussian latents for the N(0, 1) anchor (P^N): the reparameterised sample and its KL divergence to N(0, 1).
 
 The encoder of a P^N teacher outputs, per modality, a mean and a log-variance stacked on the channel axis:
-``encoded`` (B, M, 2C, *S), means first. In training, Z = mu + exp(logvar / 2) * eps with eps ~ N(0, 1); in evaluation,
-Z = mu. The anchor loss needs, per sample and modality, KL(N(mu, sigma^2) || N(0, 1)) averaged over channels and voxels.
+``encoded`` (B, M, 2C, *S), means first. In training, Z = mu + exp(logvar / 2) * eps with eps ~ N(0, 1); in
+evaluation, Z = mu (:func:`mean_and_logvar`). The anchor loss needs, per sample and modality,
+KL(N(mu, sigma^2) || N(0, 1)) averaged over channels and voxels.
 
 :func:`sample_normal_latents` computes both in one autograd function during training: a handful of passes over the
 latents instead of the dozen element-wise operations (and their saved tensors, and the concatenated gradient) that
@@ -17,8 +18,8 @@ LOGVAR_RANGE: tuple[float, float] = (-10.0, 10.0)
 """Log-variance is clamped to this range before ``exp`` (std between e^-5 and e^5)."""
 
 
-def _split(encoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, M, 2C, *S) -> mean and log-variance views, each (B, M, C, *S)."""
+def mean_and_logvar(encoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and log-variance halves of ``encoded`` (B, M, 2C, *S), each (B, M, C, *S) (views, no copy)."""
     if encoded.dim() < 3 or encoded.shape[2] % 2:
         raise ValueError(f"encoded must be (B, M, 2C, *S) with means then log-variances, got {tuple(encoded.shape)}")
     return encoded.chunk(2, dim=2)
@@ -47,7 +48,7 @@ class _SampleWithKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, encoded: torch.Tensor, noise: torch.Tensor):
-        mu, lv = _split(encoded)
+        mu, lv = mean_and_logvar(encoded)
         clamped = lv.clamp(*LOGVAR_RANGE)
         std = clamped.mul(0.5).exp_()
         latents = torch.addcmul(mu, std, noise)
@@ -62,7 +63,7 @@ class _SampleWithKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_latents: torch.Tensor | None, grad_kl: torch.Tensor | None):
         encoded, clamped, std, noise = ctx.saved_tensors
-        mu, lv = _split(encoded)
+        mu, lv = mean_and_logvar(encoded)
         if grad_latents is None:
             grad_latents = torch.zeros_like(mu)
         if grad_kl is None:
@@ -70,7 +71,7 @@ class _SampleWithKL(torch.autograd.Function):
         # d KL / d mu = k mu and d KL / d logvar = k (sigma^2 - 1) / 2, with k = dL/dKL / (C * voxels)
         k = (grad_kl / mu[0, 0].numel()).to(encoded.dtype).reshape(*grad_kl.shape, *([1] * (mu.dim() - 2)))
         grad = torch.empty_like(encoded)
-        grad_mu, grad_lv = _split(grad)
+        grad_mu, grad_lv = mean_and_logvar(grad)
         torch.addcmul(grad_latents, mu, k, out=grad_mu)
         # d Z / d logvar = noise * sigma / 2, so dL/dlogvar = (sigma (g noise + k sigma) - k) / 2 inside the clamp range
         torch.mul(grad_latents, noise, out=grad_lv)
@@ -79,14 +80,11 @@ class _SampleWithKL(torch.autograd.Function):
         return grad, None
 
 
-def sample_normal_latents(encoded: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents Z (B, M, C, *S) in ``encoded``'s dtype and the per-modality KL to N(0, 1) (B, M), float32 (float64
-    for float64 inputs).
+def sample_normal_latents(encoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training-time latents Z (B, M, C, *S), reparameterised with fresh noise from torch's generator, in
+    ``encoded``'s dtype, and the per-modality KL to N(0, 1) (B, M), float32 (float64 for float64 inputs).
 
-    ``encoded`` is (B, M, 2C, *S): means, then log-variances. In training Z is the reparameterised sample (fresh
-    noise from torch's generator); in evaluation Z is the mean.
+    ``encoded`` is (B, M, 2C, *S): means, then log-variances.
     """
-    mean, logvar = _split(encoded)
-    if not training:
-        return mean, kl_to_standard_normal(mean, logvar)
+    mean, _ = mean_and_logvar(encoded)
     return _SampleWithKL.apply(encoded, torch.randn_like(mean))

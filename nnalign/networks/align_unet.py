@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from nnalign.losses.anchors import build_anchor
-from nnalign.losses.normal_latents import sample_normal_latents
+from nnalign.losses.normal_latents import kl_to_standard_normal, mean_and_logvar, sample_normal_latents
 from nnalign.modalities import BRATS_MODALITIES
 from nnalign.networks.outputs import NetworkOutputs
 
@@ -209,11 +209,12 @@ class nnAlignTeacherUNet(_PartsNetwork):
             keep = present.reshape(*present.shape, *([1] * (x.dim() - 2)))
             x = torch.where(keep, x * self.input_scale[0] + self.input_scale[1], torch.zeros_like(x))
         encoded = self.encode(x)
-        kl = None
-        if self.gaussian:
-            latents, kl = sample_normal_latents(encoded, self.training)
-        else:
-            latents = encoded
+        latents, kl = encoded, None
+        if self.gaussian and self.training:
+            latents, kl = sample_normal_latents(encoded)
+        elif self.gaussian:  # evaluation: Z = mean; the KL only when the parts are asked for
+            latents, logvar = mean_and_logvar(encoded)
+            kl = kl_to_standard_normal(latents, logvar) if return_parts else None
         filled = latents if all_present else self.anchor.fill_missing(latents, present)
         skips, logits, features = run_unet(self.unet, filled.flatten(1, 2))
         parts = {"logits": logits, "skips": skips, "decoder_features": features, "latents": latents,
