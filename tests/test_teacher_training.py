@@ -240,8 +240,11 @@ def test_train_step_every_anchor_updates_every_parameter(env, anchor, extra):
     if anchor == "original":
         assert set(out) == {"loss"}
     else:
-        assert set(out) == {"loss", "align_loss", "modality_gap"}
+        assert set(out) == {"loss", "align_loss", "modality_gap", "modality_to_anchor"}
         assert np.isfinite(out["align_loss"]) and out["modality_gap"] >= 0
+        assert out["modality_to_anchor"].shape == (4,)  # NaN only for a modality the whole batch lacked
+        seen = np.isfinite(out["modality_to_anchor"])
+        assert seen.any() and (out["modality_to_anchor"][seen] >= 0).all()
         if anchor == "none":
             assert float(out["align_loss"]) == 0.0
     # every parameter took part (no find_unused_parameters needed under DDP), except the lowest-resolution
@@ -330,6 +333,10 @@ def test_cli_trains_a_teacher_that_learns(trained):
     losses = [float(v) for v in log["train_losses"]]
     assert len(losses) == 2 and losses[1] < losses[0], losses
     assert len(log["align_losses"]) == len(log["modality_gap"]) == len(log["mixture_weights"]) == 2
+    assert len(log["modality_to_anchor"]) == 2 and set(log["modality_to_anchor"][-1]) == {"T1", "T1ce", "T2", "FLAIR"}
+    assert all(d >= 0 for d in log["modality_to_anchor"][-1].values())
+    train_log = next(fold_dir.glob("training_log_*.txt")).read_text()
+    assert "modality to anchor" in train_log and "mixture weights" in train_log
     assert set(log["mixture_weights"][-1]) == {"T1", "T1ce", "T2", "FLAIR"}
     assert sum(log["mixture_weights"][-1].values()) == pytest.approx(1.0)
     assert "anchor.raw_weights" in ckpt["network_weights"]

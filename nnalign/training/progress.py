@@ -6,13 +6,15 @@ from pathlib import Path
 
 
 def plot_alignment_png(logging: dict, output_folder: str | os.PathLike) -> Path | None:
-    """Plot ``align_losses`` and ``modality_gap`` (and ``mixture_weights``, if logged) per epoch.
+    """Plot ``align_losses``, ``modality_gap`` with each modality's ``modality_to_anchor`` distance, and
+    ``mixture_weights`` (the last two where logged) per epoch.
 
     ``logging`` is nnU-Net's ``my_fantastic_logging``: one value per epoch per key. Returns the file written, or None
     when there is nothing to plot yet.
     """
     losses, gaps = logging.get("align_losses") or [], logging.get("modality_gap") or []
     weights = logging.get("mixture_weights") or []
+    to_anchor = logging.get("modality_to_anchor") or []
     n = min(len(losses), len(gaps))
     if n == 0:
         return None
@@ -29,7 +31,10 @@ def plot_alignment_png(logging: dict, output_folder: str | os.PathLike) -> Path 
         fig, axes = plt.subplots(rows, 1, figsize=(10, 3.2 * rows), sharex=True)
         axes[0].plot(epochs, [float(v) for v in losses[:n]], "b.-", label="alignment loss (train)")
         axes[0].set_ylabel("alignment loss")
-        axes[1].plot(epochs, [float(v) for v in gaps[:n]], "r.-", label="modality gap (mean pairwise)")
+        axes[1].plot(epochs, [float(v) for v in gaps[:n]], "k.-", label="mean pairwise")
+        for name in dict.fromkeys(name for per_epoch in to_anchor[:n] for name in per_epoch):
+            axes[1].plot(epochs[:len(to_anchor[:n])], [d.get(name, float("nan")) for d in to_anchor[:n]], ".--",
+                         label=f"{name} to anchor")
         axes[1].set_ylabel("modality gap")
         if weights:
             k = min(n, len(weights))

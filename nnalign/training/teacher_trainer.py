@@ -59,8 +59,9 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
     Per training step: draw each sample's present modalities (``settings.modality_dropout``), zero the absent input
     channels, run the network with the presence mask, and minimise nnU-Net's segmentation loss plus
     ``align_weight`` x the anchor loss. Per epoch it logs ``align_losses``, ``modality_gap`` (mean pairwise distance of
-    the modality centroids) and, for the mixture anchor, ``mixture_weights``; plots them in ``alignment.png``; and
-    rewrites the settings record ``nnalign_settings.json`` in the fold folder.
+    the modality centroids), ``modality_to_anchor`` (each modality centroid's distance to the anchor centroid) and,
+    for the mixture anchor, ``mixture_weights``; plots them in ``alignment.png``; and rewrites the settings record
+    ``nnalign_settings.json`` in the fold folder.
     """
 
     settings: TeacherSettings = TeacherSettings()
@@ -74,6 +75,7 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
         if not self.settings.is_original:
             log["align_losses"] = []
             log["modality_gap"] = []
+            log["modality_to_anchor"] = []
         if self.settings.anchor_kind == "mixture":
             log["mixture_weights"] = []
 
@@ -149,19 +151,26 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
             with torch.no_grad():
                 center = self.net.anchor.anchor_center(latents, present)
                 out["align_loss"] = align.detach().cpu().numpy()
-                out["modality_gap"] = float(modality_gap(latents, present, center)["pairwise_mean"])
+                gap = modality_gap(latents, present, center)
+                out["modality_gap"] = float(gap["pairwise_mean"])
+                # NaN for a modality absent from the whole batch; averaged over the steps that saw it
+                out["modality_to_anchor"] = np.array([gap["to_anchor"].get(j, np.nan) for j in range(latents.shape[1])])
         return out
 
     # ------------------------------------------------------------------------------------------------------------------
     # per-epoch logging, plot and settings record
 
-    def _epoch_mean(self, values) -> float:
-        values = np.asarray(values, dtype=np.float64).ravel()
+    def _gathered(self, values) -> np.ndarray:
+        """This epoch's per-step values (steps first), from every DDP rank."""
+        values = np.asarray(values, dtype=np.float64)
         if self.is_ddp:
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, values)
             values = np.concatenate(gathered)
-        return float(values.mean())
+        return values
+
+    def _epoch_mean(self, values) -> float:
+        return float(self._gathered(values).mean())
 
     def mixture_weights(self) -> dict[str, dict[str, float]] | None:
         """``{modality: {"raw", "normalised"}}`` of the mixture anchor, else None."""
@@ -178,6 +187,13 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
         epoch = self.current_epoch
         self.logger.log("align_losses", self._epoch_mean(outputs["align_loss"]), epoch)
         self.logger.log("modality_gap", self._epoch_mean(outputs["modality_gap"]), epoch)
+        per_step = self._gathered(outputs["modality_to_anchor"]).reshape(-1, len(self.net.modalities))
+        seen = ~np.isnan(per_step)
+        means = np.where(seen, per_step, 0.0).sum(0) / np.maximum(seen.sum(0), 1)
+        series = self.logger.local_logger.my_fantastic_logging.setdefault("modality_to_anchor", [])
+        series.extend([{}] * (epoch - len(series)))  # a run continued from a checkpoint written before this log
+        self.logger.log("modality_to_anchor", {name: float(means[j]) for j, name in enumerate(self.net.modalities)
+                                               if seen[:, j].any()}, epoch)
         weights = self.mixture_weights()
         if weights is not None:
             self.logger.log("mixture_weights", {k: v["normalised"] for k, v in weights.items()}, epoch)
@@ -187,6 +203,8 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
             get = self.logger.get_value
             self.print_to_log_file("align_loss", np.round(get("align_losses", step=-1), decimals=4))
             self.print_to_log_file("modality_gap", np.round(get("modality_gap", step=-1), decimals=4))
+            self.print_to_log_file("modality to anchor",
+                                   {k: round(v, 4) for k, v in get("modality_to_anchor", step=-1).items()})
             if self.settings.anchor_kind == "mixture":
                 self.print_to_log_file("mixture weights",
                                        {k: round(v, 4) for k, v in get("mixture_weights", step=-1).items()})
