@@ -43,7 +43,7 @@ def plot_alignment_png(logging: dict, output_folder: str | os.PathLike) -> Path 
             axes[2].set_ylabel("mixture weight")
             axes[2].set_ylim(0, 1)
         for ax in axes:
-            ax.legend(loc="upper right")
+            ax.legend(loc="best", fontsize="small")
             ax.grid(alpha=0.3)
         axes[-1].set_xlabel("epoch")
         axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
