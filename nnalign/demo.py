@@ -35,7 +35,7 @@ class DemoOptions:
     test_cases: int = 3
     shape: tuple[int, int, int] = (64, 64, 64)
     seed: int = 0
-    teacher_epochs: int = 16
+    teacher_epochs: int = 30
     student_epochs: int = 50
     iters_per_epoch: int = 10
     kd: str = "pmkl"
