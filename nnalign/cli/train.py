@@ -10,7 +10,8 @@ from pathlib import Path
 
 from nnalign.cli.parsing import CommandParser, positive_int
 from nnalign.errors import NnalignError, cli_entry
-from nnalign.model_folders import CHECKPOINTS, FINAL_CHECKPOINT, PLANS_NAME, fold_folder, model_folder, parse_fold
+from nnalign.model_folders import (CHECKPOINTS, FINAL_CHECKPOINT, PLANS_NAME, fold_folder, model_folder,
+                                    model_folder_parts, parse_fold)
 
 PROG = "nnalign_train"
 
@@ -143,11 +144,12 @@ def existing_runs(results_root: Path, dataset: str, configuration: str, fold) ->
     from nnalign.training.student_settings import is_student_trainer_name
 
     base = results_root / dataset
-    suffix = f"__{PLANS_NAME}__{configuration}"
     runs = []
-    for folder in sorted(base.glob(f"*{suffix}")) if base.is_dir() else []:
-        trainer = folder.name[: -len(suffix)]
-        if (is_teacher_trainer_name(trainer) or is_student_trainer_name(trainer)) and any((fold_folder(folder, fold) / c).is_file() for c in CHECKPOINTS):
+    for folder in sorted(base.iterdir()) if base.is_dir() else []:
+        trainer, plans, config = model_folder_parts(folder) or ("", "", "")
+        if (plans, config) == (PLANS_NAME, configuration) and (
+                is_teacher_trainer_name(trainer) or is_student_trainer_name(trainer)) and any(
+                (fold_folder(folder, fold) / c).is_file() for c in CHECKPOINTS):
             runs.append(trainer)
     return runs
 

@@ -24,7 +24,6 @@ from nnalign.modalities import modalities_from_dataset_json, subset_tag
 from nnalign.model_folders import FINAL_CHECKPOINT, FOLD_RE, fold_folder, folds_in, model_folder_parts, parse_fold
 
 STUDENT, TEACHER, ORIGINAL, NNUNET = "student", "teacher", "original", "nnunet"
-DEFAULT_CHECKPOINT = FINAL_CHECKPOINT
 FALLBACK_LABEL_CONVENTION = "brats2018"
 
 
@@ -50,7 +49,7 @@ class Model:
     modality_dropout: float
     folds: tuple[int | str, ...]
     mean_dice: float | None  # nnU-Net's validation foreground-mean Dice averaged over ``folds``; None if none found
-    checkpoint: str = DEFAULT_CHECKPOINT
+    checkpoint: str = FINAL_CHECKPOINT
     dataset_json: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -123,7 +122,7 @@ def validation_dice(folder: Path, folds: Sequence[int | str]) -> float | None:
 
 
 def load_model(folder: Path, folds: Sequence[int | str] | None = None,
-               checkpoint: str = DEFAULT_CHECKPOINT) -> Model:
+               checkpoint: str = FINAL_CHECKPOINT) -> Model:
     """Read one model folder; ModelError (one line naming the folder) if it cannot be used.
 
     ``folds`` None takes every ``fold_N`` with the checkpoint, as nnU-Net's auto-detection does (``fold_all`` only
@@ -175,7 +174,7 @@ class ModelSet:
 
 
 def discover_models(models: Path, folds: Sequence[int | str] | None = None,
-                    checkpoint: str = DEFAULT_CHECKPOINT) -> ModelSet:
+                    checkpoint: str = FINAL_CHECKPOINT) -> ModelSet:
     """The models under ``models``: one model folder, or a dataset results folder holding several.
 
     Raises NnalignError (one line) if there is no usable model at all.

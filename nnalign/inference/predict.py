@@ -26,9 +26,9 @@ from typing import Callable, Sequence
 from nnalign.atomic import write_text_atomic
 from nnalign.data.brats_layout import BratsCase, find_cases, parse_filename
 from nnalign.errors import NnalignError
-from nnalign.inference.models import (DEFAULT_CHECKPOINT, Model, ModelError, NoModelError, discover_models,
-                                      select_model)
+from nnalign.inference.models import Model, ModelError, NoModelError, discover_models, select_model
 from nnalign.modalities import BRATS_MODALITIES
+from nnalign.model_folders import FINAL_CHECKPOINT
 
 LABEL_OPTIONS = ("source", "brats2018", "brats2023", "nnunet")
 OUTPUT_ENDING = ".nii.gz"
@@ -331,7 +331,7 @@ def predict_case(case: BratsCase, output: Path, models: Sequence[Model], predict
 
 
 def predict(source: Path, output: Path, models: Path, folds: Sequence[int | str] | None = None,
-            checkpoint: str = DEFAULT_CHECKPOINT, device: str = "cpu", disable_tta: bool = False,
+            checkpoint: str = FINAL_CHECKPOINT, device: str = "cpu", disable_tta: bool = False,
             modalities: Sequence[str] | None = None, labels: str = "source", overwrite: bool = False,
             on_error: Callable[[str], None] | None = None, progress: bool = True) -> PredictionReport:
     """Predict every case of ``source`` into ``output/<case>.nii.gz`` and write the log; see the module docstring.
