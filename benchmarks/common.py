@@ -110,6 +110,15 @@ def step_benchmark_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def benchmark_device(args: argparse.Namespace) -> torch.device:
+    """The device of ``args.device``; on CUDA with cuDNN's autotuner on, as nnU-Net's ``run_training`` sets it."""
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
 def benchmark_configuration(plans: dict, args: argparse.Namespace) -> dict:
     """The plans' configuration ``args.config``, with ``args.patch`` as its patch size when given."""
     cfg = plans["configurations"][args.config]

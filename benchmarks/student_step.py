@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (benchmark_configuration, brats_like_plans, interleaved_median_seconds,  # noqa: E402
+from common import (benchmark_configuration, benchmark_device, brats_like_plans, interleaved_median_seconds,  # noqa: E402
                     peak_cuda_bytes, region_loss, region_targets, saved_activation_bytes, step_benchmark_parser)
 
 TARGET_RATIO = 1.4
@@ -96,7 +96,7 @@ def main() -> None:
     from nnalign.losses.kd import KD_METHODS, build_kd
 
     args = step_benchmark_parser(__doc__).parse_args()
-    device = torch.device(args.device)
+    device = benchmark_device(args)
     with brats_like_plans() as plans:
         cfg = benchmark_configuration(plans, args)
     arch = cfg["architecture"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (benchmark_configuration, brats_like_plans, interleaved_median_seconds,  # noqa: E402
+from common import (benchmark_configuration, benchmark_device, brats_like_plans, interleaved_median_seconds,  # noqa: E402
                     peak_cuda_bytes, region_loss, region_targets, saved_activation_bytes, step_benchmark_parser)
 
 ANCHORS = ("none", "normal", "modality:T1ce", "mixture")
@@ -69,7 +69,7 @@ def main() -> None:
     p = step_benchmark_parser(__doc__)
     p.add_argument("--align-weight", type=float, default=0.1)
     args = p.parse_args()
-    device = torch.device(args.device)
+    device = benchmark_device(args)
     with brats_like_plans() as plans:
         cfg = benchmark_configuration(plans, args)
         arch = cfg["architecture"]
