@@ -48,13 +48,13 @@ def test_folded_conv_equals_the_plain_convolution(conv_op, spatial, bias, batch)
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-4)
 
 
-def _teacher(shared: bool, anchor: str = "mixture") -> nnAlignTeacherUNet:
+def _teacher(shared: bool, anchor: str = "mixture", latent_level: int = 0, deep_supervision: bool = False):
     return nnAlignTeacherUNet(
-        4, 3, False, anchor=anchor, shared_encoder=shared, latent_channels=2, n_stages=2,
-        features_per_stage=(4, 8), conv_op=nn.Conv3d, kernel_sizes=((3, 3, 3),) * 2, strides=((1, 1, 1), (2, 2, 2)),
-        n_conv_per_stage=(1, 1), n_conv_per_stage_decoder=(1,), conv_bias=True, norm_op=nn.InstanceNorm3d,
-        norm_op_kwargs={"eps": 1e-5, "affine": True}, dropout_op=None, dropout_op_kwargs=None, nonlin=nn.LeakyReLU,
-        nonlin_kwargs={"inplace": True})
+        4, 3, deep_supervision, anchor=anchor, shared_encoder=shared, latent_channels=2, latent_level=latent_level,
+        n_stages=3, features_per_stage=(4, 8, 8), conv_op=nn.Conv3d, kernel_sizes=((3, 3, 3),) * 3,
+        strides=((1, 1, 1), (2, 2, 2), (1, 2, 2)), n_conv_per_stage=(1, 1, 1), n_conv_per_stage_decoder=(1, 1),
+        conv_bias=True, norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True}, dropout_op=None,
+        dropout_op_kwargs=None, nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -88,3 +88,44 @@ def test_normal_teacher_samples_in_training_and_uses_the_mean_in_evaluation():
     torch.testing.assert_close(parts["latents"], mean)
     torch.testing.assert_close(parts["latent_kl"], expected_kl)
     torch.testing.assert_close(teacher(x), parts["logits"][0])
+
+
+@pytest.mark.parametrize("anchor", ["mixture", "normal"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_latent_level_sets_the_latent_resolution_and_keeps_every_other_part(anchor, shared):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, 8)
+    present = torch.tensor([[True, False, True, False], [False, False, False, True]])
+    shapes = {}
+    for level, latent_shape in ((0, (8, 8, 8)), (1, (4, 4, 4)), (2, (4, 2, 2))):  # strides (2,2,2) then (1,2,2)
+        net = _teacher(shared, anchor, level, deep_supervision=True).train()
+        parts = net(x, present, return_parts=True)
+        assert parts["latents"].shape == (2, 4, 2, *latent_shape)
+        assert parts["latent_kl"] is None or parts["latent_kl"].shape == (2, 4)
+        assert len(net.upsample) == level
+        loss = sum(p.square().mean() for p in parts["logits"]) + net.anchor.alignment_loss(parts)
+        loss.backward()
+        assert all(p.grad is not None for n, p in net.named_parameters() if not n.startswith("unet.decoder.seg_layers.0"))
+        shapes[level] = [t.shape for t in (*parts["logits"], *parts["skips"], parts["decoder_features"])]
+    assert shapes[0] == shapes[1] == shapes[2]  # what students distil from does not depend on the level
+
+
+def test_latent_level_zero_keeps_the_parameters_and_the_budget_counts_each_level():
+    level0 = _teacher(True)
+    keys0 = set(level0.state_dict())
+    assert "encoders.0.1.conv.weight" in keys0 and not any(k.startswith("upsample") for k in keys0)  # as before levels
+    level1 = _teacher(True, latent_level=1)
+    assert len(level1.encoders[0]) == 3 and isinstance(level1.upsample[0], nn.ConvTranspose3d)
+    assert level1.upsample[0].stride == (2, 2, 2) and level1.upsample[0].in_channels == 8  # 4 modalities x 2
+    # activation voxels beyond the U-Net's, by hand for 4 modalities, C_z = 2, an 8^3 patch (512 voxels):
+    # level 0: 4 x (stem 2*512 + latents 2*512) + fused 8*512 = 12288
+    # level 1: 4 x (stem 2*512 + strided block 2*64 + latents 2*64) + fused 8*(64 + 512) = 9728
+    unet = level0.unet.compute_conv_feature_map_size((8, 8, 8))
+    assert level0.compute_conv_feature_map_size((8, 8, 8)) - unet == 12288
+    assert level1.compute_conv_feature_map_size((8, 8, 8)) - unet == 9728
+
+
+@pytest.mark.parametrize("level", [-1, 3])
+def test_latent_level_must_be_a_stage_of_the_unet(level):
+    with pytest.raises(ValueError, match="latent level .* is not a stage of the 3-stage U-Net"):
+        _teacher(True, latent_level=level)

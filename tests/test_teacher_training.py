@@ -43,6 +43,9 @@ ANCHORS = ("none", "normal", "modality:T1ce", "mixture", "original")
     (TeacherSettings("original"), "nnAlignOriginal"),
     (TeacherSettings("original", modality_dropout=0.5), "nnAlignOriginal_drop0p5"),
     (TeacherSettings("mixture", 0.0), "nnAlignTeacher_mixture_w0"),
+    (TeacherSettings("normal", latent_level=2), "nnAlignTeacher_normal_lvl2"),
+    (TeacherSettings("none", latent_level=0), "nnAlignTeacher_none_lvl0"),  # given explicitly: not the plans' level
+    (TeacherSettings("modality:t2f", 0.5, False, 0.3, False, 1), "nnAlignTeacher_modalityFLAIR_w0p5_sep_lvl1_drop0p3_nosg"),
 ])
 def test_trainer_name_encodes_settings_and_inverts_exactly(settings, name):
     assert settings.trainer_name() == name
@@ -81,6 +84,8 @@ def test_training_length_is_not_in_the_name():
     "nnAlignTeacher_mixture_drop0p3_w0p5",  # tokens out of order
     "nnAlignTeacher_mixture_nosg", "nnAlignTeacher_none_w0p5", "nnAlignOriginal_sep", "nnAlignTeacher_mixture_drop1",
     "nnAlignTeacher_mixture_wabc", "nnAlignTeacher_modalityt1ce", "nnAlignTeacherTrainer", "nnUNetTrainer",
+    "nnAlignTeacher_mixture_drop0p3_lvl1", "nnAlignTeacher_mixture_lvl01", "nnAlignTeacher_mixture_lvl",
+    "nnAlignOriginal_lvl1",
 ])
 def test_names_not_made_by_trainer_name_are_rejected(name):
     with pytest.raises(ValueError):
@@ -100,6 +105,9 @@ def test_names_not_made_by_trainer_name_are_rejected(name):
     ({"anchor": "none", "align_weight": 0.5}, "no effect"),
     ({"anchor": "original", "shared_encoder": False}, "no effect"),
     ({"epochs": 0}, "positive"),
+    ({"latent_level": -1}, "whole number >= 0"),
+    ({"latent_level": 1.5}, "whole number >= 0"),
+    ({"anchor": "original", "latent_level": 1}, "no latents"),
 ])
 def test_bad_settings_are_one_line_errors(kwargs, message):
     with pytest.raises(NnalignError, match=re.escape(message)):
@@ -230,6 +238,7 @@ def _batch(trainer, b=2):
 @pytest.mark.parametrize("anchor, extra", [
     ("none", {}), ("normal", {}), ("modality:T1ce", {}), ("modality:T1ce", {"stop_gradient": False}),
     ("mixture", {}), ("mixture", {"shared_encoder": False}), ("original", {}),
+    ("mixture", {"latent_level": 1}), ("normal", {"latent_level": 2}),
 ])
 def test_train_step_every_anchor_updates_every_parameter(env, anchor, extra):
     trainer = _trainer(anchor, modality_dropout=0.5, **extra)
@@ -262,6 +271,8 @@ def test_train_step_every_anchor_updates_every_parameter(env, anchor, extra):
     else:
         assert trainer.network.anchor.name == anchor
         assert len(trainer.network.encoders) == (1 if extra.get("shared_encoder", True) else 4)
+        level = extra.get("latent_level", 0)
+        assert trainer.network.latent_level == level and trainer.settings_record()["latent"]["level"] == level
         if anchor.startswith("modality"):
             assert trainer.network.anchor.stop_gradient == extra.get("stop_gradient", True)
 
@@ -366,6 +377,28 @@ def test_nnunet_predictor_loads_the_teacher_and_predicts_any_subset(trained, env
     assert not np.allclose(probs, probs1)
 
 
+def test_cli_trains_a_teacher_with_deeper_latents_that_nnunet_predicts_with(env, tmp_path):
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    results = tmp_path / "results"
+    proc = run_train(env, results, str(DATASET_ID), CONFIG, "0", "--anchor", "normal", "--latent-level", "2",
+                     "--modality-dropout", "0.5", "--epochs", "1", "--iters-per-epoch", "2", "-device", "cpu")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    model_dir = results / DATASET / f"nnAlignTeacher_normal_lvl2_drop0p5__nnAlignPlans__{CONFIG}"
+    record = json.loads((model_dir / "fold_0" / "nnalign_settings.json").read_text())
+    assert record["latent"]["level"] == 2 and record["settings"]["latent_level"] == 2
+
+    images = sorted((env / "raw" / DATASET / "imagesTr").glob("SYN_0000_*.nii.gz"))
+    img, props = SimpleITKIO().read_images([str(p) for p in images])
+    predictor = nnUNetPredictor(device=torch.device("cpu"), use_mirroring=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=(0,))
+    assert predictor.network.latent_level == 2 and len(predictor.network.upsample) == 2
+    predictor.network.present_modalities = (3,)  # FLAIR only
+    seg = predictor.predict_single_npy_array(img, props)
+    assert seg.shape == img.shape[1:] and set(np.unique(seg)) <= {0, 1, 2, 3}
+
+
 def test_cli_continues_the_same_run_with_more_epochs(trained):
     """--c --epochs 3 continues the 2-epoch run in the same folder (the length is not part of the trainer name)."""
     before = torch.load(trained["fold_dir"] / "checkpoint_final.pth", map_location="cpu", weights_only=False)
@@ -392,6 +425,11 @@ def test_cli_continues_the_same_run_with_more_epochs(trained):
     (["--modality-dropout", "1"], ["[0, 1)"]),
     (["--val"], ["no checkpoint_final.pth"]),
     (["--c", "--val"], ["cannot be combined"]),
+    (["--latent-level", "9"], ["--latent-level 9: the 3d_cpu U-Net has stages 0 to "]),
+    (["--anchor", "original", "--latent-level", "1"], ["no latents"]),
+    (["--role", "student", "--latent-level", "1"], ["--latent-level applies to --role teacher only"]),
+    (["--role", "student", "--anchor", "normal"], ["--anchor applies to --role teacher only"]),
+    (["--kd", "kdnet"], ["--kd applies to --role student only"]),
 ])
 def test_bad_settings_and_run_state_are_one_line_errors(planned, tmp_path, args, fragments):
     assert_one_line_error(run_train(planned, tmp_path, str(DATASET_ID), CONFIG, "0", "-device", "cpu", *args),

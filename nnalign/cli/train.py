@@ -8,7 +8,7 @@ import os
 import re
 from pathlib import Path
 
-from nnalign.cli.parsing import CommandParser, positive_int
+from nnalign.cli.parsing import CommandParser, non_negative_int, positive_int
 from nnalign.errors import NnalignError, cli_entry
 from nnalign.model_folders import (CHECKPOINTS, FINAL_CHECKPOINT, PLANS_NAME, fold_folder, model_folder,
                                     model_folder_parts, parse_fold)
@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the alignment loss (default: %(default)s)")
     p.add_argument("--separate-encoders", action="store_true",
                    help="one latent encoder per modality instead of one shared encoder")
+    p.add_argument("--latent-level", type=non_negative_int, default=None, metavar="L",
+                   help="U-Net stage at which the per-modality latents are taken and aligned, 0 (the input "
+                        "resolution) to the plans' last stage (default: the plans' latent_level, 0)")
     p.add_argument("--modality-dropout", type=float, default=0.0, metavar="P",
                    help="drop each modality of each training sample with probability P, never all (default: 0)")
     p.add_argument("--no-stop-gradient", action="store_true",
@@ -131,6 +134,27 @@ def check_preprocessed(dataset_folder: Path, configuration: str) -> tuple[dict, 
         raise NnalignError(f"configuration {configuration} of {dataset_folder.name} is not preprocessed "
                            f"(no {data_folder or 'data folder'}): {how}")
     return plans, dataset_json
+
+
+TEACHER_OPTIONS = ("anchor", "align_weight", "separate_encoders", "latent_level", "modality_dropout", "no_stop_gradient")
+STUDENT_OPTIONS = ("modalities", "kd", "teacher", "teacher_fold", "temperature", "kd_set")
+
+
+def check_role_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One-line error for an option of the other role (a student takes its teacher's settings from --teacher)."""
+    other, role = (STUDENT_OPTIONS, "student") if args.role == "teacher" else (TEACHER_OPTIONS, "teacher")
+    for dest in other:
+        if getattr(args, dest) != parser.get_default(dest):
+            raise NnalignError(f"--{dest.replace('_', '-')} applies to --role {role} only")
+
+
+def check_latent_level(plans: dict, configuration: str, level: int) -> None:
+    """One-line error for a latent level that is not a stage of the configuration's U-Net."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    n_stages = PlansManager(plans).get_configuration(configuration).network_arch_init_kwargs["n_stages"]
+    if level >= n_stages:
+        raise NnalignError(f"--latent-level {level}: the {configuration} U-Net has stages 0 to {n_stages - 1}")
 
 
 def run_folder(results_root: Path, dataset: str, trainer: str, configuration: str, fold) -> Path:
@@ -257,7 +281,9 @@ def student_trainer(args, dataset: str, modalities: tuple[str, ...], results_roo
 
 @cli_entry(PROG)
 def main() -> int:
-    args = build_parser().parse_args()
+    parser = build_parser()
+    args = parser.parse_args()
+    check_role_options(parser, args)
     from nnalign.modalities import modalities_from_dataset_json
     from nnalign.paths import setup_env
     from nnalign.training.settings import ENV_EPOCHS, ENV_ITERS, TeacherSettings
@@ -271,15 +297,18 @@ def main() -> int:
     args.fold = parse_fold(args.fold)
     preprocessed, results = Path(folders["nnUNet_preprocessed"]), Path(folders["nnUNet_results"])
     dataset = resolve_dataset(args.dataset, preprocessed, Path(folders["nnUNet_raw"]))
-    _, dataset_json = check_preprocessed(preprocessed / dataset, args.configuration)
+    plans, dataset_json = check_preprocessed(preprocessed / dataset, args.configuration)
     modalities = modalities_from_dataset_json(dataset_json)
     if args.role == "teacher":
         settings = TeacherSettings(anchor=args.anchor, align_weight=args.align_weight,
-                                   shared_encoder=not args.separate_encoders, modality_dropout=args.modality_dropout,
+                                   shared_encoder=not args.separate_encoders, latent_level=args.latent_level,
+                                   modality_dropout=args.modality_dropout,
                                    stop_gradient=not args.no_stop_gradient)
         if settings.anchor_modality is not None and settings.anchor_modality not in modalities:
             raise NnalignError(f"anchor {settings.anchor}: {dataset} has no {settings.anchor_modality} "
                                f"(it has {', '.join(modalities)})")
+        if settings.latent_level is not None:
+            check_latent_level(plans, args.configuration, settings.latent_level)
         trainer = settings.trainer_name()
         os.environ.pop(ENV_KD_OVERRIDES, None)
     else:

@@ -10,6 +10,13 @@ Teacher (:class:`nnAlignTeacherUNet`)::
 
 The per-modality encoder is a few conv blocks at full resolution; by default one encoder shared by all modalities,
 run as a single batched pass (the modality axis folded into the batch). Its latents are what the anchor loss aligns.
+They are taken at ``latent_level`` L of the planned U-Net (default 0, the input resolution). For L > 0 the encoder
+adds one strided conv block per level, with the plan's kernels and strides, so Z_j has the resolution of U-Net stage
+L; the fused latents are brought back to the input resolution by one transposed convolution per level (as nnU-Net's
+decoder upsamples) before the planned U-Net, so the predictor and every part the students distil from keep their
+shapes at any level::
+
+    x --encoder: stem, L strided blocks--> Z_j at stage L --fill, concat--> L transposed convs --> PlainConvUNet
 
 Student (:class:`nnAlignStudentUNet`): the planned U-Net on its own modality channels only, so at inference it is a
 plain nnU-Net model; the full-modality "original" nnU-Net baseline is the student with every modality.
@@ -22,6 +29,7 @@ from __future__ import annotations
 import functools
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -142,7 +150,8 @@ class nnAlignTeacherUNet(_PartsNetwork):
     """Multi-modal teacher: per-modality latent encoding, anchor alignment and fill, planned U-Net predictor.
 
     Extra keywords beyond PlainConvUNet's: ``modalities`` (names, channel order), ``latent_channels`` C_z,
-    ``latent_convs`` (conv blocks of the modality encoder), ``shared_encoder`` (one encoder for all modalities, else
+    ``latent_convs`` (conv blocks of the modality encoder at full resolution), ``latent_level`` (the U-Net stage whose
+    resolution Z_j has, 0 to n_stages - 1), ``shared_encoder`` (one encoder for all modalities, else
     one each), ``anchor`` (``none|normal|modality:NAME|mixture``), ``input_scale`` (optional (a, b): x -> a*x + b on
     present channels, e.g. (2, -1) maps [0, 1] to [-1, 1]).
 
@@ -152,15 +161,21 @@ class nnAlignTeacherUNet(_PartsNetwork):
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False, *,
                  modalities: Sequence[str] = BRATS_MODALITIES, latent_channels: int = 4, latent_convs: int = 1,
-                 shared_encoder: bool = True, anchor: str = "none", input_scale: Sequence[float] | None = None,
+                 latent_level: int = 0, shared_encoder: bool = True, anchor: str = "none", input_scale: Sequence[float] | None = None,
                  **unet_kwargs) -> None:
         super().__init__()
+        from dynamic_network_architectures.building_blocks.helper import get_matching_convtransp
         from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
 
         if len(modalities) != input_channels:
             raise ValueError(f"{input_channels} input channels but {len(modalities)} modalities {list(modalities)}")
+        n_stages = unet_kwargs["n_stages"]
+        if not 0 <= latent_level < n_stages:
+            raise ValueError(f"latent level {latent_level} is not a stage of the {n_stages}-stage U-Net "
+                             f"(0 to {n_stages - 1})")
         self.modalities = tuple(modalities)
         self.latent_channels = latent_channels
+        self.latent_level = latent_level
         self.anchor = build_anchor(anchor, self.modalities)
         self.gaussian = self.anchor.uses_gaussian_latents
         self.input_scale = tuple(input_scale) if input_scale else None
@@ -173,14 +188,25 @@ class nnAlignTeacherUNet(_PartsNetwork):
         # The shared encoder sees the B x M modality images as one batch; its first convolution folds them.
         encoder_conv = modality_folded_conv(conv_op, input_channels) if shared_encoder else conv_op
 
+        nonlin_first = unet_kwargs.get("nonlin_first", False)
+        strides = unet_kwargs["strides"]
+
         def encoder() -> nn.Module:
-            return nn.Sequential(
-                StackedConvBlocks(latent_convs, encoder_conv, 1, latent_channels, kernel, 1,
-                                  nonlin_first=unet_kwargs.get("nonlin_first", False), **block_kwargs),
-                PointwiseConv(conv_op, latent_channels, head_channels))
+            stem = StackedConvBlocks(latent_convs, encoder_conv, 1, latent_channels, kernel, 1,
+                                     nonlin_first=nonlin_first, **block_kwargs)
+            downsampling = [StackedConvBlocks(1, conv_op, latent_channels, latent_channels,
+                                              unet_kwargs["kernel_sizes"][level], strides[level],
+                                              nonlin_first=nonlin_first, **block_kwargs)
+                            for level in range(1, latent_level + 1)]
+            return nn.Sequential(stem, *downsampling, PointwiseConv(conv_op, latent_channels, head_channels))
 
         self.encoders = nn.ModuleList([encoder() for _ in range(1 if shared_encoder else input_channels)])
-        self.unet = _plain_unet(input_channels * latent_channels, num_classes, deep_supervision, unet_kwargs)
+        fused_channels = input_channels * latent_channels
+        transpconv = get_matching_convtransp(conv_op)
+        self.upsample = nn.Sequential(*[
+            transpconv(fused_channels, fused_channels, strides[level], strides[level], bias=unet_kwargs.get("conv_bias"))
+            for level in range(latent_level, 0, -1)])
+        self.unet = _plain_unet(fused_channels, num_classes, deep_supervision, unet_kwargs)
 
     def presence_mask(self, x: torch.Tensor) -> torch.Tensor:
         """(B, M) bool mask from ``present_modalities``."""
@@ -189,7 +215,8 @@ class nnAlignTeacherUNet(_PartsNetwork):
         return mask
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-modality encoder outputs (B, M, H, *S), H = C_z, or 2 C_z (mean, log-variance) for the normal anchor."""
+        """Per-modality encoder outputs (B, M, H, *S_L) at the latent level's resolution S_L, H = C_z, or 2 C_z (mean,
+        log-variance) for the normal anchor."""
         b, m, spatial = x.shape[0], x.shape[1], x.shape[2:]
         if len(self.encoders) == 1:
             out = self.encoders[0](x.reshape(b * m, 1, *spatial))
@@ -216,18 +243,26 @@ class nnAlignTeacherUNet(_PartsNetwork):
             latents, logvar = mean_and_logvar(encoded)
             kl = kl_to_standard_normal(latents, logvar) if return_parts else None
         filled = latents if all_present else self.anchor.fill_missing(latents, present)
-        skips, logits, features = run_unet(self.unet, filled.flatten(1, 2))
+        skips, logits, features = run_unet(self.unet, self.upsample(filled.flatten(1, 2)))
         parts = {"logits": logits, "skips": skips, "decoder_features": features, "latents": latents,
                  "latent_kl": kl, "present": present}
         return self._logits(parts, return_parts)
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
-        """Activation voxels the planner budgets: predictor U-Net plus every modality's encoder and latents."""
-        per_modality = self.encoders[0][0].compute_conv_feature_map_size(input_size)
-        voxels = int(torch.tensor(list(input_size)).prod())
-        latents = self.encoders[0][1].out_channels * voxels
+        """Activation voxels the planner budgets: predictor U-Net, every modality's encoder and latents, and the
+        fused latents at every level on the way back to the input resolution."""
+        strides = [s.initial_stride for s in self.encoders[0][1:-1]]
+        sizes = [list(input_size)]
+        for stride in strides:
+            sizes.append([i // s for i, s in zip(sizes[-1], stride)])
+        block_inputs = [sizes[0], *sizes[:-1]]  # the stem keeps the input size, each later block downsamples its input
+        per_modality = sum(int(b.compute_conv_feature_map_size(size))
+                           for b, size in zip(self.encoders[0][:-1], block_inputs))
+        voxels = [int(np.prod(size, dtype=np.int64)) for size in sizes]
+        latents = self.encoders[0][-1].out_channels * voxels[-1]
+        fused = len(self.modalities) * self.latent_channels * sum(voxels)  # fused at stage L, then each upsampling
         return int(self.unet.compute_conv_feature_map_size(input_size)
-                   + len(self.modalities) * (per_modality + latents) + len(self.modalities) * self.latent_channels * voxels)
+                   + len(self.modalities) * (per_modality + latents) + fused)
 
 
 class nnAlignStudentUNet(_PartsNetwork):

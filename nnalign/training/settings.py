@@ -8,6 +8,7 @@ the trained model is encoded in the class name, and the name alone rebuilds the 
     nnAlignTeacher_mixture                              anchor mixture, every other setting at its default
     nnAlignTeacher_modalityT1ce_w0p5_sep_drop0p3_nosg   modality anchor on T1ce, lambda 0.5, one encoder per modality,
                                                         modality dropout 0.3, no stop-gradient on the anchor
+    nnAlignTeacher_normal_lvl2                          N(0, 1) anchor, latents at U-Net stage 2 (not the plans' level)
     nnAlignOriginal_drop0p25                            plain nnU-Net on all stacked modalities, dropout 0.25
 
 Training length (``epochs``, ``iters_per_epoch``) is *not* in the name: a longer run continues the same folder
@@ -78,6 +79,7 @@ class TeacherSettings:
     - ``shared_encoder``: one latent encoder for all modalities (True) or one per modality.
     - ``modality_dropout``: each modality of each training sample is dropped with this probability (never all).
     - ``stop_gradient``: detach the anchor modality in its loss (``modality:NAME`` only).
+    - ``latent_level``: the U-Net stage at which the latents Z_j are taken; None means the plans' ``latent_level``.
     - ``epochs`` / ``iters_per_epoch``: override nnU-Net's 1000 x 250 (not part of the trainer name).
     """
 
@@ -86,6 +88,7 @@ class TeacherSettings:
     shared_encoder: bool = True
     modality_dropout: float = 0.0
     stop_gradient: bool = True
+    latent_level: int | None = None
     epochs: int | None = None
     iters_per_epoch: int | None = None
 
@@ -108,6 +111,12 @@ class TeacherSettings:
             raise NnalignError(f"anchor '{kind}' has no alignment loss, so an alignment weight has no effect")
         if not self.shared_encoder and kind == "original":
             raise NnalignError("anchor 'original' has no modality encoders, so separate encoders have no effect")
+        if self.latent_level is not None:
+            if int(self.latent_level) != self.latent_level or self.latent_level < 0:
+                raise NnalignError(f"the latent level must be a whole number >= 0, got {self.latent_level}")
+            object.__setattr__(self, "latent_level", int(self.latent_level))
+            if kind == "original":
+                raise NnalignError("anchor 'original' has no latents, so a latent level has no effect")
 
     # ------------------------------------------------------------------------------------------------------------------
 
@@ -129,7 +138,8 @@ class TeacherSettings:
     def model_settings(self) -> dict:
         """The settings that change the trained model (everything but the training length)."""
         return {"anchor": self.anchor, "align_weight": self.align_weight, "shared_encoder": self.shared_encoder,
-                "modality_dropout": self.modality_dropout, "stop_gradient": self.stop_gradient}
+                "latent_level": self.latent_level, "modality_dropout": self.modality_dropout,
+                "stop_gradient": self.stop_gradient}
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -150,8 +160,8 @@ class TeacherSettings:
     def trainer_name(self) -> str:
         """The trainer class name: a prefix, the anchor, then one token per non-default model setting.
 
-        Tokens, in this order: ``w<lambda>`` (not 0.1), ``sep`` (one encoder per modality), ``drop<p>`` (not 0),
-        ``nosg`` (no stop-gradient). Floats are written exactly, ``.`` as ``p`` and ``-`` as ``m``.
+        Tokens, in this order: ``w<lambda>`` (not 0.1), ``sep`` (one encoder per modality), ``lvl<L>`` (a latent
+        level other than the plans'), ``drop<p>`` (not 0), ``nosg`` (no stop-gradient). Floats are written exactly, ``.`` as ``p`` and ``-`` as ``m``.
         """
         if self.is_original:
             parts = [ORIGINAL_PREFIX]
@@ -163,6 +173,8 @@ class TeacherSettings:
             parts.append(f"w{_encode_float(self.align_weight)}")
         if not self.shared_encoder:
             parts.append("sep")
+        if self.latent_level is not None:
+            parts.append(f"lvl{self.latent_level}")
         if self.modality_dropout != default.modality_dropout:
             parts.append(f"drop{_encode_float(self.modality_dropout)}")
         if not self.stop_gradient:
@@ -190,7 +202,7 @@ class TeacherSettings:
         else:
             raise ValueError(f"{name!r} is not an nnalign teacher trainer name")
         kwargs: dict = {"anchor": anchor}
-        order = ("w", "sep", "drop", "nosg")
+        order = ("w", "sep", "lvl", "drop", "nosg")
         last = -1
         try:
             for token in tokens:
@@ -198,6 +210,8 @@ class TeacherSettings:
                     key, kwargs["shared_encoder"] = "sep", False
                 elif token == "nosg":
                     key, kwargs["stop_gradient"] = "nosg", False
+                elif re.fullmatch(r"lvl[0-9]+", token):
+                    key, kwargs["latent_level"] = "lvl", int(token[3:])
                 elif token.startswith("drop"):
                     key, kwargs["modality_dropout"] = "drop", _decode_float(token[4:])
                 elif token.startswith("w"):

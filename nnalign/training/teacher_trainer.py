@@ -98,6 +98,8 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
         else:
             arch, extra = TEACHER_NETWORK, {"modalities": list(modalities), "anchor": settings.anchor,
                                             "shared_encoder": settings.shared_encoder}
+            if settings.latent_level is not None:
+                extra["latent_level"] = settings.latent_level
         network = get_network_from_plans(arch, {**kwargs, **extra},
                                          configuration_manager.network_arch_init_kwargs_req_import,
                                          num_input_channels, num_output_channels, allow_init=True,
@@ -223,6 +225,7 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
         """What ``nnalign_settings.json`` holds: how this model was made."""
         arch = self.configuration_manager.network_arch_init_kwargs
         s = self.settings
+        level = s.latent_level if s.latent_level is not None else arch.get("latent_level", 0)
         net = self.net if self.network is not None else None
         modalities = list(getattr(net, "modalities", None) or plans_modalities(arch, len(self.dataset_json["channel_names"])))
         record = {
@@ -246,8 +249,8 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
             "optimizer": dict(self.plans_training) if self.plans_training else
             {"optimizer": "sgd", "initial_lr": self.initial_lr, "weight_decay": self.weight_decay},
             "settings": s.as_dict(),
-            # the latent is the per-modality encoders' output at the input resolution (level 0), before the U-Net
-            "latent": None if s.is_original else {"level": 0, "channels": arch.get("latent_channels"),
+            # the latent is the per-modality encoders' output at U-Net stage "level" (0: the input resolution)
+            "latent": None if s.is_original else {"level": level, "channels": arch.get("latent_channels"),
                                                   "convs": arch.get("latent_convs")},
         }
         weights = self.mixture_weights() if net is not None else None
