@@ -95,7 +95,11 @@ def teacher_forward(teacher, cfg, device, amp: bool):
 def main() -> None:
     from nnalign.losses.kd import KD_METHODS, build_kd
 
-    args = step_benchmark_parser(__doc__).parse_args()
+    methods = [m for m in KD_METHODS if m != "none"]
+    p = step_benchmark_parser(__doc__)
+    p.add_argument("--kd", nargs="+", default=methods, choices=methods, metavar="METHOD",
+                   help="KD methods to time, e.g. only kdnet for a quicker --compile run (default: all)")
+    args = p.parse_args()
     device = benchmark_device(args)
     with brats_like_plans() as plans:
         cfg = benchmark_configuration(plans, args)
@@ -109,9 +113,7 @@ def main() -> None:
           f"student T1ce, device {device}{', AMP' if args.amp else ''}{', compiled' if args.compile else ''}")
     variants = [("stock nnU-Net (4 modalities)", prepare(stock), None),
                 ("student, no distillation", prepare(make_student()), None)]
-    for method in KD_METHODS:
-        if method == "none":
-            continue
+    for method in args.kd:
         kd = build_kd(method, feature_channels=features[0], bottleneck_channels=features[-1],
                       skip_channels=features).to(device)
         variants.append((f"student + {method}", prepare(make_student()), kd))

@@ -23,3 +23,18 @@ def test_step_benchmark_runs(script, rows, tmp_path):
     table = [line.split("|")[1].strip() for line in result.stdout.splitlines() if line.startswith("| ")]
     assert table[1:] == rows  # the header, then one row per variant in order
     assert "target <=" in result.stdout.splitlines()[-1]
+
+
+def test_profile_benchmark_lists_operators_and_totals(tmp_path):
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "profile_step.py"), "--config", "3d_cpu", "--patch", "16",
+                             "16", "16", "--steps", "1", "--warmup", "0", "--top", "5"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in result.stdout.splitlines()
+            if line.startswith("| ")]
+    assert rows[0] == ["operator", "stock (ms/step)", "teacher (ms/step)", "extra (ms/step)"]
+    operators, total = rows[1:-1], rows[-1]
+    assert len(operators) == 5 and all(name.startswith("aten::") for name, *_ in operators)
+    assert total[0] == "**all operators**"
+    stock, teacher, extra = (float(v) for v in total[1:])
+    assert stock > 0 and teacher > 0 and extra == pytest.approx(teacher - stock, abs=0.011)
