@@ -311,6 +311,41 @@ def test_one_epoch_per_anchor_logs_plots_and_records(env, monkeypatch, anchor):
     assert ("mixture_weights" in log) == (anchor == "mixture") == ("mixture_weights" in record)
 
 
+def _epoch_end_on_rank(rank: int, world_size: int, init_file: str, result_file: str) -> None:
+    """One DDP rank (gloo, CPU): log one epoch of made-up per-step outputs that differ between the ranks."""
+    from torch import distributed as dist
+
+    trainer = _trainer("mixture")
+    trainer.initialize()
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        trainer.is_ddp = True  # set after construction: nnU-Net's __init__ would move a DDP trainer to CUDA
+        to_anchor = np.array([1.0 + rank, np.nan if rank == 0 else 3.0, 1.0, 1.0])  # T1ce absent on rank 0
+        outputs = [{"loss": np.array(1.0 + rank), "align_loss": np.array(2.0 * (rank + 1)),
+                    "modality_gap": 0.5 * (rank + 1), "modality_to_anchor": to_anchor}]
+        trainer.on_train_epoch_end(outputs)
+        log = trainer.logger.local_logger.my_fantastic_logging
+        if rank == 0:
+            Path(result_file).write_text(json.dumps({k: log[k] for k in ("train_losses", "align_losses",
+                                                                         "modality_gap", "modality_to_anchor")}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_epoch_logs_average_over_every_ddp_rank(env, tmp_path):
+    """The alignment logs gather every rank's steps, as nnU-Net's train loss does (2 gloo processes on the CPU)."""
+    import torch.multiprocessing as mp
+
+    result = tmp_path / "log.json"
+    mp.spawn(_epoch_end_on_rank, args=(2, str(tmp_path / "rendezvous"), str(result)), nprocs=2, join=True)
+    log = json.loads(result.read_text())
+    assert log["train_losses"] == [pytest.approx(1.5)]
+    assert log["align_losses"] == [pytest.approx(3.0)] and log["modality_gap"] == [pytest.approx(0.75)]
+    # each modality averaged over the steps that saw it: T1ce only on rank 1
+    assert log["modality_to_anchor"] == [{"T1": pytest.approx(1.5), "T1ce": pytest.approx(3.0), "T2": 1.0,
+                                          "FLAIR": 1.0}]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # nnalign_train end to end (subprocess, as a user runs it)
 

@@ -1,9 +1,12 @@
-"""Pieces the teacher and student trainers share: training length, the plans' optimizer, the optimizer step."""
+"""Pieces the teacher and student trainers share: training length, the plans' optimizer, the optimizer step, and
+what DDP leaves to them (gradients of parameters outside the DDP-wrapped network, per-step logs from every rank)."""
 from __future__ import annotations
 
 from typing import Iterable
 
+import numpy as np
 import torch
+from torch import distributed as dist
 
 from nnalign.training.settings import TeacherSettings
 
@@ -30,18 +33,53 @@ def apply_plans_training(trainer) -> dict | None:
     return training
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def average_gradients_over_ranks(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Average the gradients of parameters that DDP does not synchronise (those outside the DDP-wrapped network,
+    e.g. a distillation loss's projection heads) over every rank, so that every rank takes the same step.
+
+    A missing gradient counts as zero. A no-op without a process group of more than one rank.
+    """
+    parameters = list(parameters)
+    if not parameters or not _distributed():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, g in zip(parameters, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p).clone()
+
+
+def gathered_over_ranks(values) -> np.ndarray:
+    """This epoch's per-step values (steps first) from every DDP rank, concatenated; this rank's alone without DDP."""
+    values = np.asarray(values, dtype=np.float64)
+    if _distributed():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, values)
+        values = np.concatenate(gathered)
+    return values
+
+
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, grad_scaler: torch.amp.GradScaler | None,
-                   parameters: Iterable[torch.nn.Parameter]) -> None:
+                   parameters: Iterable[torch.nn.Parameter],
+                   unsynchronised: Iterable[torch.nn.Parameter] = ()) -> None:
     """Backward and step as nnU-Net's trainer does: through the grad scaler when there is one (CUDA), gradient norm
-    clipped at 12."""
+    clipped at 12. ``unsynchronised`` (a subset of ``parameters`` that DDP does not cover) get their gradients
+    averaged over the DDP ranks first."""
     parameters = list(parameters)
     if grad_scaler is not None:
         grad_scaler.scale(loss).backward()
+        average_gradients_over_ranks(unsynchronised)
         grad_scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(parameters, 12)
         grad_scaler.step(optimizer)
         grad_scaler.update()
     else:
         loss.backward()
+        average_gradients_over_ranks(unsynchronised)
         torch.nn.utils.clip_grad_norm_(parameters, 12)
         optimizer.step()

@@ -27,7 +27,8 @@ from nnalign.losses.kd import KD_METHODS, build_kd
 from nnalign.modalities import channel_indices
 from nnalign.model_folders import FINAL_CHECKPOINT, fold_folder, model_folder
 from nnalign.networks.align_unet import as_outputs, nnAlignStudentUNet
-from nnalign.training.common import apply_plans_training, apply_training_length, optimizer_step
+from nnalign.training.common import (apply_plans_training, apply_training_length, average_gradients_over_ranks,
+                                     gathered_over_ranks, optimizer_step)
 from nnalign.training.optim import optimizer_from_plans
 from nnalign.atomic import write_json_atomic
 from nnalign.training.record import SETTINGS_RECORD
@@ -156,12 +157,14 @@ class nnAlignStudentTrainer(nnUNetTrainer):
             seg = self.loss(logits, target)
             kd = self.kd(student, teacher, full_res_target, self.current_epoch)
             loss = self.kd.seg_weight * seg + kd["total"]
-        optimizer_step(loss, self.optimizer, self.grad_scaler, [*self.network.parameters(), *self.kd.student_side_parameters()])
+        heads = list(self.kd.student_side_parameters())  # outside the DDP-wrapped student: averaged over ranks here
+        optimizer_step(loss, self.optimizer, self.grad_scaler, [*self.network.parameters(), *heads], heads)
 
         if self.adversary_optimizer is not None:
             self.adversary_optimizer.zero_grad(set_to_none=True)
             adversary = self.kd.adversary_loss(_detached(student), teacher)
             adversary.backward()
+            average_gradients_over_ranks(self.kd.adversary_parameters())
             self.adversary_optimizer.step()
         return {"loss": loss.detach().cpu().numpy(), "kd_loss": kd["total"].detach().cpu().numpy()}
 
@@ -170,7 +173,7 @@ class nnAlignStudentTrainer(nnUNetTrainer):
 
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
         super().on_train_epoch_end(train_outputs)
-        kd = np.asarray(collate_outputs(train_outputs)["kd_loss"], dtype=np.float64)
+        kd = gathered_over_ranks(collate_outputs(train_outputs)["kd_loss"])
         self.logger.log("kd_losses", float(kd.mean()), self.current_epoch)
 
     def on_epoch_end(self) -> None:

@@ -13,7 +13,6 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
-from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 
 from nnalign import __version__
@@ -21,7 +20,8 @@ from nnalign.errors import NnalignError
 from nnalign.losses.anchors import MixtureAnchor, ModalityAnchor, modality_gap
 from nnalign.modalities import BRATS_MODALITIES
 from nnalign.networks.align_unet import nnAlignStudentUNet, nnAlignTeacherUNet
-from nnalign.training.common import apply_plans_training, apply_training_length, optimizer_step
+from nnalign.training.common import (apply_plans_training, apply_training_length, gathered_over_ranks,
+                                     optimizer_step)
 from nnalign.training.optim import optimizer_from_plans
 from nnalign.training.presence import sample_presence, zero_absent
 from nnalign.training.progress import plot_alignment_png
@@ -162,17 +162,9 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
     # ------------------------------------------------------------------------------------------------------------------
     # per-epoch logging, plot and settings record
 
-    def _gathered(self, values) -> np.ndarray:
-        """This epoch's per-step values (steps first), from every DDP rank."""
-        values = np.asarray(values, dtype=np.float64)
-        if self.is_ddp:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, values)
-            values = np.concatenate(gathered)
-        return values
-
-    def _epoch_mean(self, values) -> float:
-        return float(self._gathered(values).mean())
+    @staticmethod
+    def _epoch_mean(values) -> float:
+        return float(gathered_over_ranks(values).mean())
 
     def mixture_weights(self) -> dict[str, dict[str, float]] | None:
         """``{modality: {"raw", "normalised"}}`` of the mixture anchor, else None."""
@@ -189,7 +181,7 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
         epoch = self.current_epoch
         self.logger.log("align_losses", self._epoch_mean(outputs["align_loss"]), epoch)
         self.logger.log("modality_gap", self._epoch_mean(outputs["modality_gap"]), epoch)
-        per_step = self._gathered(outputs["modality_to_anchor"]).reshape(-1, len(self.net.modalities))
+        per_step = gathered_over_ranks(outputs["modality_to_anchor"]).reshape(-1, len(self.net.modalities))
         seen = ~np.isnan(per_step)
         means = np.where(seen, per_step, 0.0).sum(0) / np.maximum(seen.sum(0), 1)
         series = self.logger.local_logger.my_fantastic_logging.setdefault("modality_to_anchor", [])
