@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import benchmark_configuration, benchmark_device, brats_like_plans, step_benchmark_parser  # noqa: E402
-from teacher_step import build, make_step  # noqa: E402
+from teacher_step import variant_step  # noqa: E402
 
 
 def self_time_per_step(step, device: torch.device, warmup: int, steps: int) -> dict[str, float]:
@@ -62,17 +62,10 @@ def main() -> None:
     device = benchmark_device(args)
     with brats_like_plans() as plans:
         cfg = benchmark_configuration(plans, args)
-        arch = cfg["architecture"]
         print(f"plan {args.config}: patch {cfg['patch_size']}, batch {cfg['batch_size']}, device {device}"
               f"{', AMP' if args.amp else ''}{', compiled' if args.compile else ''}, teacher anchor {args.anchor}")
-        times = {}
-        for variant in ("stock", args.anchor):
-            torch.manual_seed(0)
-            net = build(variant, arch, arch["_kw_requires_import"], True).to(device)
-            if args.compile:
-                net = torch.compile(net)
-            step = make_step(net, cfg, device, args.amp, args.align_weight)
-            times[variant] = self_time_per_step(step, device, args.warmup, args.steps)
+        times = {variant: self_time_per_step(variant_step(variant, cfg, device, args), device, args.warmup, args.steps)
+                 for variant in ("stock", args.anchor)}
     kind = "GPU" if device.type == "cuda" else "CPU"
     print(f"\nself {kind} time per step, {args.steps} profiled steps, largest differences first:\n")
     print(extra_time_table(times["stock"], times[args.anchor], args.top))

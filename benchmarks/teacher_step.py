@@ -63,6 +63,16 @@ def make_step(net, cfg: dict, device: torch.device, amp: bool, align_weight: flo
     return step
 
 
+def variant_step(variant: str, cfg: dict, device: torch.device, args, **latent_settings):
+    """The training step of ``variant`` ("stock" or an anchor) built from the plan, seeded, compiled with --compile."""
+    arch = cfg["architecture"]
+    torch.manual_seed(0)
+    net = build(variant, arch, arch["_kw_requires_import"], True, **latent_settings).to(device)
+    if args.compile:
+        net = torch.compile(net)
+    return make_step(net, cfg, device, args.amp, args.align_weight)
+
+
 def main() -> None:
     p = step_benchmark_parser(__doc__)
     p.add_argument("--align-weight", type=float, default=0.1)
@@ -83,13 +93,8 @@ def main() -> None:
         if "mixture" in args.anchors:
             variants += [(f"mixture, {other_convs}-conv latent encoder", "mixture", {"latent_convs": other_convs}),
                          ("mixture, latents at stage 2", "mixture", {"latent_level": 2})]
-        steps = {}
-        for name, variant, latent_settings in variants:
-            torch.manual_seed(0)
-            net = build(variant, arch, arch["_kw_requires_import"], True, **latent_settings).to(device)
-            if args.compile:
-                net = torch.compile(net)
-            steps[name] = make_step(net, cfg, device, args.amp, args.align_weight)
+        steps = {name: variant_step(variant, cfg, device, args, **latent_settings)
+                 for name, variant, latent_settings in variants}
         seconds = interleaved_median_seconds(steps, device, args.warmup, args.steps)
         rows = [(name, seconds[name], peak_cuda_bytes(step) if device.type == "cuda" else saved_activation_bytes(step))
                 for name, step in steps.items()]
