@@ -447,6 +447,19 @@ def write_tiny_teacher(results: Path, preprocessed: Path) -> Path:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_mask_on_a_coarser_latent_grid_keeps_blocks_at_least_half_inside():
+    from nnalign.reporting.figures import mask_on_grid
+
+    mask = np.zeros((1, 4, 4, 2), dtype=bool)
+    mask[0, :2, :2, :] = True  # block (0, 0, 0) entirely inside
+    mask[0, 2, 2:, :] = True  # block (1, 1, 0): half inside
+    mask[0, 0, 2, 0] = True  # block (0, 1, 0): one voxel in eight
+    coarse = mask_on_grid(mask, (2, 2, 1))
+    assert coarse.shape == (1, 2, 2, 1)
+    assert coarse[0, :, :, 0].tolist() == [[True, False], [False, True]]
+    assert mask_on_grid(mask, (4, 4, 2)) is mask
+
+
 def test_tsne_loads_a_real_teacher_through_nnunets_predictor(tmp_path, monkeypatch):
     from nnalign.reporting.figures import teacher_latents
     from nnalign.reporting.report import tsne_figure

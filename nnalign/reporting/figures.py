@@ -230,10 +230,18 @@ def teacher_latents(model_dir: Path, fold: str, preprocessed: Path, cases: Seque
         mask = seg[0] >= 0 if seg.ndim == data.ndim else np.any(data != 0, axis=0)
         masks.append(_centre_crop(mask, patch, fill=False)[None])
     values_arr = np.concatenate(values)
-    mask_arr = np.concatenate(masks)
-    if mask_arr.shape[1:] != values_arr.shape[3:]:  # latents at a lower resolution: sample everywhere
-        mask_arr = None
+    mask_arr = mask_on_grid(np.concatenate(masks), values_arr.shape[3:])
     return Latents(values_arr, tuple(network.modalities), mask_arr)
+
+
+def mask_on_grid(mask: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """A (B, *S) mask on the coarser grid ``shape`` of latents taken at a deeper level (each S divisible by its
+    ``shape`` entry): a coarse voxel is inside where at least half of the fine voxels it covers are."""
+    if tuple(mask.shape[1:]) == tuple(shape):
+        return mask
+    factors = [s // g for s, g in zip(mask.shape[1:], shape)]
+    blocks = mask.reshape(mask.shape[0], *(n for g, f in zip(shape, factors) for n in (g, f)))
+    return blocks.mean(axis=tuple(range(2, blocks.ndim, 2))) >= 0.5
 
 
 # ----------------------------------------------------------------------------------------------------------------------
