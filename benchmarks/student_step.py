@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (benchmark_configuration, benchmark_device, brats_like_plans, interleaved_median_seconds,  # noqa: E402
-                    peak_cuda_bytes, region_loss, region_targets, saved_activation_bytes, step_benchmark_parser)
+from common import (benchmark_configuration, benchmark_device, brats_like_plans,  # noqa: E402
+                    interleaved_median_seconds, peak_cuda_bytes, region_loss, region_targets, saved_activation_bytes,
+                    step_benchmark_parser)
 
 TARGET_RATIO = 1.4
 TEACHER_ROW = "frozen teacher forward alone"

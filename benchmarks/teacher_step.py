@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (benchmark_configuration, benchmark_device, brats_like_plans, interleaved_median_seconds,  # noqa: E402
-                    peak_cuda_bytes, region_loss, region_targets, saved_activation_bytes, step_benchmark_parser)
+from common import (benchmark_configuration, benchmark_device, brats_like_plans,  # noqa: E402
+                    interleaved_median_seconds, peak_cuda_bytes, region_loss, region_targets, saved_activation_bytes,
+                    step_benchmark_parser)
 
 ANCHORS = ("none", "normal", "modality:T1ce", "mixture")
 TARGET_RATIO = 1.25
@@ -105,8 +106,8 @@ def main() -> None:
         print(f"| {'stock nnU-Net' if name == 'stock' else 'teacher ' + name} | {s:.3f} | {s / stock_s:.2f} | "
               f"{m / 2**20:.0f} | {m / stock_m:.2f} |")
     worst = max(s / stock_s for name, s, _ in rows if name in ANCHORS)
-    print(f"\nslowest teacher step (planned encoder, {planned_convs} conv): {worst:.2f}x stock (target <= {TARGET_RATIO}x): "
-          f"{'met' if worst <= TARGET_RATIO else 'NOT met'}")
+    print(f"\nslowest teacher step (planned encoder, {planned_convs} conv): {worst:.2f}x stock "
+          f"(target <= {TARGET_RATIO}x): {'met' if worst <= TARGET_RATIO else 'NOT met'}")
 
 
 if __name__ == "__main__":

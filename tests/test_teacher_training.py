@@ -45,7 +45,8 @@ ANCHORS = ("none", "normal", "modality:T1ce", "mixture", "original")
     (TeacherSettings("mixture", 0.0), "nnAlignTeacher_mixture_w0"),
     (TeacherSettings("normal", latent_level=2), "nnAlignTeacher_normal_lvl2"),
     (TeacherSettings("none", latent_level=0), "nnAlignTeacher_none_lvl0"),  # given explicitly: not the plans' level
-    (TeacherSettings("modality:t2f", 0.5, False, 0.3, False, 1), "nnAlignTeacher_modalityFLAIR_w0p5_sep_lvl1_drop0p3_nosg"),
+    (TeacherSettings("modality:t2f", 0.5, False, 0.3, False, 1),
+     "nnAlignTeacher_modalityFLAIR_w0p5_sep_lvl1_drop0p3_nosg"),
 ])
 def test_trainer_name_encodes_settings_and_inverts_exactly(settings, name):
     assert settings.trainer_name() == name

@@ -136,7 +136,8 @@ def check_preprocessed(dataset_folder: Path, configuration: str) -> tuple[dict, 
     return plans, dataset_json
 
 
-TEACHER_OPTIONS = ("anchor", "align_weight", "separate_encoders", "latent_level", "modality_dropout", "no_stop_gradient")
+TEACHER_OPTIONS = ("anchor", "align_weight", "separate_encoders", "latent_level", "modality_dropout",
+                   "no_stop_gradient")
 STUDENT_OPTIONS = ("modalities", "kd", "teacher", "teacher_fold", "temperature", "kd_set")
 
 

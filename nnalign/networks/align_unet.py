@@ -161,7 +161,8 @@ class nnAlignTeacherUNet(_PartsNetwork):
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False, *,
                  modalities: Sequence[str] = BRATS_MODALITIES, latent_channels: int = 4, latent_convs: int = 1,
-                 latent_level: int = 0, shared_encoder: bool = True, anchor: str = "none", input_scale: Sequence[float] | None = None,
+                 latent_level: int = 0, shared_encoder: bool = True, anchor: str = "none",
+                 input_scale: Sequence[float] | None = None,
                  **unet_kwargs) -> None:
         super().__init__()
         from dynamic_network_architectures.building_blocks.helper import get_matching_convtransp
@@ -203,9 +204,9 @@ class nnAlignTeacherUNet(_PartsNetwork):
         self.encoders = nn.ModuleList([encoder() for _ in range(1 if shared_encoder else input_channels)])
         fused_channels = input_channels * latent_channels
         transpconv = get_matching_convtransp(conv_op)
-        self.upsample = nn.Sequential(*[
-            transpconv(fused_channels, fused_channels, strides[level], strides[level], bias=unet_kwargs.get("conv_bias"))
-            for level in range(latent_level, 0, -1)])
+        bias = unet_kwargs.get("conv_bias")
+        self.upsample = nn.Sequential(*[transpconv(fused_channels, fused_channels, strides[level], strides[level],
+                                                   bias=bias) for level in range(latent_level, 0, -1)])
         self.unet = _plain_unet(fused_channels, num_classes, deep_supervision, unet_kwargs)
 
     def presence_mask(self, x: torch.Tensor) -> torch.Tensor:

@@ -161,7 +161,8 @@ class TeacherSettings:
         """The trainer class name: a prefix, the anchor, then one token per non-default model setting.
 
         Tokens, in this order: ``w<lambda>`` (not 0.1), ``sep`` (one encoder per modality), ``lvl<L>`` (a latent
-        level other than the plans'), ``drop<p>`` (not 0), ``nosg`` (no stop-gradient). Floats are written exactly, ``.`` as ``p`` and ``-`` as ``m``.
+        level other than the plans'), ``drop<p>`` (not 0), ``nosg`` (no stop-gradient). Floats are written exactly,
+        ``.`` as ``p`` and ``-`` as ``m``.
         """
         if self.is_original:
             parts = [ORIGINAL_PREFIX]
