@@ -473,6 +473,10 @@ def test_tsne_loads_a_real_teacher_through_nnunets_predictor(tmp_path, monkeypat
     assert latents.mask.shape == (2, 8, 8, 8) and latents.mask.sum() == 2 * 7 * 8 * 8
     result = tsne_figure(Results.load(tmp_path / "res" / DATASET), tmp_path / "tsne.png", 1, 10)
     assert result.panels == ["mixture"] and result.notes == [] and is_png(tmp_path / "tsne.png")
+    # a teacher with non-default settings (same network) is titled with them
+    model.rename(model.with_name(model.name.replace("nnAlignTeacher_mixture__", "nnAlignTeacher_mixture_w0p5__")))
+    result = tsne_figure(Results.load(tmp_path / "res" / DATASET), tmp_path / "tsne.png", 1, 10)
+    assert result.panels == ["mixture (w0p5)"] and result.notes == []
 
 
 def test_tsne_without_teacher_or_preprocessed_data_is_a_note(tree, tmp_path):

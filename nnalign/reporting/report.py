@@ -118,9 +118,10 @@ def tsne_figure(res: Results, path: Path, cases: int, samples: int) -> FigureRes
     panels = {}
     for anchor, run in by_anchor.items():
         fold_dir = next(d for d in run.fold_dirs() if run.checkpoint(d))
-        panels[anchor] = functools.partial(teacher_latents, run.folder, fold_dir.name.removeprefix("fold_"),
-                                           res.preprocessed, sorted(validation_predictions(fold_dir)), cases,
-                                           run.checkpoint(fold_dir).name)
+        title = anchor if run.is_default else f"{anchor} ({run.variant})"
+        panels[title] = functools.partial(teacher_latents, run.folder, fold_dir.name.removeprefix("fold_"),
+                                          res.preprocessed, sorted(validation_predictions(fold_dir)), cases,
+                                          run.checkpoint(fold_dir).name)
     return plot_latent_tsne(panels, path, per_modality=samples)
 
 
