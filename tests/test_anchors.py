@@ -393,3 +393,17 @@ def test_modality_gap_uses_anchor_center():
     assert gap["to_anchor"][1] == 0.0
     # c_0 = 0, c_1 = 3, c_2 = 3 (spatial means, C = 1): to anchor 3, 0, 0; pairs 3, 3, 0 -> mean 2
     assert gap["to_anchor"][0] == pytest.approx(3.0) and gap["pairwise_mean"] == pytest.approx(2.0)
+
+
+def test_mixture_stays_float32_under_autocast():
+    """The weighted sum p_mix is a matrix product, which autocast would run in low precision; the loss keeps it fp32."""
+    torch.manual_seed(0)
+    anchor = mixture([0.3, -0.2, 0.1])
+    latents = torch.randn(2, 3, 4, 5, 6) * 100
+    present = P([1, 1, 1], [1, 0, 1])
+    expected_mix, expected_loss = anchor.mixture(latents, present), anchor.loss(latents, present)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_mix, got_loss = anchor.mixture(latents, present), anchor.loss(latents, present)
+    assert got_mix.dtype == torch.float32 and got_loss.dtype == torch.float32
+    torch.testing.assert_close(got_mix, expected_mix)
+    torch.testing.assert_close(got_loss, expected_loss)

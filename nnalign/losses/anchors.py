@@ -264,16 +264,19 @@ class MixtureAnchor(LatentDistanceAnchor):
     def mixture(self, latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """p_mix = sum_j w_j Z_j over the present modalities: (B, M, C, *S) -> (B, C, *S), float32."""
         present = _check(latents, present)
-        z = _zero_absent(latents, present)
-        w = self.sample_weights(present).to(z.device)
-        return (_expand(w, z) * z).sum(1)
+        return self._mix(_zero_absent(latents, present), present)
+
+    def _mix(self, z: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """p_mix of float32 latents ``z`` whose absent modalities are zeroed: one weighted sum (a batched matrix
+        product, no (B, M, ...) temporary), kept in float32 under autocast."""
+        with torch.autocast(z.device.type, enabled=False):
+            return torch.einsum("bm,bm...->b...", self.sample_weights(present).to(z.device), z)
 
     def loss(self, latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """Squared distance of each present Z_j to p_mix (see the class docstring): float32 scalar."""
         present = _check(latents, present)
         z = _zero_absent(latents, present)
-        p_mix = self.mixture(latents, present).unsqueeze(1)
-        dist = torch.where(present, _voxel_mse(z, p_mix), 0.0)  # (B, M)
+        dist = torch.where(present, _voxel_mse(z, self._mix(z, present).unsqueeze(1)), 0.0)  # (B, M)
         return dist.sum(1).mean()
 
     def anchor_center(self, latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
