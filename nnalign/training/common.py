@@ -51,7 +51,7 @@ def average_gradients_over_ranks(parameters: Iterable[torch.nn.Parameter]) -> No
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
     for p, g in zip(parameters, flat.split([g.numel() for g in grads])):
-        p.grad = g.view_as(p).clone()
+        p.grad = g.view_as(p)
 
 
 def gathered_over_ranks(values) -> np.ndarray:

@@ -141,6 +141,10 @@ class TeacherSettings:
                 "latent_level": self.latent_level, "modality_dropout": self.modality_dropout,
                 "stop_gradient": self.stop_gradient}
 
+    def latent_level_for(self, arch_kwargs: dict) -> int:
+        """The latent level a network of these settings has: this run's, else the plans' (``arch_kwargs``), else 0."""
+        return self.latent_level if self.latent_level is not None else int(arch_kwargs.get("latent_level", 0))
+
     def as_dict(self) -> dict:
         return asdict(self)
 

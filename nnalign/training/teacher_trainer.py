@@ -97,9 +97,8 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
             arch, extra = ORIGINAL_NETWORK, {"student_modalities": None}
         else:
             arch, extra = TEACHER_NETWORK, {"modalities": list(modalities), "anchor": settings.anchor,
-                                            "shared_encoder": settings.shared_encoder}
-            if settings.latent_level is not None:
-                extra["latent_level"] = settings.latent_level
+                                            "shared_encoder": settings.shared_encoder,
+                                            "latent_level": settings.latent_level_for(kwargs)}
         network = get_network_from_plans(arch, {**kwargs, **extra},
                                          configuration_manager.network_arch_init_kwargs_req_import,
                                          num_input_channels, num_output_channels, allow_init=True,
@@ -217,7 +216,6 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
         """What ``nnalign_settings.json`` holds: how this model was made."""
         arch = self.configuration_manager.network_arch_init_kwargs
         s = self.settings
-        level = s.latent_level if s.latent_level is not None else arch.get("latent_level", 0)
         net = self.net if self.network is not None else None
         modalities = list(getattr(net, "modalities", None) or plans_modalities(arch, len(self.dataset_json["channel_names"])))
         record = {
@@ -242,7 +240,8 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
             {"optimizer": "sgd", "initial_lr": self.initial_lr, "weight_decay": self.weight_decay},
             "settings": s.as_dict(),
             # the latent is the per-modality encoders' output at U-Net stage "level" (0: the input resolution)
-            "latent": None if s.is_original else {"level": level, "channels": arch.get("latent_channels"),
+            "latent": None if s.is_original else {"level": s.latent_level_for(arch),
+                                                  "channels": arch.get("latent_channels"),
                                                   "convs": arch.get("latent_convs")},
         }
         weights = self.mixture_weights() if net is not None else None
