@@ -356,7 +356,7 @@ def test_build_anchor_errors(spec, modalities, match):
 # modality_gap
 
 
-def test_modality_gap_by_hand():
+def _gap_latents():
     # C = 2, 2 voxels, B = 2, M = 4. Per-sample spatial means (channel 0, channel 1):
     #   sample 0: Z_0 voxels (-1, 1)/(0, 0) -> (0, 0);  Z_1 -> (3, 4);  Z_2 absent;  Z_3 absent
     #   sample 1: Z_0 -> (2, 0);  Z_1 absent;  Z_2 -> (0, 0);  Z_3 absent
@@ -366,33 +366,58 @@ def test_modality_gap_by_hand():
     latents[0, 1] = torch.tensor([[3.0, 3.0], [4.0, 4.0]])
     latents[1, 0] = torch.tensor([[1.0, 3.0], [0.0, 0.0]])
     latents[1, 2] = 0.0
-    present = P([1, 1, 0, 0], [1, 0, 1, 0])
-    # anchor centroid: zeros -> (0, 0): distances |c_0| = 1, |c_1| = 5, |c_2| = 0
-    gap = modality_gap(latents, present, torch.zeros(2, 2, 2))
+    return latents, P([1, 1, 0, 0], [1, 0, 1, 0])
+
+
+def test_modality_gap_by_hand():
+    latents, present = _gap_latents()
+    # normal anchor: centroid (0, 0), distances |c_0| = 1, |c_1| = 5, |c_2| = 0
+    gap = modality_gap(latents, present, NormalAnchor())
     assert gap["to_anchor"] == {0: pytest.approx(1.0), 1: pytest.approx(5.0), 2: pytest.approx(0.0)}
     # pairs: |c_0 - c_1| = |(-2, -4)| = sqrt(20); |c_0 - c_2| = 1; |c_1 - c_2| = 5 -> mean (sqrt(20) + 6) / 3
     assert gap["pairwise_mean"] == pytest.approx((math.sqrt(20) + 6) / 3)
     assert isinstance(gap["pairwise_mean"], float) and all(isinstance(v, float) for v in gap["to_anchor"].values())
 
-    # anchor centroid averaged over samples and space: sample 0 (2, 0) and sample 1 (0, 0) -> (1, 0) = c_0
-    center = torch.zeros(2, 2, 2)
-    center[0, 0] = torch.tensor([1.0, 3.0])
-    gap = modality_gap(latents, present, center)
-    assert gap["to_anchor"][0] == pytest.approx(0.0)
-    assert gap["to_anchor"][1] == pytest.approx(math.sqrt(4 + 16))
+    # modality anchor k = 0: centre Z_0 in both samples -> centroid mean((0, 0), (2, 0)) = (1, 0) = c_0
+    gap = modality_gap(latents, present, ModalityAnchor(0))
+    assert gap["to_anchor"] == {0: pytest.approx(0.0), 1: pytest.approx(math.sqrt(20)), 2: pytest.approx(1.0)}
+
+    # no anchor: centre = mean of the present: sample 0 ((0,0) + (3,4)) / 2 = (1.5, 2); sample 1 (1, 0)
+    # -> centroid (1.25, 1): |c_0 - .| = |(-0.25, -1)|, |c_1 - .| = |(1.75, 3)|, |c_2 - .| = |(-1.25, -1)|
+    gap = modality_gap(latents, present, NoAnchor())
+    assert gap["to_anchor"] == {0: pytest.approx(math.hypot(0.25, 1)), 1: pytest.approx(math.hypot(1.75, 3)),
+                                2: pytest.approx(math.hypot(1.25, 1))}
+
+    # mixture, raw weights (ln 3, 0, 0, 0): sample 0 weights (3/4, 1/4) -> (0.75, 1); sample 1 (3/4, 1/4) of Z_0, Z_2
+    # -> (1.5, 0); centroid (1.125, 0.5): |c_1 - .| = |(1.875, 3.5)|
+    gap = modality_gap(latents, present, mixture([math.log(3), 0, 0, 0]))
+    assert gap["to_anchor"][1] == pytest.approx(math.hypot(1.875, 3.5))
 
     # one modality in the whole batch: no pairs
-    assert modality_gap(latents, P([1, 0, 0, 0], [1, 0, 0, 0]), center)["pairwise_mean"] == 0.0
+    assert modality_gap(latents, P([1, 0, 0, 0], [1, 0, 0, 0]), NormalAnchor())["pairwise_mean"] == 0.0
 
 
-def test_modality_gap_uses_anchor_center():
-    # the modality anchor's center is Z_k: its own distance is 0
-    latents = Z(MIX)
-    anchor = ModalityAnchor(1)
-    gap = modality_gap(latents, P([1, 1, 1]), anchor.anchor_center(latents, P([1, 1, 1])))
-    assert gap["to_anchor"][1] == 0.0
-    # c_0 = 0, c_1 = 3, c_2 = 3 (spatial means, C = 1): to anchor 3, 0, 0; pairs 3, 3, 0 -> mean 2
-    assert gap["to_anchor"][0] == pytest.approx(3.0) and gap["pairwise_mean"] == pytest.approx(2.0)
+@pytest.mark.parametrize("spec", ["none", "normal", "modality:T1ce", "mixture"])
+def test_modality_gap_centroid_equals_full_resolution_centre(spec):
+    """The anchor centroid from the spatial means equals the full-resolution centre averaged over samples and space."""
+    torch.manual_seed(0)
+    anchor = build_anchor(spec, BRATS_MODALITIES)
+    if spec == "mixture":
+        with torch.no_grad():
+            anchor.raw_weights.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+    latents = torch.randn(3, 4, 2, 3, 4, 5) + torch.arange(4.0).reshape(1, 4, 1, 1, 1, 1)
+    present = P([1, 1, 1, 1], [0, 1, 0, 1], [1, 0, 1, 0])
+    with torch.no_grad():
+        centroid = anchor.anchor_center(latents, present).mean((0, 2, 3, 4))
+    per_sample = latents.mean((3, 4, 5))
+    expected = {j: float(torch.linalg.vector_norm(per_sample[present[:, j], j].mean(0) - centroid)) for j in range(4)}
+    assert modality_gap(latents, present, anchor)["to_anchor"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_modality_gap_of_half_precision_latents():
+    latents, present = _gap_latents()
+    gap = modality_gap(latents.half(), present, NormalAnchor())
+    assert gap["to_anchor"] == {0: pytest.approx(1.0), 1: pytest.approx(5.0), 2: pytest.approx(0.0)}
 
 
 def test_mixture_stays_float32_under_autocast():

@@ -341,20 +341,23 @@ def build_anchor(spec: str, modalities: Sequence[str]) -> AnchorAlignment:
 
 
 @torch.no_grad()
-def modality_gap(latents: torch.Tensor, present: torch.Tensor, center: torch.Tensor) -> dict:
+def modality_gap(latents: torch.Tensor, present: torch.Tensor, anchor: AnchorAlignment) -> dict:
     """Modality-gap summary of a batch, for the per-epoch log.
 
     Each modality's centroid is its latent (B, M, C, *S) averaged over the samples where it is present and over space
-    (a C-vector); the anchor centroid is ``center`` (B, C, *S) averaged over all samples and space. Returns plain
-    floats: ``{"to_anchor": {modality index: Euclidean distance of its centroid to the anchor centroid},
-    "pairwise_mean": mean Euclidean distance between the centroids of modality pairs both present somewhere in the
-    batch}``. Modalities absent from the whole batch are left out; with fewer than two, ``pairwise_mean`` is 0.0.
+    (a C-vector); the anchor centroid is ``anchor``'s centre averaged over all samples and space. Every anchor's centre
+    is a per-sample weighted sum of the modalities' latents, so it is computed from the spatial means (B, M, C) alone,
+    with no second pass over the full-resolution latents. Returns plain floats: ``{"to_anchor": {modality index:
+    Euclidean distance of its centroid to the anchor centroid}, "pairwise_mean": mean Euclidean distance between the
+    centroids of modality pairs both present somewhere in the batch}``. Modalities absent from the whole batch are
+    left out; with fewer than two, ``pairwise_mean`` is 0.0.
     """
-    present = _check(latents, present).cpu()
+    present = _check(latents, present)
     b, m, c = latents.shape[:3]
-    per_sample = latents.detach().float().reshape(b, m, c, -1).mean(-1).cpu()  # (B, M, C)
-    anchor = center.detach().float().reshape(b, c, -1).mean(-1).mean(0).cpu()  # (C,)
+    per_sample = latents.detach().reshape(b, m, c, -1).mean(-1, dtype=torch.float32)  # (B, M, C)
+    anchor_centroid = anchor.anchor_center(per_sample.unsqueeze(-1), present).mean((0, 2))  # (C,)
+    per_sample, anchor_centroid, present = per_sample.cpu(), anchor_centroid.cpu(), present.cpu()
     centroids = {j: per_sample[present[:, j], j].mean(0) for j in range(m) if bool(present[:, j].any())}
-    to_anchor = {j: float(torch.linalg.vector_norm(cj - anchor)) for j, cj in centroids.items()}
+    to_anchor = {j: float(torch.linalg.vector_norm(cj - anchor_centroid)) for j, cj in centroids.items()}
     pairs = [float(torch.linalg.vector_norm(centroids[i] - centroids[j])) for i, j in combinations(centroids, 2)]
     return {"to_anchor": to_anchor, "pairwise_mean": sum(pairs) / len(pairs) if pairs else 0.0}

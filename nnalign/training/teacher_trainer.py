@@ -148,14 +148,11 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
 
         out = {"loss": loss.detach().cpu().numpy()}
         if align is not None:
-            latents = parts["latents"].detach()
-            with torch.no_grad():
-                center = self.net.anchor.anchor_center(latents, present)
-                out["align_loss"] = align.detach().cpu().numpy()
-                gap = modality_gap(latents, present, center)
-                out["modality_gap"] = float(gap["pairwise_mean"])
-                # NaN for a modality absent from the whole batch; averaged over the steps that saw it
-                out["modality_to_anchor"] = np.array([gap["to_anchor"].get(j, np.nan) for j in range(latents.shape[1])])
+            out["align_loss"] = align.detach().cpu().numpy()
+            gap = modality_gap(parts["latents"], present, self.net.anchor)
+            out["modality_gap"] = float(gap["pairwise_mean"])
+            # NaN for a modality absent from the whole batch; averaged over the steps that saw it
+            out["modality_to_anchor"] = np.array([gap["to_anchor"].get(j, np.nan) for j in range(present.shape[1])])
         return out
 
     # ------------------------------------------------------------------------------------------------------------------
