@@ -33,17 +33,18 @@ def test_pointwise_conv_keeps_the_autocast_dtype():
 @pytest.mark.parametrize("conv_op, spatial", [(nn.Conv3d, (5, 6, 7)), (nn.Conv2d, (6, 7))])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("batch", [8, 6])  # 6 is not a multiple of 4 modalities: the plain convolution runs
-def test_folded_conv_equals_the_plain_convolution(conv_op, spatial, bias, batch):
+@pytest.mark.parametrize("in_channels, stride", [(1, 1), (2, 1), (3, 2)])  # the stem, a latent conv, a strided block
+def test_folded_conv_equals_the_plain_convolution(conv_op, spatial, bias, batch, in_channels, stride):
     torch.manual_seed(0)
-    folded = modality_folded_conv(conv_op, 4)(1, 3, 3, padding=1, bias=bias)
+    folded = modality_folded_conv(conv_op, 4)(in_channels, 3, 3, stride, padding=1, bias=bias)
     assert isinstance(folded, conv_op) and modality_folded_conv(conv_op, 4) is type(folded)
-    plain = conv_op(1, 3, 3, padding=1, bias=bias)
+    plain = conv_op(in_channels, 3, 3, stride, padding=1, bias=bias)
     plain.load_state_dict(folded.state_dict())
-    x = torch.randn(batch, 1, *spatial)
+    x = torch.randn(batch, in_channels, *spatial, requires_grad=True)
     got, expected = folded(x), plain(x)
     torch.testing.assert_close(got, expected)
-    grads = torch.autograd.grad(got.square().sum(), list(folded.parameters()))
-    expected_grads = torch.autograd.grad(expected.square().sum(), list(plain.parameters()))
+    grads = torch.autograd.grad(got.square().sum(), [x, *folded.parameters()])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, *plain.parameters()])
     for g, e in zip(grads, expected_grads):  # summed in another order: float32 rounding apart
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-4)
 
