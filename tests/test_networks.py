@@ -131,3 +131,34 @@ def test_latent_level_zero_keeps_the_parameters_and_the_budget_counts_each_level
 def test_latent_level_must_be_a_stage_of_the_unet(level):
     with pytest.raises(ValueError, match="latent level .* is not a stage of the 3-stage U-Net"):
         _teacher(True, latent_level=level)
+
+
+@pytest.mark.parametrize("anchor, latent_level", [("none", 0), ("normal", 0), ("modality:T1ce", 0), ("mixture", 0),
+                                                   ("mixture", 1), ("normal", 1)])
+def test_teacher_compiles_as_one_graph_and_matches_eager(anchor, latent_level):
+    """nnU-Net compiles the network on CUDA: the teacher (its folded convolutions, fill, and P^N's fused sample and KL
+    with its backward) must trace without a graph break, and give eager's logits, losses and gradients."""
+    torch._dynamo.reset()  # each test's networks count against dynamo's recompile limit for the same forward
+    torch.manual_seed(0)
+    net = _teacher(True, anchor=anchor, latent_level=latent_level, deep_supervision=True)
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 4, 8, 8, 8)
+    present = torch.tensor([[True, True, True, True], [True, False, True, False]])
+
+    def loss_and_grads(model):
+        torch.manual_seed(1)  # the same noise for P^N
+        parts = model(x, present, return_parts=True)
+        loss = sum(logits.square().mean() for logits in parts["logits"]) + net.anchor.alignment_loss(parts)
+        grads = torch.autograd.grad(loss, [p for p in net.parameters() if p.requires_grad], allow_unused=True)
+        return loss, grads
+
+    loss, grads = loss_and_grads(compiled)
+    expected_loss, expected_grads = loss_and_grads(net)
+    torch.testing.assert_close(loss, expected_loss)
+    for g, e in zip(grads, expected_grads):
+        assert (g is None) == (e is None)
+        if e is not None:
+            torch.testing.assert_close(g, e)
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, present), net(x, present))

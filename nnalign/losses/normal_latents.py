@@ -70,12 +70,13 @@ class _SampleWithKL(torch.autograd.Function):
             grad_kl = torch.zeros(mu.shape[:2], dtype=_kl_dtype(encoded), device=mu.device)
         # d KL / d mu = k mu and d KL / d logvar = k (sigma^2 - 1) / 2, with k = dL/dKL / (C * voxels)
         k = (grad_kl / mu[0, 0].numel()).to(encoded.dtype).reshape(*grad_kl.shape, *([1] * (mu.dim() - 2)))
+        # both halves written in place into one buffer (no concatenation); in-place ops on its views, not out=
+        # arguments, so torch.compile traces this backward too
         grad = torch.empty_like(encoded)
         grad_mu, grad_lv = mean_and_logvar(grad)
-        torch.addcmul(grad_latents, mu, k, out=grad_mu)
+        grad_mu.copy_(grad_latents).addcmul_(mu, k)
         # d Z / d logvar = noise * sigma / 2, so dL/dlogvar = (sigma (g noise + k sigma) - k) / 2 inside the clamp range
-        torch.mul(grad_latents, noise, out=grad_lv)
-        grad_lv.addcmul_(std, k).mul_(std).sub_(k).mul_(0.5)
+        grad_lv.copy_(grad_latents).mul_(noise).addcmul_(std, k).mul_(std).sub_(k).mul_(0.5)
         grad_lv.masked_fill_(clamped != lv, 0.0)
         return grad, None
 
