@@ -162,3 +162,5 @@ def test_teacher_compiles_as_one_graph_and_matches_eager(anchor, latent_level):
     net.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, present), net(x, present))
+        net.present_modalities = (0, 2)  # how nnalign_predict runs a case with missing modalities
+        torch.testing.assert_close(compiled(x), net(x))
