@@ -162,8 +162,9 @@ def test_teacher_compiles_as_one_graph_and_matches_eager(anchor, latent_level):
     net.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, present), net(x, present))
-        parts, expected_parts = compiled(x, present, return_parts=True), net(x, present, return_parts=True)  # the frozen
-        for key in ("latents", "latent_kl", "decoder_features", "skips"):  # teacher of a student, as KD reads it
+        # the parts a student's frozen teacher gives its distillation loss
+        parts, expected_parts = compiled(x, present, return_parts=True), net(x, present, return_parts=True)
+        for key in ("latents", "latent_kl", "decoder_features", "skips"):
             torch.testing.assert_close(parts[key], expected_parts[key])
         net.present_modalities = (0, 2)  # how nnalign_predict runs a case with missing modalities
         torch.testing.assert_close(compiled(x), net(x))

@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("5fold", "protokd"), default="5fold",
                    help="5fold: nnU-Net's default cross-validation; protokd: the ProtoKD BraTS 2018 "
                         "train/val/test split (test cases go to imagesTs/labelsTs)")
-    p.add_argument("--skip-bad", action="store_true", help="skip cases with bad files and list them, instead of stopping")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip cases with bad files and list them, instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset with the same ID")
     p.add_argument("-np", dest="num_processes", type=positive_int, default=min(4, os.cpu_count() or 1),
                    help="worker processes (default: %(default)s)")

@@ -20,14 +20,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "epochs, or use -device cuda, for real results); an interrupted demo resumes. Data and results "
                     "go to nnU-Net's folders (default ./nnalign_*).")
     p.add_argument("--data", type=Path, default=None, help="a BraTS release folder instead of synthetic cases")
-    p.add_argument("-d", dest="dataset_id", type=int, default=defaults.dataset_id, help="dataset ID to use (default: %(default)s)")
+    p.add_argument("-d", dest="dataset_id", type=int, default=defaults.dataset_id,
+                   help="dataset ID to use (default: %(default)s)")
     p.add_argument("--kd", default=defaults.kd, help="distillation method of the student (default: %(default)s)")
-    p.add_argument("--modalities", default=",".join(defaults.student_modalities), help="the student's modalities (default: %(default)s)")
-    p.add_argument("--teacher-epochs", type=positive_int, default=defaults.teacher_epochs, help="(default: %(default)s)")
-    p.add_argument("--student-epochs", type=positive_int, default=defaults.student_epochs, help="(default: %(default)s)")
-    p.add_argument("--iters-per-epoch", type=positive_int, default=defaults.iters_per_epoch, help="(default: %(default)s)")
-    p.add_argument("--cases", type=positive_int, default=defaults.cases, help="synthetic training cases (default: %(default)s)")
-    p.add_argument("--test-cases", type=positive_int, default=defaults.test_cases, help="synthetic held-out cases (default: %(default)s)")
+    p.add_argument("--modalities", default=",".join(defaults.student_modalities),
+                   help="the student's modalities (default: %(default)s)")
+    p.add_argument("--teacher-epochs", type=positive_int, default=defaults.teacher_epochs,
+                   help="(default: %(default)s)")
+    p.add_argument("--student-epochs", type=positive_int, default=defaults.student_epochs,
+                   help="(default: %(default)s)")
+    p.add_argument("--iters-per-epoch", type=positive_int, default=defaults.iters_per_epoch,
+                   help="(default: %(default)s)")
+    p.add_argument("--cases", type=positive_int, default=defaults.cases,
+                   help="synthetic training cases (default: %(default)s)")
+    p.add_argument("--test-cases", type=positive_int, default=defaults.test_cases,
+                   help="synthetic held-out cases (default: %(default)s)")
     p.add_argument("-device", choices=("cpu", "cuda", "mps"), default=defaults.device, help="(default: %(default)s)")
     return p
 

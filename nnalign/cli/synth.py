@@ -15,7 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "3 enhancing tumour) as the nnU-Net raw dataset DatasetXXX_NAME under $nnUNet_raw (default "
                     "./nnalign_raw_data). The same seed always gives the same cases.")
     p.add_argument("-d", dest="dataset_id", type=int, required=True, help="dataset ID (1-999)")
-    p.add_argument("-n", dest="num_cases", type=positive_int, required=True, help="number of training cases (imagesTr/labelsTr)")
+    p.add_argument("-n", dest="num_cases", type=positive_int, required=True,
+                   help="number of training cases (imagesTr/labelsTr)")
     p.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"), default=(96, 96, 96),
                    help="image size in voxels of 1 mm, each at least 32 (default: 96 96 96)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")

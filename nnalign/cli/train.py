@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     student.add_argument("--teacher", metavar="MODEL_DIR",
                          help="the teacher's model folder, $nnUNet_results/DATASET/<teacher>__nnAlignPlans__CONFIG")
     student.add_argument("--teacher-fold", metavar="F", help="the teacher's fold (default: the student's fold)")
-    student.add_argument("--temperature", type=float, metavar="T", help="distillation temperature (kdnet, pmkl, protokd)")
+    student.add_argument("--temperature", type=float, metavar="T",
+                         help="distillation temperature (kdnet, pmkl, protokd)")
     student.add_argument("--kd-set", action="append", default=[], metavar="KEY=VALUE",
                          help="set a loss weight of the method, e.g. kd_weight=5 or proto_weight=0.2 (repeatable; "
                               "an unknown key lists the method's settings)")
