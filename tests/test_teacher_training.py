@@ -329,6 +329,7 @@ def _epoch_end_on_rank(rank: int, world_size: int, init_file: str, result_file: 
         if rank == 0:
             Path(result_file).write_text(json.dumps({k: log[k] for k in ("train_losses", "align_losses",
                                                                          "modality_gap", "modality_to_anchor")}))
+        dist.barrier()  # no rank tears gloo down while another still talks to it (else SIGABRT at exit)
     finally:
         dist.destroy_process_group()
 
