@@ -473,6 +473,54 @@ def test_bad_settings_and_run_state_are_one_line_errors(planned, tmp_path, args,
                           *fragments)
 
 
+def _copy_with_edited_plans(planned: Path, tmp_path: Path, edit) -> tuple[Path, Path]:
+    """A copy of the preprocessed data whose nnAlignPlans.json went through ``edit(plans)``: (data root, plans file)."""
+    root = tmp_path / "data"
+    shutil.copytree(planned / "pre", root / "pre")
+    (root / "raw").mkdir()
+    plans_file = root / "pre" / DATASET / "nnAlignPlans.json"
+    plans = json.loads(plans_file.read_text())
+    edit(plans)
+    plans_file.write_text(json.dumps(plans))
+    return root, plans_file
+
+
+@pytest.mark.parametrize("key, value, fragments", [
+    ("latent_channels", 0, ["latent_channels must be a whole number >= 1, got 0"]),
+    ("latent_convs", 1.5, ["latent_convs must be a whole number >= 1, got 1.5"]),
+    ("latent_level", 7, ["latent_level must be a stage of the U-Net, 0 to ", "got 7"]),
+    ("shared_encoder", "yes", ["shared_encoder must be true or false, got 'yes'"]),
+])
+def test_bad_latent_settings_in_the_plans_are_one_line_errors(planned, tmp_path, key, value, fragments):
+    """Users edit the plans as nnU-Net's; a bad latent setting is named with the file, not a traceback."""
+    def edit(plans):
+        plans["configurations"][CONFIG]["architecture"]["arch_kwargs"][key] = value
+
+    root, plans_file = _copy_with_edited_plans(planned, tmp_path, edit)
+    assert_one_line_error(run_train(root, tmp_path / "results", DATASET, CONFIG, "0", "-device", "cpu"),
+                          str(plans_file), f"configuration {CONFIG}: ", *fragments)
+
+
+def test_a_configuration_inheriting_from_the_plans_sets_other_latent_channels(planned, tmp_path):
+    """nnU-Net's way to try other settings side by side: a configuration in the plans that inherits from a planned
+    one. Its name is part of the model folder, so the runs never share one."""
+    def edit(plans):
+        architecture = json.loads(json.dumps(plans["configurations"][CONFIG]["architecture"]))
+        architecture["arch_kwargs"]["latent_channels"] = 2
+        plans["configurations"]["3d_cpu_latent2"] = {"inherits_from": CONFIG, "architecture": architecture}
+
+    root, _ = _copy_with_edited_plans(planned, tmp_path, edit)
+    results = tmp_path / "results"
+    proc = run_train(root, results, DATASET, "3d_cpu_latent2", "0", "--anchor", "mixture", "--epochs", "1",
+                     "--iters-per-epoch", "2", "-device", "cpu")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    fold = results / DATASET / "nnAlignTeacher_mixture__nnAlignPlans__3d_cpu_latent2" / "fold_0"
+    assert json.loads((fold / "nnalign_settings.json").read_text())["latent"]["channels"] == 2
+    weights = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+    assert weights["unet.encoder.stages.0.0.convs.0.conv.weight"].shape[1] == 4 * 2  # 4 modalities x 2 channels
+    assert weights["encoders.0.0.convs.0.conv.weight"].shape[0] == 2
+
+
 def test_continue_without_a_checkpoint_lists_the_existing_runs(trained):
     line = assert_one_line_error(
         run_train(trained["data_root"], trained["results"], str(DATASET_ID), CONFIG, "0", "--anchor", "normal", "--c",

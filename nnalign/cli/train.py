@@ -150,13 +150,31 @@ def check_role_options(parser: argparse.ArgumentParser, args: argparse.Namespace
             raise NnalignError(f"--{dest.replace('_', '-')} applies to --role {role} only")
 
 
-def check_latent_level(plans: dict, configuration: str, level: int) -> None:
-    """One-line error for a latent level that is not a stage of the configuration's U-Net."""
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_latent_settings(plans: dict, plans_file: Path, configuration: str, level: int | None) -> None:
+    """One-line errors for the latent encoder's settings of a teacher run: ``--latent-level`` (``level``, None when
+    not given) and the configuration's ``arch_kwargs`` in the plans, which users may edit as nnU-Net's plans."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    n_stages = PlansManager(plans).get_configuration(configuration).network_arch_init_kwargs["n_stages"]
-    if level >= n_stages:
+    from nnalign.planning.planner import LATENT_DEFAULTS
+
+    kwargs = {**LATENT_DEFAULTS, **PlansManager(plans).get_configuration(configuration).network_arch_init_kwargs}
+    n_stages = kwargs["n_stages"]
+    if level is not None and level >= n_stages:
         raise NnalignError(f"--latent-level {level}: the {configuration} U-Net has stages 0 to {n_stages - 1}")
+    where = f"{plans_file}: configuration {configuration}"
+    for key in ("latent_channels", "latent_convs"):
+        if not _is_count(kwargs[key]):
+            raise NnalignError(f"{where}: {key} must be a whole number >= 1, got {kwargs[key]!r}")
+    planned_level = kwargs["latent_level"]
+    if not (isinstance(planned_level, int) and not isinstance(planned_level, bool) and 0 <= planned_level < n_stages):
+        raise NnalignError(f"{where}: latent_level must be a stage of the U-Net, 0 to {n_stages - 1}, "
+                           f"got {planned_level!r}")
+    if not isinstance(kwargs["shared_encoder"], bool):
+        raise NnalignError(f"{where}: shared_encoder must be true or false, got {kwargs['shared_encoder']!r}")
 
 
 def run_folder(results_root: Path, dataset: str, trainer: str, configuration: str, fold) -> Path:
@@ -309,8 +327,9 @@ def main() -> int:
         if settings.anchor_modality is not None and settings.anchor_modality not in modalities:
             raise NnalignError(f"anchor {settings.anchor}: {dataset} has no {settings.anchor_modality} "
                                f"(it has {', '.join(modalities)})")
-        if settings.latent_level is not None:
-            check_latent_level(plans, args.configuration, settings.latent_level)
+        if not settings.is_original:
+            check_latent_settings(plans, preprocessed / dataset / f"{PLANS_NAME}.json", args.configuration,
+                                  settings.latent_level)
         trainer = settings.trainer_name()
         os.environ.pop(ENV_KD_OVERRIDES, None)
     else:
