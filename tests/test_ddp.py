@@ -30,7 +30,7 @@ def _step_on_rank(rank: int, world_size: int, init_file: str, result_file: str) 
             "synchronised": synchronised.weight.detach().flatten().tolist(),
             "head": head.weight.detach().flatten().tolist(), "head_bias": head.bias.item(),
             "unused": unused.detach().tolist(), "logs": logs.tolist()}))
-        dist.barrier()  # no rank tears gloo down while another still talks to it (else SIGABRT at exit, ~1 in 4)
+        dist.barrier()  # no rank tears gloo down while another still talks to it (else SIGABRT at exit, 2 of 8 runs)
     finally:
         dist.destroy_process_group()
 

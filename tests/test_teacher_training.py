@@ -489,7 +489,6 @@ def _copy_with_edited_plans(planned: Path, tmp_path: Path, edit) -> tuple[Path, 
     ("latent_channels", 0, ["latent_channels must be a whole number >= 1, got 0"]),
     ("latent_convs", 1.5, ["latent_convs must be a whole number >= 1, got 1.5"]),
     ("latent_level", 7, ["latent_level must be a stage of the U-Net, 0 to ", "got 7"]),
-    ("shared_encoder", "yes", ["shared_encoder must be true or false, got 'yes'"]),
 ])
 def test_bad_latent_settings_in_the_plans_are_one_line_errors(planned, tmp_path, key, value, fragments):
     """Users edit the plans as nnU-Net's; a bad latent setting is named with the file, not a traceback."""

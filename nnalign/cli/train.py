@@ -173,8 +173,6 @@ def check_latent_settings(plans: dict, plans_file: Path, configuration: str, lev
     if not (isinstance(planned_level, int) and not isinstance(planned_level, bool) and 0 <= planned_level < n_stages):
         raise NnalignError(f"{where}: latent_level must be a stage of the U-Net, 0 to {n_stages - 1}, "
                            f"got {planned_level!r}")
-    if not isinstance(kwargs["shared_encoder"], bool):
-        raise NnalignError(f"{where}: shared_encoder must be true or false, got {kwargs['shared_encoder']!r}")
 
 
 def run_folder(results_root: Path, dataset: str, trainer: str, configuration: str, fold) -> Path:
