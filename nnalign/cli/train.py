@@ -150,8 +150,9 @@ def check_role_options(parser: argparse.ArgumentParser, args: argparse.Namespace
             raise NnalignError(f"--{dest.replace('_', '-')} applies to --role {role} only")
 
 
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+def _is_whole(value) -> bool:
+    """An int, not a bool (JSON's true and false are neither counts nor levels)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_latent_settings(plans: dict, plans_file: Path, configuration: str, level: int | None) -> None:
@@ -167,10 +168,10 @@ def check_latent_settings(plans: dict, plans_file: Path, configuration: str, lev
         raise NnalignError(f"--latent-level {level}: the {configuration} U-Net has stages 0 to {n_stages - 1}")
     where = f"{plans_file}: configuration {configuration}"
     for key in ("latent_channels", "latent_convs"):
-        if not _is_count(kwargs[key]):
+        if not (_is_whole(kwargs[key]) and kwargs[key] >= 1):
             raise NnalignError(f"{where}: {key} must be a whole number >= 1, got {kwargs[key]!r}")
     planned_level = kwargs["latent_level"]
-    if not (isinstance(planned_level, int) and not isinstance(planned_level, bool) and 0 <= planned_level < n_stages):
+    if not (_is_whole(planned_level) and 0 <= planned_level < n_stages):
         raise NnalignError(f"{where}: latent_level must be a stage of the U-Net, 0 to {n_stages - 1}, "
                            f"got {planned_level!r}")
 
