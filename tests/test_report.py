@@ -25,7 +25,8 @@ from nnalign.errors import NnalignError
 from nnalign.evaluation.metrics import HD95_EMPTY
 from nnalign.modalities import BRATS_MODALITIES, all_subsets, subset_tag
 from nnalign.reporting.collect import CACHE_FILE, Results, classify
-from nnalign.reporting.figures import Latents, plot_latent_tsne, plot_training_curves, sample_latents
+from nnalign.reporting.figures import (Latents, plot_latent_tsne, plot_training_curves, sample_latents,
+                                      tsne_embedding)
 from nnalign.reporting.report import build_report
 
 DATASET = "Dataset990_Fake"
@@ -384,6 +385,19 @@ def test_tsne_one_panel_per_anchor_from_callables(tmp_path):
     assert result.panels == ["none", "normal", "mixture"]
     assert is_png(tmp_path / "tsne.png")
     assert result.notes == ["t-SNE panel broken skipped: no checkpoint here"]
+
+
+def test_tsne_of_a_single_latent_channel_keeps_the_modalities_apart(tmp_path):
+    rng = np.random.default_rng(0)
+    values = rng.normal(scale=0.1, size=(1, 4, 1, 5, 5, 5)) + 10.0 * np.arange(4)[None, :, None, None, None, None]
+    result = plot_latent_tsne({"mixture": lambda: Latents(values, BRATS_MODALITIES)}, tmp_path / "tsne.png",
+                              per_modality=20)
+    assert result.panels == ["mixture"] and result.notes == [] and is_png(tmp_path / "tsne.png")
+    features, labels = sample_latents(Latents(values, BRATS_MODALITIES), 20, np.random.default_rng(0))
+    embedding = tsne_embedding(features)
+    centres = np.stack([embedding[labels == j].mean(0) for j in range(4)])
+    spread = max(np.linalg.norm(embedding[labels == j] - centres[j], axis=1).max() for j in range(4))
+    assert min(np.linalg.norm(centres[i] - centres[j]) for i in range(4) for j in range(i)) > spread
 
 
 def test_latent_sampling_stays_inside_the_mask_at_the_same_voxels_for_every_modality():

@@ -112,7 +112,8 @@ def sample_latents(latents: Latents, per_modality: int, rng: np.random.Generator
 
 
 def tsne_embedding(features: np.ndarray, seed: int = 0) -> np.ndarray:
-    """2-D t-SNE of ``features`` (N, C), perplexity min(30, (N - 1) / 3).
+    """2-D t-SNE of ``features`` (N, C), perplexity min(30, (N - 1) / 3), started from the PCA of the features (a
+    random start for a single latent channel, which has no second principal axis).
 
     OpenMP threads are capped at half the cores: scikit-learn's Barnes-Hut t-SNE spins its threads, and on a machine
     busy with training it runs 10-20x slower with every core than with one.
@@ -123,8 +124,8 @@ def tsne_embedding(features: np.ndarray, seed: int = 0) -> np.ndarray:
     n = features.shape[0]
     perplexity = float(max(1.0, min(30.0, (n - 1) / 3.0)))
     with threadpool_limits(limits=max(1, (os.cpu_count() or 2) // 2)):
-        return TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
-                    random_state=seed).fit_transform(features.astype(np.float64))
+        return TSNE(n_components=2, perplexity=perplexity, init="pca" if features.shape[1] > 1 else "random",
+                    learning_rate="auto", random_state=seed).fit_transform(features.astype(np.float64))
 
 
 def plot_latent_tsne(panels: Mapping[str, Callable[[], Latents]], path: str | os.PathLike, per_modality: int = 300,
