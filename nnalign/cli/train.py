@@ -160,7 +160,7 @@ def check_latent_settings(plans: dict, plans_file: Path, configuration: str, lev
     not given) and the configuration's ``arch_kwargs`` in the plans, which users may edit as nnU-Net's plans."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnalign.planning.planner import LATENT_DEFAULTS
+    from nnalign.networks.align_unet import LATENT_DEFAULTS
 
     kwargs = {**LATENT_DEFAULTS, **PlansManager(plans).get_configuration(configuration).network_arch_init_kwargs}
     n_stages = kwargs["n_stages"]
@@ -290,8 +290,8 @@ def student_trainer(args, dataset: str, modalities: tuple[str, ...], results_roo
     teacher_fold_folder = fold_folder(Path(args.teacher).resolve(),
                                       teacher_fold if teacher_fold is not None else args.fold)
     if not (teacher_fold_folder / FINAL_CHECKPOINT).is_file():
-        raise NnalignError(f"--teacher {teacher_fold_folder}: no {FINAL_CHECKPOINT} (the teacher's training for this fold "
-                           f"is incomplete; use --teacher-fold to pick another fold)")
+        raise NnalignError(f"--teacher {teacher_fold_folder}: no {FINAL_CHECKPOINT} (the teacher's training for this "
+                           f"fold is incomplete; use --teacher-fold to pick another fold)")
     return StudentSettings(subset, kd, teacher, teacher_fold, overrides).trainer_name(), overrides
 
 

@@ -58,9 +58,10 @@ def build_dataset_folder(raw_root: Path, dataset_id: int, name: str, overwrite: 
     os.replace(staging, final)
 
 
-def write_dataset_json(folder: Path, num_training: int, dataset_name: str, *, modalities: Sequence[str] = BRATS_MODALITIES,
-                       description: str = "", source_label_convention: str | None = None,
-                       reference: str = "", extra: dict | None = None) -> dict:
+def write_dataset_json(folder: Path, num_training: int, dataset_name: str, *,
+                       modalities: Sequence[str] = BRATS_MODALITIES, description: str = "",
+                       source_label_convention: str | None = None, reference: str = "",
+                       extra: dict | None = None) -> dict:
     """Write nnU-Net's dataset.json for a BraTS-style region dataset and return it.
 
     ``source_label_convention`` (``brats2018`` or ``brats2023``) is recorded under ``nnalign`` so that predictions

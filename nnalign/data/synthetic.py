@@ -92,7 +92,8 @@ def case_seed(seed: int, index: int, held_out: bool = False) -> int:
 
 
 def _interp_matrix(n: int, nodes: int) -> np.ndarray:
-    """(n, nodes) weights that interpolate ``nodes`` lattice values smoothly onto ``n`` points (normalised Gaussians)."""
+    """(n, nodes) weights that interpolate ``nodes`` lattice values smoothly onto ``n`` points (normalised
+    Gaussians)."""
     t = np.linspace(0.0, nodes - 1.0, n)[:, None]
     w = np.exp(-0.5 * ((t - np.arange(nodes)[None, :]) / 0.7) ** 2)
     return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
@@ -342,7 +343,8 @@ def write_synthetic_dataset(raw_root: str | Path, dataset_id: int, num_cases: in
             _write_case(staging / f"images{split}", staging / f"labels{split}", case, size, s)
         write_dataset_json(
             staging, int(num_cases), name,
-            description=f"Synthetic BraTS-like cases made by nnalign_synth (seed {seed}, shape {'x'.join(map(str, size))})",
+            description=f"Synthetic BraTS-like cases made by nnalign_synth (seed {seed}, "
+                        f"shape {'x'.join(map(str, size))})",
             source_label_convention="brats2023",
             extra={"synthetic": {"seed": int(seed), "shape": list(size), "num_test": int(num_test),
                                  "generator_version": GENERATOR_VERSION}})

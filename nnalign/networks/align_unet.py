@@ -38,6 +38,10 @@ from nnalign.losses.normal_latents import kl_to_standard_normal, mean_and_logvar
 from nnalign.modalities import BRATS_MODALITIES
 from nnalign.networks.outputs import NetworkOutputs
 
+LATENT_DEFAULTS = {"latent_channels": 4, "latent_convs": 1, "latent_level": 0, "shared_encoder": True}
+"""The teacher's latent-encoder settings where the plans give none; nnalign's planner writes them into every
+configuration's ``arch_kwargs``."""
+
 PLAIN_UNET_KEYS = ("n_stages", "features_per_stage", "conv_op", "kernel_sizes", "strides", "n_conv_per_stage",
               "n_conv_per_stage_decoder", "conv_bias", "norm_op", "norm_op_kwargs", "dropout_op", "dropout_op_kwargs",
               "nonlin", "nonlin_kwargs", "nonlin_first")
@@ -161,8 +165,11 @@ class nnAlignTeacherUNet(_PartsNetwork):
     """
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False, *,
-                 modalities: Sequence[str] = BRATS_MODALITIES, latent_channels: int = 4, latent_convs: int = 1,
-                 latent_level: int = 0, shared_encoder: bool = True, anchor: str = "none",
+                 modalities: Sequence[str] = BRATS_MODALITIES,
+                 latent_channels: int = LATENT_DEFAULTS["latent_channels"],
+                 latent_convs: int = LATENT_DEFAULTS["latent_convs"],
+                 latent_level: int = LATENT_DEFAULTS["latent_level"],
+                 shared_encoder: bool = LATENT_DEFAULTS["shared_encoder"], anchor: str = "none",
                  input_scale: Sequence[float] | None = None,
                  **unet_kwargs) -> None:
         super().__init__()

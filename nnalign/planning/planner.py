@@ -21,7 +21,7 @@ from nnunetv2.experiment_planning.experiment_planners.network_topology import ge
 
 from nnalign import __version__
 from nnalign.model_folders import PLANS_NAME
-from nnalign.networks.align_unet import nnAlignStudentUNet, nnAlignTeacherUNet
+from nnalign.networks.align_unet import LATENT_DEFAULTS, nnAlignStudentUNet, nnAlignTeacherUNet
 
 CPU_SPACING_MM = 2.0
 CPU_MEMORY_TARGET_GB = 0.5
@@ -31,7 +31,6 @@ CPU_MAX_PATCH = 64
 PAPER_PATCH = 80
 PAPER_BATCH = 4
 PAPER_TRAINING = {"optimizer": "adam", "initial_lr": 1e-3, "final_lr": 1e-5, "weight_decay": 1e-5}
-LATENT_DEFAULTS = {"latent_channels": 4, "latent_convs": 1, "latent_level": 0, "shared_encoder": True}
 
 
 def teacher_and_distillation_size(patch_size, input_channels: int, output_channels: int, arch_kwargs: dict,

@@ -43,7 +43,8 @@ KD_STATE_FILE = "nnalign_kd_state.pth"
 def teacher_checkpoint(results_dataset_folder: str | os.PathLike, teacher_trainer: str, plans: str,
                        configuration: str, fold) -> Path:
     """Where the teacher's final checkpoint for a fold lives (nnU-Net's results layout)."""
-    return fold_folder(model_folder(results_dataset_folder, teacher_trainer, configuration, plans), fold) / FINAL_CHECKPOINT
+    folder = model_folder(results_dataset_folder, teacher_trainer, configuration, plans)
+    return fold_folder(folder, fold) / FINAL_CHECKPOINT
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -90,11 +91,12 @@ class nnAlignStudentTrainer(nnUNetTrainer):
         modalities = plans_modalities(kwargs, num_input_channels)
         missing = [m for m in cls.student.modalities if m not in modalities]
         if missing:
-            raise NnalignError(f"{cls.__name__}: modality {missing[0]} is not in this dataset ({', '.join(modalities)})")
+            raise NnalignError(f"{cls.__name__}: modality {missing[0]} is not in this dataset "
+                               f"({', '.join(modalities)})")
         kwargs["student_modalities"] = list(channel_indices(cls.student.modalities, modalities))
-        return get_network_from_plans(STUDENT_NETWORK, kwargs, configuration_manager.network_arch_init_kwargs_req_import,
-                                      num_input_channels, num_output_channels, allow_init=True,
-                                      deep_supervision=enable_deep_supervision)
+        return get_network_from_plans(STUDENT_NETWORK, kwargs,
+                                      configuration_manager.network_arch_init_kwargs_req_import, num_input_channels,
+                                      num_output_channels, allow_init=True, deep_supervision=enable_deep_supervision)
 
     def initialize(self) -> None:
         features = list(self.configuration_manager.network_arch_init_kwargs["features_per_stage"])

@@ -214,7 +214,8 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
         arch = self.configuration_manager.network_arch_init_kwargs
         s = self.settings
         net = self.net if self.network is not None else None
-        modalities = list(getattr(net, "modalities", None) or plans_modalities(arch, len(self.dataset_json["channel_names"])))
+        modalities = list(getattr(net, "modalities", None)
+                          or plans_modalities(arch, len(self.dataset_json["channel_names"])))
         record = {
             "nnalign_version": __version__,
             "role": "teacher",

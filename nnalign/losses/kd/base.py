@@ -57,9 +57,9 @@ class NetworkShape:
 class DistillationLoss(nn.Module):
     """Base of the distillation losses: subclasses implement :meth:`components`.
 
-    The constructor takes a :class:`NetworkShape` first; every keyword-only argument after it is a setting: it must be stored on
-    the instance under the same name, can be overridden through ``build_kd(..., name=value)``, and is reported by
-    :meth:`settings`.
+    The constructor takes a :class:`NetworkShape` first; every keyword-only argument after it is a setting: it must be
+    stored on the instance under the same name, can be overridden through ``build_kd(..., name=value)``, and is
+    reported by :meth:`settings`.
     """
 
     name: ClassVar[str] = ""
