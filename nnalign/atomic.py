@@ -30,3 +30,17 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
     """Write ``payload`` as indented JSON, atomically."""
     write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
+
+
+def check_writable(folder: str | os.PathLike, what: str = "files") -> None:
+    """Make ``folder`` (and its parents) and try a file in it; one-line NnalignError naming the folder if it cannot
+    be written (read-only, full, a file in the way), so that a run stops before it starts, not half way."""
+    from nnalign.errors import NnalignError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise NnalignError(f"{folder}: cannot write {what} there ({e.strerror or e})") from None

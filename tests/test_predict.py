@@ -487,7 +487,7 @@ def test_cli_bad_input_is_one_line_per_case_and_the_rest_is_predicted(trained, t
     assert all(line.startswith("nnalign_predict: error: ") for line in lines), lines
     expected = {
         "nnAlignTeacher_none__": "no fold_*/checkpoint_final.pth",
-        "GEOM: GEOM-t1c.nii.gz: spacing (1.5, 1.0, 1.0) differs from FLAIR": "",
+        "GEOM: GEOM-t1c.nii.gz: spacing (1.5, 1.0, 1.0) differs from": "of the other files",
         "BROKEN: BROKEN-t2w.nii.gz: not a readable NIfTI image": "",
         "TRUNC: TRUNC-t2f.nii.gz: truncated": "",
         "SEGONLY: no image file (only the segmentation SEGONLY-seg.nii.gz)": "",

@@ -28,19 +28,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def print_skipped(skipped: dict[str, str]) -> None:
+    """One stdout line per case ``--skip-bad`` skipped."""
+    for case_id, reason in skipped.items():
+        print(f"skipped {case_id}: {reason}")
+
+
 @cli_entry("nnalign_convert_brats")
 def main() -> int:
     args = build_parser().parse_args()
-    from nnalign.data.convert_brats import convert_brats
+    from nnalign.data.convert_brats import NothingConverted, convert_brats
     from nnalign.paths import setup_env
 
     raw = setup_env()["nnUNet_raw"]
-    report = convert_brats(args.source, args.dataset_id, raw, name=args.name, split=args.split,
-                           skip_bad=args.skip_bad, overwrite=args.overwrite, num_processes=args.num_processes)
+    try:
+        report = convert_brats(args.source, args.dataset_id, raw, name=args.name, split=args.split,
+                               skip_bad=args.skip_bad, overwrite=args.overwrite, num_processes=args.num_processes)
+    except NothingConverted as e:
+        print_skipped(e.skipped)
+        raise
     for note in report.split_notes:
         print(f"note: {note}")
-    for case_id, reason in report.skipped.items():
-        print(f"skipped {case_id}: {reason}")
+    print_skipped(report.skipped)
     print(f"Wrote {report.dataset_folder}: {report.num_training} training cases, {report.num_test} test cases, "
           f"labels from {report.label_convention}" + (f", {len(report.skipped)} skipped" if report.skipped else ""))
     return 0

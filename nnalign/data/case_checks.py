@@ -1,7 +1,8 @@
 """Checks on the image files of one case, shared by the BraTS converter and nnalign_predict.
 
-Each check reads only the NIfTI header (plus, for completeness, the raw bytes) and raises :class:`NnalignError` with
-one line naming the case, the file and the problem.
+Each check reads only the NIfTI header (plus, for completeness and finite values, the raw bytes) and raises
+:class:`NnalignError` with one line naming the case, the file and the problem. :func:`voxel_problem` serves files
+that belong to no case too (``nnalign_evaluate``'s label maps).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from nnalign.data.brats_layout import BratsCase
 from nnalign.errors import NnalignError
 
 
-def read_header(case: BratsCase, path: Path):
+def read_header(case_id: str, path: Path):
     """A SimpleITK ``ImageFileReader`` that has read ``path``'s header; one-line error if it cannot."""
     import SimpleITK as sitk
 
@@ -25,67 +26,133 @@ def read_header(case: BratsCase, path: Path):
     try:
         reader.ReadImageInformation()
     except RuntimeError:
-        raise NnalignError(f"{case.case_id}: {path.name}: not a readable NIfTI image") from None
+        raise NnalignError(f"{case_id}: {path.name}: not a readable NIfTI image") from None
     return reader
 
 
 def image_geometry(reader) -> tuple:
     """(size, spacing, origin, direction) of a header reader (sizes and spacings in SimpleITK's x, y, z order)."""
-    return (tuple(reader.GetSize()), np.array(reader.GetSpacing()), np.array(reader.GetOrigin()),
+    return (tuple(int(n) for n in reader.GetSize()), np.array(reader.GetSpacing()), np.array(reader.GetOrigin()),
             np.array(reader.GetDirection()))
 
 
-def check_complete(case: BratsCase, path: Path, reader) -> None:
-    """Raise if ``path`` holds fewer bytes than its NIfTI header promises (a truncated or corrupt download).
+#: NIfTI floating-point datatype codes and their numpy types (the only data that can hold NaN or infinity).
+FLOAT_DATATYPES = {16: "f4", 64: "f8"}
 
-    SimpleITK reads such a file without complaint and returns the missing voxels as zeros, so the check is on the
-    bytes: the (decompressed) file must reach ``vox_offset + voxels * bitpix / 8``.
+
+def voxel_problem(path: Path, reader) -> str | None:
+    """Why the voxel data of ``path`` cannot be used, or None: fewer bytes than its NIfTI header promises (a
+    truncated or corrupt download), or NaN or infinite values.
+
+    SimpleITK reads both without complaint, the missing voxels and the NaNs as zeros, so the check is on the bytes:
+    the (decompressed) file must reach ``vox_offset + voxels * bitpix / 8``, and floating-point voxels must be
+    finite. Integer data in an uncompressed file is checked by its size alone.
     """
     try:
         ndim = int(reader.GetMetaData("dim[0]"))
         voxels = int(np.prod([int(reader.GetMetaData(f"dim[{i}]")) for i in range(1, ndim + 1)]))
-        needed = int(float(reader.GetMetaData("vox_offset"))) + voxels * int(reader.GetMetaData("bitpix")) // 8
+        offset = int(float(reader.GetMetaData("vox_offset")))
+        needed = offset + voxels * int(reader.GetMetaData("bitpix")) // 8
+        dtype = FLOAT_DATATYPES.get(int(reader.GetMetaData("datatype")))
     except (RuntimeError, ValueError):
-        return  # no NIfTI header fields to check against
-    if path.name.lower().endswith(".gz"):
-        try:
-            with gzip.open(path, "rb") as f:
-                have = sum(len(chunk) for chunk in iter(lambda: f.read(1 << 22), b""))
-        except (OSError, EOFError, zlib.error):
-            raise NnalignError(f"{case.case_id}: {path.name}: truncated or corrupt gzip data") from None
-    else:
+        return None  # no NIfTI header fields to check against
+    gz = path.name.lower().endswith(".gz")
+    if not gz and dtype is None:
         have = path.stat().st_size
+        return f"truncated file ({have} of {needed} bytes)" if have < needed else None
+    have, bad, carry, order = 0, 0, b"", "<"
+    try:
+        with (gzip.open if gz else open)(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                if have == 0:  # sizeof_hdr, 348 (NIfTI-1) or 540 (NIfTI-2), tells the byte order
+                    order = "<" if int.from_bytes(chunk[:4], "little") in (348, 540) else ">"
+                start, have = have, have + len(chunk)
+                if dtype is not None and max(offset, start) < min(needed, have):
+                    data = carry + chunk[max(offset - start, 0): min(needed, have) - start]
+                    whole = len(data) - len(data) % int(dtype[1])
+                    bad += int(np.count_nonzero(~np.isfinite(np.frombuffer(data[:whole], order + dtype))))
+                    carry = data[whole:]
+    except (OSError, EOFError, zlib.error):
+        return "truncated or corrupt gzip data"
     if have < needed:
-        raise NnalignError(f"{case.case_id}: {path.name}: truncated file ({have} of {needed} bytes)")
+        return f"truncated file ({have} of {needed} bytes)"
+    return f"{bad} NaN or infinite voxel{'s' if bad != 1 else ''}" if bad else None
 
 
-def check_geometry(case: BratsCase, reference_name: str, reference: tuple, path: Path, reader) -> None:
-    """Raise unless ``path`` has the shape, spacing, origin and direction of ``reference`` (an
-    :func:`image_geometry`)."""
-    size, spacing, origin, direction = image_geometry(reader)
-    checks = (("shape", reference[0] == size, reference[0], size),
-              ("spacing", np.allclose(reference[1], spacing), reference[1], spacing),
-              ("origin", np.allclose(reference[2], origin, atol=1e-3), reference[2], origin),
-              ("direction", np.allclose(reference[3], direction, atol=1e-4), reference[3], direction))
-    for what, ok, ref, got in checks:
-        if not ok:
-            fmt = (lambda v: tuple(np.round(np.asarray(v, dtype=float), 4).tolist()))
-            raise NnalignError(f"{case.case_id}: {path.name}: {what} {fmt(got)} differs from "
-                               f"{reference_name} {fmt(ref)}")
+def check_voxels(case_id: str, path: Path, reader) -> None:
+    """Raise if ``path`` is truncated, corrupt, or holds NaN or infinite voxels (:func:`voxel_problem`)."""
+    reason = voxel_problem(path, reader)
+    if reason:
+        raise NnalignError(f"{case_id}: {path.name}: {reason}")
 
 
-def check_case_images(case: BratsCase, modalities: Sequence[str], reference_name: str | None = None) -> Mapping:
-    """Check the images of ``modalities`` of a case and return their header readers by modality.
+def _fmt(what: str, value) -> tuple:
+    if what == "shape":
+        return tuple(int(v) for v in value)
+    return tuple(np.round(np.asarray(value, dtype=float), 4).tolist())
 
-    Every file must be a readable, complete 3D scalar image with the geometry of ``reference_name`` (default: the
-    last of ``modalities``). Raises NnalignError naming the case and the first bad file.
+
+def geometry_difference(a: tuple, b: tuple) -> tuple[str, tuple, tuple] | None:
+    """(property, a's value, b's value) of the first of shape, spacing, origin, direction in which two
+    :func:`image_geometry` differ, or None if they agree."""
+    checks = (("shape", a[0] == b[0]), ("spacing", np.allclose(a[1], b[1])),
+              ("origin", np.allclose(a[2], b[2], atol=1e-3)), ("direction", np.allclose(a[3], b[3], atol=1e-4)))
+    index = {"shape": 0, "spacing": 1, "origin": 2, "direction": 3}
+    for what, same in checks:
+        if not same:
+            return what, _fmt(what, a[index[what]]), _fmt(what, b[index[what]])
+    return None
+
+
+def check_same_geometry(case_id: str, files: Mapping[str, Path], readers: Mapping) -> None:
+    """Raise unless every file of a case has one geometry (:func:`image_geometry`).
+
+    The files are grouped by geometry; the message names a file outside the largest group when there is one, or
+    two files that disagree when no group is larger than the others (two files, or two against two).
     """
-    readers = {m: read_header(case, case.images[m]) for m in modalities}
-    reference_name = reference_name or modalities[-1]
-    reference = image_geometry(readers[reference_name])
-    for m in modalities:
-        check_geometry(case, reference_name, reference, case.images[m], readers[m])
-        if readers[m].GetNumberOfComponents() != 1 or len(reference[0]) != 3:
-            raise NnalignError(f"{case.case_id}: {case.images[m].name}: expected a 3D scalar image")
-        check_complete(case, case.images[m], readers[m])
+    geometries = {k: image_geometry(readers[k]) for k in files}
+    groups: list[list[str]] = []
+    for k in files:
+        group = next((g for g in groups if geometry_difference(geometries[g[0]], geometries[k]) is None), None)
+        if group is None:
+            groups.append([k])
+        else:
+            group.append(k)
+    if len(groups) == 1:
+        return
+    groups.sort(key=len, reverse=True)
+    first, second = groups[0], groups[1]
+    if len(first) > len(second):
+        odd = next(k for k in files if k not in first)
+        what, expected, got = geometry_difference(geometries[first[0]], geometries[odd])
+        others = ", ".join(files[k].name for k in first)
+        raise NnalignError(f"{case_id}: {files[odd].name}: {what} {got} differs from {expected} of the other "
+                           f"files ({others})")
+    a, b = first[0], second[0]
+    what, value_a, value_b = geometry_difference(geometries[a], geometries[b])
+    raise NnalignError(f"{case_id}: {files[a].name} and {files[b].name} differ in {what}: {value_a} vs {value_b} "
+                       f"(no majority among the case's files says which is right)")
+
+
+def check_case_images(case: BratsCase, modalities: Sequence[str], seg: bool = False) -> Mapping:
+    """Check the images of ``modalities`` of a case (and, with ``seg``, its segmentation) and return their header
+    readers by modality (and ``"seg"``).
+
+    Every file must be a readable, complete 3D scalar image without NaN or infinite voxels, and all must share one
+    geometry. Raises NnalignError naming the case and the bad file.
+    """
+    files = {m: case.images[m] for m in modalities}
+    if seg and case.seg is not None:
+        files["seg"] = case.seg
+    readers = {k: read_header(case.case_id, path) for k, path in files.items()}
+    for k, path in files.items():
+        size = tuple(int(n) for n in readers[k].GetSize())
+        components = readers[k].GetNumberOfComponents()
+        if len(size) != 3 or components != 1:
+            got = f"{len(size)}D image ({' x '.join(map(str, size))})" if len(size) != 3 else \
+                f"image of {components} components per voxel"
+            raise NnalignError(f"{case.case_id}: {path.name}: expected a 3D scalar image, got a {got}")
+    check_same_geometry(case.case_id, files, readers)
+    for k, path in files.items():
+        check_voxels(case.case_id, path, readers[k])
     return readers

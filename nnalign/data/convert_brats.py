@@ -7,6 +7,7 @@ leaves nothing behind.
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from concurrent.futures import ProcessPoolExecutor
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from nnalign.data.brats_layout import NAMING_2023, BratsCase, find_cases
-from nnalign.data.case_checks import check_case_images, check_complete, check_geometry, image_geometry, read_header
+from nnalign.data.case_checks import check_case_images
 from nnalign.data.labels import brats_to_nnunet, detect_convention
 from nnalign.data.raw_dataset import FILE_ENDING, build_dataset_folder, image_filename, write_dataset_json
 from nnalign.data.splits import protokd_split, write_splits_file
@@ -27,6 +28,17 @@ from nnalign.modalities import BRATS_MODALITIES
 SPLITS = ("5fold", "protokd")
 CITATION = ("Menze et al., IEEE TMI 2015; Bakas et al., Sci Data 2017; Bakas et al., arXiv:1811.02629; "
             "Baid et al., arXiv:2107.02314")
+
+
+class NothingConverted(NnalignError):
+    """With ``skip_bad``, every case was bad; ``skipped`` maps each case ID to its one-line reason."""
+
+    def __init__(self, message: str, skipped: dict[str, str]) -> None:
+        super().__init__(message)
+        self.skipped = skipped
+
+    def __reduce__(self):
+        return type(self), (str(self), self.skipped)
 
 
 @dataclass
@@ -60,14 +72,9 @@ def convert_case(case: BratsCase, images_dir: Path, labels_dir: Path | None) -> 
     if missing:
         raise NnalignError(f"{case.case_id}: missing {missing[0]} file (expected {case.expected_file(missing[0])} "
                            f"in {case.folder})")
-    ref_name = BRATS_MODALITIES[-1]
-    readers = check_case_images(case, BRATS_MODALITIES, ref_name)
-    reference = image_geometry(readers[ref_name])
     result = CaseResult(case.case_id, labelled=case.seg is not None and labels_dir is not None)
+    check_case_images(case, BRATS_MODALITIES, seg=result.labelled)
     if result.labelled:
-        seg_reader = read_header(case, case.seg)
-        check_geometry(case, ref_name, reference, case.seg, seg_reader)
-        check_complete(case, case.seg, seg_reader)
         try:
             seg_image = sitk.ReadImage(str(case.seg))
         except RuntimeError:
@@ -83,17 +90,33 @@ def convert_case(case: BratsCase, images_dir: Path, labels_dir: Path | None) -> 
         result.source_label_counts = {int(v): int(c) for v, c in zip(values, counts)}
         out = sitk.GetImageFromArray(converted)
         out.CopyInformation(seg_image)
-        sitk.WriteImage(out, str(labels_dir / f"{case.case_id}{FILE_ENDING}"), useCompression=True)
+        _write(lambda dst: sitk.WriteImage(out, str(dst), useCompression=True),
+               labels_dir / f"{case.case_id}{FILE_ENDING}")
     for channel, m in enumerate(BRATS_MODALITIES):
         src, dst = case.images[m], images_dir / image_filename(case.case_id, channel)
         if src.name.lower().endswith(".nii.gz"):
-            shutil.copyfile(src, dst)
+            _write(lambda target: shutil.copyfile(src, target), dst)
         else:
             try:
-                sitk.WriteImage(sitk.ReadImage(str(src)), str(dst), useCompression=True)
+                image = sitk.ReadImage(str(src))
             except RuntimeError:
                 raise NnalignError(f"{case.case_id}: {src.name}: not a readable NIfTI image") from None
+            _write(lambda target: sitk.WriteImage(image, str(target), useCompression=True), dst)
     return result
+
+
+class WriteError(NnalignError):
+    """The dataset cannot be written (a full disk, a read-only folder): it stops the conversion, never a case."""
+
+
+def _write(write, dst: Path) -> None:
+    """``write(dst)``; WriteError naming the dataset folder (SimpleITK raises RuntimeError, copies OSError)."""
+    try:
+        write(dst)
+    except (OSError, RuntimeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[-160:]
+        raise WriteError(f"cannot write {dst.name} into {dst.parent.parent.parent} ({reason}); nothing was "
+                         f"converted") from None
 
 
 def _convert_job(args: tuple) -> CaseResult | NnalignError:
@@ -151,14 +174,14 @@ def convert_brats(source: Path, dataset_id: int, raw_root: Path, name: str | Non
         ok: dict[str, CaseResult] = {}
         for (case, _, _), res in zip(jobs, results):
             if isinstance(res, NnalignError):
-                if not skip_bad:
+                if not skip_bad or isinstance(res, WriteError):
                     raise res
                 skipped[case.case_id] = str(res)
                 _remove_case_files(staging, case.case_id)
             else:
                 ok[case.case_id] = res
         if not ok:
-            raise NnalignError(f"{source}: no case could be converted")
+            raise NothingConverted(f"{source}: no case could be converted ({len(skipped)} skipped as bad)", skipped)
         conventions = {r.convention for r in ok.values() if r.convention}
         if len(conventions) > 1:
             by_convention = {r.convention: r.case_id for r in ok.values() if r.convention}
@@ -194,8 +217,23 @@ def _run_jobs(jobs: list[tuple], num_processes: int, progress: bool) -> list:
     bar = dict(total=len(jobs), desc="Converting cases", unit="case", disable=None if progress else True)
     if num_processes <= 1 or len(jobs) == 1:
         return [_convert_job(j) for j in tqdm(jobs, **bar)]
-    with ProcessPoolExecutor(min(num_processes, len(jobs)), mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(min(num_processes, len(jobs)), mp_context=get_context("spawn"),
+                             initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         return list(tqdm(pool.map(_convert_job, jobs), **bar))
+
+
+def exit_with_parent(parent_pid: int, poll_seconds: float = 0.5) -> None:
+    """Worker initializer: end this process as soon as ``parent_pid`` is no longer its parent (the conversion was
+    killed), instead of waiting forever for work."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _remove_case_files(staging: Path, case_id: str) -> None:

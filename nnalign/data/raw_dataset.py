@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -30,32 +31,71 @@ def check_dataset_id(dataset_id: int) -> None:
         raise NnalignError(f"dataset ID {dataset_id} is out of range (nnU-Net uses 1-999)")
 
 
+STAGING_RE = re.compile(r"\.Dataset\d{3}_.+\.partial-(\d+)")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def remove_stale_staging(raw_root: Path) -> list[Path]:
+    """Remove the staging folders (``.DatasetXXX_name.partial-PID``) of processes that no longer run (a killed
+    conversion's debris) and return them. Staging folders of running processes are left alone."""
+    removed = []
+    for path in Path(raw_root).iterdir():
+        m = STAGING_RE.fullmatch(path.name)
+        if m and path.is_dir() and int(m.group(1)) != os.getpid() and not _process_alive(int(m.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _unwritable(raw_root: Path, e: OSError) -> NnalignError:
+    return NnalignError(f"{raw_root}: cannot write the dataset there ({e.strerror or e}); nothing was written")
+
+
 @contextlib.contextmanager
 def build_dataset_folder(raw_root: Path, dataset_id: int, name: str, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty staging folder; on success it replaces ``raw_root/DatasetXXX_name`` in one rename.
 
-    If the body raises, the staging folder is removed and nothing is left behind. An existing dataset with the same
-    ID is an error unless ``overwrite``.
+    If the body raises, the staging folder is removed and nothing is left behind (an OSError, such as a full disk,
+    becomes a one-line NnalignError). An existing dataset with the same ID is an error unless ``overwrite``. Staging
+    folders that killed runs left behind are removed first.
     """
     check_dataset_id(dataset_id)
     raw_root = Path(raw_root)
+    if raw_root.exists() and not raw_root.is_dir():
+        raise NnalignError(f"{raw_root}: not a folder (nnUNet_raw must name a folder for the raw datasets)")
     existing = find_dataset_folder(raw_root, dataset_id)
     if existing is not None and not overwrite:
         raise NnalignError(f"{existing}: dataset ID {dataset_id} already exists (use --overwrite to replace it)")
     final = raw_root / dataset_name(dataset_id, name)
-    raw_root.mkdir(parents=True, exist_ok=True)
     staging = raw_root / f".{final.name}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
+    try:
+        raw_root.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(raw_root)
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+    except OSError as e:
+        raise _unwritable(raw_root, e) from None
     try:
         yield staging
+        if existing is not None:
+            shutil.rmtree(existing)
+        os.replace(staging, final)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise _unwritable(raw_root, e) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if existing is not None:
-        shutil.rmtree(existing)
-    os.replace(staging, final)
 
 
 def write_dataset_json(folder: Path, num_training: int, dataset_name: str, *,

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nnalign.atomic import write_text_atomic
+from nnalign.atomic import check_writable, write_text_atomic
+from nnalign.data.case_checks import voxel_problem
 from nnalign.data.labels import REGION_NAMES
 from nnalign.evaluation.metrics import (AGGREGATES, HD95_EMPTY, LABEL_CHOICES, METRIC_COLUMNS, aggregate, case_metrics,
                                         check_labels, label_values, missing_prediction_scores, resolve_convention)
@@ -46,11 +47,19 @@ class EvaluationReport:
 
 
 def read_label_map(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Array (numpy axis order) and spacing (the same axis order, mm) of a label map; CaseError if unreadable."""
+    """Array (numpy axis order) and spacing (the same axis order, mm) of a label map; CaseError if it cannot be read,
+    is truncated (the check nnalign_convert_brats and nnalign_predict run on their inputs) or holds NaN or infinite
+    values."""
     import SimpleITK as sitk
 
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        image = sitk.ReadImage(str(path))
+        reader.ReadImageInformation()
+        problem = voxel_problem(Path(path), reader)
+        if problem:
+            raise CaseError(f"{path}: {problem}")
+        image = reader.Execute()
     except RuntimeError as e:
         reason = " ".join(str(e).split())
         raise CaseError(f"cannot read {path}: {reason[:200]}") from None
@@ -112,6 +121,10 @@ def evaluate(reference: str | os.PathLike, prediction: str | os.PathLike, labels
         raise NnalignError(f"--et-min-voxels must be 0 or more, not {et_min_voxels}")
     reference, prediction = Path(reference), Path(prediction)
     pairing = pair_cases(reference, prediction)
+    csv_path = Path(output) if output is not None else default_output(prediction)
+    if csv_path.is_dir():
+        csv_path = csv_path / METRICS_FILE
+    check_writable(csv_path.parent, "the metrics")
     report = EvaluationReport({}, {}, {}, pairing.missing, pairing.ignored_predictions)
     # disable=None: a bar only on a terminal.
     for ref, pred in tqdm(pairing.pairs, desc="Evaluating cases", unit="case", disable=None if progress else True):
@@ -134,14 +147,13 @@ def evaluate(reference: str | os.PathLike, prediction: str | os.PathLike, labels
     report.aggregates = aggregate(list(report.scores.values()))
     report.warnings = _warnings(report, labels)
 
-    csv_path = Path(output) if output is not None else default_output(prediction)
-    if csv_path.is_dir():
-        csv_path = csv_path / METRICS_FILE
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
     report.csv_path, report.json_path = csv_path, csv_path.with_suffix(".json")
-    write_text_atomic(report.csv_path, metrics_csv(report.scores, report.aggregates))
-    write_text_atomic(report.json_path, json.dumps(_json_payload(report, reference, prediction, labels,
-                                                                 et_min_voxels), indent=2) + "\n")
+    try:
+        write_text_atomic(report.csv_path, metrics_csv(report.scores, report.aggregates))
+        write_text_atomic(report.json_path, json.dumps(_json_payload(report, reference, prediction, labels,
+                                                                     et_min_voxels), indent=2) + "\n")
+    except OSError as e:
+        raise NnalignError(f"{csv_path.parent}: cannot write the metrics ({e.strerror or e})") from None
     return report
 
 
