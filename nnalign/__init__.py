@@ -2,4 +2,4 @@
 
 Importing the package is cheap: torch and nnunetv2 are imported only by the modules that need them.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"

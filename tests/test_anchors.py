@@ -33,10 +33,11 @@ def P(*rows):
 
 
 def mixture(raw=None, m=None):
+    """A mixture anchor whose weight logits are ``raw`` (the parameter is raw / WEIGHT_GAIN)."""
     anchor = MixtureAnchor(m if m is not None else len(raw))
     if raw is not None:
         with torch.no_grad():
-            anchor.raw_weights.copy_(torch.tensor(raw, dtype=torch.float32))
+            anchor.raw_weights.copy_(torch.tensor(raw, dtype=torch.float32) / MixtureAnchor.WEIGHT_GAIN)
     return anchor
 
 
@@ -77,26 +78,27 @@ def test_normal_needs_the_networks_kl():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# modality anchor: sum_{j != k} mean over samples with j, k of mean_voxels (Z_j - Z_k)^2
+# modality anchor: sum_{j != k} mean over samples with j, k of mean_voxels (Z_j - Z_k)^2 / E,
+# E = the sample's mean of Z^2 over its present modalities and voxels
 
-# sample A: Z_0 = [1, 3], Z_1 = [0, 1] (anchor k = 1), Z_2 = [3, 1]
+# sample A: Z_0 = [1, 3], Z_1 = [0, 1] (anchor k = 1), Z_2 = [3, 1]; mean squares 5, 0.5, 5 -> E = 3.5
 #   d_0 = ((1-0)^2 + (3-1)^2) / 2 = 2.5;  d_2 = ((3-0)^2 + (1-1)^2) / 2 = 4.5
 A = [[1, 3], [0, 1], [3, 1]]
 # sample B lacks the anchor (Z_1 = NaN): it must contribute nothing
 B_NO_K = [[9, 9], [NAN, NAN], [-9, 9]]
-# sample C: Z_0 absent, Z_1 = [0, 0], Z_2 = [1, 1]: d_2 = 1
+# sample C: Z_0 absent, Z_1 = [0, 0], Z_2 = [1, 1]: d_2 = 1, E = (0 + 1) / 2 = 0.5
 C = [[NAN, NAN], [0, 0], [1, 1]]
 
 
 @pytest.mark.parametrize(
     "latents, present, expected",
     [
-        ([A], [[1, 1, 1]], 7.0),  # 2.5 + 4.5
-        ([A, B_NO_K], [[1, 1, 1], [1, 0, 1]], 7.0),  # B has no k: unchanged
-        # j = 0 paired only in A: 2.5;  j = 2 paired in A and C: (4.5 + 1) / 2 = 2.75;  total 5.25
-        ([A, C], [[1, 1, 1], [0, 1, 1]], 5.25),
-        ([A, B_NO_K, C], [[1, 1, 1], [1, 0, 1], [0, 1, 1]], 5.25),
-        ([A], [[1, 1, 0]], 2.5),  # Z_2 absent
+        ([A], [[1, 1, 1]], 2.0),  # (2.5 + 4.5) / 3.5
+        ([A, B_NO_K], [[1, 1, 1], [1, 0, 1]], 2.0),  # B has no k: unchanged
+        # j = 0 paired only in A: 2.5 / 3.5;  j = 2 paired in A and C: (4.5 / 3.5 + 1 / 0.5) / 2
+        ([A, C], [[1, 1, 1], [0, 1, 1]], 2.5 / 3.5 + (4.5 / 3.5 + 2.0) / 2),
+        ([A, B_NO_K, C], [[1, 1, 1], [1, 0, 1], [0, 1, 1]], 2.5 / 3.5 + (4.5 / 3.5 + 2.0) / 2),
+        ([A], [[1, 1, 0]], 2.5 / 2.75),  # Z_2 absent: E = (5 + 0.5) / 2
         ([A], [[0, 1, 0]], 0.0),  # only the anchor: nothing pairs up
         ([B_NO_K], [[1, 0, 1]], 0.0),  # nobody has the anchor: zero, not NaN
     ],
@@ -112,31 +114,36 @@ def test_modality_anchor_by_hand(latents, present, expected):
 def test_modality_anchor_stop_gradient():
     latents = Z(A).requires_grad_()
     ModalityAnchor(1, stop_gradient=True).loss(latents, P([1, 1, 1])).backward()
-    # dL/dZ_k = 0 (detached); dL/dZ_0 = 2 (Z_0 - Z_1) / 2 voxels = [1, 2]; dL/dZ_2 = [3, 0]
-    torch.testing.assert_close(latents.grad[0, :, 0], torch.tensor([[1.0, 2.0], [0.0, 0.0], [3.0, 0.0]]))
+    # L = D / E with D = 7, E = 3.5 (L = 2); dD/dZ_j = (Z_j - Z_k) per voxel, dE/dZ_j = Z_j / 3 (M = 3, 2 voxels),
+    # and Z_k is a constant in both: dL/dZ_j = (Z_j - Z_k) / 3.5 - 2 Z_j / 10.5
+    #   Z_0 = [1, 3]: [1, 2] / 3.5 - [2, 6] / 10.5 = [1, 0] / 10.5;  Z_2 = [3, 1]: [3, 0] / 3.5 - [6, 2] / 10.5
+    expected = torch.tensor([[1.0, 0.0], [0.0, 0.0], [3.0, -2.0]]) / 10.5
+    torch.testing.assert_close(latents.grad[0, :, 0], expected)
 
     latents.grad = None
     ModalityAnchor(1, stop_gradient=False).loss(latents, P([1, 1, 1])).backward()
-    # dL/dZ_k = -sum_j (Z_j - Z_k) = -[(1-0) + (3-0), (3-1) + (1-1)] = [-4, -2]
-    torch.testing.assert_close(latents.grad[0, 1, 0], torch.tensor([-4.0, -2.0]))
+    # dD/dZ_k = -sum_j (Z_j - Z_k) = -[(1-0) + (3-0), (3-1) + (1-1)] = [-4, -2]; dE/dZ_k = Z_k / 3 = [0, 1/3]
+    # dL/dZ_k = [-4, -2] / 3.5 - 2 [0, 1] / 10.5 = [-12, -8] / 10.5
+    torch.testing.assert_close(latents.grad[0, 1, 0], torch.tensor([-12.0, -8.0]) / 10.5)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# mixture anchor: sum_j mean_voxels (Z_j - p_mix)^2, p_mix = sum_j w_j Z_j, w = masked softmax(raw)
+# mixture anchor: sum_j mean_voxels (Z_j - p_mix)^2 / E, p_mix = sum_j w_j Z_j, w = masked softmax(raw),
+# E = the sample's mean of Z^2 over its present modalities and voxels
 
-# Z_0 = [0, 0], Z_1 = [3, 3], Z_2 = [0, 6]
+# Z_0 = [0, 0], Z_1 = [3, 3], Z_2 = [0, 6]; mean squares 0, 9, 18 -> E = 9
 MIX = [[0, 0], [3, 3], [0, 6]]
 
 
 @pytest.mark.parametrize(
     "latents, present, expected",
     [
-        # uniform: p = [1, 3]; d_0 = (1 + 9)/2 = 5, d_1 = (4 + 0)/2 = 2, d_2 = (1 + 9)/2 = 5; total 12
-        ([MIX], [[1, 1, 1]], 12.0),
-        # Z_2 absent (NaN, ignored): p = [1.5, 1.5]; d_0 = d_1 = 2.25; total 4.5
-        ([[[0, 0], [3, 3], [NAN, NAN]]], [[1, 1, 0]], 4.5),
-        # both samples: (12 + 4.5) / 2 = 8.25
-        ([MIX, [[0, 0], [3, 3], [NAN, NAN]]], [[1, 1, 1], [1, 1, 0]], 8.25),
+        # uniform: p = [1, 3]; d_0 = (1 + 9)/2 = 5, d_1 = (4 + 0)/2 = 2, d_2 = (1 + 9)/2 = 5; total 12 / 9
+        ([MIX], [[1, 1, 1]], 12.0 / 9),
+        # Z_2 absent (NaN, ignored): p = [1.5, 1.5]; d_0 = d_1 = 2.25; E = 4.5; total 4.5 / 4.5
+        ([[[0, 0], [3, 3], [NAN, NAN]]], [[1, 1, 0]], 1.0),
+        # both samples: (4/3 + 1) / 2
+        ([MIX, [[0, 0], [3, 3], [NAN, NAN]]], [[1, 1, 1], [1, 1, 0]], 7.0 / 6),
         # a single present modality: p = Z_j, loss 0
         ([MIX], [[0, 0, 1]], 0.0),
         # equal latents: loss 0
@@ -155,20 +162,22 @@ def test_mixture_masked_softmax_renormalises():
     w = anchor.sample_weights(P([1, 0, 1, 0], [0, 1, 1, 1], [1, 1, 1, 1]))
     expected = torch.tensor([[1 / 4, 0, 3 / 4, 0], [0, 2 / 9, 3 / 9, 4 / 9], [0.1, 0.2, 0.3, 0.4]])
     torch.testing.assert_close(w, expected)
-    # constant latents Z = [4, 8, 0, 12], present {0, 2}: p = 4/4 + 0 = 1; loss = (4-1)^2 + (0-1)^2 = 10
+    # constant latents Z = [4, 8, 0, 12], present {0, 2}: p = 4/4 + 0 = 1; distance (4-1)^2 + (0-1)^2 = 10;
+    # E = (16 + 0) / 2 = 8
     latents = Z([[4, 4], [8, 8], [0, 0], [12, 12]])
-    assert anchor.loss(latents, P([1, 0, 1, 0])).item() == pytest.approx(10.0)
+    assert anchor.loss(latents, P([1, 0, 1, 0])).item() == pytest.approx(10.0 / 8)
 
 
 def test_mixture_gradient_reaches_raw_weights():
-    # raw = [0, log 3] -> w = [1/4, 3/4]; Z_0 = 0, Z_1 = 4: p = 3, loss = 9 + 1 = 10.
-    # dL/dp = -2 (0 - 3) - 2 (4 - 3) = 4; p = 4 sigmoid(r1 - r0), dp/dr1 = 4 w0 w1 = 3/4 -> dL/dr1 = 3, dL/dr0 = -3
+    # raw = [0, log 3] -> w = [1/4, 3/4]; Z_0 = 0, Z_1 = 4: p = 3, distance 9 + 1 = 10, E = (0 + 16) / 2 = 8.
+    # dD/dp = -2 (0 - 3) - 2 (4 - 3) = 4; p = 4 sigmoid(r1 - r0), dp/dr1 = 4 w0 w1 = 3/4 -> dD/dr1 = 3, dD/dr0 = -3;
+    # E does not depend on the weights: dL/dr = [-3, 3] / 8 for the logits r, times the gain for the parameter
     anchor = mixture(raw=[0.0, math.log(3.0)])
     latents = Z([[0, 0], [4, 4]]).requires_grad_()
     loss = anchor.loss(latents, P([1, 1]))
-    assert loss.item() == pytest.approx(10.0)
+    assert loss.item() == pytest.approx(10.0 / 8)
     loss.backward()
-    torch.testing.assert_close(anchor.raw_weights.grad, torch.tensor([-3.0, 3.0]))
+    torch.testing.assert_close(anchor.raw_weights.grad, torch.tensor([-3.0, 3.0]) / 8 * MixtureAnchor.WEIGHT_GAIN)
     assert latents.grad.abs().sum() > 0  # p_mix is not detached
 
     # at uniform weights p_mix is the centroid, the minimiser of the loss in p: zero gradient into the weights ...
@@ -178,17 +187,18 @@ def test_mixture_gradient_reaches_raw_weights():
     # ... but the fill of an absent modality reaches them: fill = p = 4 sigmoid(r1 - r0), d/dr1 = 4 / 4 = 1 per voxel
     three = mixture(m=3)
     filled = three.fill_missing(Z([[0, 0], [4, 4], [NAN, NAN]]), P([1, 1, 0]))
-    filled[0, 2].sum().backward()  # 2 voxels -> d/dr = [-2, 2, 0]
-    torch.testing.assert_close(three.raw_weights.grad, torch.tensor([-2.0, 2.0, 0.0]))
+    filled[0, 2].sum().backward()  # 2 voxels -> d/dr = [-2, 2, 0] for the logits, times the gain for the parameter
+    torch.testing.assert_close(three.raw_weights.grad, torch.tensor([-2.0, 2.0, 0.0]) * MixtureAnchor.WEIGHT_GAIN)
 
 
 def test_mixture_normalisation_prevents_collapse():
-    # Z_0 = 0, Z_1 = 4. With w1 = sigmoid(r1 - r0), p = 4 w1 and L = (4 w1)^2 + (4 - 4 w1)^2 >= 8, equal at w1 = 1/2.
-    # A free weight could drive L to 0; the normalised one can only reach the centroid.
-    # init w = softmax([1, -1]) = [0.88, 0.12] -> L = 16 (0.12^2 + 0.88^2) = 12.6; lr 0.1 keeps SGD from oscillating
+    # Z_0 = 0, Z_1 = 4, E = 8. With w1 = sigmoid(r1 - r0), p = 4 w1 and L = ((4 w1)^2 + (4 - 4 w1)^2) / 8 >= 1,
+    # equal at w1 = 1/2. A free weight could drive L to 0; the normalised one can only reach the centroid.
+    # init w = softmax([1, -1]) = [0.88, 0.12] -> L = 2 (0.12^2 + 0.88^2) = 1.58; lr 0.8 / gain^2 (the logits' step
+    # is gain^2 times the parameter's) keeps SGD from oscillating
     anchor = mixture(raw=[1.0, -1.0])
     latents = Z([[0, 0], [4, 4]])
-    opt = torch.optim.SGD(anchor.parameters(), lr=0.1)
+    opt = torch.optim.SGD(anchor.parameters(), lr=0.8 / MixtureAnchor.WEIGHT_GAIN**2)
     losses = []
     for _ in range(100):
         opt.zero_grad()
@@ -197,9 +207,9 @@ def test_mixture_normalisation_prevents_collapse():
         opt.step()
         losses.append(loss.item())
         assert anchor.normalised_weights().sum().item() == pytest.approx(1.0)
-    assert min(losses) >= 8.0 - 1e-4
+    assert min(losses) >= 1.0 - 1e-5
     assert losses[0] > losses[-1]
-    assert losses[-1] == pytest.approx(8.0, abs=1e-2)
+    assert losses[-1] == pytest.approx(1.0, abs=1e-3)
     torch.testing.assert_close(anchor.normalised_weights(), torch.tensor([0.5, 0.5]), atol=1e-2, rtol=0)
 
 
@@ -282,9 +292,9 @@ def test_shapes(kind, n_present):
 @pytest.mark.parametrize(
     "anchor, expected",
     [
-        # Z_0 = 0, Z_1 = 600 (600^2 = 360000 overflows fp16)
-        (ModalityAnchor(1), 360000.0),
-        (MixtureAnchor(2), 2 * 300.0**2),  # p = 300
+        # Z_0 = 0, Z_1 = 600 (600^2 = 360000 overflows fp16); E = 360000 / 2
+        (ModalityAnchor(1), 2.0),  # 360000 / E
+        (MixtureAnchor(2), 1.0),  # p = 300: 2 * 300^2 / E
         (NormalAnchor(), 0.5 * 600.0**2),  # mu_0 = 0 -> 0, mu_1 = 600 -> 0.5 * 600^2
     ],
 )
@@ -432,3 +442,46 @@ def test_mixture_stays_float32_under_autocast():
     assert got_mix.dtype == torch.float32 and got_loss.dtype == torch.float32
     torch.testing.assert_close(got_mix, expected_mix)
     torch.testing.assert_close(got_loss, expected_loss)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# scale: alignment that shrinking the latents cannot fake
+
+
+@pytest.mark.parametrize("anchor", [ModalityAnchor(1), ModalityAnchor(1, stop_gradient=False), MixtureAnchor(3)])
+@pytest.mark.parametrize("c", [1e-3, 0.1, 0.5, 3.0, 1e3])
+def test_distance_anchors_do_not_change_when_every_latent_is_scaled(anchor, c):
+    torch.manual_seed(0)
+    if isinstance(anchor, MixtureAnchor):
+        with torch.no_grad():
+            anchor.raw_weights.copy_(torch.tensor([0.4, -0.3, 1.0]))
+    latents = torch.randn(3, 3, 2, 4, 5) + torch.arange(3.0).reshape(1, 3, 1, 1, 1)
+    present = P([1, 1, 1], [1, 1, 0], [0, 1, 1])
+    loss = anchor.loss(latents, present)
+    assert loss.item() > 0.1
+    assert anchor.loss(c * latents, present).item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("anchor", [ModalityAnchor(1, stop_gradient=False), MixtureAnchor(3)])
+def test_distance_anchors_have_no_gradient_along_the_latents_scale(anchor):
+    """The loss is of degree 0 in the latents, so <dL/dZ, Z> = 0: it gives the encoder no push to shrink them."""
+    torch.manual_seed(1)
+    latents = (torch.randn(2, 3, 2, 4, 5) + 2.0).requires_grad_()
+    present = P([1, 1, 1], [1, 1, 0])
+    anchor.loss(latents, present).backward()
+    radial = float((latents.grad * latents.detach()).sum())
+    assert latents.grad.abs().max() > 1e-3 and abs(radial) < 1e-5
+
+
+def test_modality_gap_reports_rms_and_the_relative_gap():
+    latents, present = _gap_latents()
+    gap = modality_gap(latents, present, NormalAnchor())
+    # RMS over the samples holding each modality, channels and voxels:
+    #   Z_0: sample 0 (1, 1, 0, 0), sample 1 (1, 9, 0, 0) -> mean 12 / 8 = 1.5;  Z_1: (9, 9, 16, 16) -> 12.5;  Z_2: 0
+    assert gap["rms"] == {0: pytest.approx(math.sqrt(1.5)), 1: pytest.approx(math.sqrt(12.5)), 2: pytest.approx(0.0)}
+    mean_rms = (math.sqrt(1.5) + math.sqrt(12.5)) / 3
+    assert gap["relative_gap"] == pytest.approx(((math.sqrt(20) + 6) / 3) / mean_rms)
+    # scaling every latent scales the gap and the RMS alike: the relative gap stays
+    scaled = modality_gap(latents * 0.01, present, NormalAnchor())
+    assert scaled["pairwise_mean"] == pytest.approx(gap["pairwise_mean"] * 0.01)
+    assert scaled["relative_gap"] == pytest.approx(gap["relative_gap"])

@@ -168,3 +168,33 @@ def test_teacher_compiles_as_one_graph_and_matches_eager(anchor, latent_level):
             torch.testing.assert_close(parts[key], expected_parts[key])
         net.present_modalities = (0, 2)  # how nnalign_predict runs a case with missing modalities
         torch.testing.assert_close(compiled(x), net(x))
+
+
+def test_mixture_weights_get_a_gradient_from_the_segmentation_with_every_modality_present():
+    """With all modalities present (no fill), P*'s weights scale each modality's latents into the predictor, so the
+    segmentation loss alone trains them from the zero (uniform) initialisation."""
+    torch.manual_seed(0)
+    net = _teacher(shared=True)
+    x = torch.randn(2, 4, 8, 8, 8)
+    x[:, 1] += (torch.rand(2, 8, 8, 8) > 0.7).float() * 3  # T1ce carries a pattern the others do not
+    target = (torch.rand(2, 3, 8, 8, 8) > 0.5).float()
+    logits = net(x)  # present=None: every modality, the fill skipped
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, target).backward()
+    grad = net.anchor.raw_weights.grad
+    assert grad is not None and grad.abs().max() > 1e-6, grad
+
+
+def test_mixture_weights_scale_each_modality_into_the_predictor():
+    torch.manual_seed(0)
+    net = _teacher(shared=True).eval()
+    x = torch.randn(1, 4, 8, 8, 8)
+    with torch.no_grad():
+        uniform = net(x)
+        net.anchor.raw_weights.copy_(torch.tensor([0.0, 1.0, -1.0, 0.5]) / net.anchor.WEIGHT_GAIN)
+        scales = 4 * torch.softmax(torch.tensor([0.0, 1.0, -1.0, 0.5]), 0)
+        weighted = net(x)
+        latents = net(x, return_parts=True)["latents"]
+        by_hand = net.unet(latents.mul(scales.reshape(1, 4, 1, 1, 1, 1)).flatten(1, 2))
+    torch.testing.assert_close(net.anchor.predictor_scales(), scales)
+    torch.testing.assert_close(weighted, by_hand)
+    assert not torch.allclose(weighted, uniform)  # the weights change what the predictor reads

@@ -28,6 +28,7 @@ from nnalign.reporting.collect import CACHE_FILE, Results, classify
 from nnalign.reporting.figures import (Latents, plot_latent_tsne, plot_training_curves, sample_latents,
                                       tsne_embedding)
 from nnalign.reporting.report import build_report
+from nnalign.training.record import METHOD_VERSION
 
 DATASET = "Dataset990_Fake"
 PLANS, CONFIG = "nnUNetPlans", "3d_fullres"
@@ -83,7 +84,7 @@ def make_model(results: Path, trainer: str, folds: dict[int, dict[str, list[int]
 
             torch.save({"logging": checkpoint_log, "trainer_name": trainer}, fold_dir / "checkpoint_final.pth")
         if record is not None:
-            (fold_dir / "nnalign_settings.json").write_text(json.dumps(record))
+            (fold_dir / "nnalign_settings.json").write_text(json.dumps({"method_version": METHOD_VERSION, **record}))
     return model
 
 

@@ -12,6 +12,7 @@ from nnalign.cli.parsing import CommandParser, non_negative_int, positive_int
 from nnalign.errors import NnalignError, cli_entry
 from nnalign.model_folders import (CHECKPOINTS, FINAL_CHECKPOINT, PLANS_NAME, fold_folder, model_folder,
                                     model_folder_parts, parse_fold)
+from nnalign.training.settings import DEFAULT_ALIGN_WEIGHTS
 
 PROG = "nnalign_train"
 
@@ -31,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anchor", default="mixture", metavar="ANCHOR",
                    help="none | normal | modality:NAME | mixture | original (plain nnU-Net on all modalities) "
                         "(default: %(default)s)")
-    p.add_argument("--align-weight", type=float, default=0.1, metavar="LAMBDA",
-                   help="weight of the alignment loss (default: %(default)s)")
+    p.add_argument("--align-weight", type=float, default=None, metavar="LAMBDA",
+                   help="weight of the alignment loss (default: the anchor's, "
+                        f"{', '.join(f'{k} {v}' for k, v in DEFAULT_ALIGN_WEIGHTS.items() if v)})")
     p.add_argument("--separate-encoders", action="store_true",
                    help="one latent encoder per modality instead of one shared encoder")
     p.add_argument("--latent-level", type=non_negative_int, default=None, metavar="L",
@@ -199,11 +201,14 @@ def existing_runs(results_root: Path, dataset: str, configuration: str, fold) ->
 
 def check_run_state(folder: Path, settings, trainer: str, args, results_root: Path, dataset: str):
     """One-line errors for ``--c`` / ``--val`` that cannot work; returns the run's settings record, if any."""
-    from nnalign.training.record import read_settings_record
+    from nnalign.training.record import check_method_version, read_settings_record
 
     record = read_settings_record(folder)
     if args.continue_training and args.validation_only:
         raise NnalignError("--c and --val cannot be combined (--c also runs the final validation)")
+    if args.continue_training or args.validation_only:
+        check_method_version(folder, "it cannot be continued or validated with this version; train it again "
+                                     "(--overwrite) or use the nnalign version that made it")
     if args.continue_training and not any((folder / c).is_file() for c in CHECKPOINTS):
         runs = existing_runs(results_root, dataset, args.configuration, args.fold)
         listing = ", ".join(runs) if runs else "none"

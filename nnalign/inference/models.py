@@ -22,6 +22,8 @@ from typing import Sequence
 from nnalign.errors import NnalignError
 from nnalign.modalities import modalities_from_dataset_json, subset_tag
 from nnalign.model_folders import FINAL_CHECKPOINT, FOLD_RE, fold_folder, folds_in, model_folder_parts, parse_fold
+from nnalign.training.record import check_method_version
+from nnalign.training.settings import TeacherSettings
 
 STUDENT, TEACHER, ORIGINAL, NNUNET = "student", "teacher", "original", "nnunet"
 FALLBACK_LABEL_CONVENTION = "brats2018"
@@ -90,7 +92,6 @@ class Model:
 
 def _classify(trainer: str) -> tuple[str, tuple[str, ...] | None, float]:
     """(kind, student subset or None, modality dropout) from a trainer name; ModelError for a bad nnalign name."""
-    from nnalign.training.settings import TeacherSettings
     from nnalign.training.student_settings import STUDENT_PREFIX, StudentSettings
 
     if trainer.split("_")[0] == STUDENT_PREFIX:
@@ -156,6 +157,15 @@ def load_model(folder: Path, folds: Sequence[int | str] | None = None,
         if missing:
             raise ModelError(f"{folder}: fold_{missing[0]} has no {checkpoint}"
                              + (f" (folds with it: {', '.join(map(str, available))})" if available else ""))
+    if kind == TEACHER and TeacherSettings.from_trainer_name(trainer).anchor_kind == "mixture":
+        # the P* forward scales the latents by the weights since method version 2: an older P* teacher would
+        # predict differently from how it was trained (the other models compute what they did)
+        for fold in use:
+            try:
+                check_method_version(fold_folder(folder, fold), "its predictions would change meaning; train it "
+                                                                 "again, or predict with the version that made it")
+            except NnalignError as e:
+                raise ModelError(str(e)) from None
     if student_subset is not None and not set(student_subset) <= set(modalities):
         raise ModelError(f"{folder}: student subset {subset_tag(student_subset)} is not among the dataset's "
                          f"modalities {', '.join(modalities)}")

@@ -5,8 +5,8 @@ Both wrap dynamic_network_architectures' ``PlainConvUNet`` (the nnU-Net-planned 
 
 Teacher (:class:`nnAlignTeacherUNet`)::
 
-    x (B, M, *S) --per-modality encoder--> Z_j (B, M, C_z, *S) --anchor fills absent Z_j--> concat (B, M*C_z, *S)
-                 --PlainConvUNet--> region logits (WT, TC, ET)
+    x (B, M, *S) --per-modality encoder--> Z_j (B, M, C_z, *S) --anchor fills absent Z_j (P*: and scales each
+                 by its weight)--> concat (B, M*C_z, *S) --PlainConvUNet--> region logits (WT, TC, ET)
 
 The per-modality encoder is a few conv blocks at full resolution; by default one encoder shared by all modalities,
 run as a single batched pass (the modality axis folded into the batch). Its latents are what the anchor loss aligns.
@@ -252,6 +252,7 @@ class nnAlignTeacherUNet(_PartsNetwork):
             latents, logvar = mean_and_logvar(encoded)
             kl = kl_to_standard_normal(latents, logvar) if return_parts else None
         filled = latents if all_present else self.anchor.fill_missing(latents, present)
+        filled = self.anchor.scale_for_predictor(filled)
         skips, logits, features = run_unet(self.unet, self.upsample(filled.flatten(1, 2)))
         parts = {"logits": logits, "skips": skips, "decoder_features": features, "latents": latents,
                  "latent_kl": kl, "present": present}

@@ -34,6 +34,7 @@ from nnalign.data.labels import REGION_NAMES
 from nnalign.errors import NnalignError
 from nnalign.modalities import BRATS_MODALITIES, subset_tag
 from nnalign.model_folders import CHECKPOINTS, fold_folder, folds_in, model_folder_parts
+from nnalign.training.record import check_method_version
 
 TEACHER, STUDENT = "teacher", "student"
 KD_ORDER: tuple[str, ...] = ("none", "kdnet", "pmkl", "protokd", "smunet")
@@ -354,6 +355,10 @@ class Results:
                 if model_folder_parts(sub) is not None:
                     others.append(sub.name)
                 continue
+            for fold_dir in run.fold_dirs():
+                check_method_version(fold_dir, "its numbers would be compared with runs whose losses differ; move "
+                                               "it out of the results folder, or report it with the version that "
+                                               "made it")
             runs.append(run)
         if others:
             notes.append(f"not nnalign models, not reported: {', '.join(others)}")

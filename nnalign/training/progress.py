@@ -6,8 +6,8 @@ from pathlib import Path
 
 
 def plot_alignment_png(logging: dict, output_folder: str | os.PathLike) -> Path | None:
-    """Plot ``align_losses``, ``modality_gap`` with each modality's ``modality_to_anchor`` distance, and
-    ``mixture_weights`` (the last two where logged) per epoch.
+    """Plot ``align_losses``, ``modality_gap`` with each modality's ``modality_to_anchor`` distance, ``relative_gap``
+    with each modality's ``latent_rms``, and ``mixture_weights`` (the last three where logged) per epoch.
 
     ``logging`` is nnU-Net's ``my_fantastic_logging``: one value per epoch per key. Returns the file written, or None
     when there is nothing to plot yet.
@@ -15,6 +15,7 @@ def plot_alignment_png(logging: dict, output_folder: str | os.PathLike) -> Path 
     losses, gaps = logging.get("align_losses") or [], logging.get("modality_gap") or []
     weights = logging.get("mixture_weights") or []
     to_anchor = logging.get("modality_to_anchor") or []
+    relative, rms = logging.get("relative_gap") or [], logging.get("latent_rms") or []
     n = min(len(losses), len(gaps))
     if n == 0:
         return None
@@ -25,7 +26,7 @@ def plot_alignment_png(logging: dict, output_folder: str | os.PathLike) -> Path 
     from matplotlib.ticker import MaxNLocator
 
     epochs = list(range(n))
-    rows = 2 + bool(weights)
+    rows = 2 + bool(relative) + bool(weights)
     # nnU-Net's progress plot sets seaborn's large-font theme globally; draw this one with matplotlib's defaults
     with plt.style.context("default"):
         fig, axes = plt.subplots(rows, 1, figsize=(10, 3.2 * rows), sharex=True)
@@ -36,12 +37,26 @@ def plot_alignment_png(logging: dict, output_folder: str | os.PathLike) -> Path 
             axes[1].plot(epochs[:len(to_anchor[:n])], [d.get(name, float("nan")) for d in to_anchor[:n]], ".--",
                          label=f"{name} to anchor")
         axes[1].set_ylabel("modality gap")
+        if relative:
+            k = min(n, len(relative))
+            ax = axes[2]
+            ax.plot(epochs[:k], [float(v) for v in relative[:k]], "k.-", label="relative gap (gap / mean RMS)")
+            ax.set_ylabel("relative gap")
+            ax.set_ylim(bottom=0)
+            rms_axis = ax.twinx()
+            for name in dict.fromkeys(name for per_epoch in rms[:k] for name in per_epoch):
+                rms_axis.plot(epochs[:len(rms[:k])], [d.get(name, float("nan")) for d in rms[:k]], ".:",
+                              label=f"{name} latent RMS")
+            rms_axis.set_ylabel("latent RMS")
+            rms_axis.set_ylim(bottom=0)
+            rms_axis.legend(loc="lower right", fontsize="small")
         if weights:
             k = min(n, len(weights))
+            ax = axes[-1]
             for name in weights[0]:
-                axes[2].plot(epochs[:k], [w[name] for w in weights[:k]], ".-", label=name)
-            axes[2].set_ylabel("mixture weight")
-            axes[2].set_ylim(0, 1)
+                ax.plot(epochs[:k], [w[name] for w in weights[:k]], ".-", label=name)
+            ax.set_ylabel("mixture weight")
+            ax.set_ylim(0, 1)
         for ax in axes:
             ax.legend(loc="best", fontsize="small")
             ax.grid(alpha=0.3)

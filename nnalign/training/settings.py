@@ -27,6 +27,9 @@ from nnalign.modalities import canonical_modality
 
 ANCHORS: tuple[str, ...] = ("none", "normal", "modality", "mixture", "original")
 """Anchor kinds; ``modality`` takes ``:NAME``; ``original`` is plain nnU-Net on the stacked modalities."""
+DEFAULT_ALIGN_WEIGHTS: dict[str, float] = {"none": 0.0, "normal": 0.1, "modality": 0.1, "mixture": 0.1, "original": 0.0}
+"""lambda per anchor kind when none is given (documentation/training.md, "Alignment weights", says how they were
+chosen); the anchors without an alignment loss have 0."""
 DEFAULT_ANCHOR_MODALITY = "T1ce"
 TEACHER_PREFIX = "nnAlignTeacher"
 ORIGINAL_PREFIX = "nnAlignOriginal"
@@ -75,7 +78,8 @@ class TeacherSettings:
 
     - ``anchor``: ``none | normal | modality:NAME | mixture | original`` (``modality`` alone means ``modality:T1ce``;
       modality spellings are made canonical, ``modality:t1c`` -> ``modality:T1ce``).
-    - ``align_weight``: lambda, the weight of the anchor loss added to nnU-Net's segmentation loss.
+    - ``align_weight``: lambda, the weight of the anchor loss added to nnU-Net's segmentation loss; None (the default)
+      means the anchor's own default (:data:`DEFAULT_ALIGN_WEIGHTS`).
     - ``shared_encoder``: one latent encoder for all modalities (True) or one per modality.
     - ``modality_dropout``: each modality of each training sample is dropped with this probability (never all).
     - ``stop_gradient``: detach the anchor modality in its loss (``modality:NAME`` only).
@@ -84,7 +88,7 @@ class TeacherSettings:
     """
 
     anchor: str = "mixture"
-    align_weight: float = 0.1
+    align_weight: float | None = None
     shared_encoder: bool = True
     modality_dropout: float = 0.0
     stop_gradient: bool = True
@@ -94,7 +98,11 @@ class TeacherSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "anchor", _canonical_anchor(self.anchor))
-        object.__setattr__(self, "align_weight", float(self.align_weight))
+        kind = self.anchor_kind
+        if self.align_weight is not None and float(self.align_weight) != 0 and kind in ("none", "original"):
+            raise NnalignError(f"anchor '{kind}' has no alignment loss, so an alignment weight has no effect")
+        weight = DEFAULT_ALIGN_WEIGHTS[kind] if self.align_weight is None else self.align_weight
+        object.__setattr__(self, "align_weight", float(weight))
         object.__setattr__(self, "modality_dropout", float(self.modality_dropout))
         if not math.isfinite(self.align_weight) or self.align_weight < 0:
             raise NnalignError(f"the alignment weight must be a finite number >= 0, got {self.align_weight}")
@@ -104,11 +112,8 @@ class TeacherSettings:
             value = getattr(self, name)
             if value is not None and (int(value) != value or int(value) < 1):
                 raise NnalignError(f"{name.replace('_', ' ')} must be a positive integer, got {value}")
-        kind = self.anchor_kind
         if not self.stop_gradient and kind != "modality":
             raise NnalignError(f"stop-gradient only applies to the modality anchor, not to anchor '{self.anchor}'")
-        if self.align_weight != 0.1 and kind in ("none", "original"):
-            raise NnalignError(f"anchor '{kind}' has no alignment loss, so an alignment weight has no effect")
         if not self.shared_encoder and kind == "original":
             raise NnalignError("anchor 'original' has no modality encoders, so separate encoders have no effect")
         if self.latent_level is not None:
@@ -164,7 +169,7 @@ class TeacherSettings:
     def trainer_name(self) -> str:
         """The trainer class name: a prefix, the anchor, then one token per non-default model setting.
 
-        Tokens, in this order: ``w<lambda>`` (not 0.1), ``sep`` (one encoder per modality), ``lvl<L>`` (a latent
+        Tokens, in this order: ``w<lambda>`` (not the anchor's default), ``sep`` (one encoder per modality), ``lvl<L>`` (a latent
         level other than the plans'), ``drop<p>`` (not 0), ``nosg`` (no stop-gradient). Floats are written exactly,
         ``.`` as ``p`` and ``-`` as ``m``.
         """
@@ -174,7 +179,7 @@ class TeacherSettings:
             kind = self.anchor_kind
             parts = [TEACHER_PREFIX, f"modality{self.anchor_modality}" if kind == "modality" else kind]
         default = TeacherSettings()
-        if self.align_weight != default.align_weight:
+        if self.align_weight != DEFAULT_ALIGN_WEIGHTS[self.anchor_kind]:
             parts.append(f"w{_encode_float(self.align_weight)}")
         if not self.shared_encoder:
             parts.append("sep")

@@ -31,7 +31,7 @@ from nnalign.training.common import (apply_plans_training, apply_training_length
                                      gathered_over_ranks, optimizer_step)
 from nnalign.training.optim import optimizer_from_plans
 from nnalign.atomic import write_json_atomic
-from nnalign.training.record import SETTINGS_RECORD
+from nnalign.training.record import METHOD_VERSION, SETTINGS_RECORD
 from nnalign.training.student_settings import StudentSettings, overrides_hash
 from nnalign.training.teacher_trainer import plans_modalities, teacher_trainer_class, unwrap
 
@@ -214,6 +214,7 @@ class nnAlignStudentTrainer(nnUNetTrainer):
             "trainer": type(self).__name__,
             "dataset": self.plans_manager.dataset_name,
             "plans": self.plans_manager.plans_name,
+            "method_version": METHOD_VERSION,
             "configuration": self.configuration_name,
             "fold": self.fold,
             "modalities": list(self.settings.modalities),

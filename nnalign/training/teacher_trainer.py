@@ -26,7 +26,7 @@ from nnalign.training.optim import optimizer_from_plans
 from nnalign.training.presence import sample_presence, zero_absent
 from nnalign.training.progress import plot_alignment_png
 from nnalign.atomic import write_json_atomic
-from nnalign.training.record import SETTINGS_RECORD
+from nnalign.training.record import METHOD_VERSION, SETTINGS_RECORD
 from nnalign.training.settings import TeacherSettings
 
 TEACHER_NETWORK = f"{nnAlignTeacherUNet.__module__}.{nnAlignTeacherUNet.__name__}"
@@ -59,9 +59,10 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
     Per training step: draw each sample's present modalities (``settings.modality_dropout``), zero the absent input
     channels, run the network with the presence mask, and minimise nnU-Net's segmentation loss plus
     ``align_weight`` x the anchor loss. Per epoch it logs ``align_losses``, ``modality_gap`` (mean pairwise distance of
-    the modality centroids), ``modality_to_anchor`` (each modality centroid's distance to the anchor centroid) and,
-    for the mixture anchor, ``mixture_weights``; plots them in ``alignment.png``; and rewrites the settings record
-    ``nnalign_settings.json`` in the fold folder.
+    the modality centroids), ``modality_to_anchor`` (each modality centroid's distance to the anchor centroid),
+    ``latent_rms`` (each modality's latent RMS: a shrinking latent space shows here), ``relative_gap`` (the gap over
+    the mean RMS: alignment that shrinking cannot fake) and, for the mixture anchor, ``mixture_weights``; plots them
+    in ``alignment.png``; and rewrites the settings record ``nnalign_settings.json`` in the fold folder.
     """
 
     settings: TeacherSettings = TeacherSettings()
@@ -73,9 +74,8 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
         self.plans_training = apply_plans_training(self)
         log = self.logger.local_logger.my_fantastic_logging
         if not self.settings.is_original:
-            log["align_losses"] = []
-            log["modality_gap"] = []
-            log["modality_to_anchor"] = []
+            for key in ("align_losses", "modality_gap", "modality_to_anchor", "latent_rms", "relative_gap"):
+                log[key] = []
         if self.settings.anchor_kind == "mixture":
             log["mixture_weights"] = []
 
@@ -151,8 +151,10 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
             out["align_loss"] = align.detach().cpu().numpy()
             gap = modality_gap(parts["latents"], present, self.net.anchor)
             out["modality_gap"] = float(gap["pairwise_mean"])
+            out["relative_gap"] = float(gap["relative_gap"])
             # NaN for a modality absent from the whole batch; averaged over the steps that saw it
             out["modality_to_anchor"] = np.array([gap["to_anchor"].get(j, np.nan) for j in range(present.shape[1])])
+            out["latent_rms"] = np.array([gap["rms"].get(j, np.nan) for j in range(present.shape[1])])
         return out
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -161,6 +163,14 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
     @staticmethod
     def _epoch_mean(values) -> float:
         return float(gathered_over_ranks(values).mean())
+
+    def _per_modality_epoch_mean(self, per_step) -> dict[str, float]:
+        """``{modality: mean over the steps (of every rank) whose batch held it}`` of per-step (M,) arrays with NaN
+        for a modality the batch lacked."""
+        per_step = gathered_over_ranks(per_step).reshape(-1, len(self.net.modalities))
+        seen = ~np.isnan(per_step)
+        means = np.where(seen, per_step, 0.0).sum(0) / np.maximum(seen.sum(0), 1)
+        return {name: float(means[j]) for j, name in enumerate(self.net.modalities) if seen[:, j].any()}
 
     def mixture_weights(self) -> dict[str, dict[str, float]] | None:
         """``{modality: {"raw", "normalised"}}`` of the mixture anchor, else None."""
@@ -177,13 +187,9 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
         epoch = self.current_epoch
         self.logger.log("align_losses", self._epoch_mean(outputs["align_loss"]), epoch)
         self.logger.log("modality_gap", self._epoch_mean(outputs["modality_gap"]), epoch)
-        per_step = gathered_over_ranks(outputs["modality_to_anchor"]).reshape(-1, len(self.net.modalities))
-        seen = ~np.isnan(per_step)
-        means = np.where(seen, per_step, 0.0).sum(0) / np.maximum(seen.sum(0), 1)
-        series = self.logger.local_logger.my_fantastic_logging.setdefault("modality_to_anchor", [])
-        series.extend([{}] * (epoch - len(series)))  # a run continued from a checkpoint written before this log
-        self.logger.log("modality_to_anchor", {name: float(means[j]) for j, name in enumerate(self.net.modalities)
-                                               if seen[:, j].any()}, epoch)
+        self.logger.log("relative_gap", self._epoch_mean(outputs["relative_gap"]), epoch)
+        for key in ("modality_to_anchor", "latent_rms"):
+            self.logger.log(key, self._per_modality_epoch_mean(outputs[key]), epoch)
         weights = self.mixture_weights()
         if weights is not None:
             self.logger.log("mixture_weights", {k: v["normalised"] for k, v in weights.items()}, epoch)
@@ -195,6 +201,8 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
             self.print_to_log_file("modality_gap", np.round(get("modality_gap", step=-1), decimals=4))
             self.print_to_log_file("modality to anchor",
                                    {k: round(v, 4) for k, v in get("modality_to_anchor", step=-1).items()})
+            self.print_to_log_file("latent RMS", {k: round(v, 4) for k, v in get("latent_rms", step=-1).items()},
+                                   "relative gap", np.round(get("relative_gap", step=-1), decimals=4))
             if self.settings.anchor_kind == "mixture":
                 self.print_to_log_file("mixture weights",
                                        {k: round(v, 4) for k, v in get("mixture_weights", step=-1).items()})
@@ -218,6 +226,7 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
                           or plans_modalities(arch, len(self.dataset_json["channel_names"])))
         record = {
             "nnalign_version": __version__,
+            "method_version": METHOD_VERSION,
             "role": "teacher",
             "trainer": type(self).__name__,
             "dataset": self.plans_manager.dataset_name,
@@ -245,6 +254,10 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
         weights = self.mixture_weights() if net is not None else None
         if weights is not None:
             record["mixture_weights"] = weights
+        if not s.is_original:  # per epoch: alignment (relative gap) apart from the latent space's size (RMS)
+            log = self.logger.local_logger.my_fantastic_logging
+            record["alignment_log"] = {key: list(log.get(key, [])) for key in ("relative_gap", "latent_rms",
+                                                                                "modality_gap", "align_losses")}
         return record
 
     def write_settings_record(self) -> None:
