@@ -18,6 +18,7 @@ from typing import Callable
 from nnalign.errors import NnalignError
 from nnalign.modalities import BRATS_MODALITIES, subset_tag
 from nnalign.model_folders import FINAL_CHECKPOINT, PLANS_NAME, fold_folder, model_folder
+from nnalign.training.record import read_settings_record
 
 DEMO_SUBSETS: tuple[tuple[str, ...], ...] = (BRATS_MODALITIES, ("T1ce",), ("FLAIR",))
 CONFIGURATION = "3d_cpu"
@@ -46,12 +47,53 @@ class DemoOptions:
 
 @dataclass
 class DemoResult:
-    """Where the demo's outputs are."""
+    """Where the demo's outputs are, the held-out scores and, in words, any model that collapsed."""
 
     dataset: str
     results: Path
     report: Path
     rows: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def reference_regions(labels_folder: Path, ending: str) -> dict[str, set[str]]:
+    """``{case: regions its reference holds}`` for the nnU-Net label maps (0-3) in ``labels_folder``."""
+    import SimpleITK as sitk
+
+    from nnalign.data.labels import region_masks
+
+    found = {}
+    for path in sorted(labels_folder.glob(f"*{ending}")):
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        found[path.name[: -len(ending)]] = {r for r, mask in region_masks(seg).items() if mask.any()}
+    return found
+
+
+def score_row(model: str, subset: tuple[str, ...], scores: dict[str, dict[str, float]],
+              regions: dict[str, set[str]]) -> tuple[dict, list[str]]:
+    """The summary row of one model and subset, and a sentence for each way it collapsed.
+
+    Per region: the BraTS-convention mean over every case (a case whose reference and prediction both lack the
+    region scores 1), and the mean over the cases whose reference has the region, with their number.
+    """
+    from nnalign.data.labels import REGION_NAMES
+
+    row: dict = {"model": model, "modalities": "+".join(subset)}
+    warnings = []
+    for region in REGION_NAMES:
+        values = [s[f"Dice_{region}"] for s in scores.values()]
+        holding = [s[f"Dice_{region}"] for case, s in scores.items() if region in regions.get(case, ())]
+        row[f"Dice {region}"] = sum(values) / len(values) if values else float("nan")
+        row[f"Dice {region} with"] = sum(holding) / len(holding) if holding else float("nan")
+        row[f"cases with {region}"] = len(holding)
+        missed = sum(1 for d in holding if d == 0)
+        if missed and region == "WT":
+            warnings.append(f"{model} on {row['modalities']} found no tumour in {missed} of {len(holding)} held-out "
+                            f"cases that have one (WT Dice 0)")
+        elif missed == len(holding) and holding:
+            warnings.append(f"{model} on {row['modalities']} found no {region} in any of the {len(holding)} held-out "
+                            f"cases that have it")
+    return row, warnings
 
 
 def _run(command: list[str], log: Path, say: Callable[[str], None]) -> None:
@@ -163,8 +205,13 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoResul
         say(f"train {what} ...")
         _run(command + ["--iters-per-epoch", str(opts.iters_per_epoch)], work / "logs" / f"{folder.name}.log", say)
 
-    rows = []
+    rows, warnings = [], []
+    ending = json.loads((dataset_folder / "dataset.json").read_text())["file_ending"]
+    regions = reference_regions(dataset_folder / "labelsTs", ending)
     for folder, _, what in models:
+        record = read_settings_record(fold_folder(folder, 0)) or {}
+        if record.get("collapse_warning"):
+            warnings.append(f"{what}: {record['collapse_warning']}")
         subsets = DEMO_SUBSETS if folder == teacher_dir else (opts.student_modalities,)
         for subset in subsets:
             tag = subset_tag(subset)
@@ -177,19 +224,23 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoResul
             metrics = results_root / dataset / "nnalign_evaluations" / folder.name / tag / "metrics.csv"
             report = evaluate(dataset_folder / "labelsTs", predictions, labels="nnunet", output=metrics,
                               progress=False)
-            mean = report.aggregates["mean"]
-            rows.append({"model": what, "modalities": "+".join(subset), **{
-                f"Dice {r}": mean[f"Dice_{r}"] for r in ("WT", "TC", "ET")}})
+            row, missed = score_row(what, subset, report.scores, regions)
+            rows.append(row)
+            warnings.extend(missed)
     say("report")
     report = build_report(results_root / dataset, tsne_cases=1)
     say(f"done in {(time.time() - start) / 60:.1f} min")
-    return DemoResult(dataset, results_root / dataset, report.report_md, rows)
+    return DemoResult(dataset, results_root / dataset, report.report_md, rows, warnings)
 
 
 def rows_markdown(rows: list[dict]) -> str:
-    """The demo's summary: held-out Dice per model and modality subset."""
-    lines = ["| model | modalities | Dice WT | Dice TC | Dice ET |", "|---|---|---|---|---|"]
+    """The demo's summary: held-out Dice per model and modality subset; per region the BraTS-convention mean over
+    all cases and, after the slash, the mean over the n cases whose reference has the region."""
+    from nnalign.data.labels import REGION_NAMES
+
+    lines = ["| model | modalities | " + " | ".join(f"Dice {r} (all / with {r}, n)" for r in REGION_NAMES) + " |",
+             "|---|---|" + "---|" * len(REGION_NAMES)]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['modalities']} | {r['Dice WT']:.3f} | {r['Dice TC']:.3f} | "
-                     f"{r['Dice ET']:.3f} |")
+        cells = [f"{r[f'Dice {g}']:.3f} / {r[f'Dice {g} with']:.3f} ({r[f'cases with {g}']})" for g in REGION_NAMES]
+        lines.append(f"| {r['model']} | {r['modalities']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,8 +1,10 @@
-"""The demo's data steps: holding cases out of a converted release and building per-subset inputs."""
+"""The demo's data steps (holding cases out, per-subset inputs) and its summary (both means, collapse in words)."""
 import json
 
+import pytest
+
 from nnalign.data.synthetic import write_synthetic_dataset
-from nnalign.demo import _subset_inputs, hold_out, rows_markdown
+from nnalign.demo import _subset_inputs, hold_out, reference_regions, rows_markdown, score_row
 
 
 def test_hold_out_moves_the_last_cases_with_all_their_files(tmp_path):
@@ -24,6 +26,38 @@ def test_subset_inputs_link_only_the_subset_channels(tmp_path):
     assert all(p.resolve().parent == (folder / "imagesTs").resolve() for p in inputs.iterdir())
 
 
-def test_rows_markdown_formats_each_model_row():
-    table = rows_markdown([{"model": "teacher", "modalities": "T1ce", "Dice WT": 0.5, "Dice TC": 0.25, "Dice ET": 1.0}])
-    assert table.splitlines()[2] == "| teacher | T1ce | 0.500 | 0.250 | 1.000 |"
+def test_score_row_gives_both_means_and_the_case_counts_by_hand():
+    regions = {"A": {"WT", "TC", "ET"}, "B": {"WT", "TC"}, "C": {"WT"}}
+    scores = {"A": {"Dice_WT": 0.9, "Dice_TC": 0.6, "Dice_ET": 0.3},
+              "B": {"Dice_WT": 0.7, "Dice_TC": 0.4, "Dice_ET": 1.0},  # no ET in reference or prediction: 1
+              "C": {"Dice_WT": 0.8, "Dice_TC": 1.0, "Dice_ET": 1.0}}
+    row, warnings = score_row("teacher", ("T1", "FLAIR"), scores, regions)
+    assert row["modalities"] == "T1+FLAIR"
+    assert row["Dice WT"] == pytest.approx(0.8) and row["Dice WT with"] == pytest.approx(0.8)
+    assert row["cases with WT"] == 3
+    assert row["Dice TC"] == pytest.approx(2.0 / 3) and row["Dice TC with"] == pytest.approx(0.5)
+    assert row["cases with TC"] == 2
+    assert row["Dice ET"] == pytest.approx(2.3 / 3) and row["Dice ET with"] == pytest.approx(0.3)
+    assert row["cases with ET"] == 1
+    assert warnings == []
+    table = rows_markdown([row])
+    assert table.splitlines()[2] == ("| teacher | T1+FLAIR | 0.800 / 0.800 (3) | 0.667 / 0.500 (2) | "
+                                     "0.767 / 0.300 (1) |")
+
+
+def test_score_row_says_in_words_when_a_model_found_no_tumour():
+    regions = {"A": {"WT", "TC", "ET"}, "B": {"WT", "TC", "ET"}, "C": set()}
+    scores = {"A": {"Dice_WT": 0.0, "Dice_TC": 0.0, "Dice_ET": 0.0},
+              "B": {"Dice_WT": 0.5, "Dice_TC": 0.3, "Dice_ET": 0.0},
+              "C": {"Dice_WT": 1.0, "Dice_TC": 1.0, "Dice_ET": 1.0}}  # no tumour: not a miss
+    _, warnings = score_row("student T1ce (kdnet)", ("T1ce",), scores, regions)
+    assert warnings == ["student T1ce (kdnet) on T1ce found no tumour in 1 of 2 held-out cases that have one "
+                        "(WT Dice 0)",
+                        "student T1ce (kdnet) on T1ce found no ET in any of the 2 held-out cases that have it"]
+
+
+def test_reference_regions_reads_each_cases_labels(tmp_path):
+    folder = write_synthetic_dataset(tmp_path / "raw", 3, num_cases=1, shape=(32, 32, 32), num_test=2)
+    regions = reference_regions(folder / "labelsTs", ".nii.gz")
+    assert set(regions) == {"SYNTS_0000", "SYNTS_0001"}
+    assert all("WT" in r for r in regions.values())  # every synthetic case has tumour

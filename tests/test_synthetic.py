@@ -280,3 +280,22 @@ def test_cli_rejects_bad_arguments_in_one_line(tmp_path, args):
     argv = ["-d", "8", "--shape", "32", "32", "32", *args] if "-d" not in args else ["--shape", "32", "32", "32", *args]
     _assert_one_line_error(_synth(tmp_path, *argv))
     assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())
+
+
+def test_only_the_tumour_modalities_show_the_tumour():
+    """A known answer for "which modality matters": the other modalities render tumour tissue as white matter."""
+    from nnalign.data.synthetic import EDEMA, ENHANCING, NECROSIS, WM, synthesize_case
+
+    case = synthesize_case((64, 64, 64), seed=5, tumour_modalities=("FLAIR",))
+    wm, edema = case.tissue == WM, case.tissue == EDEMA
+    core = np.isin(case.tissue, (NECROSIS, ENHANCING))
+    for modality, image in case.images.items():
+        ratio_edema = np.median(image[edema]) / np.median(image[wm])
+        ratio_core = np.median(image[core]) / np.median(image[wm])
+        if modality == "FLAIR":
+            assert ratio_edema > 1.8, ratio_edema  # edema 1.45 against white matter 0.60
+        else:
+            assert abs(ratio_edema - 1) < 0.06 and abs(ratio_core - 1) < 0.1, (modality, ratio_edema, ratio_core)
+    standard = synthesize_case((64, 64, 64), seed=5)
+    np.testing.assert_array_equal(standard.seg, case.seg)  # same anatomy and tumour, other contrast
+    assert np.median(standard.images["T2"][edema]) / np.median(standard.images["T2"][wm]) > 1.8

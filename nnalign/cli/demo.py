@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nnalign.cli.parsing import CommandParser, positive_int
+from nnalign.cli.parsing import CommandParser, non_negative_int, positive_int
 from nnalign.demo import DemoOptions
 from nnalign.errors import cli_entry
 
@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic training cases (default: %(default)s)")
     p.add_argument("--test-cases", type=positive_int, default=defaults.test_cases,
                    help="synthetic held-out cases (default: %(default)s)")
+    p.add_argument("--seed", type=non_negative_int, default=defaults.seed,
+                   help="seed of the synthetic cases (default: %(default)s; training itself is not seeded)")
     p.add_argument("-device", choices=("cpu", "cuda", "mps"), default=defaults.device, help="(default: %(default)s)")
     return p
 
@@ -46,12 +48,20 @@ def main() -> int:
     from nnalign.modalities import parse_modalities
 
     opts = DemoOptions(dataset_id=args.dataset_id, data=args.data, cases=args.cases, test_cases=args.test_cases,
+                       seed=args.seed,
                        teacher_epochs=args.teacher_epochs, student_epochs=args.student_epochs,
                        iters_per_epoch=args.iters_per_epoch, kd=args.kd.lower(),
                        student_modalities=parse_modalities(args.modalities), device=args.device)
     result = run_demo(opts, say=lambda m: print(f"nnalign_demo: {m}", flush=True))
     print(f"\nHeld-out Dice on {result.dataset} (models in {result.results}):\n")
     print(rows_markdown(result.rows))
+    print("\nPer region: the mean over all held-out cases (BraTS convention: a case without the region in its reference "
+          "and prediction scores 1) / the mean over the n cases whose reference has it.")
+    if result.warnings:
+        print("\nWARNING, collapsed models:\n" + "\n".join(f"- {w}" for w in result.warnings))
+    else:
+        print("\nNo model collapsed: every model found tumour in every held-out case that has one, and no training "
+              "ended with a validation pseudo-Dice of 0.")
     print(f"\nPaper-style tables and figures: {result.report}")
     return 0
 

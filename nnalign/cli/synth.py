@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-test", type=non_negative_int, default=0,
                    help="held-out cases for imagesTs, with references in labelsTs (default: %(default)s)")
     p.add_argument("--name", default="SyntheticBraTS", help="dataset name (default: %(default)s)")
+    p.add_argument("--tumour-modalities", metavar="LIST", default=None,
+                   help="only these modalities (comma-separated) show the tumour; the others see white matter there, "
+                        "a known answer for which modality matters (default: all)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset with the same ID")
     return p
 
@@ -31,12 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> int:
     args = build_parser().parse_args()
     from nnalign.data.synthetic import write_synthetic_dataset
+    from nnalign.modalities import BRATS_MODALITIES, parse_modalities
     from nnalign.paths import setup_env
 
     setup_env()
+    shown = parse_modalities(args.tumour_modalities) if args.tumour_modalities else BRATS_MODALITIES
     folder = write_synthetic_dataset(os.environ["nnUNet_raw"], args.dataset_id, args.num_cases, shape=args.shape,
                                      seed=args.seed, num_test=args.num_test, name=args.name,
-                                     overwrite=args.overwrite)
+                                     overwrite=args.overwrite, tumour_modalities=shown)
     print(f"Wrote {folder}: {args.num_cases} training cases, {args.num_test} test cases, "
           f"shape {' x '.join(map(str, args.shape))}, seed {args.seed}")
     return 0

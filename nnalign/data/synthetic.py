@@ -243,8 +243,10 @@ def _add_tumour(rng: np.random.Generator, tissue: np.ndarray, centre: np.ndarray
 # rendering
 
 
-def _render(rng: np.random.Generator, tissue: np.ndarray, brain: np.ndarray, radius: float) -> dict[str, np.ndarray]:
-    """MR images from a tissue map: tissue contrast, texture, partial volume, bias field, scale and Rician noise."""
+def _render(rng: np.random.Generator, tissue: np.ndarray, brain: np.ndarray, radius: float,
+            tumour_modalities: Sequence[str] = BRATS_MODALITIES) -> dict[str, np.ndarray]:
+    """MR images from a tissue map: tissue contrast, texture, partial volume, bias field, scale and Rician noise.
+    Modalities outside ``tumour_modalities`` render every tumour tissue as white matter (no tumour contrast)."""
     shape = tissue.shape
     table = np.array([CONTRAST[t] for t in TISSUES], dtype=np.float32)  # (tissue, modality)
     tumour = TISSUE_LABEL[tissue] > 0
@@ -252,6 +254,9 @@ def _render(rng: np.random.Generator, tissue: np.ndarray, brain: np.ndarray, rad
     jitter = np.ones_like(table)
     jitter[EDEMA:] = rng.uniform(0.9, 1.1, (len(TISSUES) - EDEMA, len(BRATS_MODALITIES)))
     table *= jitter
+    for m, modality in enumerate(BRATS_MODALITIES):
+        if modality not in tumour_modalities:
+            table[EDEMA:, m] = table[WM, m]
     texture = 1 + 0.03 * _smooth_field(rng, shape, 3.0)
     texture[tumour] += 0.06 * _smooth_field(rng, shape, max(3.0, radius / 8))[tumour]
     images = {}
@@ -269,25 +274,31 @@ def _render(rng: np.random.Generator, tissue: np.ndarray, brain: np.ndarray, rad
     return images
 
 
-def synthesize_case(shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0) -> SyntheticCase:
-    """Generate one case of ``shape`` (X, Y, Z) from ``seed``, with its tissue map (see :class:`SyntheticCase`)."""
+def synthesize_case(shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0,
+                    tumour_modalities: Sequence[str] = BRATS_MODALITIES) -> SyntheticCase:
+    """Generate one case of ``shape`` (X, Y, Z) from ``seed``, with its tissue map (see :class:`SyntheticCase`).
+
+    Only ``tumour_modalities`` show the tumour; the others see white matter there (a known answer for experiments on
+    which modality matters). The default, every modality, gives the standard cases."""
     size = check_shape(shape)
     rng = np.random.default_rng(seed)
     tissue, brain, centre, axes = _anatomy(rng, size[::-1])
     n_tumours = 1 if rng.random() < 0.7 else 2
     for _ in range(n_tumours):
         _add_tumour(rng, tissue, centre, axes, size=1.0 if n_tumours == 1 else 0.8)
-    images = _render(rng, tissue, brain, float(np.mean(axes)))
+    images = _render(rng, tissue, brain, float(np.mean(axes)), tumour_modalities)
     return SyntheticCase(images=images, seg=TISSUE_LABEL[tissue], tissue=tissue)
 
 
-def generate_case(shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def generate_case(shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0,
+                  tumour_modalities: Sequence[str] = BRATS_MODALITIES) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Generate one BraTS-like case: float32 images by modality (T1, T1ce, T2, FLAIR) and its uint8 segmentation.
 
     ``shape`` is (X, Y, Z); the arrays are (Z, Y, X). Labels are nnU-Net's: 0 background, 1 edema, 2 necrosis /
     non-enhancing core, 3 enhancing tumour; every case has tumour. The same seed gives the same case.
+    ``tumour_modalities``: see :func:`synthesize_case`.
     """
-    case = synthesize_case(shape, seed)
+    case = synthesize_case(shape, seed, tumour_modalities)
     return case.images, case.seg
 
 
@@ -305,8 +316,9 @@ def _write_nifti(array: np.ndarray, path: Path) -> None:
     sitk.WriteImage(image, str(path), True)
 
 
-def _write_case(images_dir: Path, labels_dir: Path, case: str, shape: tuple[int, int, int], seed: int) -> None:
-    images, seg = generate_case(shape, seed)
+def _write_case(images_dir: Path, labels_dir: Path, case: str, shape: tuple[int, int, int], seed: int,
+                tumour_modalities: Sequence[str]) -> None:
+    images, seg = generate_case(shape, seed, tumour_modalities)
     for c, modality in enumerate(BRATS_MODALITIES):
         _write_nifti(images[modality], images_dir / image_filename(case, c))
     _write_nifti(seg, labels_dir / f"{case}.nii.gz")
@@ -314,12 +326,14 @@ def _write_case(images_dir: Path, labels_dir: Path, case: str, shape: tuple[int,
 
 def write_synthetic_dataset(raw_root: str | Path, dataset_id: int, num_cases: int,
                             shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0, num_test: int = 0,
-                            name: str = "SyntheticBraTS", overwrite: bool = False) -> Path:
+                            name: str = "SyntheticBraTS", overwrite: bool = False,
+                            tumour_modalities: Sequence[str] = BRATS_MODALITIES) -> Path:
     """Write ``num_cases`` training cases (``SYN_0000``, ...) and ``num_test`` held-out cases (``SYNTS_0000``, ...,
     images in ``imagesTs``, references in ``labelsTs``) as the nnU-Net raw dataset ``raw_root/DatasetXXX_name``.
 
     Images are 1 mm isotropic NIfTI with identity direction and origin 0. The folder appears only when complete; an
-    existing dataset with the same ID is an error unless ``overwrite``. Returns the dataset folder.
+    existing dataset with the same ID is an error unless ``overwrite``. Only ``tumour_modalities`` show the tumour
+    (:func:`synthesize_case`). Returns the dataset folder.
     """
     from tqdm import tqdm
 
@@ -340,12 +354,13 @@ def write_synthetic_dataset(raw_root: str | Path, dataset_id: int, num_cases: in
             (staging / f"images{split}").mkdir()
             (staging / f"labels{split}").mkdir()
         for split, case, s in tqdm(jobs, desc="synthetic cases", unit="case", disable=len(jobs) < 10):
-            _write_case(staging / f"images{split}", staging / f"labels{split}", case, size, s)
+            _write_case(staging / f"images{split}", staging / f"labels{split}", case, size, s, tumour_modalities)
         write_dataset_json(
             staging, int(num_cases), name,
             description=f"Synthetic BraTS-like cases made by nnalign_synth (seed {seed}, "
                         f"shape {'x'.join(map(str, size))})",
             source_label_convention="brats2023",
             extra={"synthetic": {"seed": int(seed), "shape": list(size), "num_test": int(num_test),
-                                 "generator_version": GENERATOR_VERSION}})
+                                 "generator_version": GENERATOR_VERSION,
+                                 "tumour_modalities": [m for m in BRATS_MODALITIES if m in tumour_modalities]}})
     return raw_root / dataset_name(dataset_id, name)

@@ -1,13 +1,16 @@
-"""Pieces the teacher and student trainers share: training length, the plans' optimizer, the optimizer step, and
-what DDP leaves to them (gradients of parameters outside the DDP-wrapped network, per-step logs from every rank)."""
+"""Pieces the teacher and student trainers share: training length, the plans' optimizer, the optimizer step, what
+DDP leaves to them (gradients of parameters outside the DDP-wrapped network, per-step logs from every rank), and the
+warning for a model that collapsed to background."""
 from __future__ import annotations
 
-from typing import Iterable
+import sys
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import distributed as dist
 
+from nnalign.data.labels import REGION_NAMES
 from nnalign.training.settings import TeacherSettings
 
 PLANS_TRAINING_KEY = "nnalign_training"
@@ -83,3 +86,46 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, grad_sc
         average_gradients_over_ranks(unsynchronised)
         torch.nn.utils.clip_grad_norm_(parameters, 12)
         optimizer.step()
+
+
+def collapsed_regions(dice_per_epoch: Sequence[Sequence[float]], names: Sequence[str]) -> list[str]:
+    """The regions whose validation pseudo-Dice was 0 in every epoch of the last third of training.
+
+    ``dice_per_epoch``: nnU-Net's ``dice_per_class_or_region`` log, one list per epoch. Epochs where a region's Dice
+    is NaN (neither the validation references nor the predictions held it) are skipped; a region with no scored
+    epoch in the last third is not reported.
+    """
+    if not dice_per_epoch:
+        return []
+    last_third = np.asarray(dice_per_epoch[-max(1, len(dice_per_epoch) // 3):], dtype=np.float64)
+    collapsed = []
+    for r, name in enumerate(names):
+        scored = last_third[:, r][~np.isnan(last_third[:, r])]
+        if scored.size and not scored.any():
+            collapsed.append(name)
+    return collapsed
+
+
+class CollapseCheck:
+    """Trainer mixin: at the end of training, warn (log, stderr, settings record) when a region's validation
+    pseudo-Dice stayed 0 for the last third of training, i.e. the model learned to predict background there."""
+
+    collapse_warning: str | None = None
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self.local_rank != 0:
+            return
+        log = self.logger.local_logger.my_fantastic_logging.get("dice_per_class_or_region") or []
+        heads = self.label_manager.num_segmentation_heads
+        names = REGION_NAMES if heads == len(REGION_NAMES) else tuple(f"region {i + 1}" for i in range(heads))
+        regions = collapsed_regions(log, names)
+        if regions:
+            epochs = max(1, len(log) // 3)
+            self.collapse_warning = (f"{self.output_folder}: the validation pseudo-Dice of {', '.join(regions)} "
+                                     f"stayed 0 for the last {epochs} epochs: the model predicts no "
+                                     f"{'/'.join(regions)} (collapsed to background); train longer, or check the "
+                                     f"data and settings")
+            self.print_to_log_file(f"WARNING: {self.collapse_warning}")
+            print(f"nnalign_train: warning: {self.collapse_warning}", file=sys.stderr, flush=True)
+        self.write_settings_record()

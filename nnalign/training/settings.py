@@ -169,9 +169,9 @@ class TeacherSettings:
     def trainer_name(self) -> str:
         """The trainer class name: a prefix, the anchor, then one token per non-default model setting.
 
-        Tokens, in this order: ``w<lambda>`` (not the anchor's default), ``sep`` (one encoder per modality), ``lvl<L>`` (a latent
-        level other than the plans'), ``drop<p>`` (not 0), ``nosg`` (no stop-gradient). Floats are written exactly,
-        ``.`` as ``p`` and ``-`` as ``m``.
+        Tokens, in this order: ``w<lambda>`` (not the anchor's default), ``sep`` (one encoder per modality),
+        ``lvl<L>`` (a latent level other than the plans'), ``drop<p>`` (not 0), ``nosg`` (no stop-gradient). Floats
+        are written exactly, ``.`` as ``p`` and ``-`` as ``m``.
         """
         if self.is_original:
             parts = [ORIGINAL_PREFIX]

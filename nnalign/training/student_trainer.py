@@ -27,8 +27,8 @@ from nnalign.losses.kd import KD_METHODS, build_kd
 from nnalign.modalities import channel_indices
 from nnalign.model_folders import FINAL_CHECKPOINT, fold_folder, model_folder
 from nnalign.networks.align_unet import as_outputs, nnAlignStudentUNet
-from nnalign.training.common import (apply_plans_training, apply_training_length, average_gradients_over_ranks,
-                                     gathered_over_ranks, optimizer_step)
+from nnalign.training.common import (CollapseCheck, apply_plans_training, apply_training_length,
+                                     average_gradients_over_ranks, gathered_over_ranks, optimizer_step)
 from nnalign.training.optim import optimizer_from_plans
 from nnalign.atomic import write_json_atomic
 from nnalign.training.record import METHOD_VERSION, SETTINGS_RECORD
@@ -56,7 +56,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-class nnAlignStudentTrainer(nnUNetTrainer):
+class nnAlignStudentTrainer(CollapseCheck, nnUNetTrainer):
     """nnU-Net's trainer for a student distilled from a frozen nnalign teacher (see the module docstring)."""
 
     student: StudentSettings | None = None
@@ -216,6 +216,7 @@ class nnAlignStudentTrainer(nnUNetTrainer):
             "plans": self.plans_manager.plans_name,
             "method_version": METHOD_VERSION,
             "configuration": self.configuration_name,
+            "collapse_warning": self.collapse_warning,
             "fold": self.fold,
             "modalities": list(self.settings.modalities),
             "kd": self.settings.kd,

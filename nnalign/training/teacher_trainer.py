@@ -20,7 +20,7 @@ from nnalign.errors import NnalignError
 from nnalign.losses.anchors import MixtureAnchor, ModalityAnchor, modality_gap
 from nnalign.modalities import BRATS_MODALITIES
 from nnalign.networks.align_unet import nnAlignStudentUNet, nnAlignTeacherUNet
-from nnalign.training.common import (apply_plans_training, apply_training_length, gathered_over_ranks,
+from nnalign.training.common import (CollapseCheck, apply_plans_training, apply_training_length, gathered_over_ranks,
                                      optimizer_step)
 from nnalign.training.optim import optimizer_from_plans
 from nnalign.training.presence import sample_presence, zero_absent
@@ -53,7 +53,7 @@ def unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return network
 
 
-class nnAlignTeacherTrainer(nnUNetTrainer):
+class nnAlignTeacherTrainer(CollapseCheck, nnUNetTrainer):
     """nnU-Net's trainer for the aligned multi-modal teacher (and the ``original`` all-modality nnU-Net baseline).
 
     Per training step: draw each sample's present modalities (``settings.modality_dropout``), zero the absent input
@@ -228,6 +228,7 @@ class nnAlignTeacherTrainer(nnUNetTrainer):
             "nnalign_version": __version__,
             "method_version": METHOD_VERSION,
             "role": "teacher",
+            "collapse_warning": self.collapse_warning,
             "trainer": type(self).__name__,
             "dataset": self.plans_manager.dataset_name,
             "plans": self.plans_manager.plans_name,
