@@ -1,0 +1,94 @@
+"""A model trained before method version 2 (whose P* forward, alignment and distillation losses differ) is refused
+with one line by the commands whose meaning would change: nnalign_predict (P* teachers), nnalign_train --c / --val
+and nnalign_report; a model of this version is used as before."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import plan_synthetic, run_train
+
+from nnalign.training.record import METHOD_VERSION, SETTINGS_RECORD
+
+pytestmark = pytest.mark.slow
+
+DATASET_ID = 981
+DATASET = "Dataset981_SyntheticBraTS"
+CONFIG = "3d_cpu"
+TEACHER = f"nnAlignTeacher_mixture__nnAlignPlans__{CONFIG}"
+
+
+@pytest.fixture(scope="module")
+def old_and_new(tmp_path_factory):
+    """A P* teacher trained for 1 epoch x 2 iterations, and a copy whose settings record says nothing of its method
+    version, as every record written before version 2 (each in its own results folder)."""
+    root = plan_synthetic(tmp_path_factory.mktemp("version"), DATASET_ID, num_cases=3, shape=(40, 40, 40))
+    new = root / "new"
+    proc = run_train(root, new, str(DATASET_ID), CONFIG, "0", "--anchor", "mixture", "--epochs", "1",
+                     "--iters-per-epoch", "2", "-device", "cpu")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((new / DATASET / TEACHER / "fold_0" / SETTINGS_RECORD).read_text())
+    assert record["method_version"] == METHOD_VERSION
+    old = root / "old"
+    shutil.copytree(new, old)
+    del record["method_version"]
+    record["nnalign_version"] = "0.1.0"
+    (old / DATASET / TEACHER / "fold_0" / SETTINGS_RECORD).write_text(json.dumps(record))
+    images = root / "raw" / DATASET / "imagesTr"
+    case = root / "case"
+    case.mkdir()
+    for image in images.glob("SYN_0000_*.nii.gz"):
+        shutil.copyfile(image, case / image.name)
+    return {"root": root, "old": old, "new": new, "case": case}
+
+
+def _command(module: str, *args: str, results: Path, root: Path) -> subprocess.CompletedProcess:
+    environ = {**os.environ, "nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
+               "nnUNet_results": str(results), "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1",
+               "nnUNet_compile": "f"}
+    environ.pop("NNALIGN_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=environ,
+                          timeout=600)
+
+
+def _one_line(proc: subprocess.CompletedProcess, prog: str) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), proc.stderr
+    return lines[0]
+
+
+def test_predict_refuses_an_older_mixture_teacher_and_uses_this_versions(old_and_new, tmp_path):
+    root, case = old_and_new["root"], old_and_new["case"]
+    proc = _command("nnalign.cli.predict", "-i", str(case), "-o", str(tmp_path / "old_out"), "-m",
+                    str(old_and_new["old"] / DATASET / TEACHER), "-device", "cpu", "--disable-tta",
+                    results=old_and_new["old"], root=root)
+    line = _one_line(proc, "nnalign_predict")
+    assert "method version 1" in line and "fold_0" in line
+    assert not any((tmp_path / "old_out").glob("*.nii.gz"))
+    proc = _command("nnalign.cli.predict", "-i", str(case), "-o", str(tmp_path / "new_out"), "-m",
+                    str(old_and_new["new"] / DATASET / TEACHER), "-device", "cpu", "--disable-tta",
+                    results=old_and_new["new"], root=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "new_out" / "SYN_0000.nii.gz").is_file()
+
+
+def test_train_continue_and_validate_refuse_an_older_run(old_and_new):
+    for flag in ("--c", "--val"):
+        proc = run_train(old_and_new["root"], old_and_new["old"], str(DATASET_ID), CONFIG, "0", "--anchor",
+                         "mixture", flag, "-device", "cpu")
+        line = _one_line(proc, "nnalign_train")
+        assert "method version 1" in line and "--overwrite" in line
+
+
+def test_report_refuses_a_results_folder_holding_an_older_run(old_and_new, tmp_path):
+    proc = _command("nnalign.cli.report", str(old_and_new["old"] / DATASET), "-o", str(tmp_path / "report"),
+                    results=old_and_new["old"], root=old_and_new["root"])
+    line = _one_line(proc, "nnalign_report")
+    assert "method version 1" in line and "move it out" in line
+    assert not (tmp_path / "report").exists()
