@@ -75,6 +75,15 @@ def test_bernoulli_kl_divides_logits_by_temperature():
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def _kl(p: float, q: float) -> float:
+    """KL(Bern(p) ‖ Bern(q))."""
+    return p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+
+
 def kdnet(**kw):
     return build_kd("kdnet", feature_channels=1, bottleneck_channels=2, skip_channels=[2], num_regions=1, **kw)
 
@@ -82,13 +91,15 @@ def kdnet(**kw):
 @pytest.mark.parametrize(
     "temperature, z_t0, expected",
     [
-        # voxel 0: KL = 0.130812, voxel 1: z_t = z_s = 5 → 0; mean 0.065406; ×λ·T² = 0.75·100 → 4.905451
-        (10.0, 10 * LN3, 0.75 * 100 * KL_75_50 / 2),
-        # T = 1: z_t = ln 3 gives the same distributions; ×0.75·1 → 0.049055
-        (1.0, LN3, 0.75 * 1 * KL_75_50 / 2),
+        # T = 1: soft label σ(ln 3) = 0.75 against σ(0) = 0.5 → KL 0.130812; voxel 1: σ(5) both → 0;
+        # mean 0.065406; ×λ = 0.75 → 0.049055
+        (1.0, LN3, 0.75 * KL_75_50 / 2),
+        # T = 10: only the teacher is softened: σ(10 ln 3 / 10) = 0.75 against the student's σ(0); voxel 1: the
+        # teacher's σ(5/10) against the student's σ(5) → KL(Bern(σ(0.5)) ‖ Bern(σ(5))), no T² factor
+        (10.0, 10 * LN3, 0.75 * (KL_75_50 + _kl(_sigmoid(0.5), _sigmoid(5.0))) / 2),
     ],
 )
-def test_kdnet_logit_term_temperature_and_t_squared(temperature, z_t0, expected):
+def test_kdnet_logit_term_is_generalized_distillation(temperature, z_t0, expected):
     loss = kdnet(temperature=temperature)
     h = torch.zeros(1, 2, 2)
     parts = loss(outs(t([0.0, 5.0], (1, 1, 2)), [h]), outs(t([z_t0, 5.0], (1, 1, 2)), [h]), torch.zeros(1, 1, 2), 0)
@@ -96,6 +107,19 @@ def test_kdnet_logit_term_temperature_and_t_squared(temperature, z_t0, expected)
     assert approx(parts["feature_kl"], 0.0)
     assert approx(parts["total"], expected)
     assert loss.seg_weight == pytest.approx(0.25)  # 1 − λ
+
+
+def test_kdnet_logit_gradient_is_bounded_like_bce():
+    """Per element the logit term's gradient is λ (σ(z_s) − σ(z_t / T)): at most λ, however confident the teacher
+    (Hinton's T²-scaled form at T = 10 gave up to 7.5 here)."""
+    z_s = torch.zeros(1, 1, 4, requires_grad=True)
+    z_t = t([-20.0, -10.0, 10.0, 20.0], (1, 1, 4))
+    h = torch.zeros(1, 2, 4)
+    parts = kdnet(temperature=10.0)(outs(z_s, [h]), outs(z_t, [h]), torch.zeros(1, 1, 4), 0)
+    parts["logit_kl"].backward()
+    expected = 0.75 * (0.5 - torch.sigmoid(z_t / 10)) / 4  # mean over 4 elements
+    torch.testing.assert_close(z_s.grad, expected)
+    assert z_s.grad.abs().max() * 4 <= 0.75
 
 
 def test_kdnet_feature_term_channel_softmax_kl():

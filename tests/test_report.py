@@ -122,6 +122,14 @@ def build_tree(base: Path, env) -> tuple[Path, dict[str, Path]]:
         "t_normal": make_model(results, "nnAlignTeacher_normal", {0: {}}),
         # a teacher variant (alignment weight 0.5): not the standard mixture teacher
         "t_mix_w": make_model(results, "nnAlignTeacher_mixture_w0p5", {0: dict.fromkeys(both, EDEMA_ONLY)}),
+        # plain nnU-Net teachers: without and with modality dropout (sparsified training)
+        "t_orig": make_model(results, "nnAlignOriginal", {0: dict.fromkeys(both, EDEMA_ONLY)}),
+        "t_orig_drop": make_model(results, "nnAlignOriginal_drop0p5", {0: dict.fromkeys(both, SHORT_ET)}),
+        # the T1 kdnet student of the plain nnU-Net teacher (the paper's Original Method column)
+        "s_t1_kdnet_orig": make_model(results, "nnAlignStudent_T1_kdnet_Original", {0: dict.fromkeys(both, NO_ET)}),
+        # a T2 pmkl student only from a teacher with other settings than the compared ones
+        "s_t2_pmkl_mix_w": make_model(results, "nnAlignStudent_T2_pmkl_Teacher-mixture-w0p5",
+                                       {0: dict.fromkeys(both, PERFECT)}),
         # students
         "s_t1_kdnet_none": make_model(results, "nnAlignStudent_T1_kdnet_Teacher-none",
                                       {0: {"C0": SHORT_ET, "C1": SHORT_ET}}),
@@ -191,7 +199,7 @@ def test_runs_are_classified_from_trainer_names(tree):
     assert (s.role, s.anchor, s.kd, s.subset, s.variant) == ("student", "normal", "kdnet", ("T1ce", "T2"), "")
     assert any("3d_cpu" in n or "configuration" in n for n in res.notes)
     assert any("nnUNetTrainer__" in n for n in res.notes)
-    assert res.default_kd() == "kdnet"  # 4 kdnet runs, 1 protokd, 1 none
+    assert res.default_kd() == "kdnet"  # 5 kdnet runs, 1 pmkl, 1 protokd, 1 none
 
 
 def test_metrics_pool_folds_and_are_cached(tree):
@@ -263,14 +271,20 @@ def test_table_iii_hand_computed_cells_empty_cells_and_mean_row(report):
 
 def test_table_i_improvement_columns_and_kd_none_fallback(report):
     t = report.tables["I"]
-    assert t.columns == ["Student", "KD", "none", "normal", "Δ normal", "modality:T1ce", "Δ modality:T1ce",
-                         "mixture", "Δ mixture"]
+    assert t.columns == ["Student", "KD", "original", "none", "normal", "Δ normal", "modality:T1ce",
+                         "Δ modality:T1ce", "mixture", "Δ mixture", "P* − original"]
     assert len(t.rows) == 4 * 5
     rows = {(r[0], r[1]): dict(zip(t.columns, r)) for r in t.rows}
     kdnet = rows[("T1", "kdnet")]
     assert kdnet["none"] == pytest.approx(avg_pct(SHORT_ET))
     assert kdnet["mixture"] == pytest.approx(80.0)
     assert kdnet["Δ mixture"] == pytest.approx(80.0 - avg_pct(SHORT_ET))
+    assert kdnet["original"] == pytest.approx(avg_pct(NO_ET))
+    assert kdnet["P* − original"] == pytest.approx(80.0 - avg_pct(NO_ET))
+    # T2 pmkl exists only from a teacher with lambda 0.5: shown, and the notes say it differs in another setting
+    assert rows[("T2", "pmkl")]["mixture"] == 100.0
+    assert any("the default settings" in n for n in t.notes)
+    assert any("differs in another setting" in n and "Teacher-mixture-w0p5" in n for n in t.notes)
     assert kdnet["normal"] is None and kdnet["Δ normal"] is None
     protokd = rows[("T1", "protokd")]
     assert protokd["mixture"] == pytest.approx(avg_pct(NO_ET)) and protokd["none"] is None
@@ -283,7 +297,12 @@ def test_table_i_improvement_columns_and_kd_none_fallback(report):
 
 def test_table_iv_teachers_dice_hd95_weights_and_variants(report):
     t = report.tables["IV"]
-    assert [r[0] for r in t.rows] == ["none", "normal", "modality:T1ce", "mixture"]
+    assert [r[0] for r in t.rows] == ["none", "normal", "modality:T1ce", "mixture", "original (nnU-Net)",
+                                      "original, modality dropout 0.5 (sparsified nnU-Net)"]
+    assert t.sources["original (nnU-Net)"].startswith("nnAlignOriginal__")
+    assert dict(zip(t.columns, t.row("original, modality dropout 0.5 (sparsified nnU-Net)")))["Dice Avg"] == \
+        pytest.approx(avg_pct(SHORT_ET))
+    assert any("Teachers with the default settings besides the anchor" in n for n in t.notes)
     none = dict(zip(t.columns, t.row("none")))
     assert [none[f"Dice {r}"] for r in ("WT", "TC", "ET")] == [100.0, 100.0, 0.0]
     assert none["Dice Avg"] == pytest.approx(200 / 3)
@@ -353,12 +372,12 @@ def is_png(path: Path) -> bool:
 def test_overlay_and_curve_figures_are_written(report):
     assert is_png(report.output / "overlays.png") and is_png(report.output / "training_curves.png")
     overlays = report.figures["overlays.png"]
-    # the subset with the most students (T1: kdnet x2, protokd, none) beside the mixture teacher, on both cases
+    # the subset with the most students (T1: kdnet x3, protokd, none) beside the mixture teacher, on both cases
     assert overlays.panels[0] == "C0: teacher mixture"
-    assert sum(p.startswith("C0: ") for p in overlays.panels) == 5
+    assert sum(p.startswith("C0: ") for p in overlays.panels) == 6
     assert any(p.startswith("C1: ") for p in overlays.panels)
-    assert overlays.panels[1:5] == ["C0: T1 kdnet <- none", "C0: T1 kdnet <- mixture", "C0: T1 none <- mixture",
-                                    "C0: T1 protokd <- mixture"]
+    assert overlays.panels[1:6] == ["C0: T1 kdnet <- none", "C0: T1 kdnet <- mixture", "C0: T1 kdnet <- original",
+                                    "C0: T1 none <- mixture", "C0: T1 protokd <- mixture"]
     curves = report.figures["training_curves.png"]
     assert curves.panels == ["teacher none (fold_0)", "teacher mixture (fold_0)", "T1 none <- mixture (fold_0)"]
     assert not (report.output / "tsne_latents.png").exists()

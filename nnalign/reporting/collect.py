@@ -494,8 +494,33 @@ class Results:
     def teacher(self, anchor: str) -> Run | None:
         return self.pick(r for r in self.teachers if r.anchor == anchor)
 
-    def student(self, subset: Sequence[str], kd: str, anchor: str | None) -> Run | None:
-        """The student of ``subset`` distilled with ``kd`` from a teacher with ``anchor`` (any anchor if None).
+    @classmethod
+    def has_teacher_settings(cls, run: Run, variant: str) -> bool:
+        """Whether the run's teacher has the settings ``variant`` besides its anchor; for the ``original`` teacher,
+        which has no encoder, alignment or latents, only the modality dropout is compared."""
+        if run.anchor == "original":
+            variant = "_".join(t for t in variant.split("_") if t.startswith("drop"))
+        return cls.teacher_variant(run) == variant
+
+    def compared_variant(self, runs: Iterable[Run]) -> str:
+        """The teacher settings that the most anchors share among ``runs`` (the defaults on a tie): what tables that
+        compare anchors hold fixed."""
+        anchors: dict[str, set] = {}
+        for r in runs:
+            if r.anchor and r.anchor != "original":
+                anchors.setdefault(self.teacher_variant(r), set()).add(r.anchor)
+        if not anchors:
+            return ""
+        return min(anchors, key=lambda v: (-len(anchors[v]), v != "", v))
+
+    def teacher(self, anchor: str, variant: str | None = None) -> Run | None:
+        """The teacher with ``anchor`` (and, unless None, the teacher settings ``variant``)."""
+        return self.pick(r for r in self.teachers if r.anchor == anchor
+                         and (variant is None or self.has_teacher_settings(r, variant)))
+
+    def student(self, subset: Sequence[str], kd: str, anchor: str | None, variant: str | None = None) -> Run | None:
+        """The student of ``subset`` distilled with ``kd`` from a teacher with ``anchor`` (any anchor if None) and,
+        unless None, the teacher settings ``variant``.
 
         ``kd`` ``none`` (no distillation) does not depend on the teacher, so when no run names a teacher with this
         anchor, any ``none`` student of the subset stands in.

@@ -6,8 +6,11 @@ decimals is the Markdown cell.
 
 - Table III: the 15 modality subsets x WT/TC/ET/average Dice of the student distilled with one KD method from the
   ``none``-anchor teacher (without alignment) and from the ``mixture`` teacher (with alignment), and a mean row.
-- Table I: single-modality students, KD method x teacher anchor, average Dice and the gain over the ``none`` anchor.
-- Table IV: the teachers (all modalities) by anchor, Dice and HD95.
+- Table I: single-modality students, KD method x teacher anchor (``original``, the plain nnU-Net teacher, first),
+  average Dice, the gain over the ``none`` anchor, and P* over ``original`` (the paper's improvement).
+- Table IV: the teachers (all modalities) by anchor, Dice and HD95, and nnU-Net with modality dropout when trained.
+- Tables I and IV compare teachers that differ only in the anchor: the teacher settings most anchors share, with a
+  note naming them, and a note wherever a cell had to use a teacher that differs in another setting too.
 - Table V: single-modality models without distillation (``kd none``), each evaluated on every modality.
 """
 from __future__ import annotations
@@ -162,37 +165,54 @@ def _anchor_columns(res: Results) -> list[str]:
     return sorted(set(STANDARD_ANCHORS) | found, key=anchor_order_key)
 
 
+def _settings(variant: str) -> str:
+    return "the default settings" if not variant else f"the settings {variant}"
+
+
 def table_i(res: Results) -> Table:
-    """Single-modality students: KD method x teacher anchor, average Dice (%), and each anchor's gain over none."""
-    anchors = _anchor_columns(res)
+    """Single-modality students: KD method x teacher anchor, average Dice (%), each anchor's gain over none, and the
+    paper's improvement, P* over the plain nnU-Net teacher ("Original Method")."""
+    anchors = ["original", *_anchor_columns(res)]
     columns, kinds = ["Student", "KD"], [TEXT, TEXT]
     for a in anchors:
         columns.append(a)
         kinds.append(PCT)
-        if a != "none":
+        if a not in ("none", "original"):
             columns.append(f"Δ {a}")
             kinds.append(DELTA)
-    table = Table("I", "Average Dice (%) of the single-modality students per KD method and teacher anchor; Δ is the "
-                       "gain over the teacher without alignment (anchor none).", columns, kinds)
+    columns.append("P* − original")
+    kinds.append(DELTA)
+    table = Table("I", "Average Dice (%) of the single-modality students per KD method and teacher anchor "
+                       "(original: the plain nnU-Net teacher, the paper's Original Method); Δ is the gain over the "
+                       "teacher without alignment (anchor none), P* − original the paper's improvement.",
+                  columns, kinds)
+    singles = [r for r in res.students if len(r.subset) == 1]
+    variant = res.compared_variant(singles)
     kds = [*KD_ORDER, *(k for k in res.kd_methods() if k not in KD_ORDER)]
-    fallback = False
+    fallback, other_settings = False, set()
     for modality in BRATS_MODALITIES:
         for kd in kds:
             row: list = [modality, kd]
-            base = None
+            values: dict[str, float | None] = {}
             for a in anchors:
-                run = res.student((modality,), kd, a)
+                run = res.student((modality,), kd, a, variant)
+                if run is None and kd != "none" and (run := res.student((modality,), kd, a)) is not None:
+                    other_settings.add(run.name)
                 if run is not None:
                     table.sources[f"{modality} {kd} / {a}"] = run.name
                     fallback |= kd == "none" and run.anchor != a
                 m = res.metrics(run)
-                value = None if m is None else 100.0 * m.dice_avg
-                if a == "none":
-                    base = value
-                    row.append(value)
-                else:
-                    row += [value, _sub(value, base)]
+                values[a] = None if m is None else 100.0 * m.dice_avg
+                row.append(values[a])
+                if a not in ("none", "original"):
+                    row.append(_sub(values[a], values["none"]))
+            row.append(_sub(values.get("mixture"), values["original"]))
             table.rows.append(row)
+    table.notes.append(f"Students of teachers with {_settings(variant)} besides the anchor (each anchor's default "
+                       f"λ), so that the columns differ only in the anchor.")
+    if other_settings:
+        table.notes.append("No student of a teacher with those settings for some cells; shown instead, from a teacher "
+                           f"that differs in another setting too: {', '.join(sorted(other_settings))}.")
     if fallback:
         table.notes.append("KD none does not use the teacher; where no kd-none run names a teacher with the column's "
                            "anchor, the subset's other kd-none run is shown.")
@@ -200,16 +220,29 @@ def table_i(res: Results) -> Table:
 
 
 def table_iv(res: Results) -> Table:
-    """The teachers by anchor (all modalities): Dice (%) and HD95 (mm) per region and averaged."""
+    """The teachers by anchor (all modalities): Dice (%) and HD95 (mm) per region and averaged; teachers with the
+    same settings besides the anchor, and nnU-Net trained with modality dropout (sparsified) where there is one."""
     regions = [*REGION_NAMES, "Avg"]
     columns = ["Anchor", *(f"Dice {r}" for r in regions), *(f"HD95 {r}" for r in regions), "Cases"]
     kinds = [TEXT, *[PCT] * len(regions), *[MM] * len(regions), INT]
     table = Table("IV", "The teachers with every modality by anchor: Dice (%) and HD95 (mm).", columns, kinds)
+    variant = res.compared_variant(res.teachers)
+    table.notes.append(f"Teachers with {_settings(variant)} besides the anchor (each anchor's default λ).")
     anchors = sorted(set(STANDARD_ANCHORS) | {r.anchor for r in res.teachers}, key=anchor_order_key)
+    rows: list[tuple[str, Run | None]] = []
     for anchor in anchors:
-        run = res.teacher(anchor)
-        m = res.metrics(run)
+        run = res.teacher(anchor, variant)
         label = "original (nnU-Net)" if anchor == "original" else anchor
+        if run is None and (run := res.teacher(anchor)) is not None:
+            table.notes.append(f"{label}: no teacher with {_settings(variant)}; shown instead {run.name}, which "
+                               f"differs in another setting than the anchor: not a like-for-like comparison.")
+        rows.append((label, run))
+    for r in res.teachers:
+        drop = next((t for t in r.variant.split("_") if t.startswith("drop")), None)
+        if r.anchor == "original" and drop and all(r is not run for _, run in rows):
+            rows.append((f"original, modality dropout {drop[4:].replace('p', '.')} (sparsified nnU-Net)", r))
+    for label, run in rows:
+        m = res.metrics(run)
         if run is not None:
             table.sources[label] = run.name
         table.rows.append([label, *_pct(m), *_mm(m), None if m is None else m.num_cases])
@@ -217,7 +250,7 @@ def table_iv(res: Results) -> Table:
             table.notes.append(f"{label}: {run.name} has no validation predictions or evaluation yet.")
         if m is not None and m.hd95 is None:
             table.notes.append(f"{label}: no ground truth found, Dice from nnU-Net's summary.json, no HD95.")
-        weights = res.mixture_weights(run) if run is not None and anchor == "mixture" else None
+        weights = res.mixture_weights(run) if run is not None and run.anchor == "mixture" else None
         if weights:
             table.notes.append("Learned mixture weights (normalised): "
                                + ", ".join(f"{k} {v:.3f}" for k, v in weights.items()) + ".")

@@ -3,33 +3,50 @@
 Source
 ------
 M. Hu, M. Maillard, Y. Zhang, T. Ciceri, G. La Barbera, I. Bloch, P. Gori, "Knowledge distillation from multi-modal
-to mono-modal segmentation networks", MICCAI 2020, LNCS pp. 772–781, arXiv 2106.09564. No official code was found;
-the feature term follows the third-party reimplementation ``CityU-AIM-Group/MultiModal-learning``,
-``MIA 2022/distiller_zoo/feats_KL.py``. The loss structure is from the abstract and that reimplementation;
-**the default weights are unverified**: the method section could not be retrieved, so T = 10 is taken from ProtoKD's
-KD term and λ = 0.75, β = 0.1 from memory of "λ large, β small". Treat all three as hyperparameters and report them.
+to mono-modal segmentation networks", MICCAI 2020, LNCS pp. 772–781, arXiv 2106.09564: "an adaptation of the
+generalized distillation framework where the student network is trained on a subset (1 modality) of the teacher's
+inputs". Generalized distillation (D. Lopez-Paz, L. Bottou, B. Schölkopf, V. Vapnik, "Unifying distillation and
+privileged information", ICLR 2016): learn the teacher, compute its soft labels s = σ(f_t(x*)/T) at temperature T,
+then train the student on ``(1−λ)·ℓ(y, σ(f_s(x))) + λ·ℓ(s, σ(f_s(x)))`` with the imitation parameter λ ∈ [0, 1]; the
+student's output is not softened and there is no T² factor. KD-Net adds a KL term on intermediate features; the
+feature term follows the third-party reimplementation ``CityU-AIM-Group/MultiModal-learning``,
+``MIA 2022/distiller_zoo/feats_KL.py``. No official code was found, and the KD-Net paper's method and experiments
+sections could not be retrieved from any stored copy, so **its λ, β and T are unverified**: λ = 0.75 and β = 0.1 are
+kept from an unverified recollection of "λ large, β small", and T = 1. Treat all three as hyperparameters and
+report them.
 
-Formula (softmax original)
---------------------------
-``L = (1−λ)·L_seg(student, y) + λ·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)) + β·KL(softmax_c(h_t) ‖ softmax_c(h_s))``
+Formula (softmax original, as generalized distillation)
+--------------------------------------------------------
+``L = (1−λ)·L_seg(student, y) + λ·CE(softmax(z_t/T), softmax(z_s)) + β·KL(softmax_c(h_t) ‖ softmax_c(h_s))``
 
 Sigmoid-region adaptation (what this module computes)
 -----------------------------------------------------
-nnU-Net's BraTS head gives R independent sigmoid regions, so the C-class softmax at temperature T becomes one
-Bernoulli distribution per region and voxel, ``Bern(σ(z/T))``:
+nnU-Net's BraTS head gives R independent sigmoid regions, so each region at each voxel is one Bernoulli
+distribution:
 
-- ``logit_kl = λ·T²·mean_{b, r, i} KL(Bern(σ(z_t/T)) ‖ Bern(σ(z_s/T)))`` over the full-resolution logits
-  z (B, R, *S); the mean runs over batch, regions and voxels.
+- ``logit_kl = λ·mean_{b, r, i} KL(Bern(σ(z_t/T)) ‖ Bern(σ(z_s)))`` over the full-resolution logits z (B, R, *S):
+  the soft-label cross-entropy of generalized distillation less the teacher's entropy (same gradient,
+  λ·(σ(z_s) − σ(z_t/T)) per element, bounded by λ as BCE's by 1; zero when the student matches the soft label).
 - ``feature_kl = β·mean_{b, i} Σ_c p_t,c(i)·(log p_t,c(i) − log p_s,c(i))`` with ``p = softmax_c(h)`` over the
   channels of the bottleneck h = ``skips[-1]`` (B, C, *S_bottleneck), per voxel: KL summed over channels, averaged
   over voxels and batch. (feats_KL.py sums over voxels and divides by the batch size; the voxel mean used here keeps
   β independent of the patch size. This term needs no adaptation: it never involved the output head.)
 - ``seg_weight = 1 − λ``: the trainer scales the student's own segmentation loss by it.
 
+Why not Hinton's form, λ·T²·KL(Bern(σ(z_t/T)) ‖ Bern(σ(z_s/T))) at T = 10, which nnalign used before 0.2: a
+sigmoid region head's logits are unbounded and confident (a trained teacher's background sits at −10 to −20), and at
+high T that term is a logit regression with gradient λ·T·(σ(z_s/T) − σ(z_t/T)) per element, up to 7.5 where BCE's is
+at most 1. Measured on the demo's T1ce student (``benchmarks/kd_gradients.py``, 2026-12-02): its gradient at the
+logits was 8 to 18 times the segmentation loss's in every region over the first 30 iterations, pushed every logit to
+about −7 and the training Dice to 0, the collapse to background seen in the demo. Under the student's ambiguity
+(one modality) a logit regression also aims at the teacher's mean logit, which the confident background drags below
+0; the soft-label form aims at the teacher's mean probability instead.
+
 The teacher is frozen; its tensors are detached. Computed in float32; finite for any finite inputs.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -39,7 +56,7 @@ from nnalign.losses.kd.base import (
     DistillationLoss,
     as_student,
     as_teacher,
-    bernoulli_kl_at_temperature,
+    bernoulli_kl,
     check_nonnegative,
     check_positive,
     check_same_shape,
@@ -61,16 +78,16 @@ def channel_softmax_kl(h_teacher: Tensor, h_student: Tensor) -> Tensor:
 
 @register_kd("kdnet")
 class KDNetLoss(DistillationLoss):
-    """KD-Net: temperature-scaled Bernoulli KL on the logits (×T²) and channel-softmax KL on the bottleneck.
+    """KD-Net: generalized distillation's soft-label term on the logits and channel-softmax KL on the bottleneck.
 
-    Components: ``logit_kl`` (λ·T²·…), ``feature_kl`` (β·…). ``seg_weight`` = 1 − λ.
+    Components: ``logit_kl`` (λ·KL to the teacher's soft labels at T), ``feature_kl`` (β·…). ``seg_weight`` = 1 − λ.
     """
 
     def __init__(
         self,
         shape: NetworkShape,
         *,
-        temperature: float = 10.0,
+        temperature: float = 1.0,
         imitation_weight: float = 0.75,
         feature_weight: float = 0.1,
     ) -> None:
@@ -91,9 +108,9 @@ class KDNetLoss(DistillationLoss):
         h_s, h_t = student.bottleneck, teacher.bottleneck
         check_same_shape("logits", z_s, z_t, self.name)
         check_same_shape("bottleneck", h_s, h_t, self.name)
-        t = self.temperature
-        kl = bernoulli_kl_at_temperature(as_teacher(z_t), as_student(z_s), t).mean()
+        soft_labels = torch.sigmoid(as_teacher(z_t) / self.temperature)
+        kl = bernoulli_kl(soft_labels, as_student(z_s)).mean()
         return {
-            "logit_kl": self.imitation_weight * t * t * kl,
+            "logit_kl": self.imitation_weight * kl,
             "feature_kl": self.feature_weight * channel_softmax_kl(as_teacher(h_t), as_student(h_s)),
         }
