@@ -491,8 +491,12 @@ class Results:
         candidates = list(candidates)
         return min(candidates, key=key) if candidates else None
 
-    def teacher(self, anchor: str) -> Run | None:
-        return self.pick(r for r in self.teachers if r.anchor == anchor)
+    @staticmethod
+    def teacher_variant(run: Run) -> str:
+        """The settings of a run's teacher beyond its anchor (a teacher's own variant; a student's teacher's)."""
+        if run.role == TEACHER:
+            return run.variant
+        return _teacher_variant(run.teacher_trainer) if run.teacher_trainer else ""
 
     @classmethod
     def has_teacher_settings(cls, run: Run, variant: str) -> bool:
@@ -523,10 +527,11 @@ class Results:
         unless None, the teacher settings ``variant``.
 
         ``kd`` ``none`` (no distillation) does not depend on the teacher, so when no run names a teacher with this
-        anchor, any ``none`` student of the subset stands in.
+        anchor and settings, any ``none`` student of the subset stands in.
         """
         pool = [r for r in self.students if set(r.subset) == set(subset) and r.kd == kd]
-        exact = [r for r in pool if anchor is None or r.anchor == anchor]
+        exact = [r for r in pool if (anchor is None or r.anchor == anchor)
+                 and (variant is None or self.has_teacher_settings(r, variant))]
         if exact or kd != "none":
             return self.pick(exact)
         return self.pick(pool)
