@@ -199,6 +199,69 @@ def existing_runs(results_root: Path, dataset: str, configuration: str, fold) ->
     return runs
 
 
+#: Folds nnU-Net's trainer writes into a new splits_final.json when the dataset has none.
+NNUNET_DEFAULT_FOLDS = 5
+
+
+def check_fold_in_split(dataset_folder: Path, fold: int | str) -> None:
+    """One-line error for a fold that ``splits_final.json`` lacks (nnU-Net would train on a random 80:20 split)."""
+    if fold == "all":
+        return
+    splits_file = dataset_folder / "splits_final.json"
+    if not splits_file.is_file():
+        if fold >= NNUNET_DEFAULT_FOLDS:
+            raise NnalignError(f"fold {fold}: {dataset_folder.name} has no splits_final.json yet, and nnU-Net makes "
+                               f"{NNUNET_DEFAULT_FOLDS} folds (0-{NNUNET_DEFAULT_FOLDS - 1}) or 'all'")
+        return
+    try:
+        splits = json.loads(splits_file.read_text())
+        if not isinstance(splits, list) or not all(isinstance(s, dict) and "train" in s and "val" in s
+                                                   for s in splits):
+            raise ValueError("expected a list of {'train': [...], 'val': [...]}")
+    except (OSError, ValueError) as e:
+        raise NnalignError(f"{splits_file}: cannot read the split ({e})") from None
+    if fold >= len(splits):
+        folds = f"0-{len(splits) - 1}" if len(splits) > 1 else ("0" if splits else "none")
+        raise NnalignError(f"fold {fold} is not in {splits_file} (its folds: {folds}; or 'all')")
+
+
+def check_kd_settings(kd: str, overrides: dict, plans: dict, configuration: str) -> None:
+    """One-line error for distillation settings the loss rejects (e.g. ``--temperature -1``), before training."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnalign.losses.kd import build_kd
+
+    features = list(PlansManager(plans).get_configuration(configuration).network_arch_init_kwargs["features_per_stage"])
+    build_kd(kd, feature_channels=features[0], bottleneck_channels=features[-1], skip_channels=features, **overrides)
+
+
+def check_checkpoint_to_load(folder: Path, args) -> None:
+    """One-line error if the checkpoint ``--c`` or ``--val`` will load (nnU-Net's choice: final, latest, best for
+    ``--c``; final for ``--val``) is empty, truncated, or holds more than weights (:mod:`nnalign.checkpoints`)."""
+    from nnalign.checkpoints import check_checkpoint
+
+    names = CHECKPOINTS if args.continue_training else (FINAL_CHECKPOINT,) if args.validation_only else ()
+    path = next((folder / n for n in names if (folder / n).is_file()), None)
+    if path is not None:
+        check_checkpoint(path)
+
+
+def remove_failed_start(created: list[Path]) -> None:
+    """Remove the run folders a failed start created (``created``: the model folder and/or fold folder that did not
+    exist before, outermost first), unless training got as far as a checkpoint."""
+    import shutil
+
+    if not created:
+        return
+    fold_dir = created[-1]
+    if any((fold_dir / c).is_file() for c in CHECKPOINTS):
+        return
+    shutil.rmtree(fold_dir, ignore_errors=True)
+    model_dir = created[0]
+    if model_dir != fold_dir and model_dir.is_dir() and not any(p.is_dir() for p in model_dir.iterdir()):
+        shutil.rmtree(model_dir, ignore_errors=True)  # only nnU-Net's copies of the plans and dataset.json left
+
+
 def check_run_state(folder: Path, settings, trainer: str, args, results_root: Path, dataset: str):
     """One-line errors for ``--c`` / ``--val`` that cannot work; returns the run's settings record, if any."""
     from nnalign.training.record import check_method_version, read_settings_record
@@ -297,6 +360,9 @@ def student_trainer(args, dataset: str, modalities: tuple[str, ...], results_roo
     if not (teacher_fold_folder / FINAL_CHECKPOINT).is_file():
         raise NnalignError(f"--teacher {teacher_fold_folder}: no {FINAL_CHECKPOINT} (the teacher's training for this "
                            f"fold is incomplete; use --teacher-fold to pick another fold)")
+    from nnalign.checkpoints import check_checkpoint
+
+    check_checkpoint(teacher_fold_folder / FINAL_CHECKPOINT)
     return StudentSettings(subset, kd, teacher, teacher_fold, overrides).trainer_name(), overrides
 
 
@@ -322,6 +388,7 @@ def main() -> int:
     preprocessed, results = Path(folders["nnUNet_preprocessed"]), Path(folders["nnUNet_results"])
     dataset = resolve_dataset(args.dataset, preprocessed, Path(folders["nnUNet_raw"]))
     plans, dataset_json = check_preprocessed(preprocessed / dataset, args.configuration)
+    check_fold_in_split(preprocessed / dataset, args.fold)
     modalities = modalities_from_dataset_json(dataset_json)
     if args.role == "teacher":
         settings = TeacherSettings(anchor=args.anchor, align_weight=args.align_weight,
@@ -339,9 +406,11 @@ def main() -> int:
     else:
         settings = None
         trainer, overrides = student_trainer(args, dataset, modalities, results)
+        check_kd_settings(args.kd.strip().lower(), overrides, plans, args.configuration)
         os.environ[ENV_KD_OVERRIDES] = json.dumps(overrides, sort_keys=True)
     folder = run_folder(results, dataset, trainer, args.configuration, args.fold)
     record = check_run_state(folder, settings, trainer, args, results, dataset)
+    check_checkpoint_to_load(folder, args)
 
     # Training length travels by environment variable (inherited by DDP ranks); a continued run keeps its own.
     epochs, iters = args.epochs, args.iters_per_epoch
@@ -374,9 +443,17 @@ def main() -> int:
 
     from nnunetv2.run.run_training import run_training
 
+    from nnalign.checkpoints import safe_torch_load
+
     print(f"{PROG}: {trainer} on {dataset} {args.configuration} fold {args.fold} -> {folder}")
-    run_training(dataset, args.configuration, args.fold, trainer, PLANS_NAME, None, args.num_gpus, args.npz,
-                 args.continue_training, args.validation_only, False, False, device=torch.device(args.device))
+    created = [p for p in (folder.parent, folder) if not p.exists()]
+    try:
+        with safe_torch_load():  # nnU-Net's trainer loads --c / --val checkpoints weights-only
+            run_training(dataset, args.configuration, args.fold, trainer, PLANS_NAME, None, args.num_gpus, args.npz,
+                         args.continue_training, args.validation_only, False, False, device=torch.device(args.device))
+    except BaseException:
+        remove_failed_start(created)
+        raise
     return 0
 
 

@@ -6,6 +6,7 @@ that belong to no case too (``nnalign_evaluate``'s label maps).
 """
 from __future__ import annotations
 
+import errno
 import gzip
 import zlib
 from pathlib import Path
@@ -77,6 +78,22 @@ def voxel_problem(path: Path, reader) -> str | None:
     if have < needed:
         return f"truncated file ({have} of {needed} bytes)"
     return f"{bad} NaN or infinite voxel{'s' if bad != 1 else ''}" if bad else None
+
+
+def check_written(path: Path) -> None:
+    """Raise OSError unless ``path``, just written by SimpleITK, is a whole image: its NIfTI writer does not report
+    a full disk, and leaves a truncated file."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise OSError(errno.EIO, "the image written cannot be read back: is the disk full?", str(path)) from None
+    problem = voxel_problem(path, reader)
+    if problem:
+        raise OSError(errno.EIO, f"the image written is incomplete, {problem}: is the disk full?", str(path))
 
 
 def check_voxels(case_id: str, path: Path, reader) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from nnalign.data.brats_layout import NAMING_2023, BratsCase, find_cases
-from nnalign.data.case_checks import check_case_images
+from nnalign.data.case_checks import check_case_images, check_written
 from nnalign.data.labels import brats_to_nnunet, detect_convention
 from nnalign.data.raw_dataset import FILE_ENDING, build_dataset_folder, image_filename, write_dataset_json
 from nnalign.data.splits import protokd_split, write_splits_file
@@ -90,8 +90,7 @@ def convert_case(case: BratsCase, images_dir: Path, labels_dir: Path | None) -> 
         result.source_label_counts = {int(v): int(c) for v, c in zip(values, counts)}
         out = sitk.GetImageFromArray(converted)
         out.CopyInformation(seg_image)
-        _write(lambda dst: sitk.WriteImage(out, str(dst), useCompression=True),
-               labels_dir / f"{case.case_id}{FILE_ENDING}")
+        _write(lambda dst: write_image(out, dst), labels_dir / f"{case.case_id}{FILE_ENDING}")
     for channel, m in enumerate(BRATS_MODALITIES):
         src, dst = case.images[m], images_dir / image_filename(case.case_id, channel)
         if src.name.lower().endswith(".nii.gz"):
@@ -101,8 +100,16 @@ def convert_case(case: BratsCase, images_dir: Path, labels_dir: Path | None) -> 
                 image = sitk.ReadImage(str(src))
             except RuntimeError:
                 raise NnalignError(f"{case.case_id}: {src.name}: not a readable NIfTI image") from None
-            _write(lambda target: sitk.WriteImage(image, str(target), useCompression=True), dst)
+            _write(lambda target: write_image(image, target), dst)
     return result
+
+
+def write_image(image, path: Path) -> None:
+    """Write a compressed NIfTI with SimpleITK and read it back (:func:`check_written`): OSError if it is not whole."""
+    import SimpleITK as sitk
+
+    sitk.WriteImage(image, str(path), useCompression=True)
+    check_written(path)
 
 
 class WriteError(NnalignError):

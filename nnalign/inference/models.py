@@ -183,12 +183,21 @@ class ModelSet:
     problems: list[str] = field(default_factory=list)
 
 
+def check_checkpoint_name(name: str) -> None:
+    """NnalignError unless ``name`` is a plain file name: ``-chk`` names a file inside each fold folder, so that a
+    model folder's predictions come from its own checkpoints only."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise NnalignError(f"-chk {name!r}: give the name of a checkpoint file inside each fold folder (e.g. "
+                           f"{FINAL_CHECKPOINT}), not a path")
+
+
 def discover_models(models: Path, folds: Sequence[int | str] | None = None,
                     checkpoint: str = FINAL_CHECKPOINT) -> ModelSet:
     """The models under ``models``: one model folder, or a dataset results folder holding several.
 
-    Raises NnalignError (one line) if there is no usable model at all.
+    Raises NnalignError (one line) if there is no usable model at all, or if ``checkpoint`` is not a file name.
     """
+    check_checkpoint_name(checkpoint)
     models = Path(models)
     if not models.is_dir():
         raise NnalignError(f"{models}: no such folder (give a model folder <Trainer>__<plans>__<configuration> or a "

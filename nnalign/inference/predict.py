@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from nnalign.atomic import write_text_atomic
+from nnalign.atomic import check_writable, write_text_atomic
 from nnalign.data.brats_layout import BratsCase, find_cases, parse_filename
 from nnalign.errors import NnalignError
 from nnalign.inference.models import Model, ModelError, NoModelError, discover_models, select_model
@@ -40,6 +40,10 @@ OK, SKIPPED, FAILED = "ok", "skipped", "failed"
 
 class CaseError(Exception):
     """A case that cannot be predicted; the message is one line naming the case (and file)."""
+
+
+class OutputError(NnalignError):
+    """The output folder cannot be written (read-only, full): it stops the run, as every later case would fail."""
 
 
 @dataclass
@@ -186,16 +190,23 @@ class Predictors:
         import torch
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+        from nnalign.checkpoints import CheckpointError, safe_torch_load
+
         try:
             # nnU-Net's chatter about devices and folds, and timm's FutureWarning when nnU-Net's trainer lookup
-            # imports every trainer module (primus -> timm -> torch.jit.interface)
-            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            # imports every trainer module (primus -> timm -> torch.jit.interface); the checkpoints are loaded
+            # weights-only (nnalign.checkpoints)
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), safe_torch_load():
                 warnings.filterwarnings("ignore", message=r".*torch\.jit\.interface", category=FutureWarning)
                 predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=not self.disable_tta,
                                             perform_everything_on_device=self.device == "cuda",
                                             device=torch.device(self.device), verbose=False,
                                             verbose_preprocessing=False, allow_tqdm=False)
                 predictor.initialize_from_trained_model_folder(str(model.folder), model.folds, model.checkpoint)
+        except CheckpointError as e:
+            error = ModelError(f"model {model.name} could not be loaded: {e}")
+            self._cache[model.folder] = error
+            raise error from None
         except Exception as e:  # noqa: BLE001 - whatever nnU-Net or torch.load raise, the model is unusable
             if os.environ.get("NNALIGN_DEBUG"):
                 raise
@@ -240,10 +251,21 @@ def predict_array(predictor, model: Model, case: BratsCase, used: Sequence[str])
     except RuntimeError as e:
         raise CaseError(f"{case.case_id}: cannot read {', '.join(Path(f).name for f in files)}: "
                         f"{_one_line(e)}") from None
+    check_signal(case.case_id, data, files)
     full = np.zeros((len(model.modalities), *data.shape[1:]), dtype=np.float32)
     full[list(indices)] = data
     with present_channels(predictor, indices):
         return predictor.predict_single_npy_array(full, props, None, None, False)
+
+
+def check_signal(case_id: str, data, files: Sequence[str]) -> None:
+    """CaseError for a channel of ``data`` (C, *S; read from ``files``) without signal (every voxel the same): the
+    network would segment nothing, or noise, and say ``ok``. (NaN and infinite voxels are refused earlier, by
+    ``check_case_images``, as SimpleITK reads them as zeros.)"""
+    for channel, file in zip(data, files):
+        low, high = channel.min(), channel.max()
+        if low == high:
+            raise CaseError(f"{case_id}: no signal in {Path(file).name} (every voxel is {float(low):g})")
 
 
 def convert_labels(seg, convention: str):
@@ -261,6 +283,8 @@ def write_segmentation(seg, reference_reader, target: Path) -> None:
     through a hidden temporary file renamed over ``target``."""
     import SimpleITK as sitk
 
+    from nnalign.data.case_checks import check_written
+
     image = sitk.GetImageFromArray(seg)
     image.SetSpacing(reference_reader.GetSpacing())
     image.SetOrigin(reference_reader.GetOrigin())
@@ -268,11 +292,20 @@ def write_segmentation(seg, reference_reader, target: Path) -> None:
     tmp = target.parent / f".{target.name[: -len(OUTPUT_ENDING)]}.tmp{OUTPUT_ENDING}"
     try:
         sitk.WriteImage(image, str(tmp), True)
+        check_written(tmp)
         os.replace(tmp, target)
+    except (OSError, RuntimeError) as e:  # SimpleITK raises RuntimeError for a file it cannot write
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OutputError(f"{target}: cannot write the segmentation ({_write_reason(e)})") from None
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def _write_reason(e: BaseException) -> str:
+    return e.strerror if isinstance(e, OSError) and e.strerror else _one_line(e)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -317,6 +350,8 @@ def predict_case(case: BratsCase, output: Path, models: Sequence[Model], predict
     except CaseError as e:
         record.message = str(e)
         return record
+    except OutputError:
+        raise
     except (NnalignError, ModelError, NoModelError) as e:
         msg = str(e)
         record.message = msg if msg.startswith(f"{case.case_id}:") else f"{case.case_id}: {msg}"
@@ -328,6 +363,17 @@ def predict_case(case: BratsCase, output: Path, models: Sequence[Model], predict
         return record
     record.status, record.message = OK, f"chosen: {why}"
     return record
+
+
+def _write_log(log: PredictionLog, record: CaseRecord | None = None) -> None:
+    """Add ``record`` to the log and write it; OutputError (one line) if it cannot be written."""
+    try:
+        if record is None:
+            log.write()
+        else:
+            log.update(record)
+    except OSError as e:
+        raise OutputError(f"{log.json_path.parent}: cannot write the log ({_write_reason(e)})") from None
 
 
 def predict(source: Path, output: Path, models: Path, folds: Sequence[int | str] | None = None,
@@ -354,17 +400,17 @@ def predict(source: Path, output: Path, models: Path, folds: Sequence[int | str]
         on_error(problem)
     if output.exists() and not output.is_dir():
         raise NnalignError(f"{output}: exists and is not a folder")
-    output.mkdir(parents=True, exist_ok=True)
+    check_writable(output, "predictions")
     log = PredictionLog(output)
     predictors = Predictors(device, disable_tta)
     records = []
     # disable=None: a bar only on a terminal, so that a failing run's stderr is its error lines.
     for case in tqdm(cases, desc="Predicting", unit="case", disable=None if progress else True):
         record = predict_case(case, output, found.models, predictors, modalities, labels, overwrite, log)
-        log.update(record)
+        _write_log(log, record)
         records.append(record)
         if record.status == FAILED:
             on_error(record.message)
     if not records:
-        log.write()
+        _write_log(log)
     return PredictionReport(records, found.problems, log.csv_path, log.json_path)

@@ -201,9 +201,16 @@ def teacher_latents(model_dir: Path, fold: str, preprocessed: Path, cases: Seque
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
-    with contextlib.redirect_stdout(io.StringIO()):  # the predictor prints about the device
+    from nnalign.checkpoints import CheckpointError, safe_torch_load
+
+    # the predictor prints about the device; the checkpoint is loaded weights-only (nnalign.checkpoints)
+    with contextlib.redirect_stdout(io.StringIO()), safe_torch_load():
         predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
-        predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=(fold,), checkpoint_name=checkpoint)
+        try:
+            predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=(fold,),
+                                                           checkpoint_name=checkpoint)
+        except CheckpointError as e:  # the panel's note names the model: the file name and the reason suffice
+            raise CheckpointError(f"fold_{fold}/{Path(e.path).name}", e.reason) from None
     network = getattr(predictor.network, "_orig_mod", predictor.network)
     if not hasattr(network, "modalities"):
         raise ValueError(f"{Path(model_dir).name} has no per-modality latents")
@@ -351,13 +358,19 @@ def plot_overlays(models: Sequence[OverlayModel], gt_folder: Path | None, path: 
 
 
 def read_training_log(checkpoint: Path) -> dict | None:
-    """The ``logging`` dict nnU-Net saves in a checkpoint (loaded memory-mapped on the CPU), or None."""
-    import torch
+    """The ``logging`` dict nnU-Net saves in a checkpoint (loaded weights-only and memory-mapped on the CPU), or None.
+
+    Raises ValueError for a checkpoint that cannot or must not be loaded (:mod:`nnalign.checkpoints`); its message is
+    the reason only, as the caller names the file.
+    """
+    import zipfile
+
+    from nnalign.checkpoints import CheckpointError, load_checkpoint_safely
 
     try:
-        payload = torch.load(str(checkpoint), map_location="cpu", weights_only=False, mmap=True)
-    except (RuntimeError, ValueError):  # not the zip format: load it whole
-        payload = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
+        payload = load_checkpoint_safely(checkpoint, "cpu", mmap=zipfile.is_zipfile(checkpoint))
+    except CheckpointError as e:
+        raise ValueError(e.reason) from None
     log = payload.get("logging") if isinstance(payload, dict) else None
     return log if isinstance(log, dict) else None
 

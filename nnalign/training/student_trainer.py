@@ -22,6 +22,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
 from nnalign import __version__
+from nnalign.checkpoints import load_checkpoint_safely, safe_torch_load
 from nnalign.errors import NnalignError
 from nnalign.losses.kd import KD_METHODS, build_kd
 from nnalign.modalities import channel_indices
@@ -116,7 +117,7 @@ class nnAlignStudentTrainer(CollapseCheck, nnUNetTrainer):
                                   self.configuration_name, fold)
         if not path.is_file():
             raise NnalignError(f"{path}: teacher checkpoint not found (train the teacher first)")
-        checkpoint = torch.load(path, map_location=self.device, weights_only=False)
+        checkpoint = load_checkpoint_safely(path, self.device)
         # Without deep supervision: the losses read only the teacher's full-resolution logits (the lower-resolution
         # heads stay in the state dict but are not run).
         teacher = teacher_trainer_class(teacher_name).build_network_architecture(
@@ -198,10 +199,13 @@ class nnAlignStudentTrainer(CollapseCheck, nnUNetTrainer):
             torch.save(state, Path(self.output_folder) / KD_STATE_FILE)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        super().load_checkpoint(filename_or_checkpoint)
+        """nnU-Net's checkpoint and the distillation loss's state, both loaded weights-only (nnalign.checkpoints; nnU-Net
+        reads the file itself, so its load runs inside the guard, which also holds in DDP ranks)."""
+        with safe_torch_load():
+            super().load_checkpoint(filename_or_checkpoint)
         path = Path(self.output_folder) / KD_STATE_FILE
         if path.is_file():
-            state = torch.load(path, map_location=self.device, weights_only=False)
+            state = load_checkpoint_safely(path, self.device)
             self.kd.load_state_dict(state["kd"])
             if self.adversary_optimizer is not None and state["adversary_optimizer"] is not None:
                 self.adversary_optimizer.load_state_dict(state["adversary_optimizer"])
