@@ -39,7 +39,7 @@ class DemoOptions:
     teacher_epochs: int = 30
     student_epochs: int = 50
     iters_per_epoch: int = 10
-    kd: str = "pmkl"
+    kd: tuple[str, ...] = ("pmkl",)
     student_modalities: tuple[str, ...] = ("T1ce",)
     device: str = "cpu"
     workers: int = 2
@@ -192,7 +192,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoResul
     teacher_dir = model_folder(results_root / dataset, teacher, CONFIGURATION)
     models = [(teacher_dir, train + ["--anchor", "mixture", "--modality-dropout", "0.5",
                                      "--epochs", str(opts.teacher_epochs)], "teacher P* (modality dropout 0.5)")]
-    for kd in (opts.kd, "none"):
+    for kd in (*opts.kd, "none"):
         name = StudentSettings(opts.student_modalities, kd, teacher).trainer_name()
         models.append((model_folder(results_root / dataset, name, CONFIGURATION),
                        train + ["--role", "student", "--modalities", ",".join(opts.student_modalities), "--kd", kd,
@@ -231,6 +231,19 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoResul
     report = build_report(results_root / dataset, tsne_cases=1)
     say(f"done in {(time.time() - start) / 60:.1f} min")
     return DemoResult(dataset, results_root / dataset, report.report_md, rows, warnings)
+
+
+def parse_kd_methods(spec: str) -> tuple[str, ...]:
+    """``'kdnet,pmkl'`` as distillation methods (lower case, in the order given, ``none`` left out: the demo always
+    trains the no-distillation student); NnalignError for an unknown one."""
+    from nnalign.losses.kd import KD_METHODS
+
+    methods = tuple(dict.fromkeys(m.strip().lower() for m in spec.split(",") if m.strip()))
+    unknown = [m for m in methods if m not in KD_METHODS]
+    if unknown or not methods:
+        raise NnalignError(f"--kd {spec!r}: {'unknown method ' + repr(unknown[0]) if unknown else 'no method'} "
+                           f"(known: {', '.join(m for m in KD_METHODS if m != 'none')})")
+    return tuple(m for m in methods if m != "none")
 
 
 def rows_markdown(rows: list[dict]) -> str:

@@ -4,7 +4,8 @@ import json
 import pytest
 
 from nnalign.data.synthetic import write_synthetic_dataset
-from nnalign.demo import _subset_inputs, hold_out, reference_regions, rows_markdown, score_row
+from nnalign.demo import _subset_inputs, hold_out, parse_kd_methods, reference_regions, rows_markdown, score_row
+from nnalign.errors import NnalignError
 
 
 def test_hold_out_moves_the_last_cases_with_all_their_files(tmp_path):
@@ -61,3 +62,9 @@ def test_reference_regions_reads_each_cases_labels(tmp_path):
     regions = reference_regions(folder / "labelsTs", ".nii.gz")
     assert set(regions) == {"SYNTS_0000", "SYNTS_0001"}
     assert all("WT" in r for r in regions.values())  # every synthetic case has tumour
+
+
+def test_kd_methods_of_the_demo():
+    assert parse_kd_methods("KDnet, pmkl,none,kdnet") == ("kdnet", "pmkl")
+    with pytest.raises(NnalignError, match="unknown method 'fitnet'"):
+        parse_kd_methods("kdnet,fitnet")

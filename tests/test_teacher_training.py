@@ -21,6 +21,7 @@ from conftest import assert_one_line_error, nnunet_env, plan_synthetic, run_trai
 
 from nnalign.errors import NnalignError
 from nnalign.training.presence import sample_presence, zero_absent
+from nnalign.training.record import METHOD_VERSION
 from nnalign.training.settings import ENV_EPOCHS, ENV_ITERS, TeacherSettings, is_teacher_trainer_name
 
 DATASET_ID = 990
@@ -250,11 +251,12 @@ def test_train_step_every_anchor_updates_every_parameter(env, anchor, extra):
     if anchor == "original":
         assert set(out) == {"loss"}
     else:
-        assert set(out) == {"loss", "align_loss", "modality_gap", "modality_to_anchor"}
-        assert np.isfinite(out["align_loss"]) and out["modality_gap"] >= 0
-        assert out["modality_to_anchor"].shape == (4,)  # NaN only for a modality the whole batch lacked
-        seen = np.isfinite(out["modality_to_anchor"])
-        assert seen.any() and (out["modality_to_anchor"][seen] >= 0).all()
+        assert set(out) == {"loss", "align_loss", "modality_gap", "modality_to_anchor", "latent_rms", "relative_gap"}
+        assert np.isfinite(out["align_loss"]) and out["modality_gap"] >= 0 and out["relative_gap"] >= 0
+        for key in ("modality_to_anchor", "latent_rms"):
+            assert out[key].shape == (4,)  # NaN only for a modality the whole batch lacked
+            seen = np.isfinite(out[key])
+            assert seen.any() and (out[key][seen] >= 0).all()
         if anchor == "none":
             assert float(out["align_loss"]) == 0.0
     # every parameter took part (no find_unused_parameters needed under DDP), except the lowest-resolution
@@ -323,12 +325,13 @@ def _epoch_end_on_rank(rank: int, world_size: int, init_file: str, result_file: 
         trainer.is_ddp = True  # set after construction: nnU-Net's __init__ would move a DDP trainer to CUDA
         to_anchor = np.array([1.0 + rank, np.nan if rank == 0 else 3.0, 1.0, 1.0])  # T1ce absent on rank 0
         outputs = [{"loss": np.array(1.0 + rank), "align_loss": np.array(2.0 * (rank + 1)),
-                    "modality_gap": 0.5 * (rank + 1), "modality_to_anchor": to_anchor}]
+                    "modality_gap": 0.5 * (rank + 1), "modality_to_anchor": to_anchor,
+                    "relative_gap": 0.1 * (rank + 1), "latent_rms": 2 * to_anchor}]
         trainer.on_train_epoch_end(outputs)
         log = trainer.logger.local_logger.my_fantastic_logging
         if rank == 0:
-            Path(result_file).write_text(json.dumps({k: log[k] for k in ("train_losses", "align_losses",
-                                                                         "modality_gap", "modality_to_anchor")}))
+            Path(result_file).write_text(json.dumps({k: log[k] for k in (
+                "train_losses", "align_losses", "modality_gap", "modality_to_anchor", "relative_gap", "latent_rms")}))
         dist.barrier()  # no rank tears gloo down while another still talks to it (else SIGABRT at exit)
     finally:
         dist.destroy_process_group()
@@ -346,6 +349,8 @@ def test_epoch_logs_average_over_every_ddp_rank(env, tmp_path):
     # each modality averaged over the steps that saw it: T1ce only on rank 1
     assert log["modality_to_anchor"] == [{"T1": pytest.approx(1.5), "T1ce": pytest.approx(3.0), "T2": 1.0,
                                           "FLAIR": 1.0}]
+    assert log["relative_gap"] == [pytest.approx(0.15)]
+    assert log["latent_rms"] == [{"T1": pytest.approx(3.0), "T1ce": pytest.approx(6.0), "T2": 2.0, "FLAIR": 2.0}]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -392,10 +397,14 @@ def test_cli_trains_a_teacher_that_learns(trained):
     assert record["trainer"] == "nnAlignTeacher_mixture_drop0p5" and record["modality_dropout"] == 0.5
     assert record["epochs"] == 2 and record["iters_per_epoch"] == 8 and record["epochs_completed"] == 2
     weights = record["mixture_weights"]
-    raw = ckpt["network_weights"]["anchor.raw_weights"].tolist()
-    assert [weights[m]["raw"] for m in ("T1", "T1ce", "T2", "FLAIR")] == pytest.approx(raw)
+    from nnalign.losses.anchors import MixtureAnchor
+
+    logits = (MixtureAnchor.WEIGHT_GAIN * ckpt["network_weights"]["anchor.raw_weights"]).tolist()
+    assert [weights[m]["raw"] for m in ("T1", "T1ce", "T2", "FLAIR")] == pytest.approx(logits)
     norm = [weights[m]["normalised"] for m in ("T1", "T1ce", "T2", "FLAIR")]
-    assert norm == pytest.approx(torch.softmax(torch.tensor(raw), 0).tolist())
+    assert norm == pytest.approx(torch.softmax(torch.tensor(logits), 0).tolist())
+    assert record["method_version"] == METHOD_VERSION and "collapse_warning" in record
+    assert len(record["alignment_log"]["relative_gap"]) == len(record["alignment_log"]["latent_rms"]) == 2
 
 
 def test_nnunet_predictor_loads_the_teacher_and_predicts_any_subset(trained, env):

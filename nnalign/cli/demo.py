@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=None, help="a BraTS release folder instead of synthetic cases")
     p.add_argument("-d", dest="dataset_id", type=int, default=defaults.dataset_id,
                    help="dataset ID to use (default: %(default)s)")
-    p.add_argument("--kd", default=defaults.kd, help="distillation method of the student (default: %(default)s)")
+    p.add_argument("--kd", default=",".join(defaults.kd), metavar="METHODS",
+                   help="distillation methods of the students, comma-separated, each beside the no-distillation "
+                        "student (default: %(default)s)")
     p.add_argument("--modalities", default=",".join(defaults.student_modalities),
                    help="the student's modalities (default: %(default)s)")
     p.add_argument("--teacher-epochs", type=positive_int, default=defaults.teacher_epochs,
@@ -44,13 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry("nnalign_demo")
 def main() -> int:
     args = build_parser().parse_args()
-    from nnalign.demo import rows_markdown, run_demo
+    from nnalign.demo import parse_kd_methods, rows_markdown, run_demo
     from nnalign.modalities import parse_modalities
 
     opts = DemoOptions(dataset_id=args.dataset_id, data=args.data, cases=args.cases, test_cases=args.test_cases,
                        seed=args.seed,
                        teacher_epochs=args.teacher_epochs, student_epochs=args.student_epochs,
-                       iters_per_epoch=args.iters_per_epoch, kd=args.kd.lower(),
+                       iters_per_epoch=args.iters_per_epoch, kd=parse_kd_methods(args.kd),
                        student_modalities=parse_modalities(args.modalities), device=args.device)
     result = run_demo(opts, say=lambda m: print(f"nnalign_demo: {m}", flush=True))
     print(f"\nHeld-out Dice on {result.dataset} (models in {result.results}):\n")

@@ -272,7 +272,7 @@ class MixtureAnchor(LatentDistanceAnchor):
     g^2 and their Adam step by g, without changing the function the network computes.
     """
 
-    WEIGHT_GAIN: float = 10.0
+    WEIGHT_GAIN: float = 5.0
 
     name = "mixture"
 

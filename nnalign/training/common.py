@@ -3,6 +3,7 @@ DDP leaves to them (gradients of parameters outside the DDP-wrapped network, per
 warning for a model that collapsed to background."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Iterable, Sequence
 
@@ -129,3 +130,21 @@ class CollapseCheck:
             self.print_to_log_file(f"WARNING: {self.collapse_warning}")
             print(f"nnalign_train: warning: {self.collapse_warning}", file=sys.stderr, flush=True)
         self.write_settings_record()
+
+
+class SafeCheckpoints:
+    """Trainer mixin: a checkpoint is written under a temporary name and renamed, so a run killed while saving keeps
+    its previous checkpoint for ``--c`` (nnU-Net writes in place); and nnU-Net's own load of a checkpoint (``--c``,
+    ``--val``, in every DDP rank) is weights-only (:func:`nnalign.checkpoints.safe_torch_load`)."""
+
+    def save_checkpoint(self, filename: str) -> None:
+        partial = f"{filename}.partial"
+        super().save_checkpoint(partial)
+        if os.path.isfile(partial):  # rank 0 with checkpointing on
+            os.replace(partial, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        from nnalign.checkpoints import safe_torch_load
+
+        with safe_torch_load():
+            super().load_checkpoint(filename_or_checkpoint)

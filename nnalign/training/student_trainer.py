@@ -22,13 +22,13 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
 from nnalign import __version__
-from nnalign.checkpoints import load_checkpoint_safely, safe_torch_load
+from nnalign.checkpoints import load_checkpoint_safely
 from nnalign.errors import NnalignError
 from nnalign.losses.kd import KD_METHODS, build_kd
 from nnalign.modalities import channel_indices
 from nnalign.model_folders import FINAL_CHECKPOINT, fold_folder, model_folder
 from nnalign.networks.align_unet import as_outputs, nnAlignStudentUNet
-from nnalign.training.common import (CollapseCheck, apply_plans_training, apply_training_length,
+from nnalign.training.common import (CollapseCheck, SafeCheckpoints, apply_plans_training, apply_training_length,
                                      average_gradients_over_ranks, gathered_over_ranks, optimizer_step)
 from nnalign.training.optim import optimizer_from_plans
 from nnalign.atomic import write_json_atomic
@@ -57,7 +57,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-class nnAlignStudentTrainer(CollapseCheck, nnUNetTrainer):
+class nnAlignStudentTrainer(CollapseCheck, SafeCheckpoints, nnUNetTrainer):
     """nnU-Net's trainer for a student distilled from a frozen nnalign teacher (see the module docstring)."""
 
     student: StudentSettings | None = None
@@ -196,13 +196,14 @@ class nnAlignStudentTrainer(CollapseCheck, nnUNetTrainer):
         if self.local_rank == 0 and not self.disable_checkpointing:
             state = {"kd": self.kd.state_dict(),
                      "adversary_optimizer": self.adversary_optimizer.state_dict() if self.adversary_optimizer else None}
-            torch.save(state, Path(self.output_folder) / KD_STATE_FILE)
+            path = Path(self.output_folder) / KD_STATE_FILE
+            torch.save(state, f"{path}.partial")
+            os.replace(f"{path}.partial", path)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        """nnU-Net's checkpoint and the distillation loss's state, both loaded weights-only (nnalign.checkpoints; nnU-Net
-        reads the file itself, so its load runs inside the guard, which also holds in DDP ranks)."""
-        with safe_torch_load():
-            super().load_checkpoint(filename_or_checkpoint)
+        """nnU-Net's checkpoint and the distillation loss's state, both loaded weights-only (nnU-Net reads the file
+        itself, so its load runs inside the guard of :class:`SafeCheckpoints`, in every DDP rank)."""
+        super().load_checkpoint(filename_or_checkpoint)
         path = Path(self.output_folder) / KD_STATE_FILE
         if path.is_file():
             state = load_checkpoint_safely(path, self.device)
@@ -214,13 +215,13 @@ class nnAlignStudentTrainer(CollapseCheck, nnUNetTrainer):
         """What ``nnalign_settings.json`` holds: how this student was made."""
         return {
             "nnalign_version": __version__,
+            "method_version": METHOD_VERSION,
             "role": "student",
+            "collapse_warning": self.collapse_warning,
             "trainer": type(self).__name__,
             "dataset": self.plans_manager.dataset_name,
             "plans": self.plans_manager.plans_name,
-            "method_version": METHOD_VERSION,
             "configuration": self.configuration_name,
-            "collapse_warning": self.collapse_warning,
             "fold": self.fold,
             "modalities": list(self.settings.modalities),
             "kd": self.settings.kd,

@@ -20,8 +20,8 @@ from nnalign.errors import NnalignError
 from nnalign.losses.anchors import MixtureAnchor, ModalityAnchor, modality_gap
 from nnalign.modalities import BRATS_MODALITIES
 from nnalign.networks.align_unet import nnAlignStudentUNet, nnAlignTeacherUNet
-from nnalign.training.common import (CollapseCheck, apply_plans_training, apply_training_length, gathered_over_ranks,
-                                     optimizer_step)
+from nnalign.training.common import (CollapseCheck, SafeCheckpoints, apply_plans_training, apply_training_length,
+                                     gathered_over_ranks, optimizer_step)
 from nnalign.training.optim import optimizer_from_plans
 from nnalign.training.presence import sample_presence, zero_absent
 from nnalign.training.progress import plot_alignment_png
@@ -53,7 +53,7 @@ def unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return network
 
 
-class nnAlignTeacherTrainer(CollapseCheck, nnUNetTrainer):
+class nnAlignTeacherTrainer(CollapseCheck, SafeCheckpoints, nnUNetTrainer):
     """nnU-Net's trainer for the aligned multi-modal teacher (and the ``original`` all-modality nnU-Net baseline).
 
     Per training step: draw each sample's present modalities (``settings.modality_dropout``), zero the absent input
