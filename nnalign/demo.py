@@ -36,7 +36,8 @@ class DemoOptions:
     test_cases: int = 3
     shape: tuple[int, int, int] = (64, 64, 64)
     seed: int = 0
-    teacher_epochs: int = 30
+    min_rim_mm: float = 4.0
+    teacher_epochs: int = 60
     student_epochs: int = 50
     iters_per_epoch: int = 10
     kd: tuple[str, ...] = ("pmkl",)
@@ -71,10 +72,11 @@ def reference_regions(labels_folder: Path, ending: str) -> dict[str, set[str]]:
 
 def score_row(model: str, subset: tuple[str, ...], scores: dict[str, dict[str, float]],
               regions: dict[str, set[str]]) -> tuple[dict, list[str]]:
-    """The summary row of one model and subset, and a sentence for each way it collapsed.
+    """The summary row of one model and subset, and a sentence for each region it never found (collapse).
 
     Per region: the BraTS-convention mean over every case (a case whose reference and prediction both lack the
-    region scores 1), and the mean over the cases whose reference has the region, with their number.
+    region scores 1), the mean over the cases whose reference has the region, their number, and how many of them the
+    model missed (Dice 0).
     """
     from nnalign.data.labels import REGION_NAMES
 
@@ -87,11 +89,10 @@ def score_row(model: str, subset: tuple[str, ...], scores: dict[str, dict[str, f
         row[f"Dice {region} with"] = sum(holding) / len(holding) if holding else float("nan")
         row[f"cases with {region}"] = len(holding)
         missed = sum(1 for d in holding if d == 0)
-        if missed and region == "WT":
-            warnings.append(f"{model} on {row['modalities']} found no tumour in {missed} of {len(holding)} held-out "
-                            f"cases that have one (WT Dice 0)")
-        elif missed == len(holding) and holding:
-            warnings.append(f"{model} on {row['modalities']} found no {region} in any of the {len(holding)} held-out "
+        row[f"missed {region}"] = missed
+        if holding and missed == len(holding):
+            what = "tumour" if region == "WT" else region
+            warnings.append(f"{model} on {row['modalities']} found no {what} in any of the {len(holding)} held-out "
                             f"cases that have it")
     return row, warnings
 
@@ -116,10 +117,11 @@ def _prepare_data(opts: DemoOptions, raw_root: Path, say) -> Path:
     if opts.data is None:
         from nnalign.data.synthetic import write_synthetic_dataset
 
-        say(f"data: {opts.cases} synthetic training cases and {opts.test_cases} held-out cases "
-            f"({'x'.join(map(str, opts.shape))} voxels)")
+        say(f"data: {opts.cases} synthetic training cases and {opts.test_cases} held-out cases (seed {opts.seed}, "
+            f"{'x'.join(map(str, opts.shape))} voxels of 1 mm, enhancing rims of about {opts.min_rim_mm:g} mm or more)")
         return write_synthetic_dataset(raw_root, opts.dataset_id, opts.cases, opts.shape, opts.seed,
-                                       num_test=opts.test_cases, name="DemoSyntheticBraTS")
+                                       num_test=opts.test_cases, name="DemoSyntheticBraTS",
+                                       min_rim_mm=opts.min_rim_mm)
     from nnalign.data.brats_layout import find_cases
     from nnalign.data.convert_brats import convert_brats
     from nnalign.data.splits import protokd_split
@@ -251,9 +253,10 @@ def rows_markdown(rows: list[dict]) -> str:
     all cases and, after the slash, the mean over the n cases whose reference has the region."""
     from nnalign.data.labels import REGION_NAMES
 
-    lines = ["| model | modalities | " + " | ".join(f"Dice {r} (all / with {r}, n)" for r in REGION_NAMES) + " |",
-             "|---|---|" + "---|" * len(REGION_NAMES)]
+    lines = ["| model | modalities | " + " | ".join(f"Dice {r} (all / with {r}, n)" for r in REGION_NAMES)
+             + " | cases missed (WT/TC/ET) |", "|---|---|" + "---|" * (len(REGION_NAMES) + 1)]
     for r in rows:
         cells = [f"{r[f'Dice {g}']:.3f} / {r[f'Dice {g} with']:.3f} ({r[f'cases with {g}']})" for g in REGION_NAMES]
-        lines.append(f"| {r['model']} | {r['modalities']} | " + " | ".join(cells) + " |")
+        missed = "/".join(str(r.get(f"missed {g}", 0)) for g in REGION_NAMES)
+        lines.append(f"| {r['model']} | {r['modalities']} | " + " | ".join(cells) + f" | {missed} |")
     return "\n".join(lines)

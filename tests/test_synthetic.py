@@ -299,3 +299,16 @@ def test_only_the_tumour_modalities_show_the_tumour():
     standard = synthesize_case((64, 64, 64), seed=5)
     np.testing.assert_array_equal(standard.seg, case.seg)  # same anatomy and tumour, other contrast
     assert np.median(standard.images["T2"][edema]) / np.median(standard.images["T2"][wm]) > 1.8
+
+
+def test_a_minimum_rim_thickens_enhancing_tumour_and_changes_nothing_else():
+    thin, thick = synthesize_case((64, 64, 64), seed=4), synthesize_case((64, 64, 64), seed=4, min_rim_mm=4.0)
+    np.testing.assert_array_equal(thin.seg > 0, thick.seg > 0)  # same whole tumour
+    np.testing.assert_array_equal(np.isin(thin.seg, (2, 3)), np.isin(thick.seg, (2, 3)))  # same core
+    assert ((thin.seg == 3) <= (thick.seg == 3)).all()  # enhancing only grows, into the necrosis
+    assert (thick.seg == 3).sum() > 1.3 * (thin.seg == 3).sum()
+    from scipy.ndimage import binary_dilation
+
+    outside = ~binary_dilation(np.isin(thin.seg, (2, 3)), iterations=3)  # beyond the partial-volume blur
+    for modality in BRATS_MODALITIES:  # outside the core the images are the same
+        np.testing.assert_allclose(thin.images[modality][outside], thick.images[modality][outside], rtol=1e-5)

@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tumour-modalities", metavar="LIST", default=None,
                    help="only these modalities (comma-separated) show the tumour; the others see white matter there, "
                         "a known answer for which modality matters (default: all)")
+    p.add_argument("--min-rim-mm", type=float, default=0.0, metavar="MM",
+                   help="thicken the enhancing rims of ring tumours to about MM mm, so that enhancing tumour survives "
+                        "a coarse (e.g. 3d_cpu's 2 mm) resampling (default: as drawn)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset with the same ID")
     return p
 
@@ -41,7 +44,7 @@ def main() -> int:
     shown = parse_modalities(args.tumour_modalities) if args.tumour_modalities else BRATS_MODALITIES
     folder = write_synthetic_dataset(os.environ["nnUNet_raw"], args.dataset_id, args.num_cases, shape=args.shape,
                                      seed=args.seed, num_test=args.num_test, name=args.name,
-                                     overwrite=args.overwrite, tumour_modalities=shown)
+                                     overwrite=args.overwrite, tumour_modalities=shown, min_rim_mm=args.min_rim_mm)
     print(f"Wrote {folder}: {args.num_cases} training cases, {args.num_test} test cases, "
           f"shape {' x '.join(map(str, args.shape))}, seed {args.seed}")
     return 0

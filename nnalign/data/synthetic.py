@@ -201,13 +201,16 @@ def _tumour_centre(rng: np.random.Generator, tissue: np.ndarray, centre: np.ndar
 
 
 def _add_tumour(rng: np.random.Generator, tissue: np.ndarray, centre: np.ndarray, axes: np.ndarray,
-                size: float) -> None:
-    """Paint one glioma into ``tissue`` in place: core (necrosis and/or enhancing rim) and edema."""
+                size: float, min_rim: float = 0.0) -> None:
+    """Paint one glioma into ``tissue`` in place: core (necrosis and/or enhancing rim) and edema. The enhancing rim of
+    a ring tumour is about ``min_rim`` voxels thick or more (0: as drawn)."""
     kind = rng.choice(["ring", "solid", "non-enhancing"], p=[0.8, 0.1, 0.1])
     radius = float(np.mean(axes))
     core_r = size * radius * rng.uniform(0.15, 0.30)
     semi = core_r * rng.uniform(0.75, 1.25, 3)
     necrotic_fraction = rng.uniform(0.55, 0.85)
+    if min_rim > 0:  # after the draw, so that the random sequence, and every other property, stays the same
+        necrotic_fraction = max(0.0, min(necrotic_fraction, 1.0 - min_rim / core_r))
     edema_extent = rng.uniform(1.3, 2.1)
     rotation = _random_rotation(rng)
     c = _tumour_centre(rng, tissue, centre, axes)
@@ -275,30 +278,32 @@ def _render(rng: np.random.Generator, tissue: np.ndarray, brain: np.ndarray, rad
 
 
 def synthesize_case(shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0,
-                    tumour_modalities: Sequence[str] = BRATS_MODALITIES) -> SyntheticCase:
+                    tumour_modalities: Sequence[str] = BRATS_MODALITIES, min_rim_mm: float = 0.0) -> SyntheticCase:
     """Generate one case of ``shape`` (X, Y, Z) from ``seed``, with its tissue map (see :class:`SyntheticCase`).
 
     Only ``tumour_modalities`` show the tumour; the others see white matter there (a known answer for experiments on
-    which modality matters). The default, every modality, gives the standard cases."""
+    which modality matters). The default, every modality, gives the standard cases. ``min_rim_mm`` > 0 thickens the
+    enhancing rims of ring tumours to about that many millimetres (voxels), so that ET survives coarse resampling."""
     size = check_shape(shape)
     rng = np.random.default_rng(seed)
     tissue, brain, centre, axes = _anatomy(rng, size[::-1])
     n_tumours = 1 if rng.random() < 0.7 else 2
     for _ in range(n_tumours):
-        _add_tumour(rng, tissue, centre, axes, size=1.0 if n_tumours == 1 else 0.8)
+        _add_tumour(rng, tissue, centre, axes, size=1.0 if n_tumours == 1 else 0.8, min_rim=min_rim_mm)
     images = _render(rng, tissue, brain, float(np.mean(axes)), tumour_modalities)
     return SyntheticCase(images=images, seg=TISSUE_LABEL[tissue], tissue=tissue)
 
 
 def generate_case(shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0,
-                  tumour_modalities: Sequence[str] = BRATS_MODALITIES) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                  tumour_modalities: Sequence[str] = BRATS_MODALITIES,
+                  min_rim_mm: float = 0.0) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Generate one BraTS-like case: float32 images by modality (T1, T1ce, T2, FLAIR) and its uint8 segmentation.
 
     ``shape`` is (X, Y, Z); the arrays are (Z, Y, X). Labels are nnU-Net's: 0 background, 1 edema, 2 necrosis /
     non-enhancing core, 3 enhancing tumour; every case has tumour. The same seed gives the same case.
-    ``tumour_modalities``: see :func:`synthesize_case`.
+    ``tumour_modalities``, ``min_rim_mm``: see :func:`synthesize_case`.
     """
-    case = synthesize_case(shape, seed, tumour_modalities)
+    case = synthesize_case(shape, seed, tumour_modalities, min_rim_mm)
     return case.images, case.seg
 
 
@@ -317,8 +322,8 @@ def _write_nifti(array: np.ndarray, path: Path) -> None:
 
 
 def _write_case(images_dir: Path, labels_dir: Path, case: str, shape: tuple[int, int, int], seed: int,
-                tumour_modalities: Sequence[str]) -> None:
-    images, seg = generate_case(shape, seed, tumour_modalities)
+                tumour_modalities: Sequence[str], min_rim_mm: float) -> None:
+    images, seg = generate_case(shape, seed, tumour_modalities, min_rim_mm)
     for c, modality in enumerate(BRATS_MODALITIES):
         _write_nifti(images[modality], images_dir / image_filename(case, c))
     _write_nifti(seg, labels_dir / f"{case}.nii.gz")
@@ -327,13 +332,13 @@ def _write_case(images_dir: Path, labels_dir: Path, case: str, shape: tuple[int,
 def write_synthetic_dataset(raw_root: str | Path, dataset_id: int, num_cases: int,
                             shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0, num_test: int = 0,
                             name: str = "SyntheticBraTS", overwrite: bool = False,
-                            tumour_modalities: Sequence[str] = BRATS_MODALITIES) -> Path:
+                            tumour_modalities: Sequence[str] = BRATS_MODALITIES, min_rim_mm: float = 0.0) -> Path:
     """Write ``num_cases`` training cases (``SYN_0000``, ...) and ``num_test`` held-out cases (``SYNTS_0000``, ...,
     images in ``imagesTs``, references in ``labelsTs``) as the nnU-Net raw dataset ``raw_root/DatasetXXX_name``.
 
     Images are 1 mm isotropic NIfTI with identity direction and origin 0. The folder appears only when complete; an
-    existing dataset with the same ID is an error unless ``overwrite``. Only ``tumour_modalities`` show the tumour
-    (:func:`synthesize_case`). Returns the dataset folder.
+    existing dataset with the same ID is an error unless ``overwrite``. Only ``tumour_modalities`` show the tumour, and
+    ``min_rim_mm`` thickens the enhancing rims (:func:`synthesize_case`). Returns the dataset folder.
     """
     from tqdm import tqdm
 
@@ -354,7 +359,8 @@ def write_synthetic_dataset(raw_root: str | Path, dataset_id: int, num_cases: in
             (staging / f"images{split}").mkdir()
             (staging / f"labels{split}").mkdir()
         for split, case, s in tqdm(jobs, desc="synthetic cases", unit="case", disable=len(jobs) < 10):
-            _write_case(staging / f"images{split}", staging / f"labels{split}", case, size, s, tumour_modalities)
+            _write_case(staging / f"images{split}", staging / f"labels{split}", case, size, s, tumour_modalities,
+                        min_rim_mm)
         write_dataset_json(
             staging, int(num_cases), name,
             description=f"Synthetic BraTS-like cases made by nnalign_synth (seed {seed}, "
@@ -362,5 +368,6 @@ def write_synthetic_dataset(raw_root: str | Path, dataset_id: int, num_cases: in
             source_label_convention="brats2023",
             extra={"synthetic": {"seed": int(seed), "shape": list(size), "num_test": int(num_test),
                                  "generator_version": GENERATOR_VERSION,
-                                 "tumour_modalities": [m for m in BRATS_MODALITIES if m in tumour_modalities]}})
+                                 "tumour_modalities": [m for m in BRATS_MODALITIES if m in tumour_modalities],
+                                 "min_rim_mm": float(min_rim_mm)}})
     return raw_root / dataset_name(dataset_id, name)
