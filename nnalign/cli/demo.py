@@ -62,8 +62,8 @@ def main() -> int:
     if result.warnings:
         print("\nWARNING, collapsed models:\n" + "\n".join(f"- {w}" for w in result.warnings))
     else:
-        print("\nNo model collapsed: every model found tumour in every held-out case that has one, and no training "
-              "ended with a validation pseudo-Dice of 0.")
+        print("\nNo model collapsed: every model found each region in held-out cases that have it, and no training "
+              "ended with a validation pseudo-Dice of 0 (the last column counts the cases a model missed).")
     print(f"\nPaper-style tables and figures: {result.report}")
     return 0
 
