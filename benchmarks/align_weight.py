@@ -36,8 +36,7 @@ def main() -> None:
     p.add_argument("--window", type=int, default=3, help="epochs averaged at the start and at the end")
     args = p.parse_args()
 
-    import torch
-
+    from nnalign.checkpoints import load_checkpoint_safely
     from nnalign.model_folders import FINAL_CHECKPOINT, fold_folder, model_folder
     from nnalign.paths import setup_env
     from nnalign.training.settings import TeacherSettings
@@ -58,7 +57,7 @@ def main() -> None:
                 command += ["--align-weight", str(args.align_weight)]
             print("+", " ".join(command[2:]), flush=True)
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        log = torch.load(checkpoint, map_location="cpu", weights_only=False)["logging"]
+        log = load_checkpoint_safely(checkpoint, "cpu")["logging"]
         align = [float(v) for v in log["align_losses"]]
         seg_plus_one = [float(t) - settings.align_weight * a + 1 for t, a in zip(log["train_losses"], align)]
         (a0, a1), (s0, s1) = _first_last(align, args.window), _first_last(seg_plus_one, args.window)

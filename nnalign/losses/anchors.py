@@ -410,7 +410,8 @@ def modality_gap(latents: torch.Tensor, present: torch.Tensor, anchor: AnchorAli
     b, m, c = latents.shape[:3]
     flat = latents.detach().reshape(b, m, c, -1)
     per_sample = flat.mean(-1, dtype=torch.float32)  # (B, M, C)
-    mean_square = flat.float().pow(2).mean((2, 3)).cpu()  # (B, M)
+    # (B, M) mean of Z^2, accumulated in float32 without a float32 copy of the latents
+    mean_square = (torch.linalg.vector_norm(flat, dim=(2, 3), dtype=torch.float32).pow(2) / flat[0, 0].numel()).cpu()
     anchor_centroid = anchor.anchor_center(per_sample.unsqueeze(-1), present).mean((0, 2))  # (C,)
     per_sample, anchor_centroid, present = per_sample.cpu(), anchor_centroid.cpu(), present.cpu()
     centroids = {j: per_sample[present[:, j], j].mean(0) for j in range(m) if bool(present[:, j].any())}

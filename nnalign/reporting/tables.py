@@ -237,10 +237,12 @@ def table_iv(res: Results) -> Table:
             table.notes.append(f"{label}: no teacher with {_settings(variant)}; shown instead {run.name}, which "
                                f"differs in another setting than the anchor: not a like-for-like comparison.")
         rows.append((label, run))
+    from nnalign.training.settings import TeacherSettings
+
     for r in res.teachers:
-        drop = next((t for t in r.variant.split("_") if t.startswith("drop")), None)
-        if r.anchor == "original" and drop and all(r is not run for _, run in rows):
-            rows.append((f"original, modality dropout {drop[4:].replace('p', '.')} (sparsified nnU-Net)", r))
+        dropout = TeacherSettings.from_trainer_name(r.trainer).modality_dropout if r.anchor == "original" else 0
+        if dropout and all(r is not run for _, run in rows):
+            rows.append((f"original, modality dropout {dropout:g} (sparsified nnU-Net)", r))
     for label, run in rows:
         m = res.metrics(run)
         if run is not None:
