@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from nnalign.errors import NnalignError
-from nnalign.losses.anchors import (
-    ANCHOR_CHOICES,
+from nnalign.networks.anchors import (
     AnchorAlignment,
     MixtureAnchor,
     ModalityAnchor,
@@ -17,7 +16,8 @@ from nnalign.losses.anchors import (
     build_anchor,
     modality_gap,
 )
-from nnalign.losses.normal_latents import kl_to_standard_normal
+from nnalign.networks.anchor_registry import ANCHORS as ANCHOR_REGISTRY
+from nnalign.networks.normal_latents import kl_to_standard_normal
 from nnalign.modalities import BRATS_MODALITIES
 
 NAN = float("nan")
@@ -340,7 +340,7 @@ def test_build_anchor(spec, modalities, cls, name, index):
         assert anchor.anchor_index == index and anchor.stop_gradient
     if cls is MixtureAnchor:
         assert anchor.raw_weights.shape == (len(modalities),)
-    assert name.split(":")[0] in ANCHOR_CHOICES
+    assert name.split(":")[0] in ANCHOR_REGISTRY.names and ANCHOR_REGISTRY.get(name.split(":")[0]) is cls
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from nnalign.errors import NnalignError
-from nnalign.losses.kd import KD_METHODS, DistillationLoss, build_kd, register_kd
+from nnalign.losses.kd import KD_METHODS, build_kd, kd_class, register_kd
+from nnalign.losses.kd.base import DistillationLoss
 from nnalign.losses.kd.base import bernoulli_kl, bernoulli_kl_at_temperature
 from nnalign.losses.kd.kdnet import channel_softmax_kl
 from nnalign.losses.kd.pmkl import contrastive_pair_loss, regularisation_mask, regularised_kd, soft_target_bce
@@ -465,8 +466,17 @@ def test_none_total_is_zero_on_the_student_graph():
     assert loss(outs(bad), outs(bad.detach()), torch.zeros(1, 1, 2), 0)["total"].item() == 0.0
 
 
-def test_registry_names_in_order():
-    assert KD_METHODS == ["none", "kdnet", "pmkl", "protokd", "smunet"]
+def test_registry_names_in_order_and_every_name_has_its_class():
+    assert KD_METHODS == ("none", "kdnet", "pmkl", "protokd", "smunet")
+    for name in KD_METHODS:
+        cls = kd_class(name)
+        assert issubclass(cls, DistillationLoss) and cls.name == name
+    assert kd_class(" PMKL ") is kd_class("pmkl")
+
+
+def test_register_kd_refuses_an_undeclared_name():
+    with pytest.raises(ValueError, match="not declared"):
+        register_kd("fitnet")
 
 
 def test_unknown_method_lists_the_known_ones():
@@ -491,6 +501,7 @@ def test_invalid_setting_values_raise(bad):
 
 
 def test_register_kd_refuses_a_second_class_under_a_taken_name():
+    kd_class("kdnet")
     with pytest.raises(ValueError, match="already registered"):
         @register_kd("kdnet")
         class Other(DistillationLoss):

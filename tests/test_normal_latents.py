@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from nnalign.losses.normal_latents import LOGVAR_RANGE, kl_to_standard_normal, mean_and_logvar, sample_normal_latents
+from nnalign.networks.normal_latents import LOGVAR_RANGE, kl_to_standard_normal, mean_and_logvar, sample_normal_latents
 
 
 def test_kl_by_hand():

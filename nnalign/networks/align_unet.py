@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnalign.losses.anchors import build_anchor
-from nnalign.losses.normal_latents import kl_to_standard_normal, mean_and_logvar, sample_normal_latents
+from nnalign.networks.anchors import build_anchor
+from nnalign.networks.normal_latents import kl_to_standard_normal, mean_and_logvar, sample_normal_latents
 from nnalign.modalities import BRATS_MODALITIES
 from nnalign.networks.outputs import NetworkOutputs
 

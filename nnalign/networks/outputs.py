@@ -1,7 +1,7 @@
 """The named parts a network returns for alignment and distillation."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -26,7 +26,6 @@ class NetworkOutputs:
     latents: torch.Tensor | None = None
     latent_kl: torch.Tensor | None = None
     present: torch.Tensor | None = None
-    extras: dict = field(default_factory=dict)
 
     @property
     def bottleneck(self) -> torch.Tensor:

@@ -1,49 +1,46 @@
 """One place that maps a distillation method's name (as typed on the command line) to its loss class.
 
-    @register_kd("kdnet")
+    @register_kd("kdnet")            # in nnalign/losses/kd/kdnet.py: the module of a method is named after it
     class KDNetLoss(DistillationLoss): ...
 
     loss = build_kd("kdnet", feature_channels=32, bottleneck_channels=320, skip_channels=[32, 64, ..., 320],
                     temperature=4.0)
+
+The method names are declared here, torch-free, so that commands and reports check and list them without importing
+the losses; the first lookup of a method imports its module.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from nnalign.errors import NnalignError
-from nnalign.losses.kd.base import DistillationLoss, NetworkShape
+from nnalign.registry import Registry
 
-_REGISTRY: dict[str, type[DistillationLoss]] = {}
-#: Registered method names in registration order (filled when ``nnalign.losses.kd`` imports the method modules).
-KD_METHODS: list[str] = []
+if TYPE_CHECKING:
+    from nnalign.losses.kd.base import DistillationLoss
 
-_L = TypeVar("_L", bound=type[DistillationLoss])
+KD = Registry("KD method", ("none", "kdnet", "pmkl", "protokd", "smunet"), module="nnalign.losses.kd.{name}")
+"""The distillation methods, in the paper's order (``none``: the subset baseline without distillation)."""
+KD_METHODS: tuple[str, ...] = KD.names
 
 
-def register_kd(name: str) -> Callable[[_L], _L]:
-    """Class decorator: register a :class:`DistillationLoss` subclass under ``name`` (lower case); sets its ``name``."""
-    key = name.strip().lower()
+def register_kd(name: str) -> Callable[[type], type]:
+    """Class decorator: register a ``DistillationLoss`` subclass under the declared ``name``; sets its ``name``."""
+    register = KD.register(name)
 
-    def decorate(cls: _L) -> _L:
+    def decorate(cls: type) -> type:
+        from nnalign.losses.kd.base import DistillationLoss
+
         if not (isinstance(cls, type) and issubclass(cls, DistillationLoss)):
-            raise TypeError(f"register_kd('{key}'): {cls!r} is not a DistillationLoss subclass")
-        if key in _REGISTRY and _REGISTRY[key] is not cls:
-            raise ValueError(f"KD method '{key}' is already registered by {_REGISTRY[key].__qualname__}")
-        cls.name = key
-        if key not in _REGISTRY:
-            KD_METHODS.append(key)
-        _REGISTRY[key] = cls
-        return cls
+            raise TypeError(f"register_kd({name!r}): {cls!r} is not a DistillationLoss subclass")
+        return register(cls)
 
     return decorate
 
 
-def kd_class(name: str) -> type[DistillationLoss]:
+def kd_class(name: str) -> type:
     """The loss class registered under ``name``; NnalignError listing the methods for an unknown one."""
-    key = str(name).strip().lower()
-    if key not in _REGISTRY:
-        raise NnalignError(f"unknown KD method '{name}' (known: {', '.join(KD_METHODS)})")
-    return _REGISTRY[key]
+    return KD.get(name)
 
 
 def build_kd(
@@ -83,5 +80,7 @@ def build_kd(
             f"KD method '{cls.name}': bottleneck_channels={bottleneck_channels} but the deepest skip has "
             f"{skips[-1]} channels (the bottleneck is the last skip)"
         )
+    from nnalign.losses.kd.base import NetworkShape
+
     return cls(NetworkShape(int(feature_channels), int(bottleneck_channels), tuple(skips), int(num_regions)),
                **overrides)

@@ -5,7 +5,7 @@ Shapes: B batch, M modalities, C latent channels, ``*S`` spatial dims. ``latents
 before any arithmetic, so whatever the network put there, NaN included, never leaks in), is computed in float32 (so
 fp16 inputs under autocast stay finite) and returns a float32 scalar. A term with nothing to average is zero, not NaN.
 
-Anchors, selected by name with :func:`build_anchor`:
+Anchors, registered by name in :data:`nnalign.networks.anchor_registry.ANCHORS` and built with :func:`build_anchor`:
 
 - ``none``: no alignment (the plain multi-modal baseline).
 - ``normal`` (P^N): each Z_j ~ N(mu_j, sigma_j^2) is pulled to N(0, 1) by the VAE KL divergence.
@@ -35,13 +35,8 @@ from torch import nn
 
 from nnalign.errors import NnalignError
 from nnalign.modalities import canonical_modality
+from nnalign.networks.anchor_registry import ANCHORS, canonical_anchor
 
-ANCHOR_CHOICES: tuple[str, ...] = ("none", "normal", "modality", "mixture")
-"""Anchor spec names; ``modality`` takes an optional ``:NAME`` (default T1ce)."""
-
-DEFAULT_ANCHOR_MODALITY = "T1ce"
-
-_VALID_SPECS = "none, normal, modality[:NAME], mixture"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -108,6 +103,12 @@ class AnchorAlignment(nn.Module, ABC):
     uses_gaussian_latents: bool = False
     """True when the encoder must output a mean and log-variance per modality (only the normal anchor)."""
 
+    @classmethod
+    def for_model(cls, modality: str | None, modalities: Sequence[str]) -> "AnchorAlignment":
+        """The anchor for a model whose latents follow ``modalities`` (channel order); ``modality``: the canonical
+        name after ``modality:``, None for the other kinds."""
+        return cls()
+
     @abstractmethod
     def alignment_loss(self, parts: Mapping[str, Any]) -> torch.Tensor:
         """The anchor loss of one teacher forward pass, a float32 scalar.
@@ -150,10 +151,10 @@ class LatentDistanceAnchor(AnchorAlignment):
         """Alignment loss of latents (B, M, C, *S) with presence mask (B, M): a float32 scalar."""
 
 
+@ANCHORS.register("none")
 class NoAnchor(LatentDistanceAnchor):
     """No alignment: the loss is zero; absent modalities are filled with the mean of the present ones."""
 
-    name = "none"
 
     def loss(self, latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """Zero (float32 scalar), kept in the autograd graph of the present latents."""
@@ -165,16 +166,16 @@ class NoAnchor(LatentDistanceAnchor):
         return present_mean(latents, present)
 
 
+@ANCHORS.register("normal")
 class NormalAnchor(AnchorAlignment):
     """P^N: every modality's latent distribution N(mu_j, sigma_j^2) is pulled to N(0, 1).
 
     loss = mean over samples of sum over present j of KL_j, KL_j the mean over (C, *S) of
     0.5 (mu^2 + sigma^2 - log sigma^2 - 1), log sigma^2 clamped to ``normal_latents.LOGVAR_RANGE``. The teacher
-    computes the KL_j along with its latent sample (:func:`nnalign.losses.normal_latents.sample_normal_latents`).
+    computes the KL_j along with its latent sample (:func:`nnalign.networks.normal_latents.sample_normal_latents`).
     Absent modalities are filled with zeros, the anchor's mean.
     """
 
-    name = "normal"
     uses_gaussian_latents = True
 
     def alignment_loss(self, parts: Mapping[str, Any]) -> torch.Tensor:
@@ -200,6 +201,7 @@ class NormalAnchor(AnchorAlignment):
         return torch.zeros_like(latents[:, 0], dtype=torch.float32)
 
 
+@ANCHORS.register("modality")
 class ModalityAnchor(LatentDistanceAnchor):
     """P^k: every other modality is pulled to the anchor modality k.
 
@@ -218,6 +220,16 @@ class ModalityAnchor(LatentDistanceAnchor):
         self.anchor_index = int(anchor_index)
         self.stop_gradient = bool(stop_gradient)
         self.name = f"modality:{anchor_name if anchor_name is not None else anchor_index}"
+
+    @classmethod
+    def for_model(cls, modality: str | None, modalities: Sequence[str]) -> "ModalityAnchor":
+        """The anchor on ``modality``'s channel among ``modalities`` (any spelling :func:`canonical_modality` knows);
+        NnalignError for a modality the model does not have."""
+        available = [_canonical_or_same(m) for m in modalities]
+        if modality not in available:
+            raise NnalignError(f"anchor 'modality:{modality}': modality {modality} is not one of this model's "
+                               f"modalities ({', '.join(modalities)})")
+        return cls(available.index(modality), anchor_name=modality)
 
     def _index(self, latents: torch.Tensor) -> int:
         if self.anchor_index >= latents.shape[1]:
@@ -249,6 +261,7 @@ class ModalityAnchor(LatentDistanceAnchor):
         return torch.where(has_k, latents[:, k].float(), present_mean(latents, present))
 
 
+@ANCHORS.register("mixture")
 class MixtureAnchor(LatentDistanceAnchor):
     """P*: every modality is pulled to a learnable mixture of the present ones.
 
@@ -274,7 +287,13 @@ class MixtureAnchor(LatentDistanceAnchor):
 
     WEIGHT_GAIN: float = 5.0
 
-    name = "mixture"
+
+    @classmethod
+    def for_model(cls, modality: str | None, modalities: Sequence[str]) -> "MixtureAnchor":
+        """One weight per modality of the model."""
+        if not modalities:
+            raise NnalignError("anchor 'mixture' needs at least one modality")
+        return cls(len(modalities))
 
     def __init__(self, num_modalities: int) -> None:
         """``num_modalities``: M, the number of raw weights (initialised to zero, i.e. uniform)."""
@@ -345,7 +364,7 @@ class MixtureAnchor(LatentDistanceAnchor):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# registry and logging
+# building by name, and logging
 
 
 def _canonical_or_same(name: str) -> str:
@@ -356,40 +375,12 @@ def _canonical_or_same(name: str) -> str:
 
 
 def build_anchor(spec: str, modalities: Sequence[str]) -> AnchorAlignment:
-    """The anchor named by ``spec`` (``none | normal | modality[:NAME] | mixture``, case-insensitive) for a model whose
-    latents follow ``modalities`` (channel order).
-
-    ``modality`` alone anchors on T1ce; NAME takes any spelling :func:`canonical_modality` knows. Raises
-    :class:`NnalignError` (one line) for an unknown spec, an unknown modality, or one the model does not have.
+    """The anchor named by ``spec`` (``none | normal | modality[:NAME] | mixture``, case-insensitive, read by
+    :func:`~nnalign.networks.anchor_registry.canonical_anchor`) for a model whose latents follow ``modalities``
+    (channel order). One-line NnalignError for an unknown spec, an unknown modality, or one the model does not have.
     """
-    kind, sep, arg = spec.strip().partition(":")
-    kind, arg = kind.strip().lower(), arg.strip()
-    if kind == "modality":
-        if sep and not arg:
-            raise NnalignError(
-                f"anchor {spec!r} names no modality: use modality:NAME, NAME one of {', '.join(modalities)}"
-            )
-        try:
-            name = canonical_modality(arg) if arg else DEFAULT_ANCHOR_MODALITY
-        except NnalignError as e:
-            raise NnalignError(f"anchor {spec!r}: {e}") from None
-        available = [_canonical_or_same(m) for m in modalities]
-        if name not in available:
-            raise NnalignError(
-                f"anchor {spec!r}: modality {name} is not one of this model's modalities ({', '.join(modalities)})"
-            )
-        return ModalityAnchor(available.index(name), anchor_name=name)
-    if kind in ("none", "normal", "mixture") and sep:
-        raise NnalignError(f"anchor {spec!r}: '{kind}' takes no ':' argument (valid anchors: {_VALID_SPECS})")
-    if kind == "none":
-        return NoAnchor()
-    if kind == "normal":
-        return NormalAnchor()
-    if kind == "mixture":
-        if not modalities:
-            raise NnalignError("anchor 'mixture' needs at least one modality")
-        return MixtureAnchor(len(modalities))
-    raise NnalignError(f"unknown anchor {spec!r} (valid anchors: {_VALID_SPECS})")
+    kind, _, modality = canonical_anchor(spec).partition(":")
+    return ANCHORS.get(kind).for_model(modality or None, modalities)
 
 
 @torch.no_grad()
