@@ -39,7 +39,7 @@ def main() -> None:
     from nnalign.checkpoints import load_checkpoint_safely
     from nnalign.model_folders import FINAL_CHECKPOINT, fold_folder, model_folder
     from nnalign.paths import setup_env
-    from nnalign.training.settings import TeacherSettings
+    from nnalign.runs import TeacherSpec
     from nnalign.cli.train import resolve_dataset
     from pathlib import Path
 
@@ -47,8 +47,8 @@ def main() -> None:
     dataset = resolve_dataset(args.dataset, Path(folders["nnUNet_preprocessed"]), Path(folders["nnUNet_raw"]))
     rows = []
     for anchor in args.anchors:
-        settings = TeacherSettings(anchor=anchor, align_weight=args.align_weight)
-        folder = model_folder(Path(folders["nnUNet_results"]) / dataset, settings.trainer_name(), args.configuration)
+        spec = TeacherSpec(anchor=anchor, align_weight=args.align_weight)
+        folder = model_folder(Path(folders["nnUNet_results"]) / dataset, spec.trainer_name(), args.configuration)
         checkpoint = fold_folder(folder, 0) / FINAL_CHECKPOINT
         if not checkpoint.is_file():
             command = [sys.executable, "-m", "nnalign.cli.train", dataset, args.configuration, "0", "-device", "cpu",
@@ -59,9 +59,9 @@ def main() -> None:
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         log = load_checkpoint_safely(checkpoint, "cpu")["logging"]
         align = [float(v) for v in log["align_losses"]]
-        seg_plus_one = [float(t) - settings.align_weight * a + 1 for t, a in zip(log["train_losses"], align)]
+        seg_plus_one = [float(t) - spec.align_weight * a + 1 for t, a in zip(log["train_losses"], align)]
         (a0, a1), (s0, s1) = _first_last(align, args.window), _first_last(seg_plus_one, args.window)
-        lam = settings.align_weight
+        lam = spec.align_weight
         rows.append((anchor, lam, a0, a1, s0, s1, lam * a0 / s0, lam * a1 / s1))
     print(f"\nalignment term vs segmentation loss (mean of the first / last {args.window} epochs of "
           f"{args.epochs} x {args.iters} iterations, {args.configuration})\n")

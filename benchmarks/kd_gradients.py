@@ -40,11 +40,11 @@ def measure(kd: str, teacher: str, dataset: str, configuration: str, subset: tup
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
     from nnalign.networks.align_unet import as_outputs
-    from nnalign.training.student_settings import StudentSettings
+    from nnalign.runs import StudentSpec, TeacherSpec
     from nnalign.training.student_trainer import student_trainer_class
 
     pre = Path(os.environ["nnUNet_preprocessed"]) / dataset
-    name = StudentSettings(subset, kd, teacher).trainer_name()
+    name = StudentSpec(subset, kd, TeacherSpec.parse(teacher)).trainer_name()
     plans = {**load_json(pre / "nnAlignPlans.json"), "continue_training": False}  # as nnU-Net's run_training adds
     trainer = student_trainer_class(name)(plans, configuration, 0, load_json(pre / "dataset.json"),
                                           torch.device("cpu"))

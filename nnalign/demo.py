@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -100,12 +101,49 @@ def score_row(model: str, subset: tuple[str, ...], scores: dict[str, dict[str, f
     return row, warnings
 
 
-def _run(command: list[str], log: Path, say: Callable[[str], None]) -> None:
-    """Run one nnalign command, its output to ``log``; a failure raises with the log's last line."""
+class EpochLines:
+    """nnU-Net's training log, fed line by line, as one line per epoch: ``epoch 3/60: train loss 0.100, pseudo-Dice
+    WT 0.00 TC 0.38 ET 0.00, 1.5 s``."""
+
+    _LINE = re.compile(r"^[0-9-]+ [0-9:.]+: (Epoch \d+|train_loss|Pseudo dice|Epoch time:)\s*(.*)$")
+    _NUMBER = re.compile(r"(?:np\.float\d+\()?(-?\d+(?:\.\d+)?(?:e-?\d+)?)")
+
+    def __init__(self, epochs: int, say: Callable[[str], None]):
+        self.epochs, self.say = epochs, say
+        self.epoch, self.loss, self.dice = 0, float("nan"), []
+
+    def feed(self, line: str) -> None:
+        """Read one log line; after an epoch's last line (its time), say the epoch's line."""
+        m = self._LINE.match(line.strip())
+        if m is None:
+            return
+        key, rest = m.groups()
+        if key.startswith("Epoch ") and not key.startswith("Epoch time"):
+            self.epoch, self.loss, self.dice = int(key.split()[1]), float("nan"), []
+        elif key == "train_loss":
+            self.loss = float(rest)
+        elif key == "Pseudo dice":
+            self.dice = [float(v) for v in self._NUMBER.findall(rest)]
+        else:
+            from nnalign.data.labels import REGION_NAMES
+
+            names = REGION_NAMES if len(self.dice) == len(REGION_NAMES) else range(1, len(self.dice) + 1)
+            dice = " ".join(f"{n} {d:.2f}" for n, d in zip(names, self.dice))
+            self.say(f"  epoch {self.epoch + 1}/{self.epochs}: train loss {self.loss:.3f}, pseudo-Dice {dice}, "
+                     f"{rest.split()[0]} s")
+
+
+def _run(command: list[str], log: Path, progress: EpochLines | None = None) -> None:
+    """Run one nnalign command, its output to ``log`` and, line by line, to ``progress``; a failure raises with the
+    log's last line."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        code = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT)
-    if code != 0:
+    with open(log, "w") as f, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                               env={**os.environ, "PYTHONUNBUFFERED": "1"}) as proc:
+        for line in proc.stdout:
+            f.write(line)
+            if progress is not None:
+                progress.feed(line)
+    if proc.returncode != 0:
         lines = [line for line in log.read_text().splitlines() if line.strip()]
         raise NnalignError(f"{' '.join(command[2:5])} failed: {lines[-1] if lines else 'no output'} (log: {log})")
 
@@ -178,8 +216,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoResul
     from nnalign.paths import setup_env
     from nnalign.planning.plan_and_preprocess import plan_and_preprocess
     from nnalign.reporting.report import build_report
-    from nnalign.training.settings import TeacherSettings
-    from nnalign.training.student_settings import StudentSettings
+    from nnalign.runs import StudentSpec, TeacherSpec
 
     folders = setup_env()
     os.environ.setdefault("nnUNet_n_proc_DA", str(opts.workers))
@@ -193,28 +230,29 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoResul
         say(f"plan and preprocess ({CONFIGURATION})")
         plan_and_preprocess(opts.dataset_id, [CONFIGURATION], num_processes=opts.workers, warn=lambda m: say(f"  {m}"))
     train = [sys.executable, "-m", "nnalign.cli.train", dataset, CONFIGURATION, "0", "-device", opts.device]
-    teacher = TeacherSettings(anchor="mixture", modality_dropout=TEACHER_MODALITY_DROPOUT).trainer_name()
-    teacher_dir = model_folder(results_root / dataset, teacher, CONFIGURATION)
-    models = [(teacher_dir, train + ["--anchor", "mixture", "--modality-dropout", str(TEACHER_MODALITY_DROPOUT),
-                                     "--epochs", str(opts.teacher_epochs)],
-               f"teacher P* (modality dropout {TEACHER_MODALITY_DROPOUT})")]
+    teacher = TeacherSpec(anchor="mixture", modality_dropout=TEACHER_MODALITY_DROPOUT)
+    teacher_dir = model_folder(results_root / dataset, teacher.trainer_name(), CONFIGURATION)
+    models = [(teacher_dir, train + ["--anchor", "mixture", "--modality-dropout", str(TEACHER_MODALITY_DROPOUT)],
+               f"teacher P* (modality dropout {TEACHER_MODALITY_DROPOUT})", opts.teacher_epochs)]
     for kd in (*opts.kd, "none"):
-        name = StudentSettings(opts.student_modalities, kd, teacher).trainer_name()
+        name = StudentSpec(opts.student_modalities, kd, teacher).trainer_name()
         models.append((model_folder(results_root / dataset, name, CONFIGURATION),
                        train + ["--role", "student", "--modalities", ",".join(opts.student_modalities), "--kd", kd,
-                                "--teacher", str(teacher_dir), "--epochs", str(opts.student_epochs)],
-                       f"student {'+'.join(opts.student_modalities)} ({kd})"))
-    for folder, command, what in models:
+                                "--teacher", str(teacher_dir)],
+                       f"student {'+'.join(opts.student_modalities)} ({kd})", opts.student_epochs))
+    for folder, command, what, epochs in models:
         if (fold_folder(folder, 0) / FINAL_CHECKPOINT).is_file():
             say(f"train {what}: done before")
             continue
-        say(f"train {what} ...")
-        _run(command + ["--iters-per-epoch", str(opts.iters_per_epoch)], work / "logs" / f"{folder.name}.log", say)
+        log = work / "logs" / f"{folder.name}.log"
+        say(f"train {what}: {epochs} epochs x {opts.iters_per_epoch} iterations (log: {log})")
+        _run(command + ["--epochs", str(epochs), "--iters-per-epoch", str(opts.iters_per_epoch)], log,
+             EpochLines(epochs, say))
 
     rows, warnings = [], []
     ending = json.loads((dataset_folder / "dataset.json").read_text())["file_ending"]
     regions = reference_regions(dataset_folder / "labelsTs", ending)
-    for folder, _, what in models:
+    for folder, _, what, _ in models:
         record = read_settings_record(fold_folder(folder, 0)) or {}
         if record.get("collapse_warning"):
             warnings.append(f"{what}: {record['collapse_warning']}")
@@ -226,7 +264,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoResul
             say(f"predict {tag} held-out cases with {what}")
             _run([sys.executable, "-m", "nnalign.cli.predict", "-i", str(inputs), "-o", str(predictions),
                   "-m", str(folder), "-device", opts.device, "--disable-tta", "--labels", "nnunet"],
-                 work / "logs" / f"predict_{folder.name}_{tag}.log", say)
+                 work / "logs" / f"predict_{folder.name}_{tag}.log")
             metrics = results_root / dataset / "nnalign_evaluations" / folder.name / tag / "metrics.csv"
             report = evaluate(dataset_folder / "labelsTs", predictions, labels="nnunet", output=metrics,
                               progress=False)
@@ -242,13 +280,15 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoResul
 def parse_kd_methods(spec: str) -> tuple[str, ...]:
     """``'kdnet,pmkl'`` as distillation methods (lower case, in the order given, ``none`` left out: the demo always
     trains the no-distillation student); NnalignError for an unknown one."""
-    from nnalign.losses.kd import KD_METHODS
+    from nnalign.losses.kd.registry import KD
 
-    methods = tuple(dict.fromkeys(m.strip().lower() for m in spec.split(",") if m.strip()))
-    unknown = [m for m in methods if m not in KD_METHODS]
-    if unknown or not methods:
-        raise NnalignError(f"--kd {spec!r}: {'unknown method ' + repr(unknown[0]) if unknown else 'no method'} "
-                           f"(known: {', '.join(m for m in KD_METHODS if m != 'none')})")
+    names = [m for m in spec.split(",") if m.strip()]
+    if not names:
+        raise NnalignError(f"--kd {spec!r}: no method (known: {', '.join(KD.names)})")
+    try:
+        methods = tuple(dict.fromkeys(KD.check(m) for m in names))
+    except NnalignError as e:
+        raise NnalignError(f"--kd {spec!r}: {e}") from None
     return tuple(m for m in methods if m != "none")
 
 

@@ -19,21 +19,26 @@ DEFAULT_FOLDERS = {
 TRAINER_SHIM_DIR = Path(__file__).resolve().parent / "_ext"
 
 
+def resolve_folders(base: str | os.PathLike | None = None) -> dict[str, str]:
+    """nnU-Net's three folders: each variable's value where set, else nnalign's default, an absolute path under
+    ``base`` (default: ``NNALIGN_HOME``, else the current directory). Reads the environment, never changes it."""
+    base_dir = Path(base or os.environ.get("NNALIGN_HOME") or os.getcwd()).resolve()
+    return {var: os.environ.get(var) or str(base_dir / sub) for var, sub in DEFAULT_FOLDERS.items()}
+
+
 def setup_env(base: str | os.PathLike | None = None) -> dict[str, str]:
-    """Set nnU-Net's folder variables to nnalign's defaults where unset and register the trainer shim.
+    """Set nnU-Net's folder variables to :func:`resolve_folders` and register the trainer shim.
 
     Returns the three folder paths in effect. Paths are absolute so that spawned workers and a later chdir agree.
     """
-    base_dir = Path(base or os.environ.get("NNALIGN_HOME") or os.getcwd()).resolve()
-    for var, sub in DEFAULT_FOLDERS.items():
-        if not os.environ.get(var):
-            os.environ[var] = str(base_dir / sub)
+    folders = resolve_folders(base)
+    os.environ.update(folders)
     shim = str(TRAINER_SHIM_DIR)
     ext = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
     if shim not in ext:
         os.environ["nnUNet_extTrainer"] = os.pathsep.join([shim, *ext])
     os.environ.setdefault("nnUNet_def_n_proc", str(min(8, os.cpu_count() or 1)))
-    return {var: os.environ[var] for var in DEFAULT_FOLDERS}
+    return folders
 
 
 def dataset_name(dataset_id: int, name: str) -> str:

@@ -4,7 +4,8 @@ import json
 import pytest
 
 from nnalign.data.synthetic import write_synthetic_dataset
-from nnalign.demo import _subset_inputs, hold_out, parse_kd_methods, reference_regions, rows_markdown, score_row
+from nnalign.demo import (EpochLines, _subset_inputs, hold_out, parse_kd_methods, reference_regions, rows_markdown,
+                          score_row)
 from nnalign.errors import NnalignError
 
 
@@ -69,5 +70,28 @@ def test_reference_regions_reads_each_cases_labels(tmp_path):
 
 def test_kd_methods_of_the_demo():
     assert parse_kd_methods("KDnet, pmkl,none,kdnet") == ("kdnet", "pmkl")
-    with pytest.raises(NnalignError, match="unknown method 'fitnet'"):
+    with pytest.raises(NnalignError, match="unknown KD method 'fitnet'"):
         parse_kd_methods("kdnet,fitnet")
+
+
+def test_epoch_lines_turn_nnunets_log_into_one_line_per_epoch():
+    said = []
+    lines = EpochLines(60, said.append)
+    log = """2026-12-02 03:50:10.176303: 
+2026-12-02 03:50:10.176390: Epoch 3
+2026-12-02 03:50:10.176488: Current learning rate: 0.00955
+2026-12-02 03:50:11.674636: modality_gap 0.1066
+2026-12-02 03:50:11.674835: train_loss 0.0997
+2026-12-02 03:50:11.674880: val_loss -0.1026
+2026-12-02 03:50:11.674918: Pseudo dice [np.float32(0.0), np.float32(0.3807), np.float32(0.125)]
+2026-12-02 03:50:11.674957: Epoch time: 1.5 s
+2026-12-02 03:50:11.674989: Yayy! New best EMA pseudo Dice: 0.1046999990940094
+2026-12-02 03:50:12.522659: Epoch 4
+2026-12-02 03:50:13.710036: train_loss -0.25
+2026-12-02 03:50:13.710037: Pseudo dice [0.5, 0.25, 1e-05]
+2026-12-02 03:50:13.710038: Epoch time: 12.25 s
+"""
+    for line in log.splitlines(keepends=True):
+        lines.feed(line)
+    assert said == ["  epoch 4/60: train loss 0.100, pseudo-Dice WT 0.00 TC 0.38 ET 0.12, 1.5 s",
+                    "  epoch 5/60: train loss -0.250, pseudo-Dice WT 0.50 TC 0.25 ET 0.00, 12.25 s"]

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import plan_synthetic, run_train
 from test_hostile_input import (error_lines, fill_up, one_error_line, read_only, run_module, tmpfs,
                                 write_crafted_checkpoint, write_image)
 
@@ -35,7 +34,7 @@ SHORT = ("-device", "cpu", "--epochs", "1", "--iters-per-epoch", "2")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
+def trained(tmp_path_factory, plan_synthetic, run_train) -> Path:
     """The data root: raw/, pre/ and results/ holding the teacher and a student, both finished."""
     root = plan_synthetic(tmp_path_factory.mktemp("hostile"), DATASET_ID, num_cases=3, shape=(40, 40, 40))
     proc = run_train(root, root / "results", str(DATASET_ID), CONFIG, "0", "--anchor", "mixture", *SHORT)
@@ -71,10 +70,14 @@ def case_files(trained: Path, folder: Path, case: str = "SYN_0000", name: str | 
     return folder
 
 
-def student(trained: Path, results: Path, *more: str) -> subprocess.CompletedProcess:
-    teacher = results / DATASET / TEACHER
-    return run_train(trained, results, str(DATASET_ID), CONFIG, "0", *STUDENT_ARGS, "--teacher", str(teacher),
-                     "-device", "cpu", *more)
+@pytest.fixture
+def student(run_train):
+    """``nnalign_train`` of the module's student from its teacher, with more flags."""
+    def train(trained: Path, results: Path, *more: str) -> subprocess.CompletedProcess:
+        teacher = results / DATASET / TEACHER
+        return run_train(trained, results, str(DATASET_ID), CONFIG, "0", *STUDENT_ARGS, "--teacher", str(teacher),
+                         "-device", "cpu", *more)
+    return train
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -108,7 +111,7 @@ def test_predict_refuses_a_crafted_checkpoint(trained, results, tmp_path):
     assert not list(out.glob("*.nii.gz"))
 
 
-def test_train_continue_refuses_a_crafted_checkpoint_and_keeps_the_run(trained, results, tmp_path):
+def test_train_continue_refuses_a_crafted_checkpoint_and_keeps_the_run(trained, results, tmp_path, run_train):
     marker = tmp_path / "created_by_the_checkpoint"
     path = teacher_checkpoint(results)
     write_crafted_checkpoint(path, marker, like=path)
@@ -120,7 +123,7 @@ def test_train_continue_refuses_a_crafted_checkpoint_and_keeps_the_run(trained, 
 
 @pytest.mark.parametrize("damage, reason", [("truncate", "not a readable checkpoint (truncated or corrupt"),
                                             ("empty", "empty file, not a checkpoint")])
-def test_train_continue_with_a_broken_checkpoint_is_one_line(trained, results, damage, reason):
+def test_train_continue_with_a_broken_checkpoint_is_one_line(trained, results, damage, reason, run_train):
     path = teacher_checkpoint(results)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"")
@@ -129,7 +132,7 @@ def test_train_continue_with_a_broken_checkpoint_is_one_line(trained, results, d
     one_error_line(proc, "nnalign_train", str(path), reason)
 
 
-def test_a_student_refuses_a_crafted_teacher_and_leaves_no_run_folder(trained, results, tmp_path):
+def test_a_student_refuses_a_crafted_teacher_and_leaves_no_run_folder(trained, results, tmp_path, student):
     for folder in student_folders(results):
         shutil.rmtree(folder)
     marker = tmp_path / "created_by_the_checkpoint"
@@ -140,7 +143,7 @@ def test_a_student_refuses_a_crafted_teacher_and_leaves_no_run_folder(trained, r
     assert not marker.exists() and not student_folders(results)
 
 
-def test_a_truncated_teacher_is_one_line_and_leaves_no_run_folder(trained, results):
+def test_a_truncated_teacher_is_one_line_and_leaves_no_run_folder(trained, results, student):
     for folder in student_folders(results):
         shutil.rmtree(folder)
     path = teacher_checkpoint(results)
@@ -169,14 +172,14 @@ def test_report_refuses_a_crafted_checkpoint(trained, results, tmp_path):
 # nnalign_train: checks before anything is written
 
 
-def test_a_fold_outside_the_split_trains_nothing(trained, tmp_path):
+def test_a_fold_outside_the_split_trains_nothing(trained, tmp_path, run_train):
     results = tmp_path / "results"
     one_error_line(run_train(trained, results, str(DATASET_ID), CONFIG, "7", "--anchor", "none", *SHORT),
                    "nnalign_train", "fold 7 is not in", "splits_final.json (its folds: 0-2; or 'all')")
     assert not results.exists()
 
 
-def test_a_bad_temperature_leaves_no_run_folder(trained, results):
+def test_a_bad_temperature_leaves_no_run_folder(trained, results, student):
     for folder in student_folders(results):
         shutil.rmtree(folder)
     one_error_line(student(trained, results, "--temperature", "-1", "--epochs", "1"), "nnalign_train",
@@ -288,7 +291,7 @@ def _kill_at_random_epoch(cmd_root: Path, results: Path, fold_dir: Path, args: l
     exists), and return that epoch."""
     env = {**os.environ, "nnUNet_raw": str(cmd_root / "raw"), "nnUNet_preprocessed": str(cmd_root / "pre"),
            "nnUNet_results": str(results), "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "nnUNet_compile": "f"}
-    for var in ("NNALIGN_DEBUG", "nnUNet_extTrainer", "NNALIGN_KD_OVERRIDES"):
+    for var in ("NNALIGN_DEBUG", "nnUNet_extTrainer"):
         env.pop(var, None)
     target = random.Random(seed).randint(3, 12)
     proc = subprocess.Popen([sys.executable, "-m", "nnalign.cli.train", *args], env=env, stdout=subprocess.DEVNULL,
@@ -325,7 +328,7 @@ def _check_continued(fold_dir: Path, epochs: int, killed_at: int) -> None:
 
 
 @pytest.mark.parametrize("role", ["teacher", "student"])
-def test_a_training_killed_at_a_random_step_continues_with_c(trained, tmp_path, role):
+def test_a_training_killed_at_a_random_step_continues_with_c(trained, tmp_path, role, run_train):
     results = tmp_path / "results"
     shutil.copytree(trained / "results" / DATASET / TEACHER, results / DATASET / TEACHER)
     epochs = 20

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import plan_synthetic, run_train
 
 from nnalign.training.record import METHOD_VERSION, SETTINGS_RECORD
 
@@ -24,7 +23,7 @@ TEACHER = f"nnAlignTeacher_mixture__nnAlignPlans__{CONFIG}"
 
 
 @pytest.fixture(scope="module")
-def old_and_new(tmp_path_factory):
+def old_and_new(tmp_path_factory, plan_synthetic, run_train):
     """A P* teacher trained for 1 epoch x 2 iterations, and a copy whose settings record says nothing of its method
     version, as every record written before version 2 (each in its own results folder)."""
     root = plan_synthetic(tmp_path_factory.mktemp("version"), DATASET_ID, num_cases=3, shape=(40, 40, 40))
@@ -78,7 +77,7 @@ def test_predict_refuses_an_older_mixture_teacher_and_uses_this_versions(old_and
     assert (tmp_path / "new_out" / "SYN_0000.nii.gz").is_file()
 
 
-def test_train_continue_and_validate_refuse_an_older_run(old_and_new):
+def test_train_continue_and_validate_refuse_an_older_run(old_and_new, run_train):
     for flag in ("--c", "--val"):
         proc = run_train(old_and_new["root"], old_and_new["old"], str(DATASET_ID), CONFIG, "0", "--anchor",
                          "mixture", flag, "-device", "cpu")

@@ -23,8 +23,9 @@ import SimpleITK as sitk
 
 from nnalign.errors import NnalignError
 from nnalign.evaluation.metrics import HD95_EMPTY
+from nnalign.evaluation.validation import CACHE_FILE
 from nnalign.modalities import BRATS_MODALITIES, all_subsets, subset_tag
-from nnalign.reporting.collect import CACHE_FILE, Results, classify
+from nnalign.reporting.collect import Results, classify
 from nnalign.reporting.figures import (Latents, plot_latent_tsne, plot_training_curves, sample_latents,
                                       tsne_embedding)
 from nnalign.reporting.report import build_report
@@ -238,6 +239,20 @@ def test_missing_ground_truth_falls_back_to_nnunet_summary(tree, tmp_path):
     none = next(r for r in res.runs if r.folder == m["t_none"])
     metrics = res.metrics(none)
     assert metrics.dice == {"WT": 0.9, "TC": 0.8, "ET": 0.7} and metrics.hd95 is None and metrics.num_cases == 2
+
+
+def test_loading_results_leaves_the_environment_alone(tree, tmp_path, monkeypatch):
+    results, m = tree
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "nnalign_preprocessed").symlink_to(tmp_path / "pre")  # the tree's, at nnalign's default
+    monkeypatch.setenv("NNALIGN_HOME", str(tmp_path / "home"))
+    before = dict(os.environ)
+    res = Results.load(results)
+    assert res.gt_folder == tmp_path / "home" / "nnalign_preprocessed" / DATASET / "gt_segmentations"
+    assert res.metrics(next(r for r in res.runs if r.folder == m["t_mix"])).source == "validation fold_0, fold_1"
+    assert dict(os.environ) == before
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -494,6 +509,7 @@ def test_mask_on_a_coarser_latent_grid_keeps_blocks_at_least_half_inside():
     assert mask_on_grid(mask, (4, 4, 2)) is mask
 
 
+@pytest.mark.slow
 def test_tsne_loads_a_real_teacher_through_nnunets_predictor(tmp_path, monkeypatch):
     from nnalign.reporting.figures import teacher_latents
     from nnalign.reporting.report import tsne_figure
@@ -540,6 +556,7 @@ def run_cli(*args, env=None) -> subprocess.CompletedProcess:
                           env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 def test_cli_writes_everything_and_prints_table_iii(tree, tmp_path):
     results, _ = tree
     out = run_cli(results, "--no-tsne", "--kd", "KDNET")
@@ -554,6 +571,7 @@ def test_cli_writes_everything_and_prints_table_iii(tree, tmp_path):
     assert "t-SNE skipped (--no-tsne)" in out.stderr
 
 
+@pytest.mark.slow
 def test_cli_empty_or_missing_folder_is_one_line_exit_1(tmp_path):
     (tmp_path / "Dataset001_Empty").mkdir()
     for folder, message in ((tmp_path / "Dataset001_Empty", "no nnalign models found"),
@@ -566,6 +584,7 @@ def test_cli_empty_or_missing_folder_is_one_line_exit_1(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("nnalign_report: error: ") and message in lines[0]
 
 
+@pytest.mark.slow
 def test_help_is_fast_and_imports_nothing_heavy():
     code = ("import sys, time; t = time.perf_counter(); sys.argv = ['nnalign_report', '--help']\n"
             "from nnalign.cli import report\n"

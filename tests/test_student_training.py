@@ -15,11 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, nnunet_env, plan_synthetic, run_train
 
 from nnalign.errors import NnalignError
-from nnalign.modalities import BRATS_MODALITIES, all_subsets
-from nnalign.training.student_settings import StudentSettings, is_student_trainer_name, overrides_hash
+from nnalign.runs import StudentSpec, TeacherSpec, overrides_hash
 
 DATASET_ID = 991
 DATASET = "Dataset991_SyntheticBraTS"
@@ -48,66 +46,7 @@ def student_name(kd: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# settings <-> trainer name
-
-
-@pytest.mark.parametrize("settings, name", [
-    (StudentSettings(("T1ce",), "kdnet", TEACHER), "nnAlignStudent_T1ce_kdnet_Teacher-mixture"),
-    (StudentSettings(("T1", "T2"), "none", TEACHER), "nnAlignStudent_T1-T2_none_Teacher-mixture"),
-    (StudentSettings(("T1ce", "T2", "FLAIR"), "protokd", "nnAlignTeacher_modalityT1ce_w0p5", "1"),
-     "nnAlignStudent_T1ce-T2-FLAIR_protokd_Teacher-modalityT1ce-w0p5_tf1"),
-    (StudentSettings(("FLAIR",), "smunet", "nnAlignOriginal", "all"), "nnAlignStudent_FLAIR_smunet_Original_tfall"),
-])
-def test_trainer_name_encodes_subset_method_and_teacher(settings, name):
-    assert settings.trainer_name() == name
-    assert re.fullmatch(r"[A-Za-z0-9_-]+", name)
-    assert StudentSettings.subset_from_trainer_name(name) == settings.modalities
-    assert StudentSettings.teacher_from_trainer_name(name) == (settings.teacher_trainer, settings.teacher_fold)
-    assert is_student_trainer_name(name)
-
-
-def test_every_subset_round_trips_with_and_without_teacher_fold_and_overrides():
-    teachers = ("nnAlignTeacher_mixture", "nnAlignTeacher_modalityFLAIR_w0p5_sep_drop0p3_nosg", "nnAlignOriginal")
-    names = set()
-    for subset in all_subsets(BRATS_MODALITIES):
-        for teacher in teachers:
-            for fold in (None, "0", "3", "all"):
-                for overrides in ({}, {"temperature": 4.0}):
-                    settings = StudentSettings(subset, "pmkl", teacher, fold, overrides)
-                    name = settings.trainer_name()
-                    assert StudentSettings.subset_from_trainer_name(name) == subset, name
-                    assert StudentSettings.teacher_from_trainer_name(name) == (teacher, fold), name
-                    assert ("_tf" in name) == (fold is not None) and ("_x" in name) == bool(overrides), name
-                    names.add(name)
-    assert len(names) == 15 * 3 * 4 * 2  # all distinct
-    assert {len(StudentSettings.subset_from_trainer_name(n)) for n in names} == {1, 2, 3, 4}
-
-
-def test_overrides_hash_ignores_order_and_tells_settings_apart():
-    def name(overrides):
-        return StudentSettings(("T2",), "protokd", TEACHER, None, overrides).trainer_name()
-
-    a = name({"proto_weight": 0.2, "kd_weight": 5.0})
-    assert a == name({"kd_weight": 5.0, "proto_weight": 0.2})
-    assert re.fullmatch(r"nnAlignStudent_T2_protokd_Teacher-mixture_x[0-9a-f]{8}", a)
-    assert a.endswith(overrides_hash({"kd_weight": 5.0, "proto_weight": 0.2}))
-    others = {name({"proto_weight": 0.2}), name({"proto_weight": 0.3}), name({"kd_weight": 5.0}),
-              name({"proto_weight": 0.2, "kd_weight": 6.0}), name({})}
-    assert a not in others and len(others) == 5
-    assert name({}) == "nnAlignStudent_T2_protokd_Teacher-mixture"
-
-
-@pytest.mark.parametrize("name", [
-    "nnAlignStudent_T2-T1_none_Teacher-mixture",  # not in channel order
-    "nnAlignStudent_FLAIR-T1ce_kdnet_Teacher-mixture",
-    "nnAlignStudent_t1ce_kdnet_Teacher-mixture",  # an alias is not the canonical tag
-    "nnAlignStudent_T5_kdnet_Teacher-mixture", "nnAlignStudent__kdnet_Teacher-mixture",
-    "nnAlignStudent_T1ce_kdnet", "nnAlignStudent", "nnAlignTeacher_mixture", "nnUNetTrainer",
-])
-def test_names_not_made_by_trainer_name_are_rejected(name):
-    with pytest.raises(ValueError):
-        StudentSettings.subset_from_trainer_name(name)
-    assert not is_student_trainer_name(name)
+# trainer classes by name
 
 
 def test_student_trainer_class_is_cached_and_rejects_other_names():
@@ -117,7 +56,7 @@ def test_student_trainer_class_is_cached_and_rejects_other_names():
     cls = student_trainer_class(name)
     assert cls is student_trainer_class(name)
     assert issubclass(cls, nnAlignStudentTrainer) and cls.__name__ == name
-    assert cls.student == StudentSettings(("T1", "FLAIR"), "kdnet", TEACHER, "2")
+    assert cls.spec == StudentSpec(("T1", "FLAIR"), "kdnet", TeacherSpec.parse(TEACHER), "2", None)
     import nnalign.training.student_trainer as st
 
     assert getattr(st, name) is cls  # PEP 562 (pickling, pydoc.locate)
@@ -128,19 +67,20 @@ def test_student_trainer_class_is_cached_and_rejects_other_names():
     assert not hasattr(st, "nnAlignStudent_T2-T1_kdnet_Teacher-mixture")
 
 
-def test_nnunet_finds_student_trainers_through_the_shim(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_nnunet_finds_student_trainers_through_the_shim(tmp_path, monkeypatch, nnunet_env):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name  # what run_training uses
 
     from nnalign.training.student_trainer import nnAlignStudentTrainer, student_trainer_class
 
-    nnunet_env(monkeypatch, tmp_path, tmp_path / "results")
+    nnunet_env(tmp_path, tmp_path / "results")
     name = "nnAlignStudent_T1ce_protokd_Teacher-mixture"
     cls = recursive_find_trainer_class_by_name(name)
     assert issubclass(cls, nnAlignStudentTrainer) and issubclass(cls, nnUNetTrainer)
     assert cls is student_trainer_class(name) and cls is recursive_find_trainer_class_by_name(name)
     assert cls.__module__ == "nnalign.training.student_trainer"
-    assert cls.student == StudentSettings(("T1ce",), "protokd", TEACHER)
+    assert cls.spec == StudentSpec(("T1ce",), "protokd", TeacherSpec.parse(TEACHER), None, None)
     with pytest.raises(RuntimeError, match="Could not find"):
         recursive_find_trainer_class_by_name("nnAlignStudent_T2-T1_protokd_Teacher-mixture")
 
@@ -190,13 +130,13 @@ def test_bad_kd_overrides_are_one_line_errors(method, assignments, temperature, 
 
 
 @pytest.fixture(scope="module")
-def planned(tmp_path_factory):
+def planned(tmp_path_factory, plan_synthetic):
     """Raw + preprocessed 3-case synthetic dataset (3 folds: 2 training cases, 1 validation case each)."""
     return plan_synthetic(tmp_path_factory.mktemp("student"), DATASET_ID, num_cases=3, shape=(40, 40, 40))
 
 
 @pytest.fixture(scope="module")
-def teacher(planned) -> Path:
+def teacher(planned, run_train) -> Path:
     """The mixture teacher's model folder, trained by nnalign_train for 1 epoch x 2 iterations."""
     results = planned / "results"
     proc = run_train(planned, results, str(DATASET_ID), CONFIG, "0", "--anchor", "mixture", "-device", "cpu",
@@ -214,7 +154,7 @@ def student_args(kd: str, teacher: Path, *more: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def students(planned, teacher):
+def students(planned, teacher, run_train):
     """``students(kd)``: the student of that method (trained by nnalign_train on first use, beside the teacher)."""
     runs = {}
 
@@ -239,6 +179,7 @@ def sha256(path: Path) -> str:
 # nnalign_train --role student end to end
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kd", list(STUDENTS))
 def test_every_student_trains_learns_and_records_its_teacher(students, teacher, kd):
     run = students(kd)
@@ -269,6 +210,7 @@ def test_every_student_trains_learns_and_records_its_teacher(students, teacher, 
     assert (record["epochs"], record["iters_per_epoch"], record["epochs_completed"]) == (EPOCHS, ITERS, EPOCHS)
 
 
+@pytest.mark.slow
 def test_kd_set_is_hashed_into_the_folder_and_recorded(students):
     run = students("protokd")
     assert run["proc"].returncode == 0, run["proc"].stderr[-3000:]
@@ -280,6 +222,7 @@ def test_kd_set_is_hashed_into_the_folder_and_recorded(students):
     assert record["kd_settings"]["kd_weight"] == 10.0  # the method's default, not overridden
 
 
+@pytest.mark.slow
 def test_all_students_live_side_by_side_with_their_teacher(students, teacher):
     for kd in STUDENTS:
         assert students(kd)["proc"].returncode == 0, kd
@@ -293,8 +236,10 @@ def test_all_students_live_side_by_side_with_their_teacher(students, teacher):
     assert {len(STUDENTS[kd][1]) for kd in STUDENTS} == {1, 2, 3}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kd", list(STUDENTS))
-def test_nnunet_predictor_loads_the_student_and_reads_only_its_modalities(students, planned, monkeypatch, kd):
+def test_nnunet_predictor_loads_the_student_and_reads_only_its_modalities(students, planned, monkeypatch, kd,
+                                                                          nnunet_env):
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -302,7 +247,7 @@ def test_nnunet_predictor_loads_the_student_and_reads_only_its_modalities(studen
 
     run = students(kd)
     assert run["proc"].returncode == 0, run["proc"].stderr[-3000:]
-    nnunet_env(monkeypatch, planned, planned / "results")
+    nnunet_env(planned, planned / "results")
     predictor = nnUNetPredictor(device=torch.device("cpu"), use_mirroring=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(run["model_dir"]), use_folds=(0,))
     network = predictor.network
@@ -337,14 +282,17 @@ def test_nnunet_predictor_loads_the_student_and_reads_only_its_modalities(studen
     assert not np.allclose(probs_changed, probs0)
 
 
-def test_finished_student_is_not_trained_again_without_overwrite(students, planned, teacher):
+@pytest.mark.slow
+def test_finished_student_is_not_trained_again_without_overwrite(students, planned, teacher, run_train,
+                                                                 assert_one_line_error):
     assert students("kdnet")["proc"].returncode == 0
     line = assert_one_line_error(run_train(planned, planned / "results", *student_args("kdnet", teacher)),
                                  "holds a finished run")
     assert student_name("kdnet") in line
 
 
-def test_smunet_keeps_its_discriminator_and_continues_with_more_epochs(students, planned, teacher):
+@pytest.mark.slow
+def test_smunet_keeps_its_discriminator_and_continues_with_more_epochs(students, planned, teacher, run_train):
     """--c --epochs 3 continues the 2-epoch SMU-Net student; its discriminator and optimiser state come back too."""
     run = students("smunet")
     assert run["proc"].returncode == 0, run["proc"].stderr[-3000:]
@@ -399,6 +347,7 @@ def _student(teacher: Path, modalities: str = "T1ce", kd: str | None = "kdnet", 
     return args
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("teacher_dir, fragments", [
     (f"{DATASET}/nnAlignTeacher_none__{PLANS}__{CONFIG}", ["nnAlignTeacher_none__nnAlignPlans__3d_cpu: no such"]),
     (f"{DATASET}/nnAlignStudent_T1ce_kdnet_Teacher-mixture__{PLANS}__{CONFIG}", ["not an nnalign teacher model"]),
@@ -407,10 +356,12 @@ def _student(teacher: Path, modalities: str = "T1ce", kd: str | None = "kdnet", 
                                                    "nnAlignPlans 3d_cpu"]),
     (f"../elsewhere/{DATASET}/{TEACHER}__{PLANS}__{CONFIG}", ["elsewhere", "not in", "($nnUNet_results)"]),
 ])
-def test_teachers_that_cannot_serve_are_one_line_errors(planned, fake_results, teacher_dir, fragments):
+def test_teachers_that_cannot_serve_are_one_line_errors(planned, fake_results, teacher_dir, fragments, run_train,
+                                                        assert_one_line_error):
     assert_one_line_error(run_train(planned, fake_results, *_student(fake_results / teacher_dir)), *fragments)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modalities, kd, more, fragments", [
     ("T1ce,T5", "kdnet", [], ["unknown modality 'T5'"]),
     ("", "kdnet", [], ["the modality subset is empty"]),
@@ -418,17 +369,21 @@ def test_teachers_that_cannot_serve_are_one_line_errors(planned, fake_results, t
     ("T1ce", None, [], ["--role student needs --kd"]),
     ("T1ce", "kdnet", ["--kd-set", "bogus=1"], ["kdnet has no setting 'bogus'", "temperature, imitation_weight"]),
 ])
-def test_bad_student_flags_are_one_line_errors(planned, fake_results, modalities, kd, more, fragments):
+def test_bad_student_flags_are_one_line_errors(planned, fake_results, modalities, kd, more, fragments, run_train,
+                                               assert_one_line_error):
     teacher_dir = fake_results / DATASET / f"{TEACHER}__{PLANS}__{CONFIG}"
     assert_one_line_error(run_train(planned, fake_results, *_student(teacher_dir, modalities, kd, *more)), *fragments)
 
 
-def test_missing_teacher_flag_is_a_one_line_error(planned, tmp_path):
+@pytest.mark.slow
+def test_missing_teacher_flag_is_a_one_line_error(planned, tmp_path, run_train, assert_one_line_error):
     args = [str(DATASET_ID), CONFIG, "0", "--role", "student", "--modalities", "T1ce", "--kd", "kdnet"]
     assert_one_line_error(run_train(planned, tmp_path, *args), "--role student needs --teacher")
 
 
-def test_teacher_fold_without_a_final_checkpoint_is_a_one_line_error(planned, teacher):
+@pytest.mark.slow
+def test_teacher_fold_without_a_final_checkpoint_is_a_one_line_error(planned, teacher, run_train,
+                                                                     assert_one_line_error):
     line = assert_one_line_error(
         run_train(planned, planned / "results", *_student(teacher, "T1ce", "kdnet", "--teacher-fold", "3")),
         "no checkpoint_final.pth", "--teacher-fold")

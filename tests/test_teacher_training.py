@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -17,103 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, nnunet_env, plan_synthetic, run_train
 
 from nnalign.errors import NnalignError
 from nnalign.training.presence import sample_presence, zero_absent
 from nnalign.training.record import METHOD_VERSION
-from nnalign.training.settings import ENV_EPOCHS, ENV_ITERS, TeacherSettings, is_teacher_trainer_name
+from nnalign.runs import TeacherSpec
 
 DATASET_ID = 990
 DATASET = "Dataset990_SyntheticBraTS"
 CONFIG = "3d_cpu"
 ANCHORS = ("none", "normal", "modality:T1ce", "mixture", "original")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# settings <-> trainer name
-
-
-@pytest.mark.parametrize("settings, name", [
-    (TeacherSettings(), "nnAlignTeacher_mixture"),
-    (TeacherSettings("none"), "nnAlignTeacher_none"),
-    (TeacherSettings("normal", 1e-5), "nnAlignTeacher_normal_w1em05"),
-    (TeacherSettings("modality"), "nnAlignTeacher_modalityT1ce"),
-    (TeacherSettings("modality:t2f", 0.5, False, 0.3, False), "nnAlignTeacher_modalityFLAIR_w0p5_sep_drop0p3_nosg"),
-    (TeacherSettings("mixture", 2.0, True, 0.25), "nnAlignTeacher_mixture_w2_drop0p25"),
-    (TeacherSettings("original"), "nnAlignOriginal"),
-    (TeacherSettings("original", modality_dropout=0.5), "nnAlignOriginal_drop0p5"),
-    (TeacherSettings("mixture", 0.0), "nnAlignTeacher_mixture_w0"),
-    (TeacherSettings("normal", latent_level=2), "nnAlignTeacher_normal_lvl2"),
-    (TeacherSettings("none", latent_level=0), "nnAlignTeacher_none_lvl0"),  # given explicitly: not the plans' level
-    (TeacherSettings("modality:t2f", 0.5, False, 0.3, False, 1),
-     "nnAlignTeacher_modalityFLAIR_w0p5_sep_lvl1_drop0p3_nosg"),
-])
-def test_trainer_name_encodes_settings_and_inverts_exactly(settings, name):
-    assert settings.trainer_name() == name
-    assert re.fullmatch(r"[A-Za-z0-9_]+", name)
-    assert TeacherSettings.from_trainer_name(name) == settings
-    assert is_teacher_trainer_name(name)
-
-
-def test_round_trip_over_a_grid_and_every_name_distinct():
-    names = set()
-    for anchor in ("none", "normal", "modality:T1", "modality:T1ce", "mixture", "original"):
-        for w in (0.1, 0.0, 0.123456789, 10.0):
-            for shared in (True, False):
-                for p in (0.0, 0.5, 1 / 3):
-                    for sg in (True, False):
-                        try:
-                            s = TeacherSettings(anchor, w, shared, p, sg)
-                        except NnalignError:
-                            continue
-                        name = s.trainer_name()
-                        assert TeacherSettings.from_trainer_name(name) == s, name
-                        assert name not in names, name
-                        names.add(name)
-    assert len(names) > 100
-
-
-def test_training_length_is_not_in_the_name():
-    s = TeacherSettings("mixture", epochs=3, iters_per_epoch=5)
-    assert s.trainer_name() == "nnAlignTeacher_mixture"
-    assert TeacherSettings.from_trainer_name(s.trainer_name()) == s.with_length(None, None)
-
-
-@pytest.mark.parametrize("name", [
-    "nnAlignTeacher", "nnAlignTeacher_", "nnAlignTeacher_bogus", "nnAlignTeacher_modalityT5", "nnAlignTeacher_modality",
-    "nnAlignTeacher_mixture_w0p1",  # the default written out is not canonical
-    "nnAlignTeacher_mixture_drop0p3_w0p5",  # tokens out of order
-    "nnAlignTeacher_mixture_nosg", "nnAlignTeacher_none_w0p5", "nnAlignOriginal_sep", "nnAlignTeacher_mixture_drop1",
-    "nnAlignTeacher_mixture_wabc", "nnAlignTeacher_modalityt1ce", "nnAlignTeacherTrainer", "nnUNetTrainer",
-    "nnAlignTeacher_mixture_drop0p3_lvl1", "nnAlignTeacher_mixture_lvl01", "nnAlignTeacher_mixture_lvl",
-    "nnAlignOriginal_lvl1",
-])
-def test_names_not_made_by_trainer_name_are_rejected(name):
-    with pytest.raises(ValueError):
-        TeacherSettings.from_trainer_name(name)
-    assert not is_teacher_trainer_name(name)
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    ({"anchor": "bogus"}, "unknown anchor"),
-    ({"anchor": "modality:T5"}, "unknown modality"),
-    ({"anchor": "modality:"}, "names no modality"),
-    ({"anchor": "mixture:T1"}, "takes no"),
-    ({"align_weight": -1.0}, ">= 0"),
-    ({"align_weight": float("nan")}, "finite"),
-    ({"modality_dropout": 1.0}, "[0, 1)"),
-    ({"anchor": "mixture", "stop_gradient": False}, "only applies to the modality anchor"),
-    ({"anchor": "none", "align_weight": 0.5}, "no effect"),
-    ({"anchor": "original", "shared_encoder": False}, "no effect"),
-    ({"epochs": 0}, "positive"),
-    ({"latent_level": -1}, "whole number >= 0"),
-    ({"latent_level": 1.5}, "whole number >= 0"),
-    ({"anchor": "original", "latent_level": 1}, "no latents"),
-])
-def test_bad_settings_are_one_line_errors(kwargs, message):
-    with pytest.raises(NnalignError, match=re.escape(message)):
-        TeacherSettings(**kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -166,18 +78,19 @@ def test_poly_lr_with_floor_goes_from_initial_to_final():
 
 
 @pytest.fixture(scope="module")
-def planned(tmp_path_factory):
+def planned(tmp_path_factory, plan_synthetic):
     """Raw + preprocessed 4-case synthetic dataset; yields the root holding raw/, pre/ (results go elsewhere)."""
     return plan_synthetic(tmp_path_factory.mktemp("teacher"), DATASET_ID, num_cases=4, shape=(48, 48, 48))
 
 
 @pytest.fixture
-def env(planned, tmp_path, monkeypatch):
+def env(planned, tmp_path, monkeypatch, nnunet_env):
     """nnU-Net's variables for one test: the shared data, a fresh results folder, the trainer shim registered."""
-    nnunet_env(monkeypatch, planned, tmp_path / "results")
+    nnunet_env(planned, tmp_path / "results")
     return planned
 
 
+@pytest.mark.slow
 def test_plans_name_the_modalities(planned):
     plans = json.loads((planned / "pre" / DATASET / "nnAlignPlans.json").read_text())
     for cfg in plans["configurations"].values():
@@ -189,6 +102,7 @@ def test_plans_name_the_modalities(planned):
 # the shim: nnU-Net finds generated trainers by name
 
 
+@pytest.mark.slow
 def test_nnunet_finds_generated_trainers_through_the_shim(env):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
@@ -200,10 +114,10 @@ def test_nnunet_finds_generated_trainers_through_the_shim(env):
     assert cls is teacher_trainer_class("nnAlignTeacher_mixture")
     assert cls is recursive_find_trainer_class_by_name("nnAlignTeacher_mixture")  # cached: same class every time
     assert cls.__name__ == "nnAlignTeacher_mixture" and cls.__module__ == "nnalign.training.teacher_trainer"
-    assert cls.settings == TeacherSettings("mixture")
+    assert cls.spec == TeacherSpec("mixture")
     other = recursive_find_trainer_class_by_name("nnAlignTeacher_modalityT1ce_w0p5_sep_drop0p3_nosg")
-    assert other.settings == TeacherSettings("modality:T1ce", 0.5, False, 0.3, False)
-    assert recursive_find_trainer_class_by_name("nnAlignOriginal").settings.is_original
+    assert other.spec == TeacherSpec("modality:T1ce", 0.5, False, 0.3, False)
+    assert recursive_find_trainer_class_by_name("nnAlignOriginal").spec.is_original
     import nnalign.training.teacher_trainer as tt
 
     assert tt.nnAlignTeacher_mixture is cls  # PEP 562 on the defining module too (pickling, pydoc.locate)
@@ -215,13 +129,20 @@ def test_nnunet_finds_generated_trainers_through_the_shim(env):
 # the trainer in process: one train step per anchor, and a one-epoch run per anchor
 
 
-def _trainer(anchor: str, **settings):
+def _trainer(anchor: str, length: tuple[int, int] | None = None, **settings):
+    """The trainer of a teacher in process; ``length`` (epochs, iterations) is written into the fold's settings
+    record first, as ``nnalign_train`` does."""
+    from nnalign.model_folders import fold_folder, model_folder
+    from nnalign.training.record import write_training_inputs
     from nnalign.training.teacher_trainer import teacher_trainer_class
 
     pre = Path(os.environ["nnUNet_preprocessed"]) / DATASET
     plans = json.loads((pre / "nnAlignPlans.json").read_text())
     plans["continue_training"] = False
-    cls = teacher_trainer_class(TeacherSettings(anchor, **settings))
+    cls = teacher_trainer_class(TeacherSpec(anchor, **settings))
+    if length is not None:
+        folder = fold_folder(model_folder(Path(os.environ["nnUNet_results"]) / DATASET, cls.__name__, CONFIG), 0)
+        write_training_inputs(folder, {"epochs": length[0], "iters_per_epoch": length[1]}, continuing=False)
     return cls(plans=plans, configuration=CONFIG, fold=0, dataset_json=json.loads((pre / "dataset.json").read_text()),
                device=torch.device("cpu"))
 
@@ -237,6 +158,7 @@ def _batch(trainer, b=2):
     return {"data": data, "target": targets, "keys": np.array(["a", "b"][:b])}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("anchor, extra", [
     ("none", {}), ("normal", {}), ("modality:T1ce", {}), ("modality:T1ce", {"stop_gradient": False}),
     ("mixture", {}), ("mixture", {"shared_encoder": False}), ("original", {}),
@@ -280,6 +202,7 @@ def test_train_step_every_anchor_updates_every_parameter(env, anchor, extra):
             assert trainer.network.anchor.stop_gradient == extra.get("stop_gradient", True)
 
 
+@pytest.mark.slow
 def test_paper_style_configuration_trains_with_adam_and_poly_to_floor(env):
     trainer = _trainer("mixture")
     trainer.configuration_manager.configuration["nnalign_training"] = {
@@ -291,11 +214,10 @@ def test_paper_style_configuration_trains_with_adam_and_poly_to_floor(env):
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("anchor", ANCHORS)
-def test_one_epoch_per_anchor_logs_plots_and_records(env, monkeypatch, anchor):
-    monkeypatch.setenv(ENV_EPOCHS, "1")
-    monkeypatch.setenv(ENV_ITERS, "1")
-    trainer = _trainer(anchor)
+def test_one_epoch_per_anchor_logs_plots_and_records(env, anchor):
+    trainer = _trainer(anchor, length=(1, 1))
     assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch) == (1, 1, 1)
     trainer.run_training()
     folder = Path(trainer.output_folder)
@@ -337,6 +259,7 @@ def _epoch_end_on_rank(rank: int, world_size: int, init_file: str, result_file: 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_epoch_logs_average_over_every_ddp_rank(env, tmp_path):
     """The alignment logs gather every rank's steps, as nnU-Net's train loss does (2 gloo processes on the CPU)."""
     import torch.multiprocessing as mp
@@ -358,7 +281,7 @@ def test_epoch_logs_average_over_every_ddp_rank(env, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(planned, tmp_path_factory):
+def trained(planned, tmp_path_factory, run_train):
     """A mixture teacher with modality dropout 0.5, trained by nnalign_train for 2 epochs x 8 iterations.
 
     (With 3 iterations per epoch the epoch-2 loss was above epoch 1 in 1 of 5 probe runs; with 8 the drop was
@@ -375,6 +298,7 @@ def trained(planned, tmp_path_factory):
             "seconds": seconds}
 
 
+@pytest.mark.slow
 def test_cli_trains_a_teacher_that_learns(trained):
     fold_dir = trained["fold_dir"]
     assert (fold_dir / "checkpoint_final.pth").is_file()
@@ -397,7 +321,7 @@ def test_cli_trains_a_teacher_that_learns(trained):
     assert record["trainer"] == "nnAlignTeacher_mixture_drop0p5" and record["modality_dropout"] == 0.5
     assert record["epochs"] == 2 and record["iters_per_epoch"] == 8 and record["epochs_completed"] == 2
     weights = record["mixture_weights"]
-    from nnalign.losses.anchors import MixtureAnchor
+    from nnalign.networks.anchors import MixtureAnchor
 
     logits = (MixtureAnchor.WEIGHT_GAIN * ckpt["network_weights"]["anchor.raw_weights"]).tolist()
     assert [weights[m]["raw"] for m in ("T1", "T1ce", "T2", "FLAIR")] == pytest.approx(logits)
@@ -407,6 +331,7 @@ def test_cli_trains_a_teacher_that_learns(trained):
     assert len(record["alignment_log"]["relative_gap"]) == len(record["alignment_log"]["latent_rms"]) == 2
 
 
+@pytest.mark.slow
 def test_nnunet_predictor_loads_the_teacher_and_predicts_any_subset(trained, env):
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -423,7 +348,8 @@ def test_nnunet_predictor_loads_the_teacher_and_predicts_any_subset(trained, env
     assert not np.allclose(probs, probs1)
 
 
-def test_cli_trains_a_teacher_with_deeper_latents_that_nnunet_predicts_with(env, tmp_path):
+@pytest.mark.slow
+def test_cli_trains_a_teacher_with_deeper_latents_that_nnunet_predicts_with(env, tmp_path, run_train):
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -445,7 +371,8 @@ def test_cli_trains_a_teacher_with_deeper_latents_that_nnunet_predicts_with(env,
     assert seg.shape == img.shape[1:] and set(np.unique(seg)) <= {0, 1, 2, 3}
 
 
-def test_cli_continues_the_same_run_with_more_epochs(trained):
+@pytest.mark.slow
+def test_cli_continues_the_same_run_with_more_epochs(trained, run_train):
     """--c --epochs 3 continues the 2-epoch run in the same folder (the length is not part of the trainer name)."""
     before = torch.load(trained["fold_dir"] / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     proc = run_train(trained["data_root"], trained["results"], DATASET, CONFIG, "0", "--anchor", "mixture",
@@ -460,10 +387,40 @@ def test_cli_continues_the_same_run_with_more_epochs(trained):
     assert record["epochs"] == 3 and record["epochs_completed"] == 3 and record["iters_per_epoch"] == 8  # kept
 
 
+@pytest.mark.slow
+def test_a_run_recorded_before_the_record_was_an_input_continues_and_predicts(trained, tmp_path, run_train):
+    """A run of nnalign 0.2.0, whose length reached the trainer through the environment and whose record (written by
+    the trainer alone) kept it under ``settings`` too, continues with its own iterations and predicts."""
+    results = tmp_path / "results"
+    model_dir = results / DATASET / trained["model_dir"].name
+    shutil.copytree(trained["model_dir"], model_dir)
+    record_file = model_dir / "fold_0" / "nnalign_settings.json"
+    record = json.loads(record_file.read_text())
+    record["settings"].update(epochs=record["epochs"], iters_per_epoch=record["iters_per_epoch"])
+    record_file.write_text(json.dumps(record))
+    done = torch.load(model_dir / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    proc = run_train(trained["data_root"], results, DATASET, CONFIG, "0", "--anchor", "mixture",
+                     "--modality-dropout", "0.5", "--c", "--epochs", str(done["current_epoch"] + 1), "-device", "cpu")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads(record_file.read_text())
+    assert record["epochs_completed"] == done["current_epoch"] + 1 and record["iters_per_epoch"] == 8
+
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for image in (trained["data_root"] / "raw" / DATASET / "imagesTr").glob("SYN_0000_000[03].nii.gz"):
+        shutil.copy(image, cases / image.name)  # T1 and FLAIR only: the dropout teacher's missing-modality path
+    proc = subprocess.run([sys.executable, "-m", "nnalign.cli.predict", "-i", str(cases), "-o", str(tmp_path / "out"),
+                           "-m", str(model_dir), "-device", "cpu", "--disable-tta"], capture_output=True, text=True,
+                          env={**os.environ, "nnUNet_results": str(results)}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "out" / "SYN_0000.nii.gz").is_file()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # bad input: one line on stderr, exit 1, no traceback
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, fragments", [
     (["--anchor", "bogus"], ["unknown anchor 'bogus'"]),
     (["--anchor", "modality:T5"], ["unknown modality 'T5'"]),
@@ -477,7 +434,8 @@ def test_cli_continues_the_same_run_with_more_epochs(trained):
     (["--role", "student", "--anchor", "normal"], ["--anchor applies to --role teacher only"]),
     (["--kd", "kdnet"], ["--kd applies to --role student only"]),
 ])
-def test_bad_settings_and_run_state_are_one_line_errors(planned, tmp_path, args, fragments):
+def test_bad_settings_and_run_state_are_one_line_errors(planned, tmp_path, args, fragments, run_train,
+                                                        assert_one_line_error):
     assert_one_line_error(run_train(planned, tmp_path, str(DATASET_ID), CONFIG, "0", "-device", "cpu", *args),
                           *fragments)
 
@@ -494,12 +452,14 @@ def _copy_with_edited_plans(planned: Path, tmp_path: Path, edit) -> tuple[Path, 
     return root, plans_file
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key, value, fragments", [
     ("latent_channels", 0, ["latent_channels must be a whole number >= 1, got 0"]),
     ("latent_convs", 1.5, ["latent_convs must be a whole number >= 1, got 1.5"]),
     ("latent_level", 7, ["latent_level must be a stage of the U-Net, 0 to ", "got 7"]),
 ])
-def test_bad_latent_settings_in_the_plans_are_one_line_errors(planned, tmp_path, key, value, fragments):
+def test_bad_latent_settings_in_the_plans_are_one_line_errors(planned, tmp_path, key, value, fragments, run_train,
+                                                              assert_one_line_error):
     """Users edit the plans as nnU-Net's; a bad latent setting is named with the file, not a traceback."""
     def edit(plans):
         plans["configurations"][CONFIG]["architecture"]["arch_kwargs"][key] = value
@@ -509,7 +469,8 @@ def test_bad_latent_settings_in_the_plans_are_one_line_errors(planned, tmp_path,
                           str(plans_file), f"configuration {CONFIG}: ", *fragments)
 
 
-def test_a_configuration_inheriting_from_the_plans_sets_other_latent_channels(planned, tmp_path):
+@pytest.mark.slow
+def test_a_configuration_inheriting_from_the_plans_sets_other_latent_channels(planned, tmp_path, run_train):
     """nnU-Net's way to try other settings side by side: a configuration in the plans that inherits from a planned
     one. Its name is part of the model folder, so the runs never share one."""
     def edit(plans):
@@ -529,14 +490,17 @@ def test_a_configuration_inheriting_from_the_plans_sets_other_latent_channels(pl
     assert weights["encoders.0.0.convs.0.conv.weight"].shape[0] == 2
 
 
-def test_continue_without_a_checkpoint_lists_the_existing_runs(trained):
+@pytest.mark.slow
+def test_continue_without_a_checkpoint_lists_the_existing_runs(trained, run_train, assert_one_line_error):
     line = assert_one_line_error(
         run_train(trained["data_root"], trained["results"], str(DATASET_ID), CONFIG, "0", "--anchor", "normal", "--c",
                   "-device", "cpu"), "--c: no checkpoint of nnAlignTeacher_normal")
     assert line.endswith("nnAlignTeacher_mixture_drop0p5"), line
 
 
-def test_dataset_problems_are_one_line_errors_with_the_command_to_run(planned, tmp_path):
+@pytest.mark.slow
+def test_dataset_problems_are_one_line_errors_with_the_command_to_run(planned, tmp_path, run_train,
+                                                                      assert_one_line_error):
     root = tmp_path / "data"
     shutil.copytree(planned / "pre", root / "pre")
     (root / "raw" / "Dataset991_RawOnly").mkdir(parents=True)
@@ -559,6 +523,7 @@ def test_dataset_problems_are_one_line_errors_with_the_command_to_run(planned, t
     assert_one_line_error(run_train(root, results, "990", CONFIG, "x", "-device", "cpu"), "fold must be")
 
 
+@pytest.mark.slow
 def test_help_is_fast():
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "nnalign.cli.train", "--help"], capture_output=True, text=True)

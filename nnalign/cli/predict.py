@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from nnalign.cli.parsing import CommandParser
-from nnalign.errors import NnalignError, cli_entry
+from nnalign.device import setup_device
+from nnalign.errors import cli_entry
 from nnalign.model_folders import FINAL_CHECKPOINT, parse_fold
 
 PROG = "nnalign_predict"
@@ -50,20 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_device(device: str):
-    import torch
-
-    if device == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)  # as nnUNetv2_predict: every core
-    elif device == "cuda":
-        if not torch.cuda.is_available():
-            raise NnalignError("-device cuda: no CUDA GPU is available (use -device cpu)")
-        torch.set_num_threads(1)
-        torch.set_num_interop_threads(1)
-    elif not torch.backends.mps.is_available():
-        raise NnalignError("-device mps: MPS is not available (use -device cpu)")
-
-
 @cli_entry(PROG)
 def main() -> int:
     args = build_parser().parse_args()
@@ -73,7 +59,7 @@ def main() -> int:
     folds = None
     if args.folds is not None:
         folds = list(dict.fromkeys(parse_fold(f) for f in args.folds))
-    _setup_device(args.device)
+    setup_device(args.device)
     from tqdm import tqdm
 
     from nnalign.inference.predict import predict

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nnalign.cli.parsing import CommandParser, non_negative_int, positive_int
 from nnalign.errors import NnalignError, cli_entry
 from nnalign.model_folders import (CHECKPOINTS, FINAL_CHECKPOINT, PLANS_NAME, fold_folder, model_folder,
                                     model_folder_parts, parse_fold)
-from nnalign.training.settings import DEFAULT_ALIGN_WEIGHTS
+from nnalign.losses.kd.registry import KD_METHODS
+from nnalign.runs import DEFAULT_ALIGN_WEIGHTS, TEACHER_ANCHORS
+
+if TYPE_CHECKING:
+    from nnalign.runs import StudentSpec, TeacherSpec
 
 PROG = "nnalign_train"
 
@@ -30,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("fold", help="cross-validation fold (0-4, or fewer for small datasets) or 'all'")
     p.add_argument("--role", choices=("teacher", "student"), default="teacher", help="what to train (default: teacher)")
     p.add_argument("--anchor", default="mixture", metavar="ANCHOR",
-                   help="none | normal | modality:NAME | mixture | original (plain nnU-Net on all modalities) "
-                        "(default: %(default)s)")
+                   help=f"{' | '.join('modality:NAME' if a == 'modality' else a for a in TEACHER_ANCHORS)} "
+                        "(original: plain nnU-Net on all modalities) (default: %(default)s)")
     p.add_argument("--align-weight", type=float, default=None, metavar="LAMBDA",
                    help="weight of the alignment loss (default: the anchor's, "
                         f"{', '.join(f'{k} {v}' for k, v in DEFAULT_ALIGN_WEIGHTS.items() if v)})")
@@ -48,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     student.add_argument("--modalities", metavar="LIST",
                          help="the modalities the student sees, comma-separated (e.g. T1ce or T1,T2)")
     student.add_argument("--kd", metavar="METHOD",
-                         help="distillation: kdnet | pmkl | protokd | smunet | none (the subset baseline)")
+                         help=f"distillation: {' | '.join(KD_METHODS)} (none: the subset baseline)")
     student.add_argument("--teacher", metavar="MODEL_DIR",
                          help="the teacher's model folder, $nnUNet_results/DATASET/<teacher>__nnAlignPlans__CONFIG")
     student.add_argument("--teacher-fold", metavar="F", help="the teacher's fold (default: the student's fold)")
@@ -75,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# checks that need no torch
+# checks before training
 
 
 def resolve_dataset(spec: str, preprocessed_root: Path, raw_root: Path) -> str:
@@ -185,17 +190,20 @@ def run_folder(results_root: Path, dataset: str, trainer: str, configuration: st
 
 def existing_runs(results_root: Path, dataset: str, configuration: str, fold) -> list[str]:
     """Trainer names of the nnalign runs with a checkpoint for this dataset, configuration and fold."""
-    from nnalign.training.settings import is_teacher_trainer_name
-    from nnalign.training.student_settings import is_student_trainer_name
+    from nnalign.runs import parse_trainer_name
 
     base = results_root / dataset
     runs = []
     for folder in sorted(base.iterdir()) if base.is_dir() else []:
         trainer, plans, config = model_folder_parts(folder) or ("", "", "")
-        if (plans, config) == (PLANS_NAME, configuration) and (
-                is_teacher_trainer_name(trainer) or is_student_trainer_name(trainer)) and any(
+        if (plans, config) != (PLANS_NAME, configuration) or not any(
                 (fold_folder(folder, fold) / c).is_file() for c in CHECKPOINTS):
-            runs.append(trainer)
+            continue
+        try:
+            if parse_trainer_name(trainer) is not None:
+                runs.append(trainer)
+        except ValueError:
+            continue
     return runs
 
 
@@ -312,20 +320,23 @@ def parse_kd_overrides(method: str, assignments: list[str], temperature: float |
     return {k: int(v) if k.endswith("epochs") else v for k, v in overrides.items()}
 
 
-def check_teacher(teacher_dir: str, dataset: str, configuration: str, fold,
-                  results_root: Path) -> tuple[str, str | None]:
-    """(teacher trainer name, teacher fold) of a teacher model folder; one-line errors for one that cannot serve.
+def check_teacher(teacher_dir: str, dataset: str, configuration: str, results_root: Path) -> "TeacherSpec":
+    """The spec of a teacher model folder; one-line errors for one that cannot serve.
 
     The student trainer loads its teacher from ``results_root/dataset`` by name, so the folder must lie there.
     """
-    from nnalign.training.settings import is_teacher_trainer_name
+    from nnalign.runs import TeacherSpec
 
     folder = Path(teacher_dir).resolve()
     if not folder.is_dir():
         raise NnalignError(f"--teacher {teacher_dir}: no such folder")
     trainer, sep, rest = folder.name.partition("__")
     plans, _, teacher_config = rest.partition("__")
-    if not sep or not is_teacher_trainer_name(trainer):
+    try:
+        spec = TeacherSpec.parse(trainer) if sep else None
+    except ValueError:
+        spec = None
+    if spec is None:
         raise NnalignError(f"--teacher {folder}: not an nnalign teacher model folder "
                            f"(expected <nnAlignTeacher...>__{PLANS_NAME}__{configuration})")
     if folder.parent.name != dataset:
@@ -336,34 +347,30 @@ def check_teacher(teacher_dir: str, dataset: str, configuration: str, fold,
     if plans != PLANS_NAME or teacher_config != configuration:
         raise NnalignError(f"--teacher {folder}: the teacher uses {plans} {teacher_config}, the student "
                            f"{PLANS_NAME} {configuration} (they must match so that features match)")
-    return trainer, None
+    return spec
 
 
-def student_trainer(args, dataset: str, modalities: tuple[str, ...], results_root: Path) -> tuple[str, dict]:
-    """The student trainer name and its loss-setting overrides, from the command line."""
-    from nnalign.losses.kd import KD_METHODS
+def student_spec(args, dataset: str, modalities: tuple[str, ...], results_root: Path) -> "StudentSpec":
+    """The student the command line describes (its teacher checked to be usable), with its loss-setting overrides."""
+    from nnalign.checkpoints import check_checkpoint
     from nnalign.modalities import parse_modalities
-    from nnalign.training.student_settings import StudentSettings
+    from nnalign.runs import StudentSpec
 
     for flag, value in (("--modalities", args.modalities), ("--kd", args.kd), ("--teacher", args.teacher)):
         if value is None:
             raise NnalignError(f"--role student needs {flag}")
     subset = parse_modalities(args.modalities, modalities)
-    kd = args.kd.strip().lower()
-    if kd not in KD_METHODS:
-        raise NnalignError(f"unknown KD method {args.kd!r} (known: {', '.join(KD_METHODS)})")
-    overrides = parse_kd_overrides(kd, args.kd_set, args.temperature)
-    teacher, _ = check_teacher(args.teacher, dataset, args.configuration, args.fold, results_root)
+    teacher = check_teacher(args.teacher, dataset, args.configuration, results_root)
     teacher_fold = None if args.teacher_fold is None else str(parse_fold(args.teacher_fold))
+    spec = StudentSpec(subset, args.kd, teacher, teacher_fold)  # the one check of the method's name
+    spec = replace(spec, overrides=parse_kd_overrides(spec.kd, args.kd_set, args.temperature))
     teacher_fold_folder = fold_folder(Path(args.teacher).resolve(),
                                       teacher_fold if teacher_fold is not None else args.fold)
     if not (teacher_fold_folder / FINAL_CHECKPOINT).is_file():
         raise NnalignError(f"--teacher {teacher_fold_folder}: no {FINAL_CHECKPOINT} (the teacher's training for this "
                            f"fold is incomplete; use --teacher-fold to pick another fold)")
-    from nnalign.checkpoints import check_checkpoint
-
     check_checkpoint(teacher_fold_folder / FINAL_CHECKPOINT)
-    return StudentSettings(subset, kd, teacher, teacher_fold, overrides).trainer_name(), overrides
+    return spec
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -376,8 +383,8 @@ def main() -> int:
     check_role_options(parser, args)
     from nnalign.modalities import modalities_from_dataset_json
     from nnalign.paths import setup_env
-    from nnalign.training.settings import ENV_EPOCHS, ENV_ITERS, TeacherSettings
-    from nnalign.training.student_trainer import ENV_KD_OVERRIDES
+    from nnalign.runs import TeacherSpec, TrainingLength
+    from nnalign.training.record import write_training_inputs
 
     folders = setup_env()
     if args.num_gpus < 1:
@@ -391,55 +398,38 @@ def main() -> int:
     check_fold_in_split(preprocessed / dataset, args.fold)
     modalities = modalities_from_dataset_json(dataset_json)
     if args.role == "teacher":
-        settings = TeacherSettings(anchor=args.anchor, align_weight=args.align_weight,
-                                   shared_encoder=not args.separate_encoders, latent_level=args.latent_level,
-                                   modality_dropout=args.modality_dropout,
-                                   stop_gradient=not args.no_stop_gradient)
-        if settings.anchor_modality is not None and settings.anchor_modality not in modalities:
-            raise NnalignError(f"anchor {settings.anchor}: {dataset} has no {settings.anchor_modality} "
+        spec = TeacherSpec(anchor=args.anchor, align_weight=args.align_weight,
+                           shared_encoder=not args.separate_encoders, latent_level=args.latent_level,
+                           modality_dropout=args.modality_dropout, stop_gradient=not args.no_stop_gradient)
+        if spec.anchor_modality is not None and spec.anchor_modality not in modalities:
+            raise NnalignError(f"anchor {spec.anchor}: {dataset} has no {spec.anchor_modality} "
                                f"(it has {', '.join(modalities)})")
-        if not settings.is_original:
+        if not spec.is_original:
             check_latent_settings(plans, preprocessed / dataset / f"{PLANS_NAME}.json", args.configuration,
-                                  settings.latent_level)
-        trainer = settings.trainer_name()
-        os.environ.pop(ENV_KD_OVERRIDES, None)
+                                  spec.latent_level)
+        inputs = {}
     else:
-        settings = None
-        trainer, overrides = student_trainer(args, dataset, modalities, results)
-        check_kd_settings(args.kd.strip().lower(), overrides, plans, args.configuration)
-        os.environ[ENV_KD_OVERRIDES] = json.dumps(overrides, sort_keys=True)
+        spec = student_spec(args, dataset, modalities, results)
+        check_kd_settings(spec.kd, spec.overrides, plans, args.configuration)
+        inputs = {"kd_overrides": spec.overrides}
+    trainer = spec.trainer_name()
     folder = run_folder(results, dataset, trainer, args.configuration, args.fold)
-    record = check_run_state(folder, settings, trainer, args, results, dataset)
+    record = check_run_state(folder, spec if args.role == "teacher" else None, trainer, args, results, dataset)
     check_checkpoint_to_load(folder, args)
-
-    # Training length travels by environment variable (inherited by DDP ranks); a continued run keeps its own.
-    epochs, iters = args.epochs, args.iters_per_epoch
-    if record is not None and (args.continue_training or args.validation_only):
-        epochs = epochs if epochs is not None else record.get("epochs")
-        iters = iters if iters is not None else record.get("iters_per_epoch")
-    for var, value in ((ENV_EPOCHS, epochs), (ENV_ITERS, iters)):
-        if value is None:
-            os.environ.pop(var, None)
-        else:
-            os.environ[var] = str(int(value))
-    if not (args.continue_training or args.validation_only or args.overwrite) and \
-            (folder / FINAL_CHECKPOINT).is_file():
+    continuing = args.continue_training or args.validation_only
+    if not (continuing or args.overwrite) and (folder / FINAL_CHECKPOINT).is_file():
         raise NnalignError(f"{folder} holds a finished run: --c --epochs N continues it, --val validates it, "
                            f"--overwrite trains it again from scratch")
+    # The training length travels in the settings record (read by every DDP rank); a continued run keeps its own.
+    length = TrainingLength(args.epochs, args.iters_per_epoch)
+    if record is not None and continuing:
+        recorded = TrainingLength.from_record(record)
+        length = TrainingLength(length.epochs or recorded.epochs, length.iters_per_epoch or recorded.iters_per_epoch)
+    inputs.update(epochs=length.epochs, iters_per_epoch=length.iters_per_epoch)
 
-    import torch
+    from nnalign.device import setup_device
 
-    if args.device == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
-    elif args.device == "cuda":
-        if not torch.cuda.is_available():
-            raise NnalignError("-device cuda: no CUDA GPU is available (use -device cpu)")
-        if args.num_gpus > torch.cuda.device_count():
-            raise NnalignError(f"--num-gpus {args.num_gpus}: only {torch.cuda.device_count()} GPUs are visible")
-        torch.set_num_threads(1)
-        torch.set_num_interop_threads(1)
-    elif not torch.backends.mps.is_available():
-        raise NnalignError("-device mps: MPS is not available (use -device cpu)")
+    device = setup_device(args.device, args.num_gpus)
 
     from nnunetv2.run.run_training import run_training
 
@@ -448,9 +438,10 @@ def main() -> int:
     print(f"{PROG}: {trainer} on {dataset} {args.configuration} fold {args.fold} -> {folder}")
     created = [p for p in (folder.parent, folder) if not p.exists()]
     try:
+        write_training_inputs(folder, inputs, continuing)
         with safe_torch_load():  # nnU-Net's trainer loads --c / --val checkpoints weights-only
             run_training(dataset, args.configuration, args.fold, trainer, PLANS_NAME, None, args.num_gpus, args.npz,
-                         args.continue_training, args.validation_only, False, False, device=torch.device(args.device))
+                         args.continue_training, args.validation_only, False, False, device=device)
     except BaseException:
         remove_failed_start(created)
         raise

@@ -22,13 +22,9 @@ from nnalign.data.labels import REGION_NAMES
 from nnalign.evaluation.metrics import (AGGREGATES, HD95_EMPTY, LABEL_CHOICES, METRIC_COLUMNS, aggregate, case_metrics,
                                         check_labels, label_values, missing_prediction_scores, resolve_convention)
 from nnalign.evaluation.pairing import ReferenceFile, pair_cases
-from nnalign.errors import NnalignError
+from nnalign.errors import CaseError, NnalignError, one_line
 
 METRICS_FILE = "metrics.csv"
-
-
-class CaseError(Exception):
-    """A case that cannot be scored; the message is one line naming the files."""
 
 
 @dataclass
@@ -61,8 +57,7 @@ def read_label_map(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
             raise CaseError(f"{path}: {problem}")
         image = reader.Execute()
     except RuntimeError as e:
-        reason = " ".join(str(e).split())
-        raise CaseError(f"cannot read {path}: {reason[:200]}") from None
+        raise CaseError(f"cannot read {path}: {one_line(e)}") from None
     return sitk.GetArrayFromImage(image), tuple(float(s) for s in reversed(image.GetSpacing()))
 
 

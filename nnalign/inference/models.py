@@ -14,26 +14,26 @@ here imports torch or nnU-Net.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from nnalign.errors import NnalignError
+from nnalign.evaluation.validation import read_validation_summary
 from nnalign.modalities import modalities_from_dataset_json, subset_tag
 from nnalign.model_folders import FINAL_CHECKPOINT, FOLD_RE, fold_folder, folds_in, model_folder_parts, parse_fold
 from nnalign.training.record import check_method_version
-from nnalign.training.settings import TeacherSettings
+from nnalign.runs import StudentSpec, TeacherSpec, parse_trainer_name
 
 STUDENT, TEACHER, ORIGINAL, NNUNET = "student", "teacher", "original", "nnunet"
 FALLBACK_LABEL_CONVENTION = "brats2018"
 
 
-class ModelError(Exception):
+class ModelError(NnalignError):
     """A model folder that cannot be used; the message is one line naming the folder."""
 
 
-class NoModelError(Exception):
+class NoModelError(NnalignError):
     """No model serves a case's modalities; the message is one line listing the models and what they serve."""
 
 
@@ -90,35 +90,23 @@ class Model:
         return convention if convention in ("brats2018", "brats2023") else FALLBACK_LABEL_CONVENTION
 
 
-def _classify(trainer: str) -> tuple[str, tuple[str, ...] | None, float]:
-    """(kind, student subset or None, modality dropout) from a trainer name; ModelError for a bad nnalign name."""
-    from nnalign.training.student_settings import STUDENT_PREFIX, StudentSettings
-
-    if trainer.split("_")[0] == STUDENT_PREFIX:
-        try:
-            return STUDENT, StudentSettings.subset_from_trainer_name(trainer), 0.0
-        except ValueError as e:
-            raise ModelError(str(e)) from None
-    if trainer.startswith("nnAlign"):
-        try:
-            settings = TeacherSettings.from_trainer_name(trainer)
-        except ValueError as e:
-            raise ModelError(str(e)) from None
-        return (ORIGINAL if settings.is_original else TEACHER), None, settings.modality_dropout
-    return NNUNET, None, 0.0
+def _classify(trainer: str) -> tuple[str, "TeacherSpec | StudentSpec | None"]:
+    """(kind, spec or None) from a trainer name; ModelError for a name that starts like nnalign's but is not one."""
+    try:
+        spec = parse_trainer_name(trainer)
+    except ValueError as e:
+        raise ModelError(str(e)) from None
+    if spec is None:
+        return NNUNET, None
+    if isinstance(spec, StudentSpec):
+        return STUDENT, spec
+    return (ORIGINAL if spec.is_original else TEACHER), spec
 
 
 def validation_dice(folder: Path, folds: Sequence[int | str]) -> float | None:
-    """Mean over ``folds`` of ``fold_*/validation/summary.json``'s ``foreground_mean`` Dice (finite values only)."""
-    values = []
-    for f in folds:
-        try:
-            summary = json.loads((fold_folder(folder, f) / "validation" / "summary.json").read_text())
-            dice = float(summary["foreground_mean"]["Dice"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if math.isfinite(dice):
-            values.append(dice)
+    """Mean over ``folds`` of nnU-Net's validation ``foreground_mean`` Dice (folds without a finite one left out)."""
+    summaries = [read_validation_summary(fold_folder(folder, f)) for f in folds]
+    values = [s.foreground_dice for s in summaries if s is not None and s.foreground_dice is not None]
     return sum(values) / len(values) if values else None
 
 
@@ -135,7 +123,7 @@ def load_model(folder: Path, folds: Sequence[int | str] | None = None,
         raise ModelError(f"{folder}: not a model folder (expected a name like <Trainer>__<plans>__<configuration>)")
     trainer, plans, configuration = parts
     try:
-        kind, student_subset, dropout = _classify(trainer)
+        kind, spec = _classify(trainer)
     except ModelError as e:
         raise ModelError(f"{folder}: unknown nnalign trainer name: {e}") from None
     for required in ("dataset.json", "plans.json"):
@@ -157,7 +145,7 @@ def load_model(folder: Path, folds: Sequence[int | str] | None = None,
         if missing:
             raise ModelError(f"{folder}: fold_{missing[0]} has no {checkpoint}"
                              + (f" (folds with it: {', '.join(map(str, available))})" if available else ""))
-    if kind == TEACHER and TeacherSettings.from_trainer_name(trainer).anchor_kind == "mixture":
+    if kind == TEACHER and spec.anchor_kind == "mixture":
         # the P* forward scales the latents by the weights since method version 2: an older P* teacher would
         # predict differently from how it was trained (the other models compute what they did)
         for fold in use:
@@ -166,6 +154,8 @@ def load_model(folder: Path, folds: Sequence[int | str] | None = None,
                                                                  "again, or predict with the version that made it")
             except NnalignError as e:
                 raise ModelError(str(e)) from None
+    student_subset = spec.modalities if kind == STUDENT else None
+    dropout = spec.modality_dropout if kind in (TEACHER, ORIGINAL) else 0.0
     if student_subset is not None and not set(student_subset) <= set(modalities):
         raise ModelError(f"{folder}: student subset {subset_tag(student_subset)} is not among the dataset's "
                          f"modalities {', '.join(modalities)}")

@@ -25,8 +25,8 @@ from typing import Callable, Sequence
 
 from nnalign.atomic import check_writable, write_text_atomic
 from nnalign.data.brats_layout import BratsCase, find_cases, parse_filename
-from nnalign.errors import NnalignError
-from nnalign.inference.models import Model, ModelError, NoModelError, discover_models, select_model
+from nnalign.errors import CaseError, NnalignError, one_line
+from nnalign.inference.models import Model, ModelError, discover_models, select_model
 from nnalign.modalities import BRATS_MODALITIES
 from nnalign.model_folders import FINAL_CHECKPOINT
 
@@ -36,10 +36,6 @@ LOG_STEM = "nnalign_predict_log"
 LOG_COLUMNS = ("case", "status", "model", "folds", "modalities_present", "modalities_used", "labels", "message",
                "model_folder")
 OK, SKIPPED, FAILED = "ok", "skipped", "failed"
-
-
-class CaseError(Exception):
-    """A case that cannot be predicted; the message is one line naming the case (and file)."""
 
 
 class OutputError(NnalignError):
@@ -167,11 +163,6 @@ class PredictionLog:
 # nnU-Net's predictor, one per model
 
 
-def _one_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return (lines[0] if lines else type(e).__name__)[:300]
-
-
 class Predictors:
     """One initialised ``nnUNetPredictor`` per model folder (all its folds), made on first use."""
 
@@ -210,7 +201,7 @@ class Predictors:
         except Exception as e:  # noqa: BLE001 - whatever nnU-Net or torch.load raise, the model is unusable
             if os.environ.get("NNALIGN_DEBUG"):
                 raise
-            error = ModelError(f"model {model.name} could not be loaded: {_one_line(e)}")
+            error = ModelError(f"model {model.name} could not be loaded: {one_line(e)}")
             self._cache[model.folder] = error
             raise error from None
         self._cache[model.folder] = predictor
@@ -250,7 +241,7 @@ def predict_array(predictor, model: Model, case: BratsCase, used: Sequence[str])
             data, props = SimpleITKIO().read_images(files)
     except RuntimeError as e:
         raise CaseError(f"{case.case_id}: cannot read {', '.join(Path(f).name for f in files)}: "
-                        f"{_one_line(e)}") from None
+                        f"{one_line(e)}") from None
     check_signal(case.case_id, data, files)
     full = np.zeros((len(model.modalities), *data.shape[1:]), dtype=np.float32)
     full[list(indices)] = data
@@ -305,7 +296,7 @@ def write_segmentation(seg, reference_reader, target: Path) -> None:
 
 
 def _write_reason(e: BaseException) -> str:
-    return e.strerror if isinstance(e, OSError) and e.strerror else _one_line(e)
+    return e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -347,19 +338,16 @@ def predict_case(case: BratsCase, output: Path, models: Sequence[Model], predict
         predictor = predictors.get(model)
         seg = predict_array(predictor, model, case, used)
         write_segmentation(convert_labels(seg, convention), readers[used[-1]], target)
-    except CaseError as e:
-        record.message = str(e)
-        return record
     except OutputError:
         raise
-    except (NnalignError, ModelError, NoModelError) as e:
+    except NnalignError as e:  # the case's files, no model for it, a model that cannot be loaded
         msg = str(e)
         record.message = msg if msg.startswith(f"{case.case_id}:") else f"{case.case_id}: {msg}"
         return record
     except Exception as e:  # noqa: BLE001 - a failed prediction (e.g. out of memory) fails this case only
         if os.environ.get("NNALIGN_DEBUG"):
             raise
-        record.message = f"{case.case_id}: prediction failed: {type(e).__name__}: {_one_line(e)}"
+        record.message = f"{case.case_id}: prediction failed: {type(e).__name__}: {one_line(e)}"
         return record
     record.status, record.message = OK, f"chosen: {why}"
     return record

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from nnalign.data.raw_dataset import find_dataset_folder
-from nnalign.errors import NnalignError
+from nnalign.errors import NnalignError, one_line
 from nnalign.paths import setup_env
 
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_cpu", "paper")
@@ -54,11 +54,6 @@ def ensure_small_dataset_split(raw_folder: Path, preprocessed_folder: Path, warn
          f"fold 'all' trains on every case")
 
 
-def _one_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
 def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = DEFAULT_CONFIGURATIONS,
                         gpu_memory_gb: float = 8.0, num_processes: int = 2, verify: bool = False,
                         plan_only: bool = False, warn: Callable[[str], None] = print) -> dict:
@@ -92,7 +87,7 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = DEFAULT
             except (RuntimeError, AssertionError, ValueError) as e:
                 log.seek(0)
                 raise NnalignError(f"{raw_folder}: nnU-Net's integrity check failed: "
-                                   f"{_offending_line(log.read()) or _one_line(e)}") from None
+                                   f"{_offending_line(log.read()) or one_line(e)}") from None
             with captured_stdout(log):
                 plans, plans_id = plan_experiment_dataset(int(dataset_id), nnAlignPlanner,
                                                           gpu_memory_target_in_gb=gpu_memory_gb)

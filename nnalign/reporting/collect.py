@@ -1,8 +1,8 @@
 """Find the trained models of a results folder, classify them by their trainer names, and gather their metrics.
 
 A results folder is nnU-Net's ``{nnUNet_results}/DatasetXXX_NAME/`` holding model folders
-``{Trainer}__{plans}__{configuration}/fold_{f}/``. The trainer name says what a model is (see
-:mod:`nnalign.training.settings` and :mod:`nnalign.training.student_settings`):
+``{Trainer}__{plans}__{configuration}/fold_{f}/``. The trainer name says what a model is (read with
+:func:`nnalign.runs.parse_trainer_name`):
 
 - teacher ``nnAlignTeacher_<anchor>[_<variant>]`` (and ``nnAlignOriginal``, plain nnU-Net on every modality): all
   modalities, anchor ``none | normal | modality:NAME | mixture | original``;
@@ -14,62 +14,59 @@ Metrics of a model on a modality subset come from, in this order:
 1. ``RESULTS/nnalign_evaluations/{model folder}/{subset tag}/metrics.json`` as ``nnalign_evaluate`` writes it
    (held-out cases, that exact subset);
 2. for the model's own subset only: its folds' validation predictions ``fold_*/validation/<case>.nii.gz`` scored with
-   :mod:`nnalign.evaluation` against ``{nnUNet_preprocessed}/{dataset}/gt_segmentations`` (nnU-Net labels), pooled
-   over folds and cached per fold as ``fold_*/validation/nnalign_metrics.json``;
+   :mod:`nnalign.evaluation.validation` against ``{nnUNet_preprocessed}/{dataset}/gt_segmentations`` (nnU-Net
+   labels), pooled over folds and cached per fold as ``fold_*/validation/nnalign_metrics.json``;
 3. without ground truth: nnU-Net's own ``validation/summary.json`` (Dice only).
 
 Nothing here imports torch or nnU-Net.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from nnalign.data.labels import REGION_NAMES
 from nnalign.errors import NnalignError
+from nnalign.evaluation.validation import (Metrics, is_scored, read_evaluation, read_validation_summary,
+                                           score_validation_fold, validation_predictions)
+from nnalign.losses.kd.registry import KD_METHODS
 from nnalign.modalities import BRATS_MODALITIES, subset_tag
 from nnalign.model_folders import CHECKPOINTS, fold_folder, folds_in, model_folder_parts
+from nnalign.runs import TEACHER_ANCHORS, StudentSpec, TeacherSpec, parse_trainer_name
 from nnalign.training.record import check_method_version
 
 TEACHER, STUDENT = "teacher", "student"
-KD_ORDER: tuple[str, ...] = ("none", "kdnet", "pmkl", "protokd", "smunet")
-"""The KD methods in the paper's order (``nnalign.losses.kd.KD_METHODS``, kept here so reporting needs no torch)."""
 STANDARD_ANCHORS: tuple[str, ...] = ("none", "normal", "modality:T1ce", "mixture")
 """The teacher anchors of the paper's tables: N(0,1), one modality (T1ce), the learned mixture P*, and no anchor."""
 EVALUATIONS_DIR = "nnalign_evaluations"
 EVALUATION_FILE = "metrics.json"
-CACHE_FILE = "nnalign_metrics.json"
 FULL_SUBSET: tuple[str, ...] = BRATS_MODALITIES
-_NIFTI_ENDINGS = (".nii.gz", ".nii")
-# nnU-Net's summary.json keys for the BraTS regions (str of the region tuple), in REGION_NAMES order.
-_SUMMARY_REGION_KEYS = ("(1, 2, 3)", "(2, 3)", "(3,)")
 
 
 def anchor_order_key(anchor: str | None) -> tuple:
-    """Sort key: none, normal, modality:NAME (channel order), mixture, original, then anything else."""
+    """Sort key: the anchors in :data:`nnalign.runs.TEACHER_ANCHORS` order (``modality:NAME`` in channel order),
+    then anything else."""
     if anchor is None:
-        return (9, "")
+        return (len(TEACHER_ANCHORS) + 1, 0, "")
     kind, _, name = anchor.partition(":")
-    ranks = {"none": 0, "normal": 1, "modality": 2, "mixture": 3, "original": 4}
+    rank = TEACHER_ANCHORS.index(kind) if kind in TEACHER_ANCHORS else len(TEACHER_ANCHORS)
     sub = BRATS_MODALITIES.index(name) if name in BRATS_MODALITIES else len(BRATS_MODALITIES)
-    return (ranks.get(kind, 8), sub, anchor)
+    return (rank, sub, anchor)
 
 
 def kd_order_key(kd: str | None) -> tuple:
-    return (KD_ORDER.index(kd), "") if kd in KD_ORDER else (len(KD_ORDER), kd or "")
+    """Sort key: the KD methods in the paper's order (:data:`nnalign.losses.kd.registry.KD_METHODS`)."""
+    return (KD_METHODS.index(kd), "") if kd in KD_METHODS else (len(KD_METHODS), kd or "")
 
 
 @dataclass(frozen=True)
 class Run:
     """One trained model folder, classified by its trainer name.
 
-    ``anchor``: a teacher's own anchor, or the anchor of a student's teacher (None if that name cannot be read).
-    ``variant``: the trainer-name tokens beyond the defaults (``w0p5_sep`` for a teacher; the teacher's variant plus
+    ``teacher``: a teacher's own spec, or the spec of a student's teacher; ``anchor``: its anchor. ``variant``: the
+    trainer-name tokens beyond the defaults (``w0p5_sep`` for a teacher; the teacher's variant plus
     ``tf1`` / ``x<hash>`` for a student), empty for the standard run. ``folds``: the ``fold_*`` folder names' suffixes.
     """
 
@@ -78,10 +75,10 @@ class Run:
     plans: str
     configuration: str
     role: str
-    anchor: str | None
+    anchor: str
     subset: tuple[str, ...]
+    teacher: TeacherSpec
     kd: str | None = None
-    teacher_trainer: str | None = None
     variant: str = ""
     folds: tuple[str, ...] = ()
 
@@ -111,31 +108,8 @@ class Run:
         return next((fold_dir / c for c in CHECKPOINTS if (fold_dir / c).is_file()), None)
 
 
-@dataclass(frozen=True)
-class Metrics:
-    """Mean Dice (0-1) and HD95 (mm) per region over ``num_cases`` cases, and where they came from."""
-
-    dice: dict[str, float]
-    hd95: dict[str, float] | None
-    num_cases: int
-    source: str
-
-    @property
-    def dice_avg(self) -> float:
-        return sum(self.dice[r] for r in REGION_NAMES) / len(REGION_NAMES)
-
-    @property
-    def hd95_avg(self) -> float | None:
-        return None if self.hd95 is None else sum(self.hd95[r] for r in REGION_NAMES) / len(REGION_NAMES)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # classification
-
-
-def _teacher_variant(trainer: str) -> str:
-    parts = trainer.split("_")
-    return "_".join(parts[1:] if parts[0] == "nnAlignOriginal" else parts[2:])
 
 
 def classify(folder: Path) -> Run | None:
@@ -143,158 +117,21 @@ def classify(folder: Path) -> Run | None:
 
     Raises ValueError (one line) for a folder whose name starts like nnalign's but cannot be read.
     """
-    from nnalign.training.settings import TeacherSettings
-    from nnalign.training.student_settings import STUDENT_PREFIX, StudentSettings
-
     parts = model_folder_parts(folder)
     if parts is None:
         return None
     trainer, plans, configuration = parts
-    folds = tuple(str(f) for f in folds_in(folder))
-    common = dict(folder=folder, trainer=trainer, plans=plans, configuration=configuration, folds=folds)
-    if trainer.split("_")[0] == STUDENT_PREFIX:
-        subset = StudentSettings.subset_from_trainer_name(trainer)
-        teacher, teacher_fold = StudentSettings.teacher_from_trainer_name(trainer)
-        try:
-            anchor, teacher_variant = TeacherSettings.from_trainer_name(teacher).anchor, _teacher_variant(teacher)
-        except ValueError:
-            anchor, teacher_variant = None, "unknown teacher"
-        extra = [p for p in trainer.split("_")[4:] if re.fullmatch(r"tf(\d+|all)|x[0-9a-f]{8}", p)]
-        variant = "_".join(v for v in (teacher_variant, *extra) if v)
-        return Run(role=STUDENT, anchor=anchor, subset=subset, kd=trainer.split("_")[2].lower(),
-                   teacher_trainer=teacher, variant=variant, **common)
-    if trainer.startswith("nnAlign"):
-        settings = TeacherSettings.from_trainer_name(trainer)
-        return Run(role=TEACHER, anchor=settings.anchor, subset=FULL_SUBSET, variant=_teacher_variant(trainer),
-                   **common)
-    return None
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# validation metrics
-
-
-def _nifti_stem(name: str) -> str | None:
-    for ending in _NIFTI_ENDINGS:
-        if name.endswith(ending) and len(name) > len(ending) and not name.startswith("."):
-            return name[: -len(ending)]
-    return None
-
-
-def validation_predictions(fold_dir: Path) -> dict[str, Path]:
-    """``{case: prediction}`` in a fold's ``validation/`` folder (nnU-Net's ``<case>.nii.gz``)."""
-    folder = fold_dir / "validation"
-    if not folder.is_dir():
-        return {}
-    found = {}
-    for p in sorted(folder.iterdir()):
-        stem = _nifti_stem(p.name)
-        if stem is not None and p.is_file():
-            found.setdefault(stem, p)
-    return found
-
-
-def reference_file(gt_folder: Path, case: str) -> Path | None:
-    for ending in _NIFTI_ENDINGS:
-        if (gt_folder / f"{case}{ending}").is_file():
-            return gt_folder / f"{case}{ending}"
-    return None
-
-
-def _read_cache(cache: Path, predictions: dict[str, Path]) -> dict[str, dict[str, float]] | None:
-    """The cached per-case scores if the cache covers exactly these predictions and is newer than all of them."""
-    from nnalign.evaluation.metrics import HD95_EMPTY, METRIC_COLUMNS
-
-    try:
-        stamp = cache.stat().st_mtime
-        payload = json.loads(cache.read_text())
-        cases = payload["cases"]
-        if payload.get("labels") != "nnunet" or payload.get("hd95_empty") != HD95_EMPTY or payload.get("errors"):
-            return None
-        if set(cases) != set(predictions) or any(p.stat().st_mtime > stamp for p in predictions.values()):
-            return None
-        return {case: {k: float(cases[case][k]) for k in METRIC_COLUMNS} for case in sorted(cases)}
-    except (OSError, ValueError, KeyError, TypeError):
+    spec = parse_trainer_name(trainer)
+    if spec is None:
         return None
-
-
-def score_validation_fold(fold_dir: Path, gt_folder: Path, on_error: Callable[[str], None] | None = None
-                          ) -> dict[str, dict[str, float]] | None:
-    """Per-case Dice and HD95 of a fold's validation predictions against ``gt_folder`` (both nnU-Net labels).
-
-    Uses ``validation/nnalign_metrics.json`` when it is up to date; otherwise scores every case with
-    :func:`nnalign.evaluation.evaluate.score_case` and rewrites that cache atomically (the JSON layout of
-    ``nnalign_evaluate``). A case that cannot be scored is reported through ``on_error`` and left out. None when the
-    fold has no predictions, or none could be scored.
-    """
-    from nnalign.atomic import write_text_atomic
-    from nnalign.evaluation.evaluate import CaseError, score_case
-    from nnalign.evaluation.metrics import HD95_EMPTY, aggregate
-    from nnalign.evaluation.pairing import ReferenceFile
-
-    predictions = validation_predictions(fold_dir)
-    if not predictions:
-        return None
-    cache = fold_dir / "validation" / CACHE_FILE
-    cached = _read_cache(cache, predictions)
-    if cached is not None:
-        return cached
-    scores: dict[str, dict[str, float]] = {}
-    cases: dict[str, dict] = {}
-    errors: dict[str, str] = {}
-    for case, prediction in predictions.items():
-        ref = reference_file(gt_folder, case)
-        if ref is None:
-            errors[case] = f"case {case}: no reference {gt_folder / (case + '.nii.gz')} for {prediction}"
-            continue
-        try:
-            scores[case], convention, et_removed = score_case(ReferenceFile(case, ref, True), prediction, "nnunet")
-        except CaseError as e:
-            errors[case] = f"case {case}: {e}"
-            continue
-        cases[case] = {"reference": str(ref), "prediction": str(prediction), "status": "ok", "labels": convention,
-                       "et_removed": et_removed, **scores[case]}
-    for message in errors.values():
-        if on_error is not None:
-            on_error(message)
-    if not scores:
-        return None
-    payload = {"reference": str(gt_folder), "prediction": str(fold_dir / "validation"), "labels": "nnunet",
-               "et_min_voxels": 0, "hd95_empty": HD95_EMPTY, "num_cases": len(scores),
-               "aggregates": aggregate(list(scores.values())), "cases": cases, "missing_predictions": [],
-               "ignored_predictions": [], "errors": errors}
-    try:
-        write_text_atomic(cache, json.dumps(payload, indent=2) + "\n")
-    except OSError as e:  # a read-only results folder: report from memory
-        if on_error is not None:
-            on_error(f"cannot write the metrics cache {cache}: {e.strerror or e}")
-    return scores
-
-
-def summary_json_dice(fold_dir: Path) -> tuple[dict[str, float], int] | None:
-    """Mean Dice per region and case count from nnU-Net's ``validation/summary.json`` (regions WT, TC, ET)."""
-    try:
-        summary = json.loads((fold_dir / "validation" / "summary.json").read_text())
-        dice = {r: float(summary["mean"][k]["Dice"]) for r, k in zip(REGION_NAMES, _SUMMARY_REGION_KEYS)}
-        count = len(summary.get("metric_per_case") or [])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if not all(math.isfinite(v) for v in dice.values()) or count == 0:
-        return None
-    return dice, count
-
-
-def read_evaluation(path: Path, source: str | None = None) -> Metrics | None:
-    """Metrics from an ``nnalign_evaluate`` JSON (its ``aggregates.mean`` and ``num_cases``); None if unreadable."""
-    try:
-        payload = json.loads(path.read_text())
-        mean = payload["aggregates"]["mean"]
-        dice = {r: float(mean[f"Dice_{r}"]) for r in REGION_NAMES}
-        hd95 = {r: float(mean[f"HD95_{r}"]) for r in REGION_NAMES}
-        count = int(payload.get("num_cases") or len(payload.get("cases") or {}))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return Metrics(dice, hd95, count, source or f"evaluation {path}")
+    common = dict(folder=folder, trainer=trainer, plans=plans, configuration=configuration,
+                  folds=tuple(str(f) for f in folds_in(folder)))
+    if isinstance(spec, StudentSpec):
+        extra = (f"tf{spec.teacher_fold}" if spec.teacher_fold is not None else "",
+                 f"x{spec.overrides_digest}" if spec.overrides_digest else "")
+        return Run(role=STUDENT, anchor=spec.teacher.anchor, subset=spec.modalities, kd=spec.kd,
+                   teacher=spec.teacher, variant="_".join(v for v in (spec.teacher.variant, *extra) if v), **common)
+    return Run(role=TEACHER, anchor=spec.anchor, subset=FULL_SUBSET, teacher=spec, variant=spec.variant, **common)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -304,10 +141,10 @@ def read_evaluation(path: Path, source: str | None = None) -> Metrics | None:
 def _default_preprocessed(results: Path) -> list[Path]:
     """Where ``{nnUNet_preprocessed}`` may be: the environment (nnalign's defaults filled in), then the
     ``nnalign_preprocessed`` folder beside ``results``' parent (the layout ``nnalign.paths`` creates)."""
-    from nnalign.paths import setup_env
+    from nnalign.paths import resolve_folders
 
     user_set = bool(os.environ.get("nnUNet_preprocessed"))
-    candidates = [Path(setup_env()["nnUNet_preprocessed"])]
+    candidates = [Path(resolve_folders()["nnUNet_preprocessed"])]
     if not user_set:
         candidates.append(results.resolve().parent.parent / "nnalign_preprocessed")
     return candidates
@@ -458,8 +295,7 @@ class Results:
             rows: list[dict[str, float]] = []
             used = []
             for fold_dir in folds:
-                if self.progress is not None and _read_cache(fold_dir / "validation" / CACHE_FILE,
-                                                             validation_predictions(fold_dir)) is None:
+                if self.progress is not None and not is_scored(fold_dir):
                     self.progress(f"scoring {run.name}/{fold_dir.name}/validation "
                                   f"({len(validation_predictions(fold_dir))} cases)")
                 scores = score_validation_fold(fold_dir, gt, on_error=lambda m: self.notes.append(f"{run.name}: {m}"))
@@ -472,14 +308,15 @@ class Results:
                                {r: mean[f"HD95_{r}"] for r in REGION_NAMES}, len(rows),
                                f"validation {', '.join(used)}")
         # no ground truth: nnU-Net's own Dice (its conventions: empty cases are left out of the mean)
-        parts = [(d, s) for d in folds if (s := summary_json_dice(d)) is not None]
+        parts = [(d.name, s) for d in folds if (s := read_validation_summary(d)) is not None
+                 and s.region_dice is not None and s.num_cases > 0]
         if not parts:
             if gt is None:
                 self.notes.append(f"{run.name}: no ground truth (gt_segmentations) and no summary.json; not scored")
             return None
-        total = sum(n for _, (_, n) in parts)
-        dice = {r: sum(s[r] * n for _, (s, n) in parts) / total for r in REGION_NAMES}
-        return Metrics(dice, None, total, f"nnU-Net summary.json {', '.join(d.name for d, _ in parts)} (Dice only)")
+        total = sum(s.num_cases for _, s in parts)
+        dice = {r: sum(s.region_dice[r] * s.num_cases for _, s in parts) / total for r in REGION_NAMES}
+        return Metrics(dice, None, total, f"nnU-Net summary.json {', '.join(name for name, _ in parts)} (Dice only)")
 
     # -- selection -----------------------------------------------------------------------------------------------------
 
@@ -496,7 +333,7 @@ class Results:
         """The settings of a run's teacher beyond its anchor (a teacher's own variant; a student's teacher's)."""
         if run.role == TEACHER:
             return run.variant
-        return _teacher_variant(run.teacher_trainer) if run.teacher_trainer else ""
+        return run.teacher.variant
 
     @classmethod
     def has_teacher_settings(cls, run: Run, variant: str) -> bool:

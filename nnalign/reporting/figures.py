@@ -22,6 +22,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from nnalign.errors import one_line
 from nnalign.model_folders import FINAL_CHECKPOINT
 
 # nnU-Net labels: 1 edema, 2 necrosis / non-enhancing core, 3 enhancing tumour.
@@ -75,11 +76,6 @@ def save_figure_atomic(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     finally:
         _pyplot().close(fig)
     return path
-
-
-def one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -293,7 +289,7 @@ def plot_overlays(models: Sequence[OverlayModel], gt_folder: Path | None, path: 
     the raw FLAIR; blank when None or of another shape), with the labels filled in and the ground-truth whole tumour
     outlined in white. A model's title carries its 3-D average Dice on that case.
     """
-    from nnalign.reporting.collect import reference_file
+    from nnalign.evaluation.validation import reference_file
 
     result = FigureResult(None)
     if gt_folder is None:

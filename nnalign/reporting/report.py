@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Callable
 
 from nnalign import __version__
-from nnalign.errors import NnalignError
+from nnalign.errors import NnalignError, one_line
 from nnalign.atomic import write_text_atomic
+from nnalign.evaluation.validation import validation_predictions
 from nnalign.modalities import BRATS_MODALITIES, all_subsets, modalities_from_dataset_json
-from nnalign.reporting.collect import (FULL_SUBSET, KD_ORDER, TEACHER, Results, Run, anchor_order_key, kd_order_key,
-                                       validation_predictions)
+from nnalign.losses.kd.registry import KD
+from nnalign.reporting.collect import FULL_SUBSET, TEACHER, Results, Run, anchor_order_key, kd_order_key
 from nnalign.reporting.figures import FigureResult, OverlayModel
 from nnalign.reporting.tables import Table, runs_table, subset_label, table_i, table_iii, table_iv, table_v
 
@@ -70,9 +71,9 @@ def overlay_runs(res: Results, kd: str | None) -> tuple[tuple[str, ...], list[Ru
 
 def _raw_image_finder(res: Results, modality: str = "FLAIR") -> Callable[[str], Path | None]:
     """``case -> {nnUNet_raw}/{dataset}/imagesTr|imagesTs/{case}_{channel:04d}.nii.gz`` of ``modality``, if found."""
-    from nnalign.paths import setup_env
+    from nnalign.paths import resolve_folders
 
-    raw = Path(setup_env()["nnUNet_raw"]) / res.dataset
+    raw = Path(resolve_folders()["nnUNet_raw"]) / res.dataset
     modalities = BRATS_MODALITIES
     for run in res.runs:
         try:
@@ -139,8 +140,7 @@ def training_logs(res: Results) -> dict[str, dict]:
         try:
             log = read_training_log(run.checkpoint(fold_dir))
         except Exception as e:  # noqa: BLE001 - an unreadable checkpoint is a note, not a failed report
-            reason = " ".join(str(e).split())[:150]
-            res.notes.append(f"{run.name}: cannot read {run.checkpoint(fold_dir).name}: {reason}")
+            res.notes.append(f"{run.name}: cannot read {run.checkpoint(fold_dir).name}: {one_line(e)}")
             continue
         if log is not None:
             logs[f"{run.label} ({fold_dir.name})"] = log
@@ -159,9 +159,8 @@ def build_report(results: str | os.PathLike, output: str | os.PathLike | None = 
 
     res = Results.load(results, configuration=configuration, plans=plans, preprocessed=preprocessed,
                        progress=progress)
-    known = [*KD_ORDER, *(k for k in res.kd_methods() if k not in KD_ORDER)]
-    if kd is not None and kd not in known:
-        raise NnalignError(f"unknown KD method '{kd}' (known: {', '.join(known)})")
+    if kd is not None:
+        kd = KD.check(kd)
     kd_reason = "chosen with --kd"
     if kd is None:
         kd = res.default_kd()

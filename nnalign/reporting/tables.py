@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from nnalign.data.labels import REGION_NAMES
+from nnalign.evaluation.validation import Metrics
 from nnalign.modalities import BRATS_MODALITIES, all_subsets, subset_tag
-from nnalign.reporting.collect import FULL_SUBSET, KD_ORDER, STANDARD_ANCHORS, Metrics, Results, Run, anchor_order_key
+from nnalign.losses.kd.registry import KD_METHODS
+from nnalign.reporting.collect import FULL_SUBSET, STANDARD_ANCHORS, Results, Run, anchor_order_key
 
 EMPTY = "–"
 TEXT, PCT, DELTA, MM, INT, MARK = "text", "pct", "delta", "mm", "int", "mark"
@@ -188,7 +190,7 @@ def table_i(res: Results) -> Table:
                   columns, kinds)
     singles = [r for r in res.students if len(r.subset) == 1]
     variant = res.compared_variant(singles)
-    kds = [*KD_ORDER, *(k for k in res.kd_methods() if k not in KD_ORDER)]
+    kds = list(KD_METHODS)
     fallback, other_settings = False, set()
     for modality in BRATS_MODALITIES:
         for kd in kds:
@@ -237,10 +239,8 @@ def table_iv(res: Results) -> Table:
             table.notes.append(f"{label}: no teacher with {_settings(variant)}; shown instead {run.name}, which "
                                f"differs in another setting than the anchor: not a like-for-like comparison.")
         rows.append((label, run))
-    from nnalign.training.settings import TeacherSettings
-
     for r in res.teachers:
-        dropout = TeacherSettings.from_trainer_name(r.trainer).modality_dropout if r.anchor == "original" else 0
+        dropout = r.teacher.modality_dropout if r.anchor == "original" else 0
         if dropout and all(r is not run for _, run in rows):
             rows.append((f"original, modality dropout {dropout:g} (sparsified nnU-Net)", r))
     for label, run in rows:

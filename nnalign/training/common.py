@@ -1,6 +1,6 @@
-"""Pieces the teacher and student trainers share: training length, the plans' optimizer, the optimizer step, what
-DDP leaves to them (gradients of parameters outside the DDP-wrapped network, per-step logs from every rank), and the
-warning for a model that collapsed to background."""
+"""Pieces the teacher and student trainers share: the training length from the settings record, the plans'
+optimizer, the optimizer step, what DDP leaves to them (gradients of parameters outside the DDP-wrapped network,
+per-step logs from every rank), and the warning for a model that collapsed to background."""
 from __future__ import annotations
 
 import os
@@ -12,20 +12,24 @@ import torch
 from torch import distributed as dist
 
 from nnalign.data.labels import REGION_NAMES
-from nnalign.training.settings import TeacherSettings
+from nnalign.runs import TrainingLength
+from nnalign.training.record import read_settings_record
 
 PLANS_TRAINING_KEY = "nnalign_training"
 
 
-def apply_training_length(trainer) -> tuple[int | None, int | None]:
-    """Apply ``nnalign_train --epochs/--iters-per-epoch`` (passed through the environment) to an nnU-Net trainer."""
-    epochs, iters = TeacherSettings.length_from_env()
-    if epochs is not None:
-        trainer.num_epochs = epochs
-    if iters is not None:
-        trainer.num_iterations_per_epoch = iters
-        trainer.num_val_iterations_per_epoch = max(1, iters // 5)
-    return epochs, iters
+def apply_training_length(trainer) -> dict:
+    """Apply the length ``nnalign_train --epochs/--iters-per-epoch`` wrote into the fold's settings record to an
+    nnU-Net trainer (nnU-Net's own where the record has none, or there is no record); returns the record ({} if
+    none)."""
+    record = read_settings_record(trainer.output_folder) or {}
+    length = TrainingLength.from_record(record)
+    if length.epochs is not None:
+        trainer.num_epochs = length.epochs
+    if length.iters_per_epoch is not None:
+        trainer.num_iterations_per_epoch = length.iters_per_epoch
+        trainer.num_val_iterations_per_epoch = max(1, length.iters_per_epoch // 5)
+    return record
 
 
 def apply_plans_training(trainer) -> dict | None:

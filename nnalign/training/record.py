@@ -1,10 +1,13 @@
-"""The settings record saved beside every trained model: ``nnalign_settings.json`` in the fold folder."""
+"""The settings record beside every trained model, ``nnalign_settings.json`` in the fold folder: the run's training-only
+inputs (written by ``nnalign_train`` before training) and, as training goes, how the model was made."""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
 
+from nnalign import __version__
+from nnalign.atomic import write_json_atomic
 from nnalign.errors import NnalignError
 
 SETTINGS_RECORD = "nnalign_settings.json"
@@ -41,3 +44,15 @@ def check_method_version(fold_folder: str | os.PathLike, what_to_do: str) -> Non
     raise NnalignError(f"{fold_folder}: made by nnalign {record.get('nnalign_version', 'before 0.2')} (method version "
                        f"{method_version(record)}; this nnalign trains version {METHOD_VERSION}, whose P* weights, "
                        f"alignment and distillation losses differ): {what_to_do}")
+
+
+def write_training_inputs(fold_folder: str | os.PathLike, inputs: dict, continuing: bool) -> None:
+    """Write the training-only settings (:data:`nnalign.runs.TRAINING_ONLY`) into the fold's record before training,
+    for the trainer to read in every DDP rank: merged into the record of a run being continued or validated, else a
+    new record of them alone (the trainer fills in the rest when training starts). Atomic."""
+    record = (read_settings_record(fold_folder) or {}) if continuing else {}
+    if not continuing:
+        record.update(nnalign_version=__version__, method_version=METHOD_VERSION)
+    record.update(inputs)
+    Path(fold_folder).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(fold_folder) / SETTINGS_RECORD, record)

@@ -9,7 +9,6 @@ Trainable parts of a distillation loss (PMKL's projection heads) join the studen
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from torch import autocast
 from nnalign import __version__
 from nnalign.checkpoints import load_checkpoint_safely
 from nnalign.errors import NnalignError
-from nnalign.losses.kd import KD_METHODS, build_kd
+from nnalign.losses.kd import build_kd
 from nnalign.modalities import channel_indices
 from nnalign.model_folders import FINAL_CHECKPOINT, fold_folder, model_folder
 from nnalign.networks.align_unet import as_outputs, nnAlignStudentUNet
@@ -33,11 +32,10 @@ from nnalign.training.common import (CollapseCheck, SafeCheckpoints, apply_plans
 from nnalign.training.optim import optimizer_from_plans
 from nnalign.atomic import write_json_atomic
 from nnalign.training.record import METHOD_VERSION, SETTINGS_RECORD
-from nnalign.training.student_settings import StudentSettings, overrides_hash
+from nnalign.runs import StudentSpec
 from nnalign.training.teacher_trainer import plans_modalities, teacher_trainer_class, unwrap
 
 STUDENT_NETWORK = f"{nnAlignStudentUNet.__module__}.{nnAlignStudentUNet.__name__}"
-ENV_KD_OVERRIDES = "NNALIGN_KD_OVERRIDES"
 KD_STATE_FILE = "nnalign_kd_state.pth"
 
 
@@ -60,20 +58,15 @@ def file_sha256(path: str | os.PathLike) -> str:
 class nnAlignStudentTrainer(CollapseCheck, SafeCheckpoints, nnUNetTrainer):
     """nnU-Net's trainer for a student distilled from a frozen nnalign teacher (see the module docstring)."""
 
-    student: StudentSettings | None = None
+    spec: StudentSpec | None = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        if type(self).student is None:
+        if type(self).spec is None:
             raise NnalignError("use a generated student trainer (nnAlignStudent_<subset>_<kd>_<teacher>)")
-        overrides = json.loads(os.environ.get(ENV_KD_OVERRIDES) or "{}")
-        self.settings = StudentSettings(self.student.modalities, self.student.kd, self.student.teacher_trainer,
-                                        self.student.teacher_fold, overrides)
-        if self.settings.trainer_name() != type(self).__name__:
-            raise NnalignError(f"{type(self).__name__}: the loss settings {overrides} do not match this run "
-                               f"(they hash to x{overrides_hash(overrides)})")
-        apply_training_length(self)
+        record = apply_training_length(self)
+        self.spec = type(self).spec.with_overrides(record.get("kd_overrides") or {})
         self.plans_training = apply_plans_training(self)
         self.kd = None
         self.teacher = None
@@ -90,20 +83,20 @@ class nnAlignStudentTrainer(CollapseCheck, SafeCheckpoints, nnUNetTrainer):
         """The planned U-Net on the student's modality channels (a classmethod: nnU-Net's predictor calls it)."""
         kwargs = dict(configuration_manager.network_arch_init_kwargs)
         modalities = plans_modalities(kwargs, num_input_channels)
-        missing = [m for m in cls.student.modalities if m not in modalities]
+        missing = [m for m in cls.spec.modalities if m not in modalities]
         if missing:
             raise NnalignError(f"{cls.__name__}: modality {missing[0]} is not in this dataset "
                                f"({', '.join(modalities)})")
-        kwargs["student_modalities"] = list(channel_indices(cls.student.modalities, modalities))
+        kwargs["student_modalities"] = list(channel_indices(cls.spec.modalities, modalities))
         return get_network_from_plans(STUDENT_NETWORK, kwargs,
                                       configuration_manager.network_arch_init_kwargs_req_import, num_input_channels,
                                       num_output_channels, allow_init=True, deep_supervision=enable_deep_supervision)
 
     def initialize(self) -> None:
         features = list(self.configuration_manager.network_arch_init_kwargs["features_per_stage"])
-        self.kd = build_kd(self.settings.kd, feature_channels=features[0], bottleneck_channels=features[-1],
+        self.kd = build_kd(self.spec.kd, feature_channels=features[0], bottleneck_channels=features[-1],
                            skip_channels=features, num_regions=self.label_manager.num_segmentation_heads,
-                           **self.settings.overrides).to(self.device)
+                           **self.spec.overrides).to(self.device)
         super().initialize()
         self.teacher = self._load_teacher()
         adversary = list(self.kd.adversary_parameters())
@@ -111,8 +104,8 @@ class nnAlignStudentTrainer(CollapseCheck, SafeCheckpoints, nnUNetTrainer):
             self.adversary_optimizer = torch.optim.Adam(adversary, lr=self.kd.adversary_lr)
 
     def _load_teacher(self) -> torch.nn.Module:
-        teacher_name = self.settings.teacher_trainer
-        fold = self.settings.teacher_fold if self.settings.teacher_fold is not None else self.fold
+        teacher_name = self.spec.teacher_trainer
+        fold = self.spec.teacher_fold if self.spec.teacher_fold is not None else self.fold
         path = teacher_checkpoint(Path(self.output_folder_base).parent, teacher_name, self.plans_manager.plans_name,
                                   self.configuration_name, fold)
         if not path.is_file():
@@ -120,7 +113,7 @@ class nnAlignStudentTrainer(CollapseCheck, SafeCheckpoints, nnUNetTrainer):
         checkpoint = load_checkpoint_safely(path, self.device)
         # Without deep supervision: the losses read only the teacher's full-resolution logits (the lower-resolution
         # heads stay in the state dict but are not run).
-        teacher = teacher_trainer_class(teacher_name).build_network_architecture(
+        teacher = teacher_trainer_class(self.spec.teacher).build_network_architecture(
             self.plans_manager, self.configuration_manager, self.num_input_channels,
             self.label_manager.num_segmentation_heads, False)
         teacher.load_state_dict(checkpoint["network_weights"])
@@ -223,12 +216,12 @@ class nnAlignStudentTrainer(CollapseCheck, SafeCheckpoints, nnUNetTrainer):
             "plans": self.plans_manager.plans_name,
             "configuration": self.configuration_name,
             "fold": self.fold,
-            "modalities": list(self.settings.modalities),
-            "kd": self.settings.kd,
+            "modalities": list(self.spec.modalities),
+            "kd": self.spec.kd,
             "kd_settings": self.kd.settings() if self.kd is not None else None,
             "seg_weight": self.kd.seg_weight if self.kd is not None else None,
-            "kd_overrides": self.settings.overrides,
-            "teacher": {"trainer": self.settings.teacher_trainer, **(self.teacher_checkpoint or {})},
+            "kd_overrides": self.spec.overrides,
+            "teacher": {"trainer": self.spec.teacher_trainer, **(self.teacher_checkpoint or {})},
             "epochs": self.num_epochs,
             "iters_per_epoch": self.num_iterations_per_epoch,
             "epochs_completed": self.current_epoch,
@@ -254,22 +247,20 @@ def _detached(outputs):
 _GENERATED: dict[str, type] = {}
 
 
-def student_trainer_class(name: str) -> type:
-    """The student trainer subclass for a name :meth:`StudentSettings.trainer_name` made (cached; ValueError else).
+def student_trainer_class(spec_or_name: StudentSpec | str) -> type:
+    """The student trainer subclass for a spec (or a name :meth:`StudentSpec.trainer_name` made; ValueError for
+    another name); the same name always gives the same class.
 
     The loss-setting overrides are not in the class (only their hash is in the name); the trainer reads them from
-    ``NNALIGN_KD_OVERRIDES`` and checks them against the name.
+    the run's settings record and checks them against the name.
     """
+    name = spec_or_name if isinstance(spec_or_name, str) else spec_or_name.trainer_name()
     cls = _GENERATED.get(name)
     if cls is None:
-        subset = StudentSettings.subset_from_trainer_name(name)
-        teacher, teacher_fold = StudentSettings.teacher_from_trainer_name(name)
-        kd = name.split("_")[2]
-        if kd not in KD_METHODS:
-            raise ValueError(f"{name!r}: unknown KD method {kd!r}")
-        settings = StudentSettings(subset, kd, teacher, teacher_fold)
-        cls = type(name, (nnAlignStudentTrainer,), {"student": settings, "__module__": __name__, "__qualname__": name,
-                                                    "__doc__": f"nnalign student trainer for {'+'.join(subset)}."})
+        spec = StudentSpec.parse(name)
+        cls = type(name, (nnAlignStudentTrainer,), {
+            "spec": spec, "__module__": __name__, "__qualname__": name,
+            "__doc__": f"nnalign student trainer for {'+'.join(spec.modalities)}."})
         _GENERATED[name] = cls
     return cls
 

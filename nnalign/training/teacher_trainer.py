@@ -1,8 +1,9 @@
 """The teacher trainer: nnU-Net's training loop, the aligned teacher network and the anchor loss.
 
 Everything else (data loading, augmentation, deep supervision, checkpoints, validation, DDP) is nnU-Net's own. The
-class used for a run is a subclass generated from its name (:func:`teacher_trainer_class`), whose ``settings``
-say which anchor, loss weight, encoder mode and modality dropout to train with; see :mod:`nnalign.training.settings`.
+class used for a run is a subclass generated from its name (:func:`teacher_trainer_class`), whose ``spec`` says which
+anchor, loss weight, encoder mode and modality dropout to train with (:class:`nnalign.runs.TeacherSpec`); how long
+to train comes from the run's settings record (:func:`nnalign.training.common.apply_training_length`).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch._dynamo import OptimizedModule
 
 from nnalign import __version__
 from nnalign.errors import NnalignError
-from nnalign.losses.anchors import MixtureAnchor, ModalityAnchor, modality_gap
+from nnalign.networks.anchors import MixtureAnchor, ModalityAnchor, modality_gap
 from nnalign.modalities import BRATS_MODALITIES
 from nnalign.networks.align_unet import nnAlignStudentUNet, nnAlignTeacherUNet
 from nnalign.training.common import (CollapseCheck, SafeCheckpoints, apply_plans_training, apply_training_length,
@@ -27,7 +28,7 @@ from nnalign.training.presence import sample_presence, zero_absent
 from nnalign.training.progress import plot_alignment_png
 from nnalign.atomic import write_json_atomic
 from nnalign.training.record import METHOD_VERSION, SETTINGS_RECORD
-from nnalign.training.settings import TeacherSettings
+from nnalign.runs import TeacherSpec
 
 TEACHER_NETWORK = f"{nnAlignTeacherUNet.__module__}.{nnAlignTeacherUNet.__name__}"
 ORIGINAL_NETWORK = f"{nnAlignStudentUNet.__module__}.{nnAlignStudentUNet.__name__}"
@@ -56,7 +57,7 @@ def unwrap(network: torch.nn.Module) -> torch.nn.Module:
 class nnAlignTeacherTrainer(CollapseCheck, SafeCheckpoints, nnUNetTrainer):
     """nnU-Net's trainer for the aligned multi-modal teacher (and the ``original`` all-modality nnU-Net baseline).
 
-    Per training step: draw each sample's present modalities (``settings.modality_dropout``), zero the absent input
+    Per training step: draw each sample's present modalities (``spec.modality_dropout``), zero the absent input
     channels, run the network with the presence mask, and minimise nnU-Net's segmentation loss plus
     ``align_weight`` x the anchor loss. Per epoch it logs ``align_losses``, ``modality_gap`` (mean pairwise distance of
     the modality centroids), ``modality_to_anchor`` (each modality centroid's distance to the anchor centroid),
@@ -65,18 +66,19 @@ class nnAlignTeacherTrainer(CollapseCheck, SafeCheckpoints, nnUNetTrainer):
     in ``alignment.png``; and rewrites the settings record ``nnalign_settings.json`` in the fold folder.
     """
 
-    settings: TeacherSettings = TeacherSettings()
+    spec: TeacherSpec = TeacherSpec()
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.settings = type(self).settings.with_length(*apply_training_length(self))
+        self.spec = type(self).spec
+        apply_training_length(self)
         self.plans_training = apply_plans_training(self)
         log = self.logger.local_logger.my_fantastic_logging
-        if not self.settings.is_original:
+        if not self.spec.is_original:
             for key in ("align_losses", "modality_gap", "modality_to_anchor", "latent_rms", "relative_gap"):
                 log[key] = []
-        if self.settings.anchor_kind == "mixture":
+        if self.spec.anchor_kind == "mixture":
             log["mixture_weights"] = []
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -85,26 +87,26 @@ class nnAlignTeacherTrainer(CollapseCheck, SafeCheckpoints, nnUNetTrainer):
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
-        """The teacher (or, for ``original``, the plain U-Net on every channel) from the plans and ``cls.settings``.
+        """The teacher (or, for ``original``, the plain U-Net on every channel) from the plans and ``cls.spec``.
 
         A classmethod with nnU-Net's parameter names: nnU-Net's predictor calls it on the class.
         """
-        settings = cls.settings
+        spec = cls.spec
         kwargs = dict(configuration_manager.network_arch_init_kwargs)
         modalities = plans_modalities(kwargs, num_input_channels)
         kwargs.pop("modalities", None)
-        if settings.is_original:
+        if spec.is_original:
             arch, extra = ORIGINAL_NETWORK, {"student_modalities": None}
         else:
-            arch, extra = TEACHER_NETWORK, {"modalities": list(modalities), "anchor": settings.anchor,
-                                            "shared_encoder": settings.shared_encoder,
-                                            "latent_level": settings.latent_level_for(kwargs)}
+            arch, extra = TEACHER_NETWORK, {"modalities": list(modalities), "anchor": spec.anchor,
+                                            "shared_encoder": spec.shared_encoder,
+                                            "latent_level": spec.latent_level_for(kwargs)}
         network = get_network_from_plans(arch, {**kwargs, **extra},
                                          configuration_manager.network_arch_init_kwargs_req_import,
                                          num_input_channels, num_output_channels, allow_init=True,
                                          deep_supervision=enable_deep_supervision)
         if isinstance(getattr(network, "anchor", None), ModalityAnchor):
-            network.anchor.stop_gradient = settings.stop_gradient
+            network.anchor.stop_gradient = spec.stop_gradient
         return network
 
     def configure_optimizers(self):
@@ -128,21 +130,21 @@ class nnAlignTeacherTrainer(CollapseCheck, SafeCheckpoints, nnUNetTrainer):
             target = [t.to(self.device, non_blocking=True) for t in target]
         else:
             target = target.to(self.device, non_blocking=True)
-        present = sample_presence(data.shape[0], data.shape[1], self.settings.modality_dropout, device=self.device)
-        if self.settings.modality_dropout > 0:
+        present = sample_presence(data.shape[0], data.shape[1], self.spec.modality_dropout, device=self.device)
+        if self.spec.modality_dropout > 0:
             data = zero_absent(data, present)
 
         self.optimizer.zero_grad(set_to_none=True)
         # autocast on CUDA only, as nnU-Net (slow on CPU, unsupported on MPS)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             # without dropout every modality is present: None lets the network skip the (identity) anchor fill
-            parts = self.network(data, present if self.settings.modality_dropout > 0 else None, return_parts=True)
+            parts = self.network(data, present if self.spec.modality_dropout > 0 else None, return_parts=True)
             logits = parts["logits"] if self.enable_deep_supervision else parts["logits"][0]
             loss = self.loss(logits, target)
             align = None
-            if not self.settings.is_original:
+            if not self.spec.is_original:
                 align = self.net.anchor.alignment_loss(parts)
-                loss = loss + self.settings.align_weight * align
+                loss = loss + self.spec.align_weight * align
 
         optimizer_step(loss, self.optimizer, self.grad_scaler, self.network.parameters())
 
@@ -181,7 +183,7 @@ class nnAlignTeacherTrainer(CollapseCheck, SafeCheckpoints, nnUNetTrainer):
 
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
         super().on_train_epoch_end(train_outputs)
-        if self.settings.is_original:
+        if self.spec.is_original:
             return
         outputs = collate_outputs(train_outputs)
         epoch = self.current_epoch
@@ -195,7 +197,7 @@ class nnAlignTeacherTrainer(CollapseCheck, SafeCheckpoints, nnUNetTrainer):
             self.logger.log("mixture_weights", {k: v["normalised"] for k, v in weights.items()}, epoch)
 
     def on_epoch_end(self) -> None:
-        if not self.settings.is_original:
+        if not self.spec.is_original:
             get = self.logger.get_value
             self.print_to_log_file("align_loss", np.round(get("align_losses", step=-1), decimals=4))
             self.print_to_log_file("modality_gap", np.round(get("modality_gap", step=-1), decimals=4))
@@ -203,12 +205,12 @@ class nnAlignTeacherTrainer(CollapseCheck, SafeCheckpoints, nnUNetTrainer):
                                    {k: round(v, 4) for k, v in get("modality_to_anchor", step=-1).items()})
             self.print_to_log_file("latent RMS", {k: round(v, 4) for k, v in get("latent_rms", step=-1).items()},
                                    "relative gap", np.round(get("relative_gap", step=-1), decimals=4))
-            if self.settings.anchor_kind == "mixture":
+            if self.spec.anchor_kind == "mixture":
                 self.print_to_log_file("mixture weights",
                                        {k: round(v, 4) for k, v in get("mixture_weights", step=-1).items()})
         super().on_epoch_end()
         if self.local_rank == 0:
-            if not self.settings.is_original:
+            if not self.spec.is_original:
                 plot_alignment_png(self.logger.local_logger.my_fantastic_logging, self.output_folder)
             self.write_settings_record()
 
@@ -220,7 +222,7 @@ class nnAlignTeacherTrainer(CollapseCheck, SafeCheckpoints, nnUNetTrainer):
     def settings_record(self) -> dict:
         """What ``nnalign_settings.json`` holds: how this model was made."""
         arch = self.configuration_manager.network_arch_init_kwargs
-        s = self.settings
+        s = self.spec
         net = self.net if self.network is not None else None
         modalities = list(getattr(net, "modalities", None)
                           or plans_modalities(arch, len(self.dataset_json["channel_names"])))
@@ -246,7 +248,7 @@ class nnAlignTeacherTrainer(CollapseCheck, SafeCheckpoints, nnUNetTrainer):
             "epochs_completed": self.current_epoch,
             "optimizer": dict(self.plans_training) if self.plans_training else
             {"optimizer": "sgd", "initial_lr": self.initial_lr, "weight_decay": self.weight_decay},
-            "settings": s.as_dict(),
+            "settings": s.model_settings(),
             # the latent is the per-modality encoders' output at U-Net stage "level" (0: the input resolution)
             "latent": None if s.is_original else {"level": s.latent_level_for(arch),
                                                   "channels": arch.get("latent_channels"),
@@ -272,19 +274,18 @@ class nnAlignTeacherTrainer(CollapseCheck, SafeCheckpoints, nnUNetTrainer):
 _GENERATED: dict[str, type] = {}
 
 
-def teacher_trainer_class(settings_or_name: TeacherSettings | str) -> type:
-    """The trainer subclass for these settings (or a name :meth:`TeacherSettings.trainer_name` made).
+def teacher_trainer_class(spec_or_name: TeacherSpec | str) -> type:
+    """The trainer subclass for a spec (or a name :meth:`TeacherSpec.trainer_name` made).
 
     The same name always gives the same class object. Raises ValueError for a name that is not a teacher name.
     """
-    settings = (TeacherSettings.from_trainer_name(settings_or_name) if isinstance(settings_or_name, str)
-                else settings_or_name.with_length(None, None))
-    name = settings.trainer_name()
+    spec = TeacherSpec.parse(spec_or_name) if isinstance(spec_or_name, str) else spec_or_name
+    name = spec.trainer_name()
     cls = _GENERATED.get(name)
     if cls is None:
         cls = type(name, (nnAlignTeacherTrainer,), {
-            "settings": settings, "__module__": __name__, "__qualname__": name,
-            "__doc__": f"nnalign teacher trainer with {settings.model_settings()}."})
+            "spec": spec, "__module__": __name__, "__qualname__": name,
+            "__doc__": f"nnalign teacher trainer with {spec.model_settings()}."})
         _GENERATED[name] = cls
     return cls
 
