@@ -1,4 +1,5 @@
-"""What every command shares: usage errors are one line with exit code 2, and the shared argument types."""
+"""What every command shares: usage errors are one line with exit code 2, the shared argument types, the one-line
+form of other errors' messages, and the device set-up of training and prediction."""
 from __future__ import annotations
 
 import argparse
@@ -8,10 +9,14 @@ import sys
 import pytest
 
 from nnalign.cli.parsing import non_negative_int, positive_int
+from nnalign.device import setup_device
+from nnalign.errors import MAX_LINE, NnalignError, one_line
 
-COMMANDS = ("convert_brats", "synth", "plan_and_preprocess", "train", "predict", "evaluate", "report", "demo")
+COMMANDS = ("convert_brats", "synth", "plan_and_preprocess", "train", "predict", "evaluate", "report", "demo",
+            "experiment")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS)
 def test_usage_errors_are_one_line(command):
     proc = subprocess.run([sys.executable, "-m", f"nnalign.cli.{command}", "--no-such-flag"], capture_output=True,
@@ -38,3 +43,36 @@ def test_int_types_accept(parse, text, expected):
 def test_int_types_reject(parse, text, message):
     with pytest.raises(argparse.ArgumentTypeError, match=message):
         parse(text)
+
+
+@pytest.mark.parametrize("error, expected", [
+    (RuntimeError("Exception thrown in SimpleITK ImageFileReader_Execute: sitkImageReaderBase.cxx:97:\n"
+                  "sitk::ERROR: The file \"a.nii.gz\" does not exist."),
+     "Exception thrown in SimpleITK ImageFileReader_Execute: sitkImageReaderBase.cxx:97: sitk::ERROR: The file "
+     "\"a.nii.gz\" does not exist."),
+    (AssertionError("  two\n\n   lines  "), "two lines"),
+    (ValueError(), "ValueError"),
+    (OSError(" \n "), "OSError"),
+])
+def test_one_line_keeps_every_line_of_a_message_on_one(error, expected):
+    assert one_line(error) == expected
+
+
+def test_one_line_cuts_a_long_message():
+    text = one_line(RuntimeError("word " * 200))
+    assert len(text) == MAX_LINE and text.endswith("...")
+
+
+def test_setup_device_says_in_one_line_what_is_missing(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(NnalignError, match=r"^-device cuda: no CUDA GPU is available \(use -device cpu\)$"):
+        setup_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(NnalignError, match=r"^--num-gpus 2: only 1 GPUs are visible$"):
+        setup_device("cuda", num_gpus=2)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(NnalignError, match=r"^-device mps: MPS is not available \(use -device cpu\)$"):
+        setup_device("mps")
