@@ -15,7 +15,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["nnalign", "nnalign.*"]),
-    package_data={"nnalign.data": ["splits/*.txt"]},
+    package_data={"nnalign.data": ["splits/*.txt"], "nnalign.experiments": ["presets/*.toml"]},
     install_requires=[
         "nnunetv2==2.8.1",
         "dynamic-network-architectures>=0.4,<0.5",
@@ -29,6 +29,7 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.6",
         "medpy>=0.5",
+        "submitit>=1.5",
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={
@@ -41,6 +42,7 @@ setup(
             "nnalign_demo=nnalign.cli.demo:main",
             "nnalign_report=nnalign.cli.report:main",
             "nnalign_predict=nnalign.cli.predict:main",
+            "nnalign_experiment=nnalign.cli.experiment:main",
         ]
     },
 )

@@ -1,0 +1,239 @@
+"""``nnalign_experiment``: SPEC parsing and presets, the grid's runs and names, state files and the lock, one-line
+errors, and (slow) a tiny grid run to the end with the local executor, resumed, and with a failing run.
+
+The slow part uses one synthetic dataset (3 cases of 40^3, ``3d_cpu``): a mixture teacher and a T1ce KD-Net
+student, 2 epochs x 2 iterations each, evaluated on the training cases (the synthetic set has no held-out cases),
+and the report.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nnalign.errors import NnalignError
+from nnalign.experiments.grid import build_grid, teacher_flags
+from nnalign.experiments.spec import preset_names, read_spec
+from nnalign.experiments.state import StateStore, resolve_states
+from nnalign.runs import StudentSpec, TeacherSpec
+
+PRESETS = ("paper-table-I", "paper-table-III", "paper-table-IV", "paper-all", "cpu-evidence")
+
+
+@pytest.fixture
+def paper_data(tmp_path, monkeypatch, fake_dataset, folders_env) -> Path:
+    fake_dataset(tmp_path)
+    for var, value in folders_env(tmp_path).items():
+        monkeypatch.setenv(var, value)
+    return tmp_path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# SPEC, presets, grid
+
+
+def test_every_preset_is_shipped_and_plans(paper_data):
+    assert set(PRESETS) == set(preset_names())
+    sizes = {}
+    for preset in PRESETS[:4]:
+        grid = build_grid(read_spec(preset))
+        sizes[preset] = sum(r.kind == "train" for r in grid.runs.values())
+        assert all(d in grid.runs and list(grid.runs).index(d) < list(grid.runs).index(k)
+                   for k, r in grid.runs.items() for d in r.deps)  # dependency order
+    # 5 teachers; 4 singles x 5 KD settings x 5 teachers; 15 subsets x 2 teachers; the union shares 8 students
+    assert sizes == {"paper-table-IV": 5, "paper-table-I": 105, "paper-table-III": 32, "paper-all": 127}
+
+
+def test_cpu_evidence_preset_is_the_real_data_protocol(tmp_path, monkeypatch, folders_env):
+    for var, value in folders_env(tmp_path).items():
+        monkeypatch.setenv(var, value)
+    brats = tmp_path / "work" / ".." / "shared" / "data" / "brats" / "BraTS2018"
+    brats.mkdir(parents=True)
+    grid = build_grid(read_spec("cpu-evidence", cwd=tmp_path / "work"))
+    kinds = [r.kind for r in grid.runs.values()]
+    assert kinds[:2] == ["convert", "preprocess"] and kinds[-1] == "report"
+    trainers = {r.key.split(".")[1] for r in grid.runs.values() if r.kind == "train"}
+    students = {StudentSpec((m,), kd, TeacherSpec("mixture")).trainer_name() for m in ("FLAIR", "T1ce")
+                for kd in ("none", "kdnet", "protokd")}
+    assert trainers == {"nnAlignOriginal", "nnAlignTeacher_none", "nnAlignTeacher_mixture"} | students
+    train = grid.runs["train.nnAlignTeacher_mixture.fold_0"].commands[0]
+    assert train[:4] == ("nnalign.cli.train", "Dataset218_BraTS2018", "3d_cpu", "0")
+    assert "--epochs" in train and train[train.index("--epochs") + 1] == "30"
+    assert grid.state_dir == tmp_path / "results" / "Dataset218_BraTS2018" / "nnalign_experiments" / "cpu-evidence"
+
+
+@pytest.mark.parametrize("spec", [
+    TeacherSpec("mixture"), TeacherSpec("modality:T1ce", align_weight=0.5, shared_encoder=False,
+                                        modality_dropout=0.3, stop_gradient=False),
+    TeacherSpec("normal", latent_level=2), TeacherSpec("original", modality_dropout=0.25), TeacherSpec("none"),
+])
+def test_teacher_flags_make_the_same_run_as_nnalign_train(spec):
+    from nnalign.cli.train import build_parser
+
+    args = build_parser().parse_args(["18", "3d_fullres", "0", *teacher_flags(spec)])
+    made = TeacherSpec(anchor=args.anchor, align_weight=args.align_weight, shared_encoder=not args.separate_encoders,
+                       latent_level=args.latent_level, modality_dropout=args.modality_dropout,
+                       stop_gradient=not args.no_stop_gradient)
+    assert made.trainer_name() == spec.trainer_name()
+
+
+def test_extends_overrides_a_preset_key_by_key(tmp_path, monkeypatch, fake_dataset, folders_env):
+    fake_dataset(tmp_path, 7, "Other", "3d_lowres")
+    for var, value in folders_env(tmp_path).items():
+        monkeypatch.setenv(var, value)
+    (tmp_path / "mine.toml").write_text('extends = "paper-table-IV"\n[dataset]\nid = 7\nconfiguration = "3d_lowres"\n'
+                                        '[training]\nepochs = 5\n')
+    spec = read_spec("mine.toml", cwd=tmp_path)
+    assert (spec.name, spec.dataset_id, spec.configuration, spec.folds) == ("mine", 7, "3d_lowres", (0,))
+    assert len(spec.teachers) == 5 and spec.teacher_length.epochs == 5 and spec.device == "cuda"
+    assert build_grid(spec).dataset == "Dataset007_Other"
+
+
+BAD_SPECS = [
+    ("[dataset]\nid = 18\nfold = [0]\n", "unknown key 'fold'"),
+    ("[dataset]\nid = 18\n[[teachers]]\nanchor = 'mixture'\ncolour = 1\n", "teachers[0]: unknown key 'colour'"),
+    ("[dataset]\nid = 18\n[[teachers]]\nanchor = 'gaussian'\n", "gaussian"),
+    ("[dataset]\nid = 18\n[[teachers]]\n[[students]]\nmodalities = ['T1ce']\nkd = ['distil']\n", "distil"),
+    ("[dataset]\nid = 18\n[[teachers]]\n[[students]]\nmodalities = ['DWI']\n", "DWI"),
+    ("[dataset]\nid = 18\n[[teachers]]\n[[students]]\nmodalities = ['T1']\nteachers = ['P*']\n",
+     "no teacher named 'P*'"),
+    ("extends = 'paper-table-II'\n", "unknown preset 'paper-table-II'"),
+    ("[dataset]\nid = 18\nfolds = [0]\n[training]\nepochs = 0\n[[teachers]]\n", "epochs must be 1 or more"),
+    ("[dataset]\nid = 18\n[[teachers]]\n[slurm]\nsbatch = ['constraint=a100']\n", "not of the form --option"),
+    ("[dataset]\nid = 18\n[[teachers]\n", "not valid TOML"),
+    ("[dataset]\nid = 19\n[[teachers]]\n", "dataset 19 is in neither"),
+]
+
+
+def test_bad_specs_are_one_line_errors(tmp_path, fake_dataset, folders_env, experiment, assert_one_line_error):
+    fake_dataset(tmp_path)
+    env = folders_env(tmp_path)
+    for i, (text, fragment) in enumerate(BAD_SPECS):
+        (tmp_path / f"bad{i}.toml").write_text(text)
+        assert_one_line_error(experiment("plan", str(tmp_path / f"bad{i}.toml"), env=env), fragment,
+                              prog="nnalign_experiment")
+    assert_one_line_error(experiment("plan", "paper-table-II", env=env), "unknown preset", "paper-table-I",
+                          prog="nnalign_experiment")
+
+
+def test_an_unpreprocessed_dataset_is_a_one_line_error(tmp_path, folders_env, experiment, assert_one_line_error):
+    (tmp_path / "raw" / "Dataset018_BraTS2018").mkdir(parents=True)
+    assert_one_line_error(experiment("plan", "paper-table-IV", env=folders_env(tmp_path)),
+                          "Dataset018_BraTS2018 is not preprocessed", "nnalign_plan_and_preprocess -d 18",
+                          "preprocess = true", prog="nnalign_experiment")
+
+
+def test_slurm_without_sbatch_is_a_one_line_error(tmp_path, fake_dataset, folders_env, experiment,
+                                                  assert_one_line_error):
+    fake_dataset(tmp_path)
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    proc = experiment("run", "paper-table-IV", "--executor", "slurm", env={**folders_env(tmp_path), "PATH": str(empty)})
+    assert_one_line_error(proc, "sbatch is not on PATH", prog="nnalign_experiment")
+    assert not (tmp_path / "results" / "Dataset018_BraTS2018" / "nnalign_experiments" / "paper-table-IV" / "runs"
+                ).exists()
+
+
+def test_plan_imports_no_torch_and_lists_state_and_estimate(tmp_path, fake_dataset, folders_env):
+    fake_dataset(tmp_path)
+    code = ("import sys; sys.argv = ['nnalign_experiment', 'plan', 'paper-all']\n"
+            "from nnalign.cli.experiment import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('torch imported' if 'torch' in sys.modules or 'nnunetv2' in sys.modules else 'no torch')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **folders_env(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rstrip().endswith("no torch")
+    assert "255 runs: 0 done, 255 missing" in proc.stdout
+    assert "GPU-hours for the 127 trainings not done (basis: H100 step times" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# state
+
+
+def test_state_lock_corrupt_file_and_a_result_removed_by_hand(paper_data):
+    grid = build_grid(read_spec("paper-table-IV"))
+    store = StateStore(grid.state_dir)
+    with store.lock():
+        with pytest.raises(NnalignError, match="another nnalign_experiment run is submitting"):
+            with store.lock():
+                pass
+    with store.lock():  # released
+        pass
+    key = "train.nnAlignTeacher_mixture.fold_0"
+    store.write(key, {"key": key, "status": "done", "log": str(store.log(key))})
+    states = resolve_states(grid, store, lambda record: None)
+    assert states[key].state == "missing" and "removed by hand" in states[key].detail
+    store.write(key, {"key": key, "status": "running", "executor": "local", "pid": 999999999, "host": None})
+    assert resolve_states(grid, store, lambda record: None)[key].state == "failed"
+    evaluation = "evaluate.nnAlignTeacher_mixture.T1-T1ce-T2-FLAIR"
+    assert resolve_states(grid, store, lambda record: None)[evaluation].state == "blocked"
+    store.path(key).write_text("{half a")
+    with pytest.raises(NnalignError, match="not a readable state file"):
+        resolve_states(grid, store, lambda record: None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the local executor, end to end
+
+DATASET = "Dataset983_SyntheticBraTS"
+"""``tiny_data``'s dataset (conftest.py)."""
+
+
+@pytest.mark.slow
+def test_local_executor_runs_resumes_and_reruns_only_what_is_missing(tiny_data, tmp_path, folders_env, experiment,
+                                                                     write_spec):
+    env = folders_env(tiny_data, tmp_path / "results")
+    spec = write_spec(tmp_path, tiny_data)
+    proc = experiment("run", str(spec), "--jobs", "2", env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = tmp_path / "results" / DATASET
+    teacher, student = "nnAlignTeacher_mixture", StudentSpec(("T1ce",), "kdnet", TeacherSpec("mixture")).trainer_name()
+    for trainer in (teacher, student):
+        assert (results / f"{trainer}__nnAlignPlans__3d_cpu" / "fold_0" / "checkpoint_final.pth").is_file()
+    evaluations = results / "nnalign_evaluations"
+    metrics = evaluations / f"{student}__nnAlignPlans__3d_cpu" / "T1ce" / "metrics.json"
+    assert metrics.is_file()
+    assert (evaluations / f"{teacher}__nnAlignPlans__3d_cpu" / "T1-T1ce-T2-FLAIR" / "metrics.json").is_file()
+    state = results / "nnalign_experiments" / "tiny"
+    report = (state / "report" / "report.md").read_text()
+    assert student in report or "T1ce" in report
+
+    status = experiment("status", str(spec), env=env)
+    assert status.returncode == 0 and "5 runs: 5 done, 0 missing" in status.stdout, status.stdout
+    again = experiment("run", str(spec), env=env)
+    assert again.returncode == 0 and "started" not in again.stdout, again.stdout  # nothing run twice
+    metrics.unlink()  # an evaluation removed by hand: only it (and the report) run again
+    again = experiment("run", str(spec), env=env)
+    assert again.returncode == 0, again.stderr
+    started = [line for line in again.stdout.splitlines() if "] started:" in line]
+    assert len(started) == 2 and "evaluate" in started[0] and "nnalign_report" in started[1], again.stdout
+    assert metrics.is_file()
+
+
+@pytest.mark.slow
+def test_a_failed_run_blocks_its_dependents_and_is_retried(tiny_data, tmp_path, folders_env, experiment, write_spec,
+                                                           assert_one_line_error):
+    env = folders_env(tiny_data, tmp_path / "results")
+    bad_teacher = '[[teachers]]\nname = "deep"\nanchor = "mixture"\nlatent_level = 9\n'
+    spec = write_spec(tmp_path, tiny_data, bad_teacher)
+    text = spec.read_text().replace('teachers = ["mixture"]', 'teachers = ["deep"]')
+    spec.write_text(text.replace("[evaluate]", "[evaluate]\nheld_out = false").replace("[report]",
+                                                                                        "[report]\nenabled = false"))
+    proc = experiment("run", str(spec), env=env)
+    line = assert_one_line_error(proc, "1 run(s) failed", "teacher deep", "retries them", prog="nnalign_experiment")
+    assert "blocked" not in line
+    assert "not started: student T1ce kdnet of deep" in proc.stdout
+    status = experiment("status", str(spec), env=env)
+    assert "failed: teacher deep, fold 0: train exited with 1:" in status.stdout and "latent" in status.stdout
+    assert "blocked: student T1ce kdnet of deep, fold 0" in status.stdout
+    record = json.loads((tmp_path / "results" / DATASET / "nnalign_experiments" / "tiny" / "runs" /
+                         "train.nnAlignTeacher_mixture_lvl9.fold_0.json").read_text())
+    assert record["status"] == "failed" and record["attempts"] == 1
+    again = experiment("run", str(spec), env=env)  # retries the failed run only (it fails again)
+    assert again.returncode == 1 and again.stdout.count("] started:") == 1, again.stdout
