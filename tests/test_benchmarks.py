@@ -10,6 +10,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, rows", [
     ("teacher_step.py", ["stock nnU-Net", "teacher none", "teacher normal", "teacher modality:T1ce", "teacher mixture",
                          "teacher mixture, 2-conv latent encoder", "teacher mixture, latents at stage 2"]),
@@ -25,6 +26,7 @@ def test_step_benchmark_runs(script, rows, tmp_path):
     assert "target <=" in result.stdout.splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_profile_benchmark_lists_operators_and_totals(tmp_path):
     result = subprocess.run([sys.executable, str(BENCHMARKS / "profile_step.py"), "--config", "3d_cpu", "--patch", "16",
                              "16", "16", "--steps", "1", "--warmup", "0", "--top", "5"],

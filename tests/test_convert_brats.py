@@ -272,6 +272,7 @@ def test_bundled_protokd_split_is_200_28_57_disjoint_brats18_cases():
     assert all(c.startswith("Brats18_") for c in everything)
 
 
+@pytest.mark.slow
 def test_protokd_split_writes_fold_and_moves_test_cases_to_imagests(tmp_path):
     split = protokd_split()
     chosen = {"train": split["train"][:3], "val": split["val"][:2], "test": split["test"][:2]}
@@ -393,6 +394,7 @@ BAD_CASES = [_missing_modality, _missing_from_2023_case, _shape, _spacing, _orig
              _truncated_nii]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make_bad", BAD_CASES, ids=lambda f: f.__name__.strip("_"))
 def test_bad_case_fails_with_one_line_and_leaves_nothing(tmp_path, make_bad):
     source, raw = tmp_path / "release", tmp_path / "raw"
@@ -402,6 +404,7 @@ def test_bad_case_fails_with_one_line_and_leaves_nothing(tmp_path, make_bad):
     assert_clean_failure(proc, raw, *mentions)
 
 
+@pytest.mark.slow
 def test_bad_case_fails_the_same_with_worker_processes(tmp_path):
     source, raw = tmp_path / "release", tmp_path / "raw"
     write_case(source, "Brats18_GOOD_1")
@@ -410,12 +413,14 @@ def test_bad_case_fails_the_same_with_worker_processes(tmp_path):
     assert_clean_failure(run_cli(raw, "-i", source, "-d", 21, "-np", 2), raw, *mentions)
 
 
+@pytest.mark.slow
 def test_empty_source_folder_fails(tmp_path):
     (tmp_path / "empty").mkdir()
     raw = tmp_path / "raw"
     assert_clean_failure(run_cli(raw, "-i", tmp_path / "empty", "-d", 22), raw, "empty", "no BraTS cases")
 
 
+@pytest.mark.slow
 def test_folder_without_brats_files_fails(tmp_path):
     source, raw = tmp_path / "notbrats", tmp_path / "raw"
     source.mkdir()
@@ -425,11 +430,13 @@ def test_folder_without_brats_files_fails(tmp_path):
     assert_clean_failure(run_cli(raw, "-i", source, "-d", 22), raw, "notbrats", "no BraTS cases")
 
 
+@pytest.mark.slow
 def test_missing_source_path_fails(tmp_path):
     raw = tmp_path / "raw"
     assert_clean_failure(run_cli(raw, "-i", tmp_path / "nowhere", "-d", 22), raw, "nowhere", "no such folder")
 
 
+@pytest.mark.slow
 def test_same_case_in_two_folders_fails(tmp_path):
     source, raw = tmp_path / "release", tmp_path / "raw"
     write_case(source / "HGG", "Brats18_2013_2_1")
@@ -437,6 +444,7 @@ def test_same_case_in_two_folders_fails(tmp_path):
     assert_clean_failure(run_cli(raw, "-i", source, "-d", 22), raw, "Brats18_2013_2_1", "also appears")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset_id", [0, 1000])
 def test_dataset_id_outside_1_to_999_fails(tmp_path, dataset_id):
     source, raw = tmp_path / "release", tmp_path / "raw"
@@ -444,6 +452,7 @@ def test_dataset_id_outside_1_to_999_fails(tmp_path, dataset_id):
     assert_clean_failure(run_cli(raw, "-i", source, "-d", dataset_id), raw, str(dataset_id), "out of range")
 
 
+@pytest.mark.slow
 def test_release_mixing_et_labels_3_and_4_fails(tmp_path):
     source, raw = tmp_path / "release", tmp_path / "raw"
     write_case(source, "Brats18_GOOD_1", seg=make_seg(4, 0))
@@ -451,6 +460,7 @@ def test_release_mixing_et_labels_3_and_4_fails(tmp_path):
     assert_clean_failure(run_cli(raw, "-i", source, "-d", 22, "-np", 1), raw, "release", "labels 3 (Brats18_GOOD_2) and 4 (Brats18_GOOD_1)")
 
 
+@pytest.mark.slow
 def test_existing_dataset_id_fails_unless_overwrite_then_replaced(tmp_path):
     raw = tmp_path / "raw"
     first, second = tmp_path / "first", tmp_path / "second"
@@ -471,6 +481,7 @@ def test_existing_dataset_id_fails_unless_overwrite_then_replaced(tmp_path):
     assert names(folder / "labelsTr") == label_names(["Brats18_SECOND_1"])
 
 
+@pytest.mark.slow
 def test_skip_bad_converts_the_good_cases_and_lists_the_skipped(tmp_path):
     source, raw = tmp_path / "release", tmp_path / "raw"
     good = ["Brats18_GOOD_1", "Brats18_GOOD_2"]
@@ -496,6 +507,7 @@ def test_skip_bad_converts_the_good_cases_and_lists_the_skipped(tmp_path):
         np.testing.assert_array_equal(read(folder / "labelsTr" / f"{case_id}.nii.gz"), expected_nnunet(segs[case_id]))
 
 
+@pytest.mark.slow
 def test_skip_bad_with_no_good_case_fails(tmp_path):
     source, raw = tmp_path / "release", tmp_path / "raw"
     _missing_modality(source)
@@ -512,6 +524,7 @@ def real_data_root() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "shared/data/brats"
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 @pytest.mark.parametrize("release, naming", [("BraTS2018", "brats2018"), ("BraTS2023", "brats2023")])
 def test_real_release_converts_and_passes_nnunet_integrity_check(tmp_path, release, naming):

@@ -35,6 +35,7 @@ def _step_on_rank(rank: int, world_size: int, init_file: str, result_file: str) 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_unsynchronised_gradients_are_averaged_and_logs_gathered_over_ranks(tmp_path):
     import torch.multiprocessing as mp
 

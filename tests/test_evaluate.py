@@ -376,6 +376,7 @@ def run_cli(*args: str | os.PathLike) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_help_imports_neither_numpy_nor_torch():
     code = ("import sys; sys.argv = ['nnalign_evaluate', '--help']\n"
             "from nnalign.cli import evaluate\n"
@@ -385,6 +386,7 @@ def test_cli_help_imports_neither_numpy_nor_torch():
     assert out.stdout.strip().endswith("[]"), out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_cli_success_with_missing_prediction_warning(flat_dataset, tmp_path):
     ref_dir, pred_dir = flat_dataset
     out = run_cli("-r", ref_dir, "-p", pred_dir, "-o", tmp_path / "metrics.csv", "--labels", "nnunet")
@@ -396,6 +398,7 @@ def test_cli_success_with_missing_prediction_warning(flat_dataset, tmp_path):
     assert (tmp_path / "metrics.csv").is_file() and (tmp_path / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_cli_geometry_mismatch_and_unreadable_file_are_one_line_each_and_exit_1(flat_dataset):
     ref_dir, pred_dir = flat_dataset
     write_seg(pred_dir / "SYN_0002.nii.gz", nnunet_tumour(), spacing=(1.0, 1.0, 1.5))  # spacing differs
@@ -414,6 +417,7 @@ def test_cli_geometry_mismatch_and_unreadable_file_are_one_line_each_and_exit_1(
     assert [r[0] for r in rows[1:]] == ["SYN_0000", "mean", "std", "median"]
 
 
+@pytest.mark.slow
 def test_cli_shape_mismatch_names_both_files(tmp_path):
     ref = write_seg(tmp_path / "ref/A.nii.gz", nnunet_tumour())
     pred = write_seg(tmp_path / "pred/A.nii.gz", np.zeros((12, 12, 11), dtype=np.uint8))
@@ -423,6 +427,7 @@ def test_cli_shape_mismatch_names_both_files(tmp_path):
     assert "shape" in line and str(ref) in line and str(pred) in line
 
 
+@pytest.mark.slow
 def test_cli_wrong_labels_and_bad_folder_are_one_line_errors(flat_dataset, tmp_path):
     ref_dir, pred_dir = flat_dataset
     out = run_cli("-r", ref_dir, "-p", pred_dir, "--labels", "brats2018")  # nnU-Net labels hold 3: nothing scored

@@ -281,6 +281,7 @@ def test_chk_takes_a_file_name_only(tmp_path, name):
         discover_models(tmp_path, checkpoint=name)
 
 
+@pytest.mark.slow
 def test_predict_cli_refuses_a_chk_path_before_writing(tmp_path):
     out = tmp_path / "out"
     proc = run_module("predict", "-i", tmp_path, "-o", out, "-m", tmp_path, "-chk", "../fold_0/checkpoint_final.pth",
@@ -395,6 +396,7 @@ def test_full_nnunet_raw_is_one_line_and_leaves_nothing(tmp_path):
         assert not any(raw.iterdir()), sorted(p.name for p in raw.iterdir())
 
 
+@pytest.mark.slow
 def test_stale_staging_folders_of_dead_processes_are_removed(tmp_path):
     from nnalign.data.raw_dataset import remove_stale_staging
 
@@ -554,6 +556,7 @@ def test_a_fold_outside_the_split_is_one_line_listing_the_folds(tmp_path):
         check_fold_in_split(folder, 0)
 
 
+@pytest.mark.slow
 def test_help_stays_fast():
     for module in ("convert_brats", "predict", "evaluate", "train", "report"):
         start = time.perf_counter()
@@ -564,6 +567,7 @@ def test_help_stays_fast():
         assert not re.search(r"\|\s+(torch|nnunetv2)$", modules, re.MULTILINE), module
 
 
+@pytest.mark.slow
 def test_the_checkpoint_module_imports_no_torch_until_used():
     code = "import sys, nnalign.checkpoints; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

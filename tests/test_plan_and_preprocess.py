@@ -34,6 +34,7 @@ def assert_one_line_error(result, *fragments):
         assert f in lines[0]
 
 
+@pytest.mark.slow
 def test_plans_and_preprocesses_synthetic_data_loadable_by_nnunet(nnunet_env, tmp_path):
     write_synthetic_dataset(tmp_path / "raw", DATASET_ID, num_cases=3, shape=(40, 40, 40))
     result = run_cli(nnunet_env, "-d", str(DATASET_ID), "-c", "3d_cpu", "-np", "1")
@@ -58,15 +59,18 @@ def test_plans_and_preprocesses_synthetic_data_loadable_by_nnunet(nnunet_env, tm
     assert set(np.unique(seg)) - {-1} <= set(np.unique(source))
 
 
+@pytest.mark.slow
 def test_unknown_dataset_is_one_line(nnunet_env):
     assert_one_line_error(run_cli(nnunet_env, "-d", "42"), "no raw dataset with ID 42")
 
 
+@pytest.mark.slow
 def test_unknown_configuration_is_one_line(nnunet_env, tmp_path):
     write_synthetic_dataset(tmp_path / "raw", DATASET_ID, num_cases=1, shape=(32, 32, 32))
     assert_one_line_error(run_cli(nnunet_env, "-d", str(DATASET_ID), "-c", "3d_huge"), "unknown configuration '3d_huge'")
 
 
+@pytest.mark.slow
 def test_dataset_failing_integrity_check_is_one_line(nnunet_env, tmp_path):
     folder = write_synthetic_dataset(tmp_path / "raw", DATASET_ID, num_cases=2, shape=(32, 32, 32))
     label_file = folder / "labelsTr" / "SYN_0001.nii.gz"

@@ -32,6 +32,7 @@ def planners():
     return ExperimentPlanner, nnAlignPlanner
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gb", [8, 24])
 def test_teacher_aware_plan_fits_target_and_is_never_larger_than_stock(brats_sized_dataset, planners, gb):
     stock_cls, align_cls = planners
@@ -43,6 +44,7 @@ def test_teacher_aware_plan_fits_target_and_is_never_larger_than_stock(brats_siz
     assert all(o <= s for o, s in zip(ours["patch_size"], stock["patch_size"])) or ours["batch_size"] < stock["batch_size"]
 
 
+@pytest.mark.slow
 def test_estimate_counts_the_teacher_and_distillation(brats_sized_dataset, planners):
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
@@ -60,6 +62,7 @@ def test_estimate_counts_the_teacher_and_distillation(brats_sized_dataset, plann
     assert ours > stock
 
 
+@pytest.mark.slow
 def test_larger_memory_target_gives_larger_patch_or_batch(brats_sized_dataset, planners):
     small = _plan(planners[1], brats_sized_dataset, 8, "nnAlignPlans")["configurations"]["3d_fullres"]
     large = _plan(planners[1], brats_sized_dataset, 24, "nnAlignPlans24")["configurations"]["3d_fullres"]
@@ -67,6 +70,7 @@ def test_larger_memory_target_gives_larger_patch_or_batch(brats_sized_dataset, p
     assert large["nnalign_estimated_memory_gb"] > small["nnalign_estimated_memory_gb"]
 
 
+@pytest.mark.slow
 def test_cpu_and_paper_configurations(brats_sized_dataset, planners):
     plans = _plan(planners[1], brats_sized_dataset, 8, "nnAlignPlans")
     cfgs = plans["configurations"]

@@ -195,6 +195,7 @@ def test_input_cases_from_a_single_file(tmp_path):
         input_cases(tmp_path / "X-seg.nii.gz")
 
 
+@pytest.mark.slow
 def test_help_is_fast_and_label_options_match():
     from nnalign.cli.predict import LABEL_OPTIONS as CLI_LABELS
     from nnalign.inference.predict import LABEL_OPTIONS
@@ -346,6 +347,7 @@ SUBSETS = {  # case -> (held-out source, modalities present)
 MOVED = "SYNTS_0001_4mod"  # written with another origin and direction, which the output must keep
 
 
+@pytest.mark.slow
 def test_cli_predicts_every_subset_with_the_model_the_rules_choose(trained, tmp_path):
     cases = tmp_path / "in"
     for case, (source, modalities) in SUBSETS.items():
@@ -394,6 +396,7 @@ def one_case(trained, tmp_path_factory):
     return {"input": folder, "nnunet": out / "SYNTS_0000.nii.gz", "out": out}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("labels", ["brats2018", "brats2023", "source"])
 def test_label_conventions(trained, one_case, tmp_path, labels):
     from nnalign.data.labels import nnunet_to_brats
@@ -410,6 +413,7 @@ def test_label_conventions(trained, one_case, tmp_path, labels):
     np.testing.assert_array_equal(seg, nnunet_to_brats(nnunet, convention))
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_cases_and_overwrite_redoes_them(trained, one_case, tmp_path):
     from nnalign.inference.predict import predict
 
@@ -436,6 +440,7 @@ def test_resume_skips_finished_cases_and_overwrite_redoes_them(trained, one_case
     assert rows["SYNTS_0000"]["status"] == "ok" and rows["SYNTS_0001"]["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_modalities_option_restricts_each_case(trained, tmp_path):
     from nnalign.inference.predict import predict
 
@@ -458,6 +463,7 @@ def _truncate(path: Path) -> None:
     path.write_bytes(gzip.compress(data[: len(data) // 2]))
 
 
+@pytest.mark.slow
 def test_cli_bad_input_is_one_line_per_case_and_the_rest_is_predicted(trained, tmp_path):
     import SimpleITK as sitk
 
@@ -503,6 +509,7 @@ def test_cli_bad_input_is_one_line_per_case_and_the_rest_is_predicted(trained, t
     assert "1 predicted" in proc.stdout and "4 failed" in proc.stdout
 
 
+@pytest.mark.slow
 def test_cli_only_the_original_model_fails_cases_with_missing_modalities(trained, tmp_path):
     cases = tmp_path / "in"
     make_case(cases, "FULL", trained["images_ts"] / "SYNTS_0000", ALL)
@@ -519,6 +526,7 @@ def test_cli_only_the_original_model_fails_cases_with_missing_modalities(trained
     assert log["NOT1"]["message"].startswith("NOT1: no model for modalities T1ce+T2+FLAIR")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make_args, fragment", [
     (lambda t, p: ["-i", t["images_ts"], "-o", p / "o", "-m", p], "no model folders"),
     (lambda t, p: ["-i", t["images_ts"], "-o", p / "o", "-m", t["results"], "--modalities", "T5"], "unknown modality"),
@@ -532,6 +540,7 @@ def test_cli_run_level_errors_are_one_line(trained, tmp_path, make_args, fragmen
     assert lines[0].startswith("nnalign_predict: error: ") and fragment in lines[0], lines
 
 
+@pytest.mark.slow
 def test_the_teacher_is_told_which_channels_are_real_and_the_absent_ones_are_zero(trained):
     from nnalign.data.brats_layout import find_cases
     from nnalign.inference.predict import Predictors, predict_array
@@ -557,6 +566,7 @@ def test_the_teacher_is_told_which_channels_are_real_and_the_absent_ones_are_zer
     assert net.present_modalities == (0, 1, 2, 3)
 
 
+@pytest.mark.slow
 def test_an_output_folder_inside_the_input_is_not_read_as_input(trained, tmp_path):
     from nnalign.inference.predict import predict
 
@@ -571,6 +581,7 @@ def test_an_output_folder_inside_the_input_is_not_read_as_input(trained, tmp_pat
         predict(tmp_path, tmp_path, trained["results"], device="cpu", progress=False)
 
 
+@pytest.mark.slow
 def test_a_model_nnunet_cannot_load_fails_its_cases_in_one_line_each(trained, tmp_path):
     from nnalign.inference.predict import predict
 

@@ -199,6 +199,7 @@ def test_files_hold_the_generated_cases_on_a_1mm_grid(dataset):
         np.testing.assert_array_equal(sitk.GetArrayFromImage(lab), seg)
 
 
+@pytest.mark.slow
 def test_nnunet_accepts_the_dataset(dataset):
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
@@ -254,6 +255,7 @@ def _assert_one_line_error(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_cli_writes_a_dataset_and_refuses_to_clobber_it(tmp_path):
     proc = _synth(tmp_path, "-d", "7", "-n", "1", "--shape", "32", "32", "32", "--seed", "3", "--num-test", "1",
                   "--name", "CliSynth")
@@ -275,6 +277,7 @@ def test_cli_writes_a_dataset_and_refuses_to_clobber_it(tmp_path):
     assert not folder.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["-n", "0"], ["-n", "1", "--shape", "32", "16", "32"], ["-n", "1", "-d", "1000"]])
 def test_cli_rejects_bad_arguments_in_one_line(tmp_path, args):
     argv = ["-d", "8", "--shape", "32", "32", "32", *args] if "-d" not in args else ["--shape", "32", "32", "32", *args]
