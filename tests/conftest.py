@@ -1,4 +1,4 @@
-"""Fixtures shared by the training tests; each gives a function (ask for it by name as a test's argument):
+"""Fixtures shared by the test modules; each gives a function (ask for it by name as a test's argument):
 
 - ``plan_synthetic``: a synthetic raw dataset, planned and preprocessed for one configuration (session-wide, so
   module-scoped fixtures can use it).
@@ -12,17 +12,31 @@
 - ``experiment``: ``nnalign_experiment`` as a user runs it, in a subprocess.
 - ``tiny_data``: the synthetic dataset of the ``nnalign_experiment`` end-to-end tests, planned (per test module).
 - ``write_spec``: the SPEC of a tiny grid on ``tiny_data`` (a mixture teacher and a T1ce KD-Net student).
+- ``run_module``: ``python -m nnalign.cli.<module>`` as a user runs it, in a subprocess (no ``NNALIGN_DEBUG``).
+- ``error_lines``: the stderr lines of a failed run, each ``<prog>: error: ...``, no traceback, a non-zero exit.
+- ``write_crafted_checkpoint``: a checkpoint that creates a marker file when a loader that runs code unpickles it.
+- ``tmpfs``: a context manager mounting a size-limited tmpfs (read-only if asked), skipping the test where nothing
+  can be mounted.
+- ``read_only``: a context manager giving a read-only folder (file permissions, or a read-only tmpfs for root).
+- ``fill_up``: write a filler file into a folder until its file system is full.
+- ``write_image``: a NIfTI (or other SimpleITK) image of an array.
+- ``write_brats_case``: a BraTS 2018-named case folder (four images and a label map of ``BRATS_SHAPE``).
+- ``convert``: ``nnalign_convert_brats`` of a release folder into an ``nnUNet_raw`` folder, in a subprocess.
 """
 from __future__ import annotations
 
+import builtins
+import contextlib
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 
 
@@ -150,6 +164,143 @@ def _write_spec(folder: Path, data: Path, extra_teacher: str = "") -> Path:
     return path
 
 
+def _run_module(module: str, *args, env: dict | None = None, cwd: Path | None = None,
+                timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m nnalign.cli.MODULE ARGS`` as a user runs it (no NNALIGN_DEBUG)."""
+    environ = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != "NNALIGN_DEBUG"}
+    return subprocess.run([sys.executable, "-m", f"nnalign.cli.{module}", *map(str, args)], capture_output=True,
+                          text=True, env=environ, cwd=cwd, timeout=timeout)
+
+
+def _error_lines(proc: subprocess.CompletedProcess, prog: str) -> list[str]:
+    """The stderr lines of a failed run, each ``PROG: error: ...``; asserts no traceback and a non-zero exit."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0, (proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines and all(line.startswith(f"{prog}: error: ") for line in lines), lines
+    return lines
+
+
+class _CreatesFile:
+    """Unpickling this object creates the file ``path`` (what a crafted checkpoint could do, harmlessly)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return builtins.open, (self.path, "w")
+
+
+def _write_crafted_checkpoint(path: Path, marker: Path, like: Path | None = None) -> None:
+    """A checkpoint (a copy of ``like``'s contents, if given) with one extra entry that creates ``marker`` when
+    unpickled by a loader that runs code."""
+    import torch
+
+    payload = torch.load(like, map_location="cpu", weights_only=False) if like is not None else {}
+    payload["notes"] = _CreatesFile(marker)
+    torch.save(payload, path)
+
+
+def _mount(*args: str) -> str | None:
+    """Run ``mount ARGS``; None on success, else why not."""
+    try:
+        proc = subprocess.run(["mount", *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    return None if proc.returncode == 0 else (proc.stderr.strip() or f"mount exited {proc.returncode}")
+
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, size_kib: int = 4096, read_only: bool = False, fill_from: Path | None = None):
+    """Mount a tmpfs of ``size_kib`` at ``path`` (copying ``fill_from``'s files in first; then read-only if asked)
+    and unmount it afterwards; skips the test where nothing can be mounted."""
+    path.mkdir(parents=True, exist_ok=True)
+    problem = _mount("-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(path))
+    if problem:
+        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {problem}")
+    try:
+        if fill_from is not None:
+            for item in fill_from.iterdir():
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, path / item.name)
+        if read_only:
+            problem = _mount("-o", "remount,ro", str(path))
+            if problem:
+                pytest.skip(f"cannot remount a tmpfs read-only here: {problem}")
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def _read_only(path: Path, fill_from: Path | None = None):
+    """``path`` as a read-only folder (holding ``fill_from``'s files): file permissions for an ordinary user, a
+    read-only tmpfs for root."""
+    if os.geteuid() != 0:
+        path.mkdir(parents=True, exist_ok=True)
+        if fill_from is not None:
+            shutil.copytree(fill_from, path, dirs_exist_ok=True)
+        path.chmod(0o555)
+        try:
+            yield path
+        finally:
+            path.chmod(0o755)
+        return
+    with _tmpfs(path, read_only=True, fill_from=fill_from) as mounted:
+        yield mounted
+
+
+def _fill_up(folder: Path) -> None:
+    """Write ``folder/filler`` until the file system is full."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_image(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)) -> Path:
+    """``array`` (z, y, x) as the image ``path``, with ``spacing`` and ``origin`` (x, y, z); returns ``path``."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(array, isVector=False)
+    image.SetSpacing(spacing[: image.GetDimension()] + (1.0,) * (image.GetDimension() - len(spacing)))
+    image.SetOrigin(origin[: image.GetDimension()] + (0.0,) * (image.GetDimension() - len(origin)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+BRATS_SHAPE = (10, 9, 8)
+BRATS_NAMES = {"T1": "t1", "T1ce": "t1ce", "T2": "t2", "FLAIR": "flair", "seg": "seg"}
+"""The voxel shape (z, y, x) and file-name suffixes of ``write_brats_case``'s images (test modules that replace an
+image spell them themselves)."""
+
+
+def _write_brats_case(folder: Path, case_id: str, arrays: dict | None = None, origins: dict | None = None) -> Path:
+    """A BraTS 2018-named case ``folder/case_id`` of float32 images (distinct constants plus a little noise) and a
+    label map (necrosis 1, edema 2, enhancing tumour 4 at random places); ``arrays`` / ``origins`` override a kind's
+    voxels / origin."""
+    rng = np.random.default_rng(abs(hash(case_id)) % 2**32)
+    arrays, origins = arrays or {}, origins or {}
+    flat = np.zeros(int(np.prod(BRATS_SHAPE)), dtype=np.uint8)
+    flat[:7], flat[7:20], flat[20:39] = 1, 2, 4
+    seg = np.random.default_rng(0).permutation(flat).reshape(BRATS_SHAPE)
+    for i, kind in enumerate(BRATS_NAMES):
+        default = seg if kind == "seg" else (10.0 * (i + 1) + rng.random(BRATS_SHAPE)).astype(np.float32)
+        _write_image(folder / case_id / f"{case_id}_{BRATS_NAMES[kind]}.nii.gz", arrays.get(kind, default),
+                     origin=origins.get(kind, (0.0, 0.0, 0.0)))
+    return folder / case_id
+
+
+def _convert(raw: Path, source: Path, *args, dataset_id: int = 30) -> subprocess.CompletedProcess:
+    """``nnalign_convert_brats -i SOURCE -d DATASET_ID ARGS`` into the ``nnUNet_raw`` folder ``raw``."""
+    return _run_module("convert_brats", "-i", source, "-d", dataset_id, *args, env={"nnUNet_raw": str(raw)},
+                       cwd=source.parent)
+
+
 @pytest.fixture(scope="session")
 def plan_synthetic() -> Callable[..., Path]:
     return _plan_synthetic
@@ -195,3 +346,48 @@ def tiny_data(plan_synthetic, tmp_path_factory, request) -> Path:
 @pytest.fixture(scope="session")
 def write_spec() -> Callable[..., Path]:
     return _write_spec
+
+
+@pytest.fixture(scope="session")
+def run_module() -> Callable[..., subprocess.CompletedProcess]:
+    return _run_module
+
+
+@pytest.fixture(scope="session")
+def error_lines() -> Callable[[subprocess.CompletedProcess, str], list[str]]:
+    return _error_lines
+
+
+@pytest.fixture(scope="session")
+def write_crafted_checkpoint() -> Callable[..., None]:
+    return _write_crafted_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tmpfs() -> Callable[..., contextlib.AbstractContextManager[Path]]:
+    return _tmpfs
+
+
+@pytest.fixture(scope="session")
+def read_only() -> Callable[..., contextlib.AbstractContextManager[Path]]:
+    return _read_only
+
+
+@pytest.fixture(scope="session")
+def fill_up() -> Callable[[Path], None]:
+    return _fill_up
+
+
+@pytest.fixture(scope="session")
+def write_image() -> Callable[..., Path]:
+    return _write_image
+
+
+@pytest.fixture(scope="session")
+def write_brats_case() -> Callable[..., Path]:
+    return _write_brats_case
+
+
+@pytest.fixture(scope="session")
+def convert() -> Callable[..., subprocess.CompletedProcess]:
+    return _convert

@@ -7,8 +7,6 @@ training) are in test_hostile_models.py. Read-only and full folders are tmpfs mo
 """
 from __future__ import annotations
 
-import builtins
-import contextlib
 import json
 import re
 import os
@@ -21,136 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from nnalign.errors import NnalignError
 
 SIZE = (8, 9, 10)  # x, y, z
-SHAPE = SIZE[::-1]
-NAMES = {"T1": "t1", "T1ce": "t1ce", "T2": "t2", "FLAIR": "flair", "seg": "seg"}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# helpers shared with test_hostile_models.py
-
-
-class CreatesFile:
-    """Unpickling this object creates the file ``path`` (what a crafted checkpoint could do, harmlessly)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-
-    def __reduce__(self):
-        return builtins.open, (self.path, "w")
-
-
-def write_crafted_checkpoint(path: Path, marker: Path, like: Path | None = None) -> None:
-    """A checkpoint (a copy of ``like``'s contents, if given) with one extra entry that creates ``marker`` when
-    unpickled by a loader that runs code."""
-    import torch
-
-    payload = torch.load(like, map_location="cpu", weights_only=False) if like is not None else {}
-    payload["notes"] = CreatesFile(marker)
-    torch.save(payload, path)
-
-
-def run_module(module: str, *args, env: dict | None = None, cwd: Path | None = None,
-               timeout: float = 600) -> subprocess.CompletedProcess:
-    """``python -m nnalign.cli.MODULE ARGS`` as a user runs it (no NNALIGN_DEBUG)."""
-    environ = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != "NNALIGN_DEBUG"}
-    return subprocess.run([sys.executable, "-m", f"nnalign.cli.{module}", *map(str, args)], capture_output=True,
-                          text=True, env=environ, cwd=cwd, timeout=timeout)
-
-
-def error_lines(proc: subprocess.CompletedProcess, prog: str) -> list[str]:
-    """The stderr lines of a failed run, each ``PROG: error: ...``; asserts no traceback and a non-zero exit."""
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode != 0, (proc.stdout[-2000:], proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert lines and all(line.startswith(f"{prog}: error: ") for line in lines), lines
-    return lines
-
-
-def one_error_line(proc: subprocess.CompletedProcess, prog: str, *fragments: str) -> str:
-    """Exactly one stderr line, ``PROG: error: ...`` holding every fragment; returns it."""
-    lines = error_lines(proc, prog)
-    assert len(lines) == 1, lines
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
-
-
-def _mount(*args: str) -> str | None:
-    """Run ``mount ARGS``; None on success, else why not."""
-    try:
-        proc = subprocess.run(["mount", *args], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return str(e)
-    return None if proc.returncode == 0 else (proc.stderr.strip() or f"mount exited {proc.returncode}")
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size_kib: int = 4096, read_only: bool = False, fill_from: Path | None = None):
-    """Mount a tmpfs of ``size_kib`` at ``path`` (copying ``fill_from``'s files in first; then read-only if asked)
-    and unmount it afterwards; skips the test where nothing can be mounted."""
-    import shutil
-
-    path.mkdir(parents=True, exist_ok=True)
-    problem = _mount("-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(path))
-    if problem:
-        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {problem}")
-    try:
-        if fill_from is not None:
-            for item in fill_from.iterdir():
-                (shutil.copytree if item.is_dir() else shutil.copy2)(item, path / item.name)
-        if read_only:
-            problem = _mount("-o", "remount,ro", str(path))
-            if problem:
-                pytest.skip(f"cannot remount a tmpfs read-only here: {problem}")
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
-
-
-def fill_up(folder: Path) -> None:
-    """Write ``folder/filler`` until the file system is full."""
-    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def read_only(path: Path, fill_from: Path | None = None):
-    """``path`` as a read-only folder (holding ``fill_from``'s files): file permissions for an ordinary user, a
-    read-only tmpfs for root."""
-    if os.geteuid() != 0:
-        import shutil
-
-        path.mkdir(parents=True, exist_ok=True)
-        if fill_from is not None:
-            shutil.copytree(fill_from, path, dirs_exist_ok=True)
-        path.chmod(0o555)
-        try:
-            yield path
-        finally:
-            path.chmod(0o755)
-        return
-    with tmpfs(path, read_only=True, fill_from=fill_from) as mounted:
-        yield mounted
-
-
-def write_image(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)) -> Path:
-    image = sitk.GetImageFromArray(array, isVector=False)
-    image.SetSpacing(spacing[: image.GetDimension()] + (1.0,) * (image.GetDimension() - len(spacing)))
-    image.SetOrigin(origin[: image.GetDimension()] + (0.0,) * (image.GetDimension() - len(origin)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(image, str(path))
-    return path
+SHAPE = SIZE[::-1]  # the shape of write_brats_case's images (conftest's BRATS_SHAPE)
+NAMES = {"T1": "t1", "T1ce": "t1ce", "T2": "t2", "FLAIR": "flair", "seg": "seg"}  # its file names (BRATS_NAMES)
 
 
 def seg_array(seed: int = 0) -> np.ndarray:
@@ -158,23 +32,6 @@ def seg_array(seed: int = 0) -> np.ndarray:
     flat = np.zeros(int(np.prod(SHAPE)), dtype=np.uint8)
     flat[:7], flat[7:20], flat[20:39] = 1, 2, 4
     return np.random.default_rng(seed).permutation(flat).reshape(SHAPE)
-
-
-def write_brats_case(folder: Path, case_id: str, arrays: dict | None = None, origins: dict | None = None) -> Path:
-    """A BraTS 2018-named case ``folder/case_id`` of float32 images (distinct constants plus a little noise) and a
-    label map; ``arrays`` / ``origins`` override a kind's voxels / origin."""
-    rng = np.random.default_rng(abs(hash(case_id)) % 2**32)
-    arrays, origins = arrays or {}, origins or {}
-    for i, kind in enumerate(NAMES):
-        default = seg_array() if kind == "seg" else (10.0 * (i + 1) + rng.random(SHAPE)).astype(np.float32)
-        write_image(folder / case_id / f"{case_id}_{NAMES[kind]}.nii.gz", arrays.get(kind, default),
-                    origin=origins.get(kind, (0.0, 0.0, 0.0)))
-    return folder / case_id
-
-
-def convert(raw: Path, source: Path, *args, dataset_id: int = 30) -> subprocess.CompletedProcess:
-    return run_module("convert_brats", "-i", source, "-d", dataset_id, *args, env={"nnUNet_raw": str(raw)},
-                      cwd=source.parent)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -226,7 +83,7 @@ def test_numpy_1_scalars_load_under_their_old_name(real_like_checkpoint, tmp_pat
     assert load_checkpoint_safely(old)["_best_ema"] == np.float32(0.3)
 
 
-def test_a_crafted_checkpoint_is_refused_naming_the_file_and_the_type(tmp_path):
+def test_a_crafted_checkpoint_is_refused_naming_the_file_and_the_type(tmp_path, write_crafted_checkpoint):
     from nnalign.checkpoints import CheckpointError, check_checkpoint, load_checkpoint_safely
 
     marker, path = tmp_path / "created_by_the_checkpoint", tmp_path / "checkpoint_final.pth"
@@ -239,7 +96,7 @@ def test_a_crafted_checkpoint_is_refused_naming_the_file_and_the_type(tmp_path):
     assert not marker.exists()
 
 
-def test_inside_safe_torch_load_nnunets_loads_are_weights_only_whatever_they_ask(tmp_path):
+def test_inside_safe_torch_load_nnunets_loads_are_weights_only_whatever_they_ask(tmp_path, write_crafted_checkpoint):
     import torch
 
     from nnalign.checkpoints import CheckpointError, safe_torch_load
@@ -282,11 +139,11 @@ def test_chk_takes_a_file_name_only(tmp_path, name):
 
 
 @pytest.mark.slow
-def test_predict_cli_refuses_a_chk_path_before_writing(tmp_path):
+def test_predict_cli_refuses_a_chk_path_before_writing(tmp_path, run_module, assert_one_line_error):
     out = tmp_path / "out"
     proc = run_module("predict", "-i", tmp_path, "-o", out, "-m", tmp_path, "-chk", "../fold_0/checkpoint_final.pth",
                       "-device", "cpu")
-    one_error_line(proc, "nnalign_predict", "-chk '../fold_0/checkpoint_final.pth'", "not a path")
+    assert_one_line_error(proc, "-chk '../fold_0/checkpoint_final.pth'", "not a path", prog="nnalign_predict")
     assert not out.exists()
 
 
@@ -294,12 +151,14 @@ def test_predict_cli_refuses_a_chk_path_before_writing(tmp_path):
 # conversion
 
 
-def test_a_4d_modality_is_one_line_and_skip_bad_skips_the_case(tmp_path):
+def test_a_4d_modality_is_one_line_and_skip_bad_skips_the_case(tmp_path, write_brats_case, convert,
+                                                               assert_one_line_error):
     source, raw = tmp_path / "release", tmp_path / "raw"
     write_brats_case(source, "Brats18_GOOD_1")
     write_brats_case(source, "Brats18_4D_1", arrays={"T1ce": np.ones((2, *SHAPE), np.float32)})
-    line = one_error_line(convert(raw, source, "-np", 1), "nnalign_convert_brats", "Brats18_4D_1_t1ce.nii.gz",
-                          "expected a 3D scalar image, got a 4D image (8 x 9 x 10 x 2)")
+    line = assert_one_line_error(convert(raw, source, "-np", 1), "Brats18_4D_1_t1ce.nii.gz",
+                                 "expected a 3D scalar image, got a 4D image (8 x 9 x 10 x 2)",
+                                 prog="nnalign_convert_brats")
     assert "Brats18_4D_1" in line and not raw.exists() or not any(raw.iterdir())
 
     proc = convert(raw, source, "-np", 1, "--skip-bad")
@@ -308,10 +167,11 @@ def test_a_4d_modality_is_one_line_and_skip_bad_skips_the_case(tmp_path):
     assert sorted(p.name for p in (raw / "Dataset030_release" / "labelsTr").iterdir()) == ["Brats18_GOOD_1.nii.gz"]
 
 
-def test_a_geometry_mismatch_names_the_file_that_differs_from_the_others(tmp_path):
+def test_a_geometry_mismatch_names_the_file_that_differs_from_the_others(tmp_path, write_brats_case, convert,
+                                                                         assert_one_line_error):
     source, raw = tmp_path / "release", tmp_path / "raw"
     write_brats_case(source, "Brats18_MOVED_1", origins={"FLAIR": (0.0, 0.0, 5.0)})
-    line = one_error_line(convert(raw, source, "-np", 1), "nnalign_convert_brats")
+    line = assert_one_line_error(convert(raw, source, "-np", 1), prog="nnalign_convert_brats")
     assert line.startswith("nnalign_convert_brats: error: Brats18_MOVED_1: Brats18_MOVED_1_flair.nii.gz: origin "
                            "(0.0, 0.0, 5.0) differs from (0.0, 0.0, 0.0) of the other files"), line
 
@@ -345,45 +205,47 @@ def test_geometry_without_a_majority_names_both_files_and_shapes_are_integers():
 
 
 @pytest.mark.parametrize("kind, value", [("T2", np.nan), ("FLAIR", np.inf), ("seg", np.nan)])
-def test_nan_or_inf_in_an_image_or_label_is_an_error_naming_the_file(tmp_path, kind, value):
+def test_nan_or_inf_in_an_image_or_label_is_an_error_naming_the_file(tmp_path, kind, value, write_brats_case, convert,
+                                                                     assert_one_line_error):
     source, raw = tmp_path / "release", tmp_path / "raw"
     array = seg_array().astype(np.float32) if kind == "seg" else np.full(SHAPE, 5.0, np.float32)
     array[1, 2, 3] = value
     write_brats_case(source, "Brats18_NAN_1", arrays={kind: array})
-    one_error_line(convert(raw, source, "-np", 1), "nnalign_convert_brats",
-                   f"Brats18_NAN_1_{NAMES[kind]}.nii.gz: 1 NaN or infinite voxel")
+    assert_one_line_error(convert(raw, source, "-np", 1),
+                          f"Brats18_NAN_1_{NAMES[kind]}.nii.gz: 1 NaN or infinite voxel", prog="nnalign_convert_brats")
 
 
-def test_skip_bad_with_every_case_bad_lists_what_it_skipped(tmp_path):
+def test_skip_bad_with_every_case_bad_lists_what_it_skipped(tmp_path, write_brats_case, convert, assert_one_line_error):
     source, raw = tmp_path / "release", tmp_path / "raw"
     write_brats_case(source, "Brats18_BAD_1", arrays={"T1": np.ones((2, *SHAPE), np.float32)})
     write_brats_case(source, "Brats18_BAD_2", origins={"T2": (9.0, 0.0, 0.0)})
     proc = convert(raw, source, "-np", 1, "--skip-bad")
-    one_error_line(proc, "nnalign_convert_brats", "no case could be converted (2 skipped as bad)")
+    assert_one_line_error(proc, "no case could be converted (2 skipped as bad)", prog="nnalign_convert_brats")
     skipped = [line for line in proc.stdout.splitlines() if line.startswith("skipped ")]
     assert [line.split(":")[0] for line in skipped] == ["skipped Brats18_BAD_1", "skipped Brats18_BAD_2"], proc.stdout
     assert "Brats18_BAD_2_t2.nii.gz: origin" in skipped[1]
 
 
-def test_nnunet_raw_that_is_a_file_is_one_line(tmp_path):
+def test_nnunet_raw_that_is_a_file_is_one_line(tmp_path, write_brats_case, convert, assert_one_line_error):
     source = tmp_path / "release"
     write_brats_case(source, "Brats18_GOOD_1")
     raw = tmp_path / "raw_is_a_file"
     raw.write_text("not a folder")
-    one_error_line(convert(raw, source, "-np", 1), "nnalign_convert_brats", str(raw), "not a folder")
+    assert_one_line_error(convert(raw, source, "-np", 1), str(raw), "not a folder", prog="nnalign_convert_brats")
     inside = raw / "sub"
-    one_error_line(convert(inside, source, "-np", 1), "nnalign_convert_brats", str(inside), "cannot write")
+    assert_one_line_error(convert(inside, source, "-np", 1), str(inside), "cannot write", prog="nnalign_convert_brats")
 
 
-def test_read_only_nnunet_raw_is_one_line(tmp_path):
+def test_read_only_nnunet_raw_is_one_line(tmp_path, write_brats_case, read_only, convert, assert_one_line_error):
     source = tmp_path / "release"
     write_brats_case(source, "Brats18_GOOD_1")
     with read_only(tmp_path / "raw") as raw:
-        one_error_line(convert(raw, source, "-np", 1), "nnalign_convert_brats", str(raw), "cannot write")
+        assert_one_line_error(convert(raw, source, "-np", 1), str(raw), "cannot write", prog="nnalign_convert_brats")
         assert not any(raw.iterdir())
 
 
-def test_full_nnunet_raw_is_one_line_and_leaves_nothing(tmp_path):
+def test_full_nnunet_raw_is_one_line_and_leaves_nothing(tmp_path, write_brats_case, tmpfs, convert,
+                                                        assert_one_line_error):
     source = tmp_path / "release"
     rng = np.random.default_rng(0)
     for i in range(3):  # incompressible voxels: about 1.3 MB per case once gzipped
@@ -392,12 +254,12 @@ def test_full_nnunet_raw_is_one_line_and_leaves_nothing(tmp_path):
                          | {"seg": np.zeros((80, 80, 13), np.uint8)})
     with tmpfs(tmp_path / "raw", size_kib=1024) as raw:
         proc = convert(raw, source, "-np", 1)
-        one_error_line(proc, "nnalign_convert_brats", "No space left on device", "nothing was")
+        assert_one_line_error(proc, "No space left on device", "nothing was", prog="nnalign_convert_brats")
         assert not any(raw.iterdir()), sorted(p.name for p in raw.iterdir())
 
 
 @pytest.mark.slow
-def test_stale_staging_folders_of_dead_processes_are_removed(tmp_path):
+def test_stale_staging_folders_of_dead_processes_are_removed(tmp_path, write_brats_case, convert):
     from nnalign.data.raw_dataset import remove_stale_staging
 
     raw = tmp_path / "raw"
@@ -439,7 +301,8 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the worker processes")
-def test_a_killed_conversion_takes_its_workers_and_the_next_run_removes_its_staging(tmp_path):
+def test_a_killed_conversion_takes_its_workers_and_the_next_run_removes_its_staging(tmp_path, write_brats_case,
+                                                                                      convert):
     source, raw = tmp_path / "release", tmp_path / "raw"
     for i in range(24):
         write_brats_case(source, f"Brats18_CASE_{i:02d}")
@@ -473,27 +336,36 @@ def test_a_killed_conversion_takes_its_workers_and_the_next_run_removes_its_stag
 # evaluation
 
 
-def _labels(folder: Path, case: str, array: np.ndarray | None = None) -> Path:
-    return write_image(folder / f"{case}.nii.gz", seg_array(1) if array is None else array)
+@pytest.fixture
+def labels(write_image):
+    """``labels(folder, case, array=None)``: the label map ``folder/<case>.nii.gz`` (``seg_array(1)`` by default)."""
+    def write(folder: Path, case: str, array: np.ndarray | None = None) -> Path:
+        return write_image(folder / f"{case}.nii.gz", seg_array(1) if array is None else array)
+    return write
 
 
-def two_cases(tmp_path: Path) -> tuple[Path, Path]:
+@pytest.fixture
+def two_cases(tmp_path, labels) -> tuple[Path, Path]:
     """Reference and prediction folders holding the same label maps of cases A and B."""
     ref, pred = tmp_path / "ref", tmp_path / "pred"
     for case in ("A", "B"):
-        _labels(ref, case)
-        _labels(pred, case)
+        labels(ref, case)
+        labels(pred, case)
     return ref, pred
 
 
-def evaluate(ref: Path, pred: Path, *args) -> subprocess.CompletedProcess:
-    return run_module("evaluate", "-r", ref, "-p", pred, "--labels", "brats2018", *args)
+@pytest.fixture
+def evaluate(run_module):
+    """``evaluate(ref, pred, *args)``: ``nnalign_evaluate`` with BraTS 2018 labels, in a subprocess."""
+    def run(ref: Path, pred: Path, *args) -> subprocess.CompletedProcess:
+        return run_module("evaluate", "-r", ref, "-p", pred, "--labels", "brats2018", *args)
+    return run
 
 
-def test_a_truncated_prediction_is_a_failed_case_never_a_score(tmp_path):
+def test_a_truncated_prediction_is_a_failed_case_never_a_score(two_cases, evaluate, error_lines):
     import gzip
 
-    ref, pred = two_cases(tmp_path)
+    ref, pred = two_cases
     path = pred / "B.nii.gz"
     path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-300]))
     proc = evaluate(ref, pred)
@@ -503,8 +375,8 @@ def test_a_truncated_prediction_is_a_failed_case_never_a_score(tmp_path):
     assert list(metrics["cases"]) == ["A"] and "B" in metrics["errors"]
 
 
-def test_a_truncated_reference_is_a_failed_case(tmp_path):
-    ref, pred = two_cases(tmp_path)
+def test_a_truncated_reference_is_a_failed_case(two_cases, evaluate, error_lines, write_image):
+    ref, pred = two_cases
     path = ref / "A.nii"
     write_image(path, seg_array(1))
     (ref / "A.nii.gz").unlink()
@@ -514,24 +386,24 @@ def test_a_truncated_reference_is_a_failed_case(tmp_path):
 
 
 @pytest.mark.parametrize("side", ["ref", "pred"])
-def test_nan_in_a_label_map_is_an_error_naming_the_file(tmp_path, side):
-    ref, pred = two_cases(tmp_path)
+def test_nan_in_a_label_map_is_an_error_naming_the_file(tmp_path, side, two_cases, labels, evaluate, error_lines):
+    ref, pred = two_cases
     bad = seg_array(1).astype(np.float32)
     bad[0, 0, 0] = np.nan
-    path = _labels(tmp_path / side, "B", bad)
+    path = labels(tmp_path / side, "B", bad)
     lines = error_lines(evaluate(ref, pred), "nnalign_evaluate")
     assert any(f"{path}: 1 NaN or infinite voxel" in line for line in lines), lines
 
 
-def test_read_only_output_of_evaluate_is_one_line(tmp_path):
+def test_read_only_output_of_evaluate_is_one_line(tmp_path, labels, evaluate, read_only, assert_one_line_error):
     ref, pred = tmp_path / "ref", tmp_path / "pred"
-    _labels(ref, "A")
-    _labels(pred, "A")
+    labels(ref, "A")
+    labels(pred, "A")
     with read_only(tmp_path / "ro") as folder:
-        one_error_line(evaluate(ref, pred, "-o", folder / "metrics.csv"), "nnalign_evaluate", str(folder),
-                       "cannot write the metrics")
+        assert_one_line_error(evaluate(ref, pred, "-o", folder / "metrics.csv"), str(folder),
+                              "cannot write the metrics", prog="nnalign_evaluate")
     with read_only(tmp_path / "ro_pred", fill_from=pred) as ro_pred:
-        one_error_line(evaluate(ref, ro_pred), "nnalign_evaluate", str(ro_pred), "cannot write")
+        assert_one_line_error(evaluate(ref, ro_pred), str(ro_pred), "cannot write", prog="nnalign_evaluate")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -557,7 +429,7 @@ def test_a_fold_outside_the_split_is_one_line_listing_the_folds(tmp_path):
 
 
 @pytest.mark.slow
-def test_help_stays_fast():
+def test_help_stays_fast(run_module):
     for module in ("convert_brats", "predict", "evaluate", "train", "report"):
         start = time.perf_counter()
         proc = run_module(module, "--help")

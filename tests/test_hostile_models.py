@@ -19,8 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_hostile_input import (error_lines, fill_up, one_error_line, read_only, run_module, tmpfs,
-                                write_crafted_checkpoint, write_image)
 
 pytestmark = pytest.mark.slow
 
@@ -98,7 +96,8 @@ def test_every_checkpoint_training_writes_loads_with_the_allow_list(trained):
 # a crafted checkpoint runs no code
 
 
-def test_predict_refuses_a_crafted_checkpoint(trained, results, tmp_path):
+def test_predict_refuses_a_crafted_checkpoint(trained, results, tmp_path, write_crafted_checkpoint, run_module,
+                                              error_lines):
     marker = tmp_path / "created_by_the_checkpoint"
     path = teacher_checkpoint(results)
     write_crafted_checkpoint(path, marker, like=path)
@@ -111,48 +110,52 @@ def test_predict_refuses_a_crafted_checkpoint(trained, results, tmp_path):
     assert not list(out.glob("*.nii.gz"))
 
 
-def test_train_continue_refuses_a_crafted_checkpoint_and_keeps_the_run(trained, results, tmp_path, run_train):
+def test_train_continue_refuses_a_crafted_checkpoint_and_keeps_the_run(trained, results, tmp_path, run_train,
+                                                                        write_crafted_checkpoint,
+                                                                        assert_one_line_error):
     marker = tmp_path / "created_by_the_checkpoint"
     path = teacher_checkpoint(results)
     write_crafted_checkpoint(path, marker, like=path)
     proc = run_train(trained, results, str(DATASET_ID), CONFIG, "0", "--anchor", "mixture", "--c", "--epochs", "2",
                      "-device", "cpu")
-    one_error_line(proc, "nnalign_train", f"{path}: refused: it holds io.open")
+    assert_one_line_error(proc, f"{path}: refused: it holds io.open")
     assert not marker.exists() and path.is_file()
 
 
 @pytest.mark.parametrize("damage, reason", [("truncate", "not a readable checkpoint (truncated or corrupt"),
                                             ("empty", "empty file, not a checkpoint")])
-def test_train_continue_with_a_broken_checkpoint_is_one_line(trained, results, damage, reason, run_train):
+def test_train_continue_with_a_broken_checkpoint_is_one_line(trained, results, damage, reason, run_train,
+                                                              assert_one_line_error):
     path = teacher_checkpoint(results)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"")
     proc = run_train(trained, results, str(DATASET_ID), CONFIG, "0", "--anchor", "mixture", "--c", "--epochs", "2",
                      "-device", "cpu")
-    one_error_line(proc, "nnalign_train", str(path), reason)
+    assert_one_line_error(proc, str(path), reason)
 
 
-def test_a_student_refuses_a_crafted_teacher_and_leaves_no_run_folder(trained, results, tmp_path, student):
+def test_a_student_refuses_a_crafted_teacher_and_leaves_no_run_folder(trained, results, tmp_path, student,
+                                                                      write_crafted_checkpoint, assert_one_line_error):
     for folder in student_folders(results):
         shutil.rmtree(folder)
     marker = tmp_path / "created_by_the_checkpoint"
     path = teacher_checkpoint(results)
     write_crafted_checkpoint(path, marker, like=path)
-    one_error_line(student(trained, results, "--epochs", "1", "--iters-per-epoch", "1"), "nnalign_train",
-                   f"{path}: refused: it holds io.open")
+    assert_one_line_error(student(trained, results, "--epochs", "1", "--iters-per-epoch", "1"),
+                          f"{path}: refused: it holds io.open")
     assert not marker.exists() and not student_folders(results)
 
 
-def test_a_truncated_teacher_is_one_line_and_leaves_no_run_folder(trained, results, student):
+def test_a_truncated_teacher_is_one_line_and_leaves_no_run_folder(trained, results, student, assert_one_line_error):
     for folder in student_folders(results):
         shutil.rmtree(folder)
     path = teacher_checkpoint(results)
     path.write_bytes(path.read_bytes()[:1000])
-    one_error_line(student(trained, results, "--epochs", "1"), "nnalign_train", str(path), "truncated or corrupt")
+    assert_one_line_error(student(trained, results, "--epochs", "1"), str(path), "truncated or corrupt")
     assert not student_folders(results)
 
 
-def test_report_refuses_a_crafted_checkpoint(trained, results, tmp_path):
+def test_report_refuses_a_crafted_checkpoint(trained, results, tmp_path, write_crafted_checkpoint, run_module):
     marker = tmp_path / "created_by_the_checkpoint"
     path = teacher_checkpoint(results)
     write_crafted_checkpoint(path, marker, like=path)
@@ -172,18 +175,18 @@ def test_report_refuses_a_crafted_checkpoint(trained, results, tmp_path):
 # nnalign_train: checks before anything is written
 
 
-def test_a_fold_outside_the_split_trains_nothing(trained, tmp_path, run_train):
+def test_a_fold_outside_the_split_trains_nothing(trained, tmp_path, run_train, assert_one_line_error):
     results = tmp_path / "results"
-    one_error_line(run_train(trained, results, str(DATASET_ID), CONFIG, "7", "--anchor", "none", *SHORT),
-                   "nnalign_train", "fold 7 is not in", "splits_final.json (its folds: 0-2; or 'all')")
+    assert_one_line_error(run_train(trained, results, str(DATASET_ID), CONFIG, "7", "--anchor", "none", *SHORT),
+                          "fold 7 is not in", "splits_final.json (its folds: 0-2; or 'all')")
     assert not results.exists()
 
 
-def test_a_bad_temperature_leaves_no_run_folder(trained, results, student):
+def test_a_bad_temperature_leaves_no_run_folder(trained, results, student, assert_one_line_error):
     for folder in student_folders(results):
         shutil.rmtree(folder)
-    one_error_line(student(trained, results, "--temperature", "-1", "--epochs", "1"), "nnalign_train",
-                   "temperature must be a finite number > 0")
+    assert_one_line_error(student(trained, results, "--temperature", "-1", "--epochs", "1"),
+                          "temperature must be a finite number > 0")
     assert not student_folders(results)
 
 
@@ -206,12 +209,17 @@ def test_a_start_that_fails_inside_training_removes_what_it_created(tmp_path):
 # nnalign_predict: bad images, unwritable and full output
 
 
-def _predict(trained: Path, source: Path, out: Path, *more) -> subprocess.CompletedProcess:
-    return run_module("predict", "-i", source, "-o", out, "-m", trained / "results" / DATASET / TEACHER,
-                      "-device", "cpu", "--disable-tta", *more)
+@pytest.fixture
+def predict(run_module):
+    """``predict(trained, source, out, *more)``: ``nnalign_predict`` with the module's teacher, on CPU, no TTA."""
+    def run(trained: Path, source: Path, out: Path, *more) -> subprocess.CompletedProcess:
+        return run_module("predict", "-i", source, "-o", out, "-m", trained / "results" / DATASET / TEACHER,
+                          "-device", "cpu", "--disable-tta", *more)
+    return run
 
 
-def test_nan_blank_and_4d_images_are_failed_cases_naming_the_file(trained, tmp_path):
+def test_nan_blank_and_4d_images_are_failed_cases_naming_the_file(trained, tmp_path, predict, write_image,
+                                                                  error_lines):
     import SimpleITK as sitk
 
     source = tmp_path / "in"
@@ -226,7 +234,7 @@ def test_nan_blank_and_4d_images_are_failed_cases_naming_the_file(trained, tmp_p
     fourd = case_files(trained, source / "FOURD", name="FOURD")
     write_image(fourd / "FOURD_0000.nii.gz", np.stack([array, array]))
     out = tmp_path / "out"
-    lines = error_lines(_predict(trained, source, out), "nnalign_predict")
+    lines = error_lines(predict(trained, source, out), "nnalign_predict")
     expected = ["NAN: NAN_0001.nii.gz: 1 NaN or infinite voxel", "BLANK: no signal in BLANK_0002.nii.gz (every voxel "
                 "is 0)", "FOURD: FOURD_0000.nii.gz: expected a 3D scalar image, got a 4D image"]
     assert len(lines) == 3 and all(any(e in line for line in lines) for e in expected), lines
@@ -236,21 +244,23 @@ def test_nan_blank_and_4d_images_are_failed_cases_naming_the_file(trained, tmp_p
                                                               "FOURD": "failed"}
 
 
-def test_read_only_output_is_one_line(trained, tmp_path):
+def test_read_only_output_is_one_line(trained, tmp_path, predict, read_only, assert_one_line_error):
     source = tmp_path / "in"
     case_files(trained, source / "ONE", name="ONE")
     first = tmp_path / "first"
-    assert _predict(trained, source, first).returncode == 0
+    assert predict(trained, source, first).returncode == 0
     case_files(trained, source / "TWO", case="SYN_0001", name="TWO")
     with read_only(tmp_path / "ro", fill_from=first) as out:
-        one_error_line(_predict(trained, source, out), "nnalign_predict", str(out), "cannot write predictions there")
+        assert_one_line_error(predict(trained, source, out), str(out), "cannot write predictions there",
+                              prog="nnalign_predict")
 
 
-def test_a_full_output_folder_is_one_line_and_no_partial_file(trained, tmp_path):
+def test_a_full_output_folder_is_one_line_and_no_partial_file(trained, tmp_path, predict, tmpfs, fill_up,
+                                                              assert_one_line_error):
     source = case_files(trained, tmp_path / "in" / "ONE", name="ONE").parent
     with tmpfs(tmp_path / "out", size_kib=64) as out:
         fill_up(out)  # so that the segmentation is what does not fit
-        line = one_error_line(_predict(trained, source, out), "nnalign_predict")
+        line = assert_one_line_error(predict(trained, source, out), prog="nnalign_predict")
         assert "cannot write" in line and ("No space left on device" in line or "ONE.nii.gz" in line), line
         assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
         for path in out.glob("*.nii.gz"):  # whatever has its final name is whole (it may fit where the log did not)
@@ -268,16 +278,15 @@ def assert_whole_image(path: Path) -> None:
     assert voxel_problem(path, reader) is None, path
 
 
-def test_a_full_disk_during_conversion_is_one_line(tmp_path):
+def test_a_full_disk_during_conversion_is_one_line(tmp_path, write_brats_case, tmpfs, fill_up, convert,
+                                                  assert_one_line_error):
     """Conversion on a full disk (the in-process part of this check is in test_hostile_input.py)."""
-    from test_hostile_input import convert, write_brats_case
-
     source = tmp_path / "release"
     write_brats_case(source, "Brats18_ONE_1")
     with tmpfs(tmp_path / "raw", size_kib=64) as raw:
         fill_up(raw)
-        line = one_error_line(convert(raw, source, "-np", 1), "nnalign_convert_brats", "cannot write",
-                              "nothing was converted")
+        line = assert_one_line_error(convert(raw, source, "-np", 1), "cannot write", "nothing was converted",
+                                     prog="nnalign_convert_brats")
         assert "No space left on device" in line or "is the disk full?" in line, line
         assert sorted(p.name for p in raw.iterdir()) == ["filler"]
 
