@@ -41,7 +41,7 @@ class DemoOptions:
     shape: tuple[int, int, int] = (64, 64, 64)
     seed: int = 0
     min_rim_mm: float = 4.0
-    teacher_epochs: int = 60
+    teacher_epochs: int = 90
     student_epochs: int = 50
     iters_per_epoch: int = 10
     kd: tuple[str, ...] = ("pmkl",)
