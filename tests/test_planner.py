@@ -86,6 +86,9 @@ def test_cpu_and_paper_configurations(brats_sized_dataset, planners):
     assert paper["architecture"]["arch_kwargs"]["input_scale"] == [2.0, -1.0]
     assert paper["nnalign_training"]["optimizer"] == "adam"
     assert paper["data_identifier"] != cfgs["3d_fullres"]["data_identifier"]
+    for cfg in cfgs.values():  # the latent encoder's settings, but not the encoder mode (a run's, in its name)
+        kwargs = cfg["architecture"]["arch_kwargs"]
+        assert {"latent_channels", "latent_convs", "latent_level"} <= set(kwargs) and "shared_encoder" not in kwargs
 
 
 def test_fingerprint_extractor_caps_samples_for_small_datasets(brats_sized_dataset):

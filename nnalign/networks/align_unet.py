@@ -38,7 +38,7 @@ from nnalign.networks.normal_latents import kl_to_standard_normal, mean_and_logv
 from nnalign.modalities import BRATS_MODALITIES
 from nnalign.networks.outputs import NetworkOutputs
 
-LATENT_DEFAULTS = {"latent_channels": 4, "latent_convs": 1, "latent_level": 0, "shared_encoder": True}
+LATENT_DEFAULTS = {"latent_channels": 4, "latent_convs": 1, "latent_level": 0}
 """The teacher's latent-encoder settings where the plans give none; nnalign's planner writes them into every
 configuration's ``arch_kwargs``."""
 
@@ -169,7 +169,7 @@ class nnAlignTeacherUNet(_PartsNetwork):
                  latent_channels: int = LATENT_DEFAULTS["latent_channels"],
                  latent_convs: int = LATENT_DEFAULTS["latent_convs"],
                  latent_level: int = LATENT_DEFAULTS["latent_level"],
-                 shared_encoder: bool = LATENT_DEFAULTS["shared_encoder"], anchor: str = "none",
+                 shared_encoder: bool = True, anchor: str = "none",
                  input_scale: Sequence[float] | None = None,
                  **unet_kwargs) -> None:
         super().__init__()
