@@ -19,14 +19,16 @@ from typing import Callable
 from nnalign.errors import NnalignError
 from nnalign.modalities import BRATS_MODALITIES, subset_tag
 from nnalign.model_folders import FINAL_CHECKPOINT, PLANS_NAME, fold_folder, model_folder
+from nnalign.runs import TeacherSpec
 from nnalign.training.record import read_settings_record
 
 DEMO_SUBSETS: tuple[tuple[str, ...], ...] = (BRATS_MODALITIES, ("T1ce",), ("FLAIR",))
 CONFIGURATION = "3d_cpu"
 HOLD_OUT_FRACTION = 0.2
-# Probability that the teacher drops each modality of a sample. At 0.5 all four are present in 1/15 of samples, too few
-# for 600 iterations to learn the all-modality case reliably; at 0.25 in about a third (results.md, section 5).
-TEACHER_MODALITY_DROPOUT = 0.25
+TEACHER = TeacherSpec(anchor="mixture", modality_dropout=0.5, subset_sampling="balanced")
+"""The demo's teacher: P*, and half of its samples missing a uniformly drawn proper subset of the modalities, so that
+the all-modality case (50 % of samples) and every single modality (3.6 % each) are both trained; independent dropout
+0.5 kept all four in 1/15 of the samples only, 0.25 kept T1ce alone in 1.2 % (results.md, section 5)."""
 
 
 @dataclass
@@ -216,7 +218,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoResul
     from nnalign.paths import setup_env
     from nnalign.planning.plan_and_preprocess import plan_and_preprocess
     from nnalign.reporting.report import build_report
-    from nnalign.runs import StudentSpec, TeacherSpec
+    from nnalign.runs import StudentSpec
 
     folders = setup_env()
     os.environ.setdefault("nnUNet_n_proc_DA", str(opts.workers))
@@ -230,12 +232,12 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoResul
         say(f"plan and preprocess ({CONFIGURATION})")
         plan_and_preprocess(opts.dataset_id, [CONFIGURATION], num_processes=opts.workers, warn=lambda m: say(f"  {m}"))
     train = [sys.executable, "-m", "nnalign.cli.train", dataset, CONFIGURATION, "0", "-device", opts.device]
-    teacher = TeacherSpec(anchor="mixture", modality_dropout=TEACHER_MODALITY_DROPOUT)
-    teacher_dir = model_folder(results_root / dataset, teacher.trainer_name(), CONFIGURATION)
-    models = [(teacher_dir, train + ["--anchor", "mixture", "--modality-dropout", str(TEACHER_MODALITY_DROPOUT)],
-               f"teacher P* (modality dropout {TEACHER_MODALITY_DROPOUT})", opts.teacher_epochs)]
+    teacher_dir = model_folder(results_root / dataset, TEACHER.trainer_name(), CONFIGURATION)
+    models = [(teacher_dir, train + TEACHER.train_flags(),
+               f"teacher P* (modality dropout {TEACHER.modality_dropout:g}, {TEACHER.subset_sampling})",
+               opts.teacher_epochs)]
     for kd in (*opts.kd, "none"):
-        name = StudentSpec(opts.student_modalities, kd, teacher).trainer_name()
+        name = StudentSpec(opts.student_modalities, kd, TEACHER).trainer_name()
         models.append((model_folder(results_root / dataset, name, CONFIGURATION),
                        train + ["--role", "student", "--modalities", ",".join(opts.student_modalities), "--kd", kd,
                                 "--teacher", str(teacher_dir)],

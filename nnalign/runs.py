@@ -18,6 +18,7 @@ Names::
                                                         modality dropout 0.3, no stop-gradient on the anchor
     nnAlignTeacher_normal_lvl2                          N(0, 1) anchor, latents at U-Net stage 2 (not the plans')
     nnAlignOriginal_drop0p25                            plain nnU-Net on all stacked modalities, dropout 0.25
+    nnAlignTeacher_mixture_drop0p5_bal                  P*, half the samples keep a uniformly drawn proper subset
     nnAlignStudent_T1ce_protokd_Teacher-mixture         T1ce student, ProtoKD, from the P* teacher
     nnAlignStudent_T1-T2_none_Teacher-mixture           T1+T2 baseline without distillation
     nnAlignStudent_FLAIR_kdnet_Teacher-modalityT1ce-w0p5_tf1_x1a2b3c4d
@@ -44,6 +45,9 @@ TEACHER_ANCHORS: tuple[str, ...] = (*ANCHORS.names, "original")
 DEFAULT_ALIGN_WEIGHTS: dict[str, float] = {"none": 0.0, "normal": 0.1, "modality": 0.1, "mixture": 0.1, "original": 0.0}
 """lambda per anchor kind when none is given (documentation/training.md, "Alignment weights", says how they were
 chosen); the anchors without an alignment loss have 0."""
+SUBSET_SAMPLINGS: tuple[str, ...] = ("independent", "balanced")
+"""How modality dropout draws a training sample's modalities (:func:`nnalign.training.presence.sample_presence`);
+the first is the default."""
 TEACHER_PREFIX = "nnAlignTeacher"
 ORIGINAL_PREFIX = "nnAlignOriginal"
 STUDENT_PREFIX = "nnAlignStudent"
@@ -52,7 +56,7 @@ TRAINING_ONLY: tuple[str, ...] = ("epochs", "iters_per_epoch", "kd_overrides")
 
 _NNALIGN = "nnAlign"
 _NAME_RE = re.compile(r"[A-Za-z0-9_]+")
-_TEACHER_TOKEN_ORDER = ("w", "sep", "lvl", "drop", "nosg")
+_TEACHER_TOKEN_ORDER = ("w", "sep", "lvl", "drop", "bal", "nosg")
 
 
 def _encode_float(x: float) -> str:
@@ -87,6 +91,8 @@ class TeacherSpec:
       means the anchor's own (:data:`DEFAULT_ALIGN_WEIGHTS`).
     - ``shared_encoder``: one latent encoder for all modalities (True) or one per modality.
     - ``modality_dropout``: each modality of each training sample is dropped with this probability (never all).
+    - ``subset_sampling``: ``independent`` (as above) or ``balanced``: with probability ``modality_dropout`` a
+      sample keeps a uniformly drawn proper subset of its modalities, else all of them.
     - ``stop_gradient``: detach the anchor modality in its loss (``modality:NAME`` only).
     - ``latent_level``: the U-Net stage at which the latents Z_j are taken; None means the plans' ``latent_level``.
     """
@@ -97,6 +103,7 @@ class TeacherSpec:
     modality_dropout: float = 0.0
     stop_gradient: bool = True
     latent_level: int | None = None
+    subset_sampling: str = SUBSET_SAMPLINGS[0]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "anchor", canonical_anchor(self.anchor, TEACHER_ANCHORS))
@@ -110,6 +117,10 @@ class TeacherSpec:
             raise NnalignError(f"the alignment weight must be a finite number >= 0, got {self.align_weight}")
         if not 0.0 <= self.modality_dropout < 1.0:
             raise NnalignError(f"the modality dropout must be in [0, 1), got {self.modality_dropout}")
+        if self.subset_sampling not in SUBSET_SAMPLINGS:
+            raise NnalignError(f"unknown subset sampling {self.subset_sampling!r} (one of {', '.join(SUBSET_SAMPLINGS)})")
+        if self.subset_sampling != SUBSET_SAMPLINGS[0] and self.modality_dropout == 0.0:
+            raise NnalignError(f"subset sampling {self.subset_sampling!r} needs a modality dropout above 0")
         if not self.stop_gradient and kind != "modality":
             raise NnalignError(f"stop-gradient only applies to the modality anchor, not to anchor '{self.anchor}'")
         if not self.shared_encoder and kind == "original":
@@ -146,7 +157,8 @@ class TeacherSpec:
 
     def variant_tokens(self) -> list[str]:
         """The name's tokens after the anchor, one per non-default setting, in this order: ``w<lambda>`` (not the
-        anchor's default), ``sep`` (one encoder per modality), ``lvl<L>``, ``drop<p>`` (not 0), ``nosg``."""
+        anchor's default), ``sep`` (one encoder per modality), ``lvl<L>``, ``drop<p>`` (not 0), ``bal`` (balanced subset
+        sampling), ``nosg``."""
         tokens = []
         if self.align_weight != DEFAULT_ALIGN_WEIGHTS[self.anchor_kind]:
             tokens.append(f"w{_encode_float(self.align_weight)}")
@@ -156,9 +168,28 @@ class TeacherSpec:
             tokens.append(f"lvl{self.latent_level}")
         if self.modality_dropout != 0.0:
             tokens.append(f"drop{_encode_float(self.modality_dropout)}")
+        if self.subset_sampling == "balanced":
+            tokens.append("bal")
         if not self.stop_gradient:
             tokens.append("nosg")
         return tokens
+
+    def train_flags(self) -> list[str]:
+        """``nnalign_train`` flags that train this teacher (defaults left out)."""
+        flags = ["--anchor", self.anchor]
+        if self.align_weight != DEFAULT_ALIGN_WEIGHTS[self.anchor_kind]:
+            flags += ["--align-weight", repr(self.align_weight)]
+        if not self.shared_encoder:
+            flags.append("--separate-encoders")
+        if self.latent_level is not None:
+            flags += ["--latent-level", str(self.latent_level)]
+        if self.modality_dropout:
+            flags += ["--modality-dropout", repr(self.modality_dropout)]
+        if self.subset_sampling != SUBSET_SAMPLINGS[0]:
+            flags += ["--subset-sampling", self.subset_sampling]
+        if not self.stop_gradient:
+            flags.append("--no-stop-gradient")
+        return flags
 
     @property
     def variant(self) -> str:
@@ -203,6 +234,8 @@ class TeacherSpec:
                     key, kwargs["shared_encoder"] = "sep", False
                 elif token == "nosg":
                     key, kwargs["stop_gradient"] = "nosg", False
+                elif token == "bal":
+                    key, kwargs["subset_sampling"] = "bal", "balanced"
                 elif re.fullmatch(r"lvl[0-9]+", token):
                     key, kwargs["latent_level"] = "lvl", int(token[3:])
                 elif token.startswith("drop"):

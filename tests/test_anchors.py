@@ -128,8 +128,8 @@ def test_modality_anchor_stop_gradient():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# mixture anchor: sum_j mean_voxels (Z_j - p_mix)^2 / E, p_mix = sum_j w_j Z_j, w = masked softmax(raw),
-# E = the sample's mean of Z^2 over its present modalities and voxels
+# mixture anchor: sum_j mean_voxels (Z_j - p_mix)^2 / E, p_mix = sum_j w_j Z_j, w = 1 / (2 n) + softmax(raw) / 2 over
+# the n present modalities (the floor f = 1/2), E = the sample's mean of Z^2 over its present modalities and voxels
 
 # Z_0 = [0, 0], Z_1 = [3, 3], Z_2 = [0, 6]; mean squares 0, 9, 18 -> E = 9
 MIX = [[0, 0], [3, 3], [0, 6]]
@@ -156,49 +156,65 @@ def test_mixture_uniform_by_hand(latents, present, expected):
 
 
 def test_mixture_masked_softmax_renormalises():
-    # raw = log [1, 2, 3, 4] -> softmax [0.1, 0.2, 0.3, 0.4]
+    # raw = log [1, 2, 3, 4] -> softmax [0.1, 0.2, 0.3, 0.4] -> w = 1/8 + [0.05, 0.1, 0.15, 0.2]
     anchor = mixture(raw=[math.log(v) for v in (1, 2, 3, 4)])
-    torch.testing.assert_close(anchor.normalised_weights(), torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    assert MixtureAnchor.WEIGHT_FLOOR == 0.5
+    torch.testing.assert_close(anchor.normalised_weights(), torch.tensor([0.175, 0.225, 0.275, 0.325]))
     w = anchor.sample_weights(P([1, 0, 1, 0], [0, 1, 1, 1], [1, 1, 1, 1]))
-    expected = torch.tensor([[1 / 4, 0, 3 / 4, 0], [0, 2 / 9, 3 / 9, 4 / 9], [0.1, 0.2, 0.3, 0.4]])
+    # {0, 2}: shares [1/4, 3/4] -> 1/4 + [1/8, 3/8]; {1, 2, 3}: shares [2, 3, 4] / 9 -> 1/6 + [1, 1.5, 2] / 9
+    expected = torch.tensor([[3 / 8, 0, 5 / 8, 0], [0, 5 / 18, 6 / 18, 7 / 18], [0.175, 0.225, 0.275, 0.325]])
     torch.testing.assert_close(w, expected)
-    # constant latents Z = [4, 8, 0, 12], present {0, 2}: p = 4/4 + 0 = 1; distance (4-1)^2 + (0-1)^2 = 10;
+    # constant latents Z = [4, 8, 0, 12], present {0, 2}: p = 4 x 3/8 + 0 = 1.5; distance 2.5^2 + 1.5^2 = 8.5;
     # E = (16 + 0) / 2 = 8
     latents = Z([[4, 4], [8, 8], [0, 0], [12, 12]])
-    assert anchor.loss(latents, P([1, 0, 1, 0])).item() == pytest.approx(10.0 / 8)
+    assert anchor.loss(latents, P([1, 0, 1, 0])).item() == pytest.approx(8.5 / 8)
+
+
+def test_mixture_weights_keep_their_floor():
+    # logits +-50: the softmax puts everything on modality 0, the floor keeps 1/8 for each other one (scale 0.5)
+    anchor = mixture(raw=[50.0, -50.0, -50.0, -50.0])
+    torch.testing.assert_close(anchor.normalised_weights(), torch.tensor([0.625, 0.125, 0.125, 0.125]))
+    torch.testing.assert_close(anchor.predictor_scales(), torch.tensor([2.5, 0.5, 0.5, 0.5]))
+    # modality 0 absent: the softmax over {1, 3} is uniform, and so are the weights
+    w = anchor.sample_weights(P([0, 1, 0, 1], [1, 1, 0, 0]))
+    torch.testing.assert_close(w, torch.tensor([[0, 0.5, 0, 0.5], [0.75, 0.25, 0, 0]]))
+    weights = anchor.weights_dict(["a", "b", "c", "d"])
+    assert weights["b"] == {"raw": pytest.approx(-50.0), "normalised": pytest.approx(0.125)}
 
 
 def test_mixture_gradient_reaches_raw_weights():
-    # raw = [0, log 3] -> w = [1/4, 3/4]; Z_0 = 0, Z_1 = 4: p = 3, distance 9 + 1 = 10, E = (0 + 16) / 2 = 8.
-    # dD/dp = -2 (0 - 3) - 2 (4 - 3) = 4; p = 4 sigmoid(r1 - r0), dp/dr1 = 4 w0 w1 = 3/4 -> dD/dr1 = 3, dD/dr0 = -3;
-    # E does not depend on the weights: dL/dr = [-3, 3] / 8 for the logits r, times the gain for the parameter
+    # raw = [0, log 3] -> softmax [1/4, 3/4], w = 1/4 + [1/8, 3/8] = [3/8, 5/8]; Z_0 = 0, Z_1 = 4: p = 2.5, distance
+    # 6.25 + 2.25 = 8.5, E = (0 + 16) / 2 = 8. dD/dp = -2 (0 - 2.5) - 2 (4 - 2.5) = 2; p = 4 (1/4 + sigmoid(r1 - r0) / 2),
+    # dp/dr1 = 2 x 3/16 = 3/8 -> dD/dr1 = 3/4, dD/dr0 = -3/4; E does not depend on the weights: dL/dr = [-3, 3] / 32
+    # for the logits r, times the gain for the parameter
     anchor = mixture(raw=[0.0, math.log(3.0)])
     latents = Z([[0, 0], [4, 4]]).requires_grad_()
     loss = anchor.loss(latents, P([1, 1]))
-    assert loss.item() == pytest.approx(10.0 / 8)
+    assert loss.item() == pytest.approx(8.5 / 8)
     loss.backward()
-    torch.testing.assert_close(anchor.raw_weights.grad, torch.tensor([-3.0, 3.0]) / 8 * MixtureAnchor.WEIGHT_GAIN)
+    torch.testing.assert_close(anchor.raw_weights.grad, torch.tensor([-3.0, 3.0]) / 32 * MixtureAnchor.WEIGHT_GAIN)
     assert latents.grad.abs().sum() > 0  # p_mix is not detached
 
     # at uniform weights p_mix is the centroid, the minimiser of the loss in p: zero gradient into the weights ...
     uniform = mixture(m=2)
     uniform.loss(Z([[0, 0], [4, 4]]), P([1, 1])).backward()
     torch.testing.assert_close(uniform.raw_weights.grad, torch.zeros(2))
-    # ... but the fill of an absent modality reaches them: fill = p = 4 sigmoid(r1 - r0), d/dr1 = 4 / 4 = 1 per voxel
+    # ... but the fill of an absent modality reaches them: fill = p = 4 (1/4 + sigmoid(r1 - r0) / 2), d/dr1 = 2 / 4
+    # per voxel
     three = mixture(m=3)
     filled = three.fill_missing(Z([[0, 0], [4, 4], [NAN, NAN]]), P([1, 1, 0]))
-    filled[0, 2].sum().backward()  # 2 voxels -> d/dr = [-2, 2, 0] for the logits, times the gain for the parameter
-    torch.testing.assert_close(three.raw_weights.grad, torch.tensor([-2.0, 2.0, 0.0]) * MixtureAnchor.WEIGHT_GAIN)
+    filled[0, 2].sum().backward()  # 2 voxels -> d/dr = [-1, 1, 0] for the logits, times the gain for the parameter
+    torch.testing.assert_close(three.raw_weights.grad, torch.tensor([-1.0, 1.0, 0.0]) * MixtureAnchor.WEIGHT_GAIN)
 
 
 def test_mixture_normalisation_prevents_collapse():
     # Z_0 = 0, Z_1 = 4, E = 8. With w1 = sigmoid(r1 - r0), p = 4 w1 and L = ((4 w1)^2 + (4 - 4 w1)^2) / 8 >= 1,
     # equal at w1 = 1/2. A free weight could drive L to 0; the normalised one can only reach the centroid.
-    # init w = softmax([1, -1]) = [0.88, 0.12] -> L = 2 (0.12^2 + 0.88^2) = 1.58; lr 0.8 / gain^2 (the logits' step
-    # is gain^2 times the parameter's) keeps SGD from oscillating
+    # init softmax([1, -1]) = [0.88, 0.12], w = [0.69, 0.31] -> L = 2 (0.31^2 + 0.69^2) = 1.14; lr 3.2 / gain^2 (the
+    # logits' step is gain^2 times the parameter's, the floor halves their gradient) keeps SGD from oscillating
     anchor = mixture(raw=[1.0, -1.0])
     latents = Z([[0, 0], [4, 4]])
-    opt = torch.optim.SGD(anchor.parameters(), lr=0.8 / MixtureAnchor.WEIGHT_GAIN**2)
+    opt = torch.optim.SGD(anchor.parameters(), lr=3.2 / MixtureAnchor.WEIGHT_GAIN**2)
     losses = []
     for _ in range(100):
         opt.zero_grad()
@@ -216,8 +232,9 @@ def test_mixture_normalisation_prevents_collapse():
 def test_mixture_weights_dict():
     anchor = mixture(raw=[0.0, math.log(3.0)])
     d = anchor.weights_dict(["T1", "T1ce"])
-    assert d["T1"] == {"raw": 0.0, "normalised": pytest.approx(0.25)}
-    assert d["T1ce"]["raw"] == pytest.approx(math.log(3.0)) and d["T1ce"]["normalised"] == pytest.approx(0.75)
+    # softmax [1/4, 3/4] -> floored 1/4 + [1/8, 3/8]
+    assert d["T1"] == {"raw": 0.0, "normalised": pytest.approx(0.375)}
+    assert d["T1ce"]["raw"] == pytest.approx(math.log(3.0)) and d["T1ce"]["normalised"] == pytest.approx(0.625)
     assert all(isinstance(v, float) for w in d.values() for v in w.values())
     with pytest.raises(ValueError):
         anchor.weights_dict(["T1"])
@@ -236,7 +253,7 @@ def test_mixture_weights_dict():
         (ModalityAnchor(1), [1, 0, 1], 1, [0, 3]),  # k = 1 absent: mean of present
         (ModalityAnchor(1), [0, 1, 1], 0, [3, 3]),  # k = 1 present: Z_1
         (MixtureAnchor(3), [0, 1, 1], 0, [1.5, 4.5]),  # uniform: mean of present
-        (mixture(raw=[0.0, 0.0, math.log(3.0)]), [1, 0, 1], 1, [0, 4.5]),  # w = [1/4, 0, 3/4]: [0, 18/4]
+        (mixture(raw=[0.0, 0.0, math.log(3.0)]), [1, 0, 1], 1, [0, 3.75]),  # w = [3/8, 0, 5/8]: [0, 30/8]
     ],
 )
 def test_fill_missing_by_hand(anchor, present, absent, expected):
@@ -398,10 +415,10 @@ def test_modality_gap_by_hand():
     assert gap["to_anchor"] == {0: pytest.approx(math.hypot(0.25, 1)), 1: pytest.approx(math.hypot(1.75, 3)),
                                 2: pytest.approx(math.hypot(1.25, 1))}
 
-    # mixture, raw weights (ln 3, 0, 0, 0): sample 0 weights (3/4, 1/4) -> (0.75, 1); sample 1 (3/4, 1/4) of Z_0, Z_2
-    # -> (1.5, 0); centroid (1.125, 0.5): |c_1 - .| = |(1.875, 3.5)|
+    # mixture, raw weights (ln 3, 0, 0, 0): two present, softmax (3/4, 1/4), floored weights (5/8, 3/8): sample 0
+    # -> (1.125, 1.5); sample 1 of Z_0, Z_2 -> (1.25, 0); centroid (1.1875, 0.75): |c_1 - .| = |(1.8125, 3.25)|
     gap = modality_gap(latents, present, mixture([math.log(3), 0, 0, 0]))
-    assert gap["to_anchor"][1] == pytest.approx(math.hypot(1.875, 3.5))
+    assert gap["to_anchor"][1] == pytest.approx(math.hypot(1.8125, 3.25))
 
     # one modality in the whole batch: no pairs
     assert modality_gap(latents, P([1, 0, 0, 0], [1, 0, 0, 0]), NormalAnchor())["pairwise_mean"] == 0.0

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from nnalign.errors import NnalignError
-from nnalign.experiments.grid import build_grid, teacher_flags
+from nnalign.experiments.grid import build_grid
 from nnalign.experiments.spec import preset_names, read_spec
 from nnalign.experiments.state import StateStore, resolve_states
 from nnalign.runs import StudentSpec, TeacherSpec
@@ -70,15 +70,12 @@ def test_cpu_evidence_preset_is_the_real_data_protocol(tmp_path, monkeypatch, fo
     TeacherSpec("mixture"), TeacherSpec("modality:T1ce", align_weight=0.5, shared_encoder=False,
                                         modality_dropout=0.3, stop_gradient=False),
     TeacherSpec("normal", latent_level=2), TeacherSpec("original", modality_dropout=0.25), TeacherSpec("none"),
+    TeacherSpec("mixture", modality_dropout=0.5, subset_sampling="balanced"),
 ])
 def test_teacher_flags_make_the_same_run_as_nnalign_train(spec):
-    from nnalign.cli.train import build_parser
+    from nnalign.cli.train import build_parser, teacher_spec
 
-    args = build_parser().parse_args(["18", "3d_fullres", "0", *teacher_flags(spec)])
-    made = TeacherSpec(anchor=args.anchor, align_weight=args.align_weight, shared_encoder=not args.separate_encoders,
-                       latent_level=args.latent_level, modality_dropout=args.modality_dropout,
-                       stop_gradient=not args.no_stop_gradient)
-    assert made.trainer_name() == spec.trainer_name()
+    assert teacher_spec(build_parser().parse_args(["18", "3d_fullres", "0", *spec.train_flags()])) == spec
 
 
 def test_extends_overrides_a_preset_key_by_key(tmp_path, monkeypatch, fake_dataset, folders_env):

@@ -1,6 +1,7 @@
-"""A model trained before method version 2 (whose P* forward, alignment and distillation losses differ) is refused
-with one line by the commands whose meaning would change: nnalign_predict (P* teachers), nnalign_train --c / --val
-and nnalign_report; a model of this version is used as before."""
+"""A model trained under an older method version whose meaning differs (before version 2: the P* forward, alignment
+and distillation losses; version 2: P* runs, whose weights had no floor) is refused with one line by the commands
+whose meaning would change: nnalign_predict (P* teachers), nnalign_train --c / --val and nnalign_report; a model of
+this version, or of version 2 without P* in it, is used as before."""
 from __future__ import annotations
 
 import json
@@ -12,14 +13,33 @@ from pathlib import Path
 
 import pytest
 
-from nnalign.training.record import METHOD_VERSION, SETTINGS_RECORD
-
-pytestmark = pytest.mark.slow
+from nnalign.training.record import METHOD_VERSION, SETTINGS_RECORD, is_current_method
 
 DATASET_ID = 981
 DATASET = "Dataset981_SyntheticBraTS"
 CONFIG = "3d_cpu"
 TEACHER = f"nnAlignTeacher_mixture__nnAlignPlans__{CONFIG}"
+
+
+def _student(teacher: str) -> dict:
+    return {"role": "student", "kd": "pmkl", "teacher": {"trainer": teacher}}
+
+
+@pytest.mark.parametrize("record, current", [
+    ({"method_version": METHOD_VERSION, "anchor": "mixture"}, True),
+    ({"method_version": 2, "role": "teacher", "anchor": "none"}, True),  # version 3 changed P* only
+    ({"method_version": 2, "role": "teacher", "anchor": "original"}, True),
+    ({"method_version": 2, "role": "teacher", "anchor": "modality:T1ce"}, True),
+    ({"method_version": 2, "role": "teacher", "anchor": "mixture"}, False),
+    ({"method_version": 2, **_student("nnAlignTeacher_none_drop0p25")}, True),
+    ({"method_version": 2, **_student("nnAlignTeacher_mixture")}, False),  # distilled from an unfloored P*
+    ({"method_version": 2, **_student("not a trainer")}, False),
+    ({"role": "teacher", "anchor": "none"}, False),  # no key: version 1, whose losses all differ
+    ({"method_version": 1, "role": "teacher", "anchor": "original"}, False),
+])
+def test_which_older_runs_still_mean_what_they_did(record, current):
+    assert METHOD_VERSION == 3
+    assert is_current_method(record) is current
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +82,7 @@ def _one_line(proc: subprocess.CompletedProcess, prog: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_predict_refuses_an_older_mixture_teacher_and_uses_this_versions(old_and_new, tmp_path):
     root, case = old_and_new["root"], old_and_new["case"]
     proc = _command("nnalign.cli.predict", "-i", str(case), "-o", str(tmp_path / "old_out"), "-m",
@@ -77,6 +98,7 @@ def test_predict_refuses_an_older_mixture_teacher_and_uses_this_versions(old_and
     assert (tmp_path / "new_out" / "SYN_0000.nii.gz").is_file()
 
 
+@pytest.mark.slow
 def test_train_continue_and_validate_refuse_an_older_run(old_and_new, run_train):
     for flag in ("--c", "--val"):
         proc = run_train(old_and_new["root"], old_and_new["old"], str(DATASET_ID), CONFIG, "0", "--anchor",
@@ -85,6 +107,7 @@ def test_train_continue_and_validate_refuse_an_older_run(old_and_new, run_train)
         assert "method version 1" in line and "--overwrite" in line
 
 
+@pytest.mark.slow
 def test_report_refuses_a_results_folder_holding_an_older_run(old_and_new, tmp_path):
     proc = _command("nnalign.cli.report", str(old_and_new["old"] / DATASET), "-o", str(tmp_path / "report"),
                     results=old_and_new["old"], root=old_and_new["root"])

@@ -192,7 +192,7 @@ def test_mixture_weights_scale_each_modality_into_the_predictor():
     with torch.no_grad():
         uniform = net(x)
         net.anchor.raw_weights.copy_(torch.tensor([0.0, 1.0, -1.0, 0.5]) / net.anchor.WEIGHT_GAIN)
-        scales = 4 * torch.softmax(torch.tensor([0.0, 1.0, -1.0, 0.5]), 0)
+        scales = 4 * (0.125 + 0.5 * torch.softmax(torch.tensor([0.0, 1.0, -1.0, 0.5]), 0))  # the floor: 1/2
         weighted = net(x)
         latents = net(x, return_parts=True)["latents"]
         by_hand = net.unet(latents.mul(scales.reshape(1, 4, 1, 1, 1, 1)).flatten(1, 2))
@@ -219,8 +219,9 @@ def _blob_batch(gen: torch.Generator, informative: int, b: int = 4, size: int = 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_mixture_weights_learn_which_modality_shows_the_tumour(seed):
     """Known answer: with every modality present and only FLAIR showing the target, 150 SGD steps of segmentation
-    (nnU-Net's optimiser settings) plus 0.1 x the P* alignment give FLAIR the largest weight, above uniform. (The
-    same set-up gave FLAIR the largest weight for 9 of seeds 0-9; seed 9 favoured T2.)"""
+    (nnU-Net's optimiser settings) plus 0.1 x the P* alignment give FLAIR the largest weight, above uniform: its
+    softmax share above 0.35, i.e. its floored weight 1/8 + share / 2 above 0.30. (Without the floor the same set-up
+    gave FLAIR the largest weight for 9 of seeds 0-9; seed 9 favoured T2. With it, seeds 0-2 gave 0.33-0.34.)"""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = _teacher(shared=True)
@@ -234,4 +235,5 @@ def test_the_mixture_weights_learn_which_modality_shows_the_tumour(seed):
         loss.backward()
         optimizer.step()
     weights = net.anchor.normalised_weights().detach()
-    assert int(weights.argmax()) == 3 and float(weights[3]) > 0.35, weights
+    floor = net.anchor.WEIGHT_FLOOR
+    assert int(weights.argmax()) == 3 and float(weights[3]) > floor / 4 + (1 - floor) * 0.35, weights

@@ -11,7 +11,7 @@ from nnalign.errors import NnalignError
 from nnalign.losses.kd.registry import KD_METHODS
 from nnalign.modalities import BRATS_MODALITIES, all_subsets
 from nnalign.networks.anchor_registry import ANCHORS
-from nnalign.runs import (TEACHER_ANCHORS, StudentSpec, TeacherSpec, TrainingLength, overrides_hash,
+from nnalign.runs import (SUBSET_SAMPLINGS, TEACHER_ANCHORS, StudentSpec, TeacherSpec, TrainingLength, overrides_hash,
                           parse_trainer_name)
 
 P_STAR = TeacherSpec("mixture")
@@ -35,6 +35,10 @@ P_STAR = TeacherSpec("mixture")
     (TeacherSpec("none", latent_level=0), "nnAlignTeacher_none_lvl0"),  # given explicitly: not the plans' level
     (TeacherSpec("modality:t2f", 0.5, False, 0.3, False, 1),
      "nnAlignTeacher_modalityFLAIR_w0p5_sep_lvl1_drop0p3_nosg"),
+    (TeacherSpec("mixture", modality_dropout=0.5, subset_sampling="balanced"), "nnAlignTeacher_mixture_drop0p5_bal"),
+    (TeacherSpec("modality", modality_dropout=0.5, subset_sampling="balanced", stop_gradient=False),
+     "nnAlignTeacher_modalityT1ce_drop0p5_bal_nosg"),
+    (TeacherSpec("original", modality_dropout=0.5, subset_sampling="balanced"), "nnAlignOriginal_drop0p5_bal"),
 ])
 def test_teacher_name_encodes_the_spec_and_inverts_exactly(spec, name):
     assert spec.trainer_name() == name
@@ -46,10 +50,11 @@ def test_teacher_name_encodes_the_spec_and_inverts_exactly(spec, name):
 def test_every_anchor_and_option_round_trips_and_every_name_is_distinct():
     anchors = [*(a for a in TEACHER_ANCHORS if a != "modality"), *(f"modality:{m}" for m in BRATS_MODALITIES)]
     specs, names = set(), set()
-    for anchor, w, shared, p, sg, level in itertools.product(anchors, (None, 0.0, 0.123456789, 10.0), (True, False),
-                                                             (0.0, 0.5, 1 / 3), (True, False), (None, 0, 2)):
+    for anchor, w, shared, p, sg, level, sampling in itertools.product(
+            anchors, (None, 0.0, 0.123456789, 10.0), (True, False), (0.0, 0.5, 1 / 3), (True, False), (None, 0, 2),
+            SUBSET_SAMPLINGS):
         try:
-            spec = TeacherSpec(anchor, w, shared, p, sg, level)
+            spec = TeacherSpec(anchor, w, shared, p, sg, level, sampling)
         except NnalignError:
             continue
         name = spec.trainer_name()
@@ -70,6 +75,8 @@ def test_every_anchor_and_option_round_trips_and_every_name_is_distinct():
     "nnAlignTeacher_mixture_wabc", "nnAlignTeacher_modalityt1ce", "nnAlignTeacherTrainer", "nnAlignTeacher_original",
     "nnAlignTeacher_mixture_drop0p3_lvl1", "nnAlignTeacher_mixture_lvl01", "nnAlignTeacher_mixture_lvl",
     "nnAlignOriginal_lvl1",
+    "nnAlignTeacher_mixture_bal",  # balanced sampling without dropout
+    "nnAlignTeacher_mixture_bal_drop0p5", "nnAlignTeacher_mixture_drop0p5_bal_bal",
 ])
 def test_teacher_names_not_made_by_trainer_name_are_refused(name):
     with pytest.raises(ValueError):

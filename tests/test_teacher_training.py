@@ -48,6 +48,22 @@ def test_presence_never_drops_every_modality(p):
     assert not bool(present.all(1).all())  # some samples do miss modalities
 
 
+def test_balanced_presence_keeps_all_modalities_or_a_uniform_proper_subset():
+    gen = torch.Generator().manual_seed(0)
+    present = sample_presence(30000, 4, 0.5, generator=gen, sampling="balanced")
+    assert bool(present.any(1).all())
+    codes = (present.long() * torch.tensor([1, 2, 4, 8])).sum(1)
+    counts = torch.bincount(codes, minlength=16).float() / len(codes)
+    assert counts[0].item() == 0.0  # never none
+    assert counts[15].item() == pytest.approx(0.5, abs=0.015)  # all four with probability 1 - p
+    # each of the 14 proper subsets (the single modalities among them) with probability p / 14 = 0.0357
+    torch.testing.assert_close(counts[1:15], torch.full((14,), 0.5 / 14), atol=0.006, rtol=0)
+    # one modality: nothing to drop
+    assert bool(sample_presence(5, 1, 0.5, sampling="balanced").all())
+    with pytest.raises(ValueError, match="subset sampling"):
+        sample_presence(2, 4, 0.5, sampling="uniform")
+
+
 def test_presence_rejects_dropout_one_and_zeroes_absent_channels():
     with pytest.raises(ValueError):
         sample_presence(2, 4, 1.0)
@@ -326,7 +342,8 @@ def test_cli_trains_a_teacher_that_learns(trained):
     logits = (MixtureAnchor.WEIGHT_GAIN * ckpt["network_weights"]["anchor.raw_weights"]).tolist()
     assert [weights[m]["raw"] for m in ("T1", "T1ce", "T2", "FLAIR")] == pytest.approx(logits)
     norm = [weights[m]["normalised"] for m in ("T1", "T1ce", "T2", "FLAIR")]
-    assert norm == pytest.approx(torch.softmax(torch.tensor(logits), 0).tolist())
+    floor = MixtureAnchor.WEIGHT_FLOOR
+    assert norm == pytest.approx((floor / 4 + (1 - floor) * torch.softmax(torch.tensor(logits), 0)).tolist())
     assert record["method_version"] == METHOD_VERSION and "collapse_warning" in record
     assert len(record["alignment_log"]["relative_gap"]) == len(record["alignment_log"]["latent_rms"]) == 2
 

@@ -14,10 +14,10 @@ from nnalign.errors import NnalignError, cli_entry
 from nnalign.model_folders import (CHECKPOINTS, FINAL_CHECKPOINT, PLANS_NAME, fold_folder, model_folder,
                                     model_folder_parts, parse_fold)
 from nnalign.losses.kd.registry import KD_METHODS
-from nnalign.runs import DEFAULT_ALIGN_WEIGHTS, TEACHER_ANCHORS
+from nnalign.runs import DEFAULT_ALIGN_WEIGHTS, SUBSET_SAMPLINGS, TEACHER_ANCHORS, TeacherSpec
 
 if TYPE_CHECKING:
-    from nnalign.runs import StudentSpec, TeacherSpec
+    from nnalign.runs import StudentSpec
 
 PROG = "nnalign_train"
 
@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "resolution) to the plans' last stage (default: the plans' latent_level, 0)")
     p.add_argument("--modality-dropout", type=float, default=0.0, metavar="P",
                    help="drop each modality of each training sample with probability P, never all (default: 0)")
+    p.add_argument("--subset-sampling", choices=SUBSET_SAMPLINGS, default=SUBSET_SAMPLINGS[0],
+                   help="with --modality-dropout: independent (each modality dropped with probability P) or "
+                        "balanced (with probability P a uniformly drawn proper subset, else every modality) "
+                        "(default: %(default)s)")
     p.add_argument("--no-stop-gradient", action="store_true",
                    help="modality anchor: let the alignment loss pull the anchor modality too")
     student = p.add_argument_group("student (--role student)")
@@ -145,8 +149,15 @@ def check_preprocessed(dataset_folder: Path, configuration: str) -> tuple[dict, 
 
 
 TEACHER_OPTIONS = ("anchor", "align_weight", "separate_encoders", "latent_level", "modality_dropout",
-                   "no_stop_gradient")
+                   "subset_sampling", "no_stop_gradient")
 STUDENT_OPTIONS = ("modalities", "kd", "teacher", "teacher_fold", "temperature", "kd_set")
+
+
+def teacher_spec(args: argparse.Namespace) -> TeacherSpec:
+    """The teacher that parsed ``nnalign_train`` arguments describe (one-line NnalignError for bad settings)."""
+    return TeacherSpec(anchor=args.anchor, align_weight=args.align_weight, shared_encoder=not args.separate_encoders,
+                       latent_level=args.latent_level, modality_dropout=args.modality_dropout,
+                       subset_sampling=args.subset_sampling, stop_gradient=not args.no_stop_gradient)
 
 
 def check_role_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -320,13 +331,11 @@ def parse_kd_overrides(method: str, assignments: list[str], temperature: float |
     return {k: int(v) if k.endswith("epochs") else v for k, v in overrides.items()}
 
 
-def check_teacher(teacher_dir: str, dataset: str, configuration: str, results_root: Path) -> "TeacherSpec":
+def check_teacher(teacher_dir: str, dataset: str, configuration: str, results_root: Path) -> TeacherSpec:
     """The spec of a teacher model folder; one-line errors for one that cannot serve.
 
     The student trainer loads its teacher from ``results_root/dataset`` by name, so the folder must lie there.
     """
-    from nnalign.runs import TeacherSpec
-
     folder = Path(teacher_dir).resolve()
     if not folder.is_dir():
         raise NnalignError(f"--teacher {teacher_dir}: no such folder")
@@ -383,7 +392,7 @@ def main() -> int:
     check_role_options(parser, args)
     from nnalign.modalities import modalities_from_dataset_json
     from nnalign.paths import setup_env
-    from nnalign.runs import TeacherSpec, TrainingLength
+    from nnalign.runs import TrainingLength
     from nnalign.training.record import write_training_inputs
 
     folders = setup_env()
@@ -398,9 +407,7 @@ def main() -> int:
     check_fold_in_split(preprocessed / dataset, args.fold)
     modalities = modalities_from_dataset_json(dataset_json)
     if args.role == "teacher":
-        spec = TeacherSpec(anchor=args.anchor, align_weight=args.align_weight,
-                           shared_encoder=not args.separate_encoders, latent_level=args.latent_level,
-                           modality_dropout=args.modality_dropout, stop_gradient=not args.no_stop_gradient)
+        spec = teacher_spec(args)
         if spec.anchor_modality is not None and spec.anchor_modality not in modalities:
             raise NnalignError(f"anchor {spec.anchor}: {dataset} has no {spec.anchor_modality} "
                                f"(it has {', '.join(modalities)})")

@@ -18,7 +18,7 @@ from nnalign.experiments.spec import ExperimentSpec
 from nnalign.modalities import BRATS_MODALITIES, subset_tag
 from nnalign.model_folders import FINAL_CHECKPOINT, PLANS_NAME, fold_folder, model_folder
 from nnalign.paths import dataset_name, resolve_folders
-from nnalign.runs import DEFAULT_ALIGN_WEIGHTS, StudentSpec, TeacherSpec, TrainingLength
+from nnalign.runs import StudentSpec, TeacherSpec, TrainingLength
 
 EXPERIMENTS_DIR = "nnalign_experiments"
 """Experiments keep their state in ``{nnUNet_results}/DatasetXXX_NAME/nnalign_experiments/<name>/``."""
@@ -68,22 +68,6 @@ class Grid:
     def results(self) -> Path:
         """The dataset's results folder."""
         return Path(self.folders["nnUNet_results"]) / self.dataset
-
-
-def teacher_flags(spec: TeacherSpec) -> list[str]:
-    """``nnalign_train`` flags that train the teacher ``spec`` describes (defaults left out)."""
-    flags = ["--anchor", spec.anchor]
-    if spec.align_weight != DEFAULT_ALIGN_WEIGHTS[spec.anchor_kind]:
-        flags += ["--align-weight", repr(spec.align_weight)]
-    if not spec.shared_encoder:
-        flags.append("--separate-encoders")
-    if spec.latent_level is not None:
-        flags += ["--latent-level", str(spec.latent_level)]
-    if spec.modality_dropout:
-        flags += ["--modality-dropout", repr(spec.modality_dropout)]
-    if not spec.stop_gradient:
-        flags.append("--no-stop-gradient")
-    return flags
 
 
 def length_flags(length: TrainingLength) -> list[str]:
@@ -205,7 +189,7 @@ def build_grid(spec: ExperimentSpec) -> Grid:
     for teacher in spec.teachers:
         trainer = teacher.spec.trainer_name()
         hours = gpu_hours(spec.teacher_length, "plain" if teacher.spec.is_original else "teacher", False, scale)
-        keys = [add_training(trainer, fold, teacher_flags(teacher.spec) + length_flags(spec.teacher_length), prepare,
+        keys = [add_training(trainer, fold, teacher.spec.train_flags() + length_flags(spec.teacher_length), prepare,
                              f"teacher {teacher.label}", hours) for fold in spec.folds]
         teacher_keys.update({(teacher.label, fold): key for fold, key in zip(spec.folds, keys)})
         models.setdefault(trainer, (spec.evaluate.teacher_subsets, keys))

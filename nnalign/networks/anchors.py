@@ -11,8 +11,9 @@ Anchors, registered by name in :data:`nnalign.networks.anchor_registry.ANCHORS` 
 - ``normal`` (P^N): each Z_j ~ N(mu_j, sigma_j^2) is pulled to N(0, 1) by the VAE KL divergence.
 - ``modality:NAME`` (P^k): every Z_j is pulled to the anchor modality's Z_k (default T1ce), stop-gradiented by default.
 - ``mixture`` (P*): every Z_j is pulled to p_mix = sum_j w_j Z_j, with learnable weights normalised by a softmax over
-  the present modalities (a free weight would collapse to w -> 0). The weights also scale each modality's latents on
-  their way into the predictor, so the segmentation trains them with every modality present.
+  the present modalities (a free weight would collapse to w -> 0) and floored at half their uniform share. The weights
+  also scale each modality's latents on their way into the predictor, so the segmentation trains them with every
+  modality present.
 
 The distance anchors (P^k, P*) are *relative*: each squared distance is divided by the per-sample mean energy of the
 present latents, E = mean over present j, channels and voxels of Z_j^2 (not detached). The loss is then a function of
@@ -265,8 +266,9 @@ class ModalityAnchor(LatentDistanceAnchor):
 class MixtureAnchor(LatentDistanceAnchor):
     """P*: every modality is pulled to a learnable mixture of the present ones.
 
-    The weights are w = softmax(l) of logits l = ``WEIGHT_GAIN`` x ``raw_weights`` (the parameter, zero at the start).
-    Per sample, w is restricted to the present modalities and renormalised (a masked softmax);
+    The weights are w = f / n + (1 - f) softmax(l) over the n modalities present, with logits l = ``WEIGHT_GAIN`` x
+    ``raw_weights`` (the parameter, zero at the start) and the floor f = ``WEIGHT_FLOOR``: per sample, the softmax is
+    restricted to the present modalities (a masked softmax) and every present modality keeps at least f / n;
     p_mix = sum_j w_j Z_j (not detached: the loss reaches both the weights and the latents);
     loss = mean over samples of sum over present j of mean over (C, *S) of (Z_j - p_mix)^2 / E, E the sample's latent
     energy (:func:`latent_energy`). Absent modalities are filled with p_mix.
@@ -283,9 +285,17 @@ class MixtureAnchor(LatentDistanceAnchor):
     the logits themselves the weights hardly move in a training of ordinary length (measured: +-0.02 in 300
     iterations of a dataset where one modality alone shows the tumour). A gain g multiplies the logits' SGD step by
     g^2 and their Adam step by g, without changing the function the network computes.
+
+    The floor bounds that feedback. Without it a modality that helps early (FLAIR, which shows the whole tumour)
+    gathers the weight, the others enter the predictor ever smaller and learn ever slower (their gradients are scaled
+    by s_j too), and the teacher ends up segmenting from one modality: measured on the demo's data, FLAIR's weight
+    0.94, T1ce's scale 0.08 and the tumour core from all modalities no better than from FLAIR alone. With f = 1/2 each
+    scale stays in [1/2, 1/2 + M/2] (for M = 4: [0.5, 2.5]), so no modality can be switched off while the weights still
+    order the modalities by how much they matter.
     """
 
     WEIGHT_GAIN: float = 5.0
+    WEIGHT_FLOOR: float = 0.5
 
 
     @classmethod
@@ -303,15 +313,19 @@ class MixtureAnchor(LatentDistanceAnchor):
         self.raw_weights = nn.Parameter(torch.zeros(num_modalities))
 
     def normalised_weights(self) -> torch.Tensor:
-        """softmax(logits): (M,), float32, sums to 1 (the weights when every modality is present)."""
-        return torch.softmax(self.logits(), dim=0)
+        """f / M + (1 - f) softmax(logits): (M,), float32, sums to 1 (the weights when every modality is present)."""
+        return self._floored(torch.softmax(self.logits(), dim=0), self.raw_weights.numel())
+
+    def _floored(self, shares: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
+        """Softmax shares (..., M) over ``count`` present modalities -> f / count + (1 - f) shares."""
+        return self.WEIGHT_FLOOR / count + (1.0 - self.WEIGHT_FLOOR) * shares
 
     def logits(self) -> torch.Tensor:
         """The weights' logits, ``WEIGHT_GAIN`` x ``raw_weights``: (M,), float32."""
         return self.WEIGHT_GAIN * self.raw_weights.float()
 
     def sample_weights(self, present: torch.Tensor) -> torch.Tensor:
-        """Masked softmax of the raw weights over each sample's present modalities: (B, M) -> (B, M), float32.
+        """The floored, masked softmax of the weights over each sample's present modalities: (B, M) -> (B, M), float32.
 
         Absent entries are 0 and each row sums to 1 (a row with nothing present, not expected, is all 0).
         """
@@ -320,8 +334,10 @@ class MixtureAnchor(LatentDistanceAnchor):
             raise ValueError(f"present must be (B, {self.raw_weights.numel()}), got shape {tuple(present.shape)}")
         raw = self.logits().unsqueeze(0).expand(present.shape[0], -1)
         logits = raw.masked_fill(~present, torch.finfo(torch.float32).min)  # finite: an all-absent row cannot NaN
-        w = torch.softmax(logits, dim=1) * present
-        return w / w.sum(1, keepdim=True).clamp_min(1e-12)
+        shares = torch.softmax(logits, dim=1) * present
+        shares = shares / shares.sum(1, keepdim=True).clamp_min(1e-12)
+        count = present.sum(1, keepdim=True).clamp_min(1).to(shares.dtype)
+        return self._floored(shares, count) * present
 
     def mixture(self, latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """p_mix = sum_j w_j Z_j over the present modalities: (B, M, C, *S) -> (B, C, *S), float32."""
@@ -342,7 +358,8 @@ class MixtureAnchor(LatentDistanceAnchor):
         return torch.where(present, dist, 0.0).sum(1).mean()
 
     def predictor_scales(self) -> torch.Tensor:
-        """s = M softmax(logits): (M,), float32, mean 1; each modality's factor on its way into the predictor."""
+        """s = M w (:meth:`normalised_weights`): (M,), float32, mean 1, each in [f, f + M (1 - f)]; each modality's
+        factor on its way into the predictor."""
         return self.raw_weights.numel() * self.normalised_weights()
 
     def scale_for_predictor(self, latents: torch.Tensor) -> torch.Tensor:
@@ -359,7 +376,7 @@ class MixtureAnchor(LatentDistanceAnchor):
         if len(names) != self.raw_weights.numel():
             raise ValueError(f"{len(names)} names for {self.raw_weights.numel()} mixture weights")
         raw = self.logits().detach().cpu()
-        normalised = torch.softmax(raw, dim=0)
+        normalised = self.normalised_weights().detach().cpu()
         return {n: {"raw": float(raw[i]), "normalised": float(normalised[i])} for i, n in enumerate(names)}
 
 

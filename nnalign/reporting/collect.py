@@ -338,9 +338,9 @@ class Results:
     @classmethod
     def has_teacher_settings(cls, run: Run, variant: str) -> bool:
         """Whether the run's teacher has the settings ``variant`` besides its anchor; for the ``original`` teacher,
-        which has no encoder, alignment or latents, only the modality dropout is compared."""
+        which has no encoder, alignment or latents, only the modality dropout and its sampling are compared."""
         if run.anchor == "original":
-            variant = "_".join(t for t in variant.split("_") if t.startswith("drop"))
+            variant = "_".join(t for t in variant.split("_") if t.startswith("drop") or t == "bal")
         return cls.teacher_variant(run) == variant
 
     def compared_variant(self, runs: Iterable[Run]) -> str:

@@ -7,17 +7,27 @@ MAX_RESAMPLES = 100
 
 
 def sample_presence(batch_size: int, num_modalities: int, dropout: float, device: torch.device | str = "cpu",
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """A (B, M) bool mask: each modality of each sample is absent with probability ``dropout``, never all of a sample.
+                    generator: torch.Generator | None = None, sampling: str = "independent") -> torch.Tensor:
+    """A (B, M) bool mask of the modalities each training sample keeps; never none. ``dropout = 0`` gives all True.
 
-    Rows with every modality dropped are drawn again, so each row follows the dropout distribution conditioned on at
-    least one modality being present (after :data:`MAX_RESAMPLES` rounds a leftover empty row keeps one modality
-    chosen uniformly). ``dropout = 0`` gives all True.
+    ``sampling`` (:data:`nnalign.runs.SUBSET_SAMPLINGS`):
+
+    - ``independent``: each modality of each sample is absent with probability ``dropout``. Rows with every modality
+      dropped are drawn again, so each row follows the dropout distribution conditioned on at least one modality
+      being present (after :data:`MAX_RESAMPLES` rounds a leftover empty row keeps one modality chosen uniformly).
+    - ``balanced``: with probability ``dropout`` a sample keeps one of the 2^M - 2 proper non-empty subsets, drawn
+      uniformly, else all M. All modalities stay frequent and every subset, a single modality too, gets the same
+      share (at dropout 0.5 and M = 4: all four 50 %, each single modality 3.6 %, against 32 % and 1.2 % of
+      ``independent`` at dropout 0.25).
     """
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if dropout == 0.0:
         return torch.ones(batch_size, num_modalities, dtype=torch.bool, device=device)
+    if sampling == "balanced":
+        return _balanced_presence(batch_size, num_modalities, dropout, generator).to(device)
+    if sampling != "independent":
+        raise ValueError(f"unknown subset sampling {sampling!r}")
     present = torch.rand(batch_size, num_modalities, generator=generator) >= dropout
     for _ in range(MAX_RESAMPLES):
         empty = ~present.any(1)
@@ -29,6 +39,20 @@ def sample_presence(batch_size: int, num_modalities: int, dropout: float, device
         keep = torch.randint(num_modalities, (int(empty.sum()),), generator=generator)
         present[empty.nonzero()[:, 0], keep] = True
     return present.to(device)
+
+
+def _balanced_presence(batch_size: int, num_modalities: int, dropout: float,
+                       generator: torch.Generator | None) -> torch.Tensor:
+    """``balanced`` sampling (see :func:`sample_presence`), on the CPU. With one modality every sample keeps it."""
+    present = torch.ones(batch_size, num_modalities, dtype=torch.bool)
+    proper = 2 ** num_modalities - 2  # subsets coded 1 .. 2^M - 2: bit j set = modality j kept
+    if proper < 1:
+        return present
+    drop = torch.rand(batch_size, generator=generator) < dropout
+    codes = torch.randint(1, proper + 1, (int(drop.sum()),), generator=generator)
+    bits = 2 ** torch.arange(num_modalities)
+    present[drop] = (codes.unsqueeze(1) & bits) != 0
+    return present
 
 
 def zero_absent(data: torch.Tensor, present: torch.Tensor) -> torch.Tensor:

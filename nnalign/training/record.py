@@ -12,10 +12,11 @@ from nnalign.errors import NnalignError
 
 SETTINGS_RECORD = "nnalign_settings.json"
 
-METHOD_VERSION = 2
+METHOD_VERSION = 3
 """The version of the method's definition a run was trained with, written into every record. Version 2 (nnalign
 0.2.0): P*'s weights scale each modality's latents into the predictor, relative (scale-free) MSE anchors, a loss
-weight per anchor, and the sigmoid-head distillation terms at a bounded scale. A record without the key is version 1."""
+weight per anchor, and the sigmoid-head distillation terms at a bounded scale. Version 3: P*'s weights keep a floor
+of half their uniform share. A record without the key is version 1."""
 
 
 def read_settings_record(fold_folder: str | os.PathLike) -> dict | None:
@@ -33,17 +34,46 @@ def method_version(record: dict) -> int:
     return version if isinstance(version, int) and not isinstance(version, bool) else 1
 
 
+MIXTURE_ONLY_VERSIONS = frozenset({3})
+"""Method versions whose change touches P* alone: a run of the version before that has no P* teacher in it (none of
+its own, none it was distilled from) computes and means what it did."""
+
+
+def involves_mixture(record: dict) -> bool:
+    """Whether a run's record names P*: a P* teacher, or a student of one (an unreadable teacher name counts)."""
+    from nnalign.runs import TeacherSpec
+
+    if record.get("role") != "student":
+        return record.get("anchor") == "mixture"
+    try:
+        return TeacherSpec.parse(str((record.get("teacher") or {}).get("trainer"))).anchor_kind == "mixture"
+    except ValueError:
+        return True
+
+
+def is_current_method(record: dict) -> bool:
+    """Whether a run of this record computes what this version trains: the same method version, or an older one
+    whose later changes (:data:`MIXTURE_ONLY_VERSIONS`) do not touch it."""
+    version = method_version(record)
+    if version == METHOD_VERSION:
+        return True
+    later = range(max(version, 1) + 1, METHOD_VERSION + 1)
+    return version < METHOD_VERSION and all(v in MIXTURE_ONLY_VERSIONS for v in later) and not involves_mixture(record)
+
+
 def check_method_version(fold_folder: str | os.PathLike, what_to_do: str) -> None:
-    """Raise a one-line :class:`NnalignError` when the fold's run was trained under another method version.
+    """Raise a one-line :class:`NnalignError` when the fold's run was trained under a method version that computes
+    otherwise (:func:`is_current_method`).
 
     ``what_to_do`` ends the message (e.g. "train it again with this version"). A folder without a record passes.
     """
     record = read_settings_record(fold_folder)
-    if record is None or method_version(record) == METHOD_VERSION:
+    if record is None or is_current_method(record):
         return
     raise NnalignError(f"{fold_folder}: made by nnalign {record.get('nnalign_version', 'before 0.2')} (method version "
-                       f"{method_version(record)}; this nnalign trains version {METHOD_VERSION}, whose P* weights, "
-                       f"alignment and distillation losses differ): {what_to_do}")
+                       f"{method_version(record)}; this nnalign trains version {METHOD_VERSION}, whose P* weights "
+                       f"differ{', as do its alignment and distillation losses' if method_version(record) < 2 else ''})"
+                       f": {what_to_do}")
 
 
 def write_training_inputs(fold_folder: str | os.PathLike, inputs: dict, continuing: bool) -> None:

@@ -130,7 +130,8 @@ class nnAlignTeacherTrainer(CollapseCheck, SafeCheckpoints, nnUNetTrainer):
             target = [t.to(self.device, non_blocking=True) for t in target]
         else:
             target = target.to(self.device, non_blocking=True)
-        present = sample_presence(data.shape[0], data.shape[1], self.spec.modality_dropout, device=self.device)
+        present = sample_presence(data.shape[0], data.shape[1], self.spec.modality_dropout, device=self.device,
+                                  sampling=self.spec.subset_sampling)
         if self.spec.modality_dropout > 0:
             data = zero_absent(data, present)
 
@@ -241,6 +242,7 @@ class nnAlignTeacherTrainer(CollapseCheck, SafeCheckpoints, nnUNetTrainer):
             "align_weight": s.align_weight,
             "encoder": "shared" if s.shared_encoder else "separate",
             "modality_dropout": s.modality_dropout,
+            "subset_sampling": s.subset_sampling,
             "stop_gradient": s.stop_gradient,
             "epochs": self.num_epochs,
             "iters_per_epoch": self.num_iterations_per_epoch,
