@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from scipy.stats import rankdata
 
 from nnalign.data.raw_dataset import image_filename
-from nnalign.data.synthetic import (BG, CSF, GM, WM, case_seed, generate_case, synthesize_case,
+from nnalign.data.synthetic import (BG, CSF, GM, GLIOMA_KINDS, WM, case_seed, generate_case, synthesize_case,
                                     write_synthetic_dataset)
 from nnalign.errors import NnalignError
 from nnalign.modalities import BRATS_MODALITIES
@@ -315,3 +315,16 @@ def test_a_minimum_rim_thickens_enhancing_tumour_and_changes_nothing_else():
     outside = ~binary_dilation(np.isin(thin.seg, (2, 3)), iterations=3)  # beyond the partial-volume blur
     for modality in BRATS_MODALITIES:  # outside the core the images are the same
         np.testing.assert_allclose(thin.images[modality][outside], thick.images[modality][outside], rtol=1e-5)
+
+
+def test_glioma_kinds_turn_a_non_enhancing_glioma_into_a_ring_and_change_nothing_else():
+    # the demo's first held-out case at seed 0 (64^3, rims of 4 mm) is a non-enhancing glioma: a core without ET
+    seed = case_seed(0, 0, held_out=True)
+    every, ring = (synthesize_case((64, 64, 64), seed=seed, min_rim_mm=4.0, glioma_kinds=kinds)
+                   for kinds in (GLIOMA_KINDS, ("ring",)))
+    assert (every.seg == 3).sum() == 0 and (every.seg == 2).sum() > 0
+    np.testing.assert_array_equal(every.seg > 0, ring.seg > 0)  # same whole tumour
+    np.testing.assert_array_equal(np.isin(every.seg, (2, 3)), np.isin(ring.seg, (2, 3)))  # same core
+    assert (ring.seg == 3).sum() > 0 and (ring.seg == 2).sum() > 0  # now an enhancing rim around necrosis
+    with pytest.raises(NnalignError, match="unknown glioma kind 'cystic'"):
+        synthesize_case((64, 64, 64), seed=seed, glioma_kinds=("cystic",))

@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-rim-mm", type=float, default=0.0, metavar="MM",
                    help="thicken the enhancing rims of ring tumours to about MM mm, so that enhancing tumour survives "
                         "a coarse (e.g. 3d_cpu's 2 mm) resampling (default: as drawn)")
+    p.add_argument("--glioma-kinds", metavar="LIST", default=None,
+                   help="only these kinds of glioma, comma-separated: ring (a necrotic core in an enhancing rim), "
+                        "solid, non-enhancing; a kind drawn outside the list becomes the first listed "
+                        "(default: all, 80 / 10 / 10 %%)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset with the same ID")
     return p
 
@@ -36,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry("nnalign_synth")
 def main() -> int:
     args = build_parser().parse_args()
-    from nnalign.data.synthetic import write_synthetic_dataset
+    from nnalign.data.synthetic import GLIOMA_KINDS, write_synthetic_dataset
     from nnalign.modalities import BRATS_MODALITIES, parse_modalities
     from nnalign.paths import setup_env
 
@@ -44,7 +48,8 @@ def main() -> int:
     shown = parse_modalities(args.tumour_modalities) if args.tumour_modalities else BRATS_MODALITIES
     folder = write_synthetic_dataset(os.environ["nnUNet_raw"], args.dataset_id, args.num_cases, shape=args.shape,
                                      seed=args.seed, num_test=args.num_test, name=args.name,
-                                     overwrite=args.overwrite, tumour_modalities=shown, min_rim_mm=args.min_rim_mm)
+                                     overwrite=args.overwrite, tumour_modalities=shown, min_rim_mm=args.min_rim_mm,
+                                     glioma_kinds=args.glioma_kinds.split(",") if args.glioma_kinds else GLIOMA_KINDS)
     print(f"Wrote {folder}: {args.num_cases} training cases, {args.num_test} test cases, "
           f"shape {' x '.join(map(str, args.shape))}, seed {args.seed}")
     return 0

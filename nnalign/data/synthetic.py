@@ -35,6 +35,10 @@ from nnalign.modalities import BRATS_MODALITIES
 from nnalign.paths import dataset_name
 
 GENERATOR_VERSION = 1
+GLIOMA_KINDS: tuple[str, ...] = ("ring", "solid", "non-enhancing")
+"""The kinds of glioma, drawn with probabilities :data:`GLIOMA_KIND_SHARES`: a necrotic core in an enhancing rim,
+solid enhancing, and non-enhancing (the whole core label 2, no ET)."""
+GLIOMA_KIND_SHARES: tuple[float, ...] = (0.8, 0.1, 0.1)
 MIN_SIZE = 32
 DEFAULT_SHAPE = (96, 96, 96)
 
@@ -79,6 +83,14 @@ def check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     if len(size) != 3 or any(s < MIN_SIZE for s in size):
         raise NnalignError(f"shape {size} must be three sizes of at least {MIN_SIZE} voxels (X Y Z)")
     return size  # type: ignore[return-value]
+
+
+def check_glioma_kinds(kinds: Sequence[str]) -> None:
+    """One-line NnalignError unless ``kinds`` is a non-empty selection of :data:`GLIOMA_KINDS`."""
+    unknown = [k for k in kinds if k not in GLIOMA_KINDS]
+    if unknown or not kinds:
+        problem = f"unknown glioma kind {unknown[0]!r}" if unknown else "no glioma kind given"
+        raise NnalignError(f"{problem} (kinds: {', '.join(GLIOMA_KINDS)})")
 
 
 def case_seed(seed: int, index: int, held_out: bool = False) -> int:
@@ -201,10 +213,13 @@ def _tumour_centre(rng: np.random.Generator, tissue: np.ndarray, centre: np.ndar
 
 
 def _add_tumour(rng: np.random.Generator, tissue: np.ndarray, centre: np.ndarray, axes: np.ndarray,
-                size: float, min_rim: float = 0.0) -> None:
+                size: float, min_rim: float = 0.0, kinds: Sequence[str] = GLIOMA_KINDS) -> None:
     """Paint one glioma into ``tissue`` in place: core (necrosis and/or enhancing rim) and edema. The enhancing rim of
-    a ring tumour is about ``min_rim`` voxels thick or more (0: as drawn)."""
-    kind = rng.choice(["ring", "solid", "non-enhancing"], p=[0.8, 0.1, 0.1])
+    a ring tumour is about ``min_rim`` voxels thick or more (0: as drawn). A kind drawn outside ``kinds`` becomes the
+    first of ``kinds`` (in :data:`GLIOMA_KINDS` order), with every other property as drawn."""
+    kind = str(rng.choice(GLIOMA_KINDS, p=GLIOMA_KIND_SHARES))
+    if kind not in kinds:  # after the draw, so that the random sequence, and every other property, stays the same
+        kind = next(k for k in GLIOMA_KINDS if k in kinds)
     radius = float(np.mean(axes))
     core_r = size * radius * rng.uniform(0.15, 0.30)
     semi = core_r * rng.uniform(0.75, 1.25, 3)
@@ -278,32 +293,36 @@ def _render(rng: np.random.Generator, tissue: np.ndarray, brain: np.ndarray, rad
 
 
 def synthesize_case(shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0,
-                    tumour_modalities: Sequence[str] = BRATS_MODALITIES, min_rim_mm: float = 0.0) -> SyntheticCase:
+                    tumour_modalities: Sequence[str] = BRATS_MODALITIES, min_rim_mm: float = 0.0,
+                    glioma_kinds: Sequence[str] = GLIOMA_KINDS) -> SyntheticCase:
     """Generate one case of ``shape`` (X, Y, Z) from ``seed``, with its tissue map (see :class:`SyntheticCase`).
 
     Only ``tumour_modalities`` show the tumour; the others see white matter there (a known answer for experiments on
     which modality matters). The default, every modality, gives the standard cases. ``min_rim_mm`` > 0 thickens the
-    enhancing rims of ring tumours to about that many millimetres (voxels), so that ET survives coarse resampling."""
+    enhancing rims of ring tumours to about that many millimetres (voxels), so that ET survives coarse resampling.
+    ``glioma_kinds`` restricts the kinds of glioma (:data:`GLIOMA_KINDS`); a case is otherwise the same."""
     size = check_shape(shape)
+    check_glioma_kinds(glioma_kinds)
     rng = np.random.default_rng(seed)
     tissue, brain, centre, axes = _anatomy(rng, size[::-1])
     n_tumours = 1 if rng.random() < 0.7 else 2
     for _ in range(n_tumours):
-        _add_tumour(rng, tissue, centre, axes, size=1.0 if n_tumours == 1 else 0.8, min_rim=min_rim_mm)
+        _add_tumour(rng, tissue, centre, axes, size=1.0 if n_tumours == 1 else 0.8, min_rim=min_rim_mm,
+                    kinds=glioma_kinds)
     images = _render(rng, tissue, brain, float(np.mean(axes)), tumour_modalities)
     return SyntheticCase(images=images, seg=TISSUE_LABEL[tissue], tissue=tissue)
 
 
 def generate_case(shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0,
-                  tumour_modalities: Sequence[str] = BRATS_MODALITIES,
-                  min_rim_mm: float = 0.0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                  tumour_modalities: Sequence[str] = BRATS_MODALITIES, min_rim_mm: float = 0.0,
+                  glioma_kinds: Sequence[str] = GLIOMA_KINDS) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Generate one BraTS-like case: float32 images by modality (T1, T1ce, T2, FLAIR) and its uint8 segmentation.
 
     ``shape`` is (X, Y, Z); the arrays are (Z, Y, X). Labels are nnU-Net's: 0 background, 1 edema, 2 necrosis /
     non-enhancing core, 3 enhancing tumour; every case has tumour. The same seed gives the same case.
-    ``tumour_modalities``, ``min_rim_mm``: see :func:`synthesize_case`.
+    ``tumour_modalities``, ``min_rim_mm``, ``glioma_kinds``: see :func:`synthesize_case`.
     """
-    case = synthesize_case(shape, seed, tumour_modalities, min_rim_mm)
+    case = synthesize_case(shape, seed, tumour_modalities, min_rim_mm, glioma_kinds)
     return case.images, case.seg
 
 
@@ -322,8 +341,8 @@ def _write_nifti(array: np.ndarray, path: Path) -> None:
 
 
 def _write_case(images_dir: Path, labels_dir: Path, case: str, shape: tuple[int, int, int], seed: int,
-                tumour_modalities: Sequence[str], min_rim_mm: float) -> None:
-    images, seg = generate_case(shape, seed, tumour_modalities, min_rim_mm)
+                tumour_modalities: Sequence[str], min_rim_mm: float, glioma_kinds: Sequence[str]) -> None:
+    images, seg = generate_case(shape, seed, tumour_modalities, min_rim_mm, glioma_kinds)
     for c, modality in enumerate(BRATS_MODALITIES):
         _write_nifti(images[modality], images_dir / image_filename(case, c))
     _write_nifti(seg, labels_dir / f"{case}.nii.gz")
@@ -332,13 +351,15 @@ def _write_case(images_dir: Path, labels_dir: Path, case: str, shape: tuple[int,
 def write_synthetic_dataset(raw_root: str | Path, dataset_id: int, num_cases: int,
                             shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0, num_test: int = 0,
                             name: str = "SyntheticBraTS", overwrite: bool = False,
-                            tumour_modalities: Sequence[str] = BRATS_MODALITIES, min_rim_mm: float = 0.0) -> Path:
+                            tumour_modalities: Sequence[str] = BRATS_MODALITIES, min_rim_mm: float = 0.0,
+                            glioma_kinds: Sequence[str] = GLIOMA_KINDS) -> Path:
     """Write ``num_cases`` training cases (``SYN_0000``, ...) and ``num_test`` held-out cases (``SYNTS_0000``, ...,
     images in ``imagesTs``, references in ``labelsTs``) as the nnU-Net raw dataset ``raw_root/DatasetXXX_name``.
 
     Images are 1 mm isotropic NIfTI with identity direction and origin 0. The folder appears only when complete; an
     existing dataset with the same ID is an error unless ``overwrite``. Only ``tumour_modalities`` show the tumour, and
-    ``min_rim_mm`` thickens the enhancing rims (:func:`synthesize_case`). Returns the dataset folder.
+    ``min_rim_mm`` thickens the enhancing rims and ``glioma_kinds`` restricts the kinds of glioma
+    (:func:`synthesize_case`). Returns the dataset folder.
     """
     from tqdm import tqdm
 
@@ -351,6 +372,7 @@ def write_synthetic_dataset(raw_root: str | Path, dataset_id: int, num_cases: in
         raise NnalignError(f"seed must not be negative (got {seed})")
     if not _NAME_RE.fullmatch(name):
         raise NnalignError(f"dataset name '{name}' may only hold letters, digits, '_' and '-'")
+    check_glioma_kinds(glioma_kinds)
     raw_root = Path(raw_root)
     jobs = [("Tr", f"SYN_{i:04d}", case_seed(seed, i)) for i in range(int(num_cases))]
     jobs += [("Ts", f"SYNTS_{i:04d}", case_seed(seed, i, held_out=True)) for i in range(int(num_test))]
@@ -360,7 +382,7 @@ def write_synthetic_dataset(raw_root: str | Path, dataset_id: int, num_cases: in
             (staging / f"labels{split}").mkdir()
         for split, case, s in tqdm(jobs, desc="synthetic cases", unit="case", disable=len(jobs) < 10):
             _write_case(staging / f"images{split}", staging / f"labels{split}", case, size, s, tumour_modalities,
-                        min_rim_mm)
+                        min_rim_mm, glioma_kinds)
         write_dataset_json(
             staging, int(num_cases), name,
             description=f"Synthetic BraTS-like cases made by nnalign_synth (seed {seed}, "
@@ -369,5 +391,6 @@ def write_synthetic_dataset(raw_root: str | Path, dataset_id: int, num_cases: in
             extra={"synthetic": {"seed": int(seed), "shape": list(size), "num_test": int(num_test),
                                  "generator_version": GENERATOR_VERSION,
                                  "tumour_modalities": [m for m in BRATS_MODALITIES if m in tumour_modalities],
-                                 "min_rim_mm": float(min_rim_mm)}})
+                                 "min_rim_mm": float(min_rim_mm),
+                                 "glioma_kinds": [k for k in GLIOMA_KINDS if k in glioma_kinds]}})
     return raw_root / dataset_name(dataset_id, name)
