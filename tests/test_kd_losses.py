@@ -106,8 +106,46 @@ def test_kdnet_logit_term_is_generalized_distillation(temperature, z_t0, expecte
     parts = loss(outs(t([0.0, 5.0], (1, 1, 2)), [h]), outs(t([z_t0, 5.0], (1, 1, 2)), [h]), torch.zeros(1, 1, 2), 0)
     assert approx(parts["logit_kl"], expected)
     assert approx(parts["feature_kl"], 0.0)
-    assert approx(parts["total"], expected)
+    assert approx(parts["total"], expected + parts["soft_dice"].item())
     assert loss.seg_weight == pytest.approx(0.25)  # 1 − λ
+
+
+@pytest.mark.parametrize("temperature", [1.0, 10.0])
+def test_kdnet_soft_dice_is_nnunets_dice_against_the_soft_labels(temperature):
+    # student σ([0, 5]) = [0.5, 0.99331]; teacher soft labels σ([ln 3, 5] / T); per sample and region:
+    # Dice = (2 Σ p_s p_t + 1e-5) / (Σ p_s + Σ p_t + 1e-5), soft_dice = λ (1 − Dice)
+    z_t = [LN3 * temperature, 5.0]
+    p_s, p_t = [_sigmoid(0.0), _sigmoid(5.0)], [_sigmoid(z / temperature) for z in z_t]
+    dice = (2 * sum(a * b for a, b in zip(p_s, p_t)) + 1e-5) / (sum(p_s) + sum(p_t) + 1e-5)
+    h = torch.zeros(1, 2, 2)
+    parts = kdnet(temperature=temperature)(outs(t([0.0, 5.0], (1, 1, 2)), [h]), outs(t(z_t, (1, 1, 2)), [h]),
+                                           torch.zeros(1, 1, 2), 0)
+    assert approx(parts["soft_dice"], 0.75 * (1 - dice))
+    # two samples, one of them a perfect match of hard labels: the mean of the two samples' terms
+    z_s2 = t([[0.0, 5.0], [-30.0, 30.0]], (2, 1, 2))
+    z_t2 = t([z_t, [-30.0 * temperature, 30.0 * temperature]], (2, 1, 2))
+    parts = kdnet(temperature=temperature)(outs(z_s2, [torch.zeros(2, 2, 2)]), outs(z_t2, [torch.zeros(2, 2, 2)]),
+                                           torch.zeros(2, 1, 2), 0)
+    assert approx(parts["soft_dice"], 0.75 * (1 - dice) / 2)
+
+
+def test_kdnet_soft_dice_pulls_a_small_region_harder_than_the_cross_entropy():
+    """An undecided student (logits 0) where the teacher sees a region of 5 voxels: the cross-entropy's pull on the
+    region's logits is a mean over every voxel, λ (1/2 − 1) / N; the soft Dice's, about λ σ'(0) (2 − D) / (N/2 + 5),
+    is larger, and more so the more background the patch holds."""
+    pulls = {}
+    for n in (100, 1000):
+        z_s = torch.zeros(1, 1, n, requires_grad=True)
+        z_t = torch.full((1, 1, n), -30.0)
+        z_t[..., :5] = 30.0
+        h = torch.zeros(1, 2, n)
+        parts = kdnet()(outs(z_s, [h]), outs(z_t, [h]), torch.zeros(1, 1, n), 0)
+        grad_dice = torch.autograd.grad(parts["soft_dice"], z_s, retain_graph=True)[0][0, 0, :5]
+        grad_kl = torch.autograd.grad(parts["logit_kl"], z_s)[0][0, 0, :5]
+        assert (grad_dice < 0).all() and (grad_kl < 0).all()  # descent raises the region's logits
+        assert approx(grad_kl.mean(), 0.75 * -0.5 / n)
+        pulls[n] = (grad_dice.abs().mean().item(), grad_kl.abs().mean().item())
+    assert pulls[100][0] > 1.5 * pulls[100][1] and pulls[1000][0] > 1.9 * pulls[1000][1]
 
 
 def test_kdnet_logit_gradient_is_bounded_like_bce():

@@ -1,5 +1,5 @@
 """A model trained under an older method version whose meaning differs (before version 2: the P* forward, alignment
-and distillation losses; version 2: P* runs, whose weights had no floor) is refused with one line by the commands
+and distillation losses; version 2: P* runs, whose weights had no floor, and KD-Net students) is refused with one line by the commands
 whose meaning would change: nnalign_predict (P* teachers), nnalign_train --c / --val and nnalign_report; a model of
 this version, or of version 2 without P* in it, is used as before."""
 from __future__ import annotations
@@ -34,6 +34,7 @@ def _student(teacher: str) -> dict:
     ({"method_version": 2, **_student("nnAlignTeacher_none_drop0p25")}, True),
     ({"method_version": 2, **_student("nnAlignTeacher_mixture")}, False),  # distilled from an unfloored P*
     ({"method_version": 2, **_student("not a trainer")}, False),
+    ({"method_version": 2, **_student("nnAlignTeacher_none"), "kd": "kdnet"}, False),  # KD-Net's loss changed too
     ({"role": "teacher", "anchor": "none"}, False),  # no key: version 1, whose losses all differ
     ({"method_version": 1, "role": "teacher", "anchor": "original"}, False),
 ])

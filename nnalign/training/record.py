@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 from nnalign import __version__
 from nnalign.atomic import write_json_atomic
@@ -16,7 +17,8 @@ METHOD_VERSION = 3
 """The version of the method's definition a run was trained with, written into every record. Version 2 (nnalign
 0.2.0): P*'s weights scale each modality's latents into the predictor, relative (scale-free) MSE anchors, a loss
 weight per anchor, and the sigmoid-head distillation terms at a bounded scale. Version 3: P*'s weights keep a floor
-of half their uniform share. A record without the key is version 1."""
+of half their uniform share, and KD-Net's soft-label term adds nnU-Net's Dice to its cross-entropy. A record without
+the key is version 1."""
 
 
 def read_settings_record(fold_folder: str | os.PathLike) -> dict | None:
@@ -34,11 +36,6 @@ def method_version(record: dict) -> int:
     return version if isinstance(version, int) and not isinstance(version, bool) else 1
 
 
-MIXTURE_ONLY_VERSIONS = frozenset({3})
-"""Method versions whose change touches P* alone: a run of the version before that has no P* teacher in it (none of
-its own, none it was distilled from) computes and means what it did."""
-
-
 def involves_mixture(record: dict) -> bool:
     """Whether a run's record names P*: a P* teacher, or a student of one (an unreadable teacher name counts)."""
     from nnalign.runs import TeacherSpec
@@ -51,14 +48,24 @@ def involves_mixture(record: dict) -> bool:
         return True
 
 
+def _touched_by_version_3(record: dict) -> bool:
+    """Version 3 changed P* (its weights' floor) and KD-Net's loss (the soft-label Dice)."""
+    return involves_mixture(record) or (record.get("role") == "student" and record.get("kd") == "kdnet")
+
+
+NARROW_CHANGES: dict[int, Callable[[dict], bool]] = {3: _touched_by_version_3}
+"""Method versions whose change touches some runs only, with the test of whether it touches a run's record: a run of
+the version before that the change does not touch computes and means what it did."""
+
+
 def is_current_method(record: dict) -> bool:
     """Whether a run of this record computes what this version trains: the same method version, or an older one
-    whose later changes (:data:`MIXTURE_ONLY_VERSIONS`) do not touch it."""
+    whose later changes (:data:`NARROW_CHANGES`) do not touch it."""
     version = method_version(record)
     if version == METHOD_VERSION:
         return True
     later = range(max(version, 1) + 1, METHOD_VERSION + 1)
-    return version < METHOD_VERSION and all(v in MIXTURE_ONLY_VERSIONS for v in later) and not involves_mixture(record)
+    return version < METHOD_VERSION and all(v in NARROW_CHANGES and not NARROW_CHANGES[v](record) for v in later)
 
 
 def check_method_version(fold_folder: str | os.PathLike, what_to_do: str) -> None:
@@ -70,10 +77,10 @@ def check_method_version(fold_folder: str | os.PathLike, what_to_do: str) -> Non
     record = read_settings_record(fold_folder)
     if record is None or is_current_method(record):
         return
+    also = ", as do its alignment and other distillation losses" if method_version(record) < 2 else ""
     raise NnalignError(f"{fold_folder}: made by nnalign {record.get('nnalign_version', 'before 0.2')} (method version "
                        f"{method_version(record)}; this nnalign trains version {METHOD_VERSION}, whose P* weights "
-                       f"differ{', as do its alignment and distillation losses' if method_version(record) < 2 else ''})"
-                       f": {what_to_do}")
+                       f"and KD-Net loss differ{also}): {what_to_do}")
 
 
 def write_training_inputs(fold_folder: str | os.PathLike, inputs: dict, continuing: bool) -> None:

@@ -7,8 +7,8 @@ to mono-modal segmentation networks", MICCAI 2020, LNCS pp. 772–781, arXiv 210
 generalized distillation framework where the student network is trained on a subset (1 modality) of the teacher's
 inputs". Generalized distillation (D. Lopez-Paz, L. Bottou, B. Schölkopf, V. Vapnik, "Unifying distillation and
 privileged information", ICLR 2016): learn the teacher, compute its soft labels s = σ(f_t(x*)/T) at temperature T,
-then train the student on ``(1−λ)·ℓ(y, σ(f_s(x))) + λ·ℓ(s, σ(f_s(x)))`` with the imitation parameter λ ∈ [0, 1]; the
-student's output is not softened and there is no T² factor. KD-Net adds a KL term on intermediate features; the
+then train the student on ``(1−λ)·ℓ(y, σ(f_s(x))) + λ·ℓ(s, σ(f_s(x)))`` with the imitation parameter λ ∈ [0, 1] and
+the *same* loss ℓ on the hard and the soft labels; the student's output is not softened and there is no T² factor. KD-Net adds a KL term on intermediate features; the
 feature term follows the third-party reimplementation ``CityU-AIM-Group/MultiModal-learning``,
 ``MIA 2022/distiller_zoo/feats_KL.py``. No official code was found, and the KD-Net paper's method and experiments
 sections could not be retrieved from any stored copy, so **its λ, β and T are unverified**: λ = 0.75 and β = 0.1 are
@@ -17,7 +17,8 @@ report them.
 
 Formula (softmax original, as generalized distillation)
 --------------------------------------------------------
-``L = (1−λ)·L_seg(student, y) + λ·CE(softmax(z_t/T), softmax(z_s)) + β·KL(softmax_c(h_t) ‖ softmax_c(h_s))``
+``L = (1−λ)·L_seg(student, y) + λ·L_seg(student, softmax(z_t/T)) + β·KL(softmax_c(h_t) ‖ softmax_c(h_s))``, where
+KD-Net's segmentation loss on the soft labels is written as their cross-entropy.
 
 Sigmoid-region adaptation (what this module computes)
 -----------------------------------------------------
@@ -27,6 +28,13 @@ distribution:
 - ``logit_kl = λ·mean_{b, r, i} KL(Bern(σ(z_t/T)) ‖ Bern(σ(z_s)))`` over the full-resolution logits z (B, R, *S):
   the soft-label cross-entropy of generalized distillation less the teacher's entropy (same gradient,
   λ·(σ(z_s) − σ(z_t/T)) per element, bounded by λ as BCE's by 1; zero when the student matches the soft label).
+- ``soft_dice = λ·(1 − soft Dice(σ(z_s), σ(z_t/T)))``, per sample and region, averaged (nnU-Net's
+  ``MemoryEfficientSoftDiceLoss`` with the soft labels as its target): the other half of nnU-Net's segmentation
+  loss, so that ℓ is the same on both labels, as generalized distillation has it. Without it the soft labels are
+  learnt through a cross-entropy alone, a mean over every voxel of the patch, while the Dice term, normalised by the
+  region's size, that makes nnU-Net segment small regions is weighted by 1 − λ = 0.25: on the demo (section 4 of
+  documentation/results.md) KD-Net students stayed at validation Dice 0 for their first 15 epochs or more and one
+  of three ended at 0.75x the no-distillation student's WT.
 - ``feature_kl = β·mean_{b, i} Σ_c p_t,c(i)·(log p_t,c(i) − log p_s,c(i))`` with ``p = softmax_c(h)`` over the
   channels of the bottleneck h = ``skips[-1]`` (B, C, *S_bottleneck), per voxel: KL summed over channels, averaged
   over voxels and batch. (feats_KL.py sums over voxels and divides by the batch size; the voxel mean used here keeps
@@ -65,6 +73,10 @@ from nnalign.losses.kd.registry import register_kd
 from nnalign.networks.outputs import NetworkOutputs
 
 
+SOFT_DICE_SMOOTH = 1e-5
+"""The smoothing of the soft-label Dice, nnU-Net's for its own Dice + BCE loss."""
+
+
 def channel_softmax_kl(h_teacher: Tensor, h_student: Tensor) -> Tensor:
     """``mean_{b, i} KL(softmax_c(h_t(b, ·, i)) ‖ softmax_c(h_s(b, ·, i)))`` for features (B, C, *S), a scalar.
 
@@ -80,7 +92,8 @@ def channel_softmax_kl(h_teacher: Tensor, h_student: Tensor) -> Tensor:
 class KDNetLoss(DistillationLoss):
     """KD-Net: generalized distillation's soft-label term on the logits and channel-softmax KL on the bottleneck.
 
-    Components: ``logit_kl`` (λ·KL to the teacher's soft labels at T), ``feature_kl`` (β·…). ``seg_weight`` = 1 − λ.
+    Components: ``logit_kl`` (λ·KL to the teacher's soft labels at T), ``soft_dice`` (λ·(1 − their soft Dice)),
+    ``feature_kl`` (β·…). ``seg_weight`` = 1 − λ.
     """
 
     def __init__(
@@ -100,6 +113,11 @@ class KDNetLoss(DistillationLoss):
         self.imitation_weight = float(imitation_weight)
         self.feature_weight = float(feature_weight)
         self.seg_weight = 1.0 - self.imitation_weight
+        from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+        # nnU-Net's Dice of its region trainers (-Dice, per sample and region), with the soft labels as the target
+        self._soft_dice_loss = MemoryEfficientSoftDiceLoss(apply_nonlin=torch.sigmoid, batch_dice=False, do_bg=True,
+                                                           smooth=SOFT_DICE_SMOOTH, ddp=False)
 
     def components(
         self, student: NetworkOutputs, teacher: NetworkOutputs, target: Tensor, epoch: int
@@ -112,5 +130,6 @@ class KDNetLoss(DistillationLoss):
         kl = bernoulli_kl(soft_labels, as_student(z_s)).mean()
         return {
             "logit_kl": self.imitation_weight * kl,
+            "soft_dice": self.imitation_weight * (1.0 + self._soft_dice_loss(as_student(z_s).float(), soft_labels)),
             "feature_kl": self.feature_weight * channel_softmax_kl(as_teacher(h_t), as_student(h_s)),
         }
