@@ -118,14 +118,25 @@ def _fake_dataset(root: Path, dataset_id: int = 18, name: str = "BraTS2018", con
     return root
 
 
-def _experiment(*args: str, env: dict[str, str], cwd: Path | None = None, timeout: float = 1800
-                ) -> subprocess.CompletedProcess:
-    """``nnalign_experiment ARGS`` in a subprocess (one process per training, no compile)."""
+def _experiment_command(*args: str, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of ``nnalign_experiment ARGS`` (one process per training, no compile)."""
     environ = {**os.environ, **env, "nnUNet_def_n_proc": "1", "nnUNet_compile": "f"}
     for var in RUN_VARS:
         environ.pop(var, None)
-    return subprocess.run([sys.executable, "-m", "nnalign.cli.experiment", *args], capture_output=True, text=True,
-                          env=environ, cwd=cwd, timeout=timeout)
+    return [sys.executable, "-m", "nnalign.cli.experiment", *args], environ
+
+
+def _experiment(*args: str, env: dict[str, str], cwd: Path | None = None, timeout: float = 1800
+                ) -> subprocess.CompletedProcess:
+    """``nnalign_experiment ARGS`` in a subprocess, to the end."""
+    command, environ = _experiment_command(*args, env=env)
+    return subprocess.run(command, capture_output=True, text=True, env=environ, cwd=cwd, timeout=timeout)
+
+
+def _start_experiment(*args: str, env: dict[str, str]) -> subprocess.Popen:
+    """``nnalign_experiment ARGS`` started in a subprocess (stdout and stderr piped, text)."""
+    command, environ = _experiment_command(*args, env=env)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ)
 
 
 TINY_DATASET_ID = 983
@@ -334,6 +345,11 @@ def fake_dataset() -> Callable[..., Path]:
 @pytest.fixture(scope="session")
 def experiment() -> Callable[..., subprocess.CompletedProcess]:
     return _experiment
+
+
+@pytest.fixture(scope="session")
+def start_experiment() -> Callable[..., subprocess.Popen]:
+    return _start_experiment
 
 
 @pytest.fixture(scope="module")

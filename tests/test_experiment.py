@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,7 @@ def test_cpu_evidence_preset_is_the_real_data_protocol(tmp_path, monkeypatch, fo
     assert trainers == {"nnAlignOriginal", "nnAlignTeacher_none", "nnAlignTeacher_mixture"} | students
     train = grid.runs["train.nnAlignTeacher_mixture.fold_0"].commands[0]
     assert train[:4] == ("nnalign.cli.train", "Dataset218_BraTS2018", "3d_cpu", "0")
-    assert "--epochs" in train and train[train.index("--epochs") + 1] == "30"
+    assert "--epochs" in train and train[train.index("--epochs") + 1] == "15"
     assert grid.state_dir == tmp_path / "results" / "Dataset218_BraTS2018" / "nnalign_experiments" / "cpu-evidence"
 
 
@@ -234,3 +235,30 @@ def test_a_failed_run_blocks_its_dependents_and_is_retried(tiny_data, tmp_path, 
     assert record["status"] == "failed" and record["attempts"] == 1
     again = experiment("run", str(spec), env=env)  # retries the failed run only (it fails again)
     assert again.returncode == 1 and again.stdout.count("] started:") == 1, again.stdout
+
+
+@pytest.mark.slow
+def test_cancel_stops_a_local_run_before_it_starts_anything_more(tiny_data, tmp_path, folders_env, experiment,
+                                                                 start_experiment, write_spec):
+    env = folders_env(tiny_data, tmp_path / "results")
+    spec = write_spec(tmp_path, tiny_data)
+    spec.write_text(spec.read_text().replace("epochs = 2\n", "epochs = 1000\n"))  # the teacher is cancelled mid-way
+    runner = start_experiment("run", str(spec), env=env)
+    state = tmp_path / "results" / DATASET / "nnalign_experiments" / "tiny"
+    teacher_log = state / "logs" / "train.nnAlignTeacher_mixture.fold_0.log"
+    deadline = time.time() + 600
+    while not (teacher_log.is_file() and "Epoch 1" in teacher_log.read_text()):
+        assert runner.poll() is None and time.time() < deadline, runner.communicate()
+        time.sleep(0.5)
+
+    cancelled = experiment("cancel", str(spec), env=env)
+    assert cancelled.returncode == 0 and "cancelled 1 run(s): teacher mixture, fold 0" in cancelled.stdout, (
+        cancelled.stdout, cancelled.stderr)
+    out, err = runner.communicate(timeout=60)  # the runner stopped too, with one line
+    assert runner.returncode == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines() == ["nnalign_experiment: error: cancelled (nnalign_experiment cancel, or "
+                                        "SIGTERM); run starts again what was not done"], err
+    student = StudentSpec(("T1ce",), "kdnet", TeacherSpec("mixture")).trainer_name()
+    assert not (state / "runs" / f"train.{student}.fold_0.json").exists(), out  # nothing more was started
+    status = experiment("status", str(spec), env=env)
+    assert "cancelled: teacher mixture, fold 0" in status.stdout, status.stdout

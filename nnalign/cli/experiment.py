@@ -3,6 +3,7 @@ TOML SPEC (or a shipped preset), on this machine or on a Slurm cluster."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
     for name, text in (("plan", "list every run, its dependencies and state, and an estimate of GPU-hours"),
                        ("status", "a table of the runs: state, epoch reached, job id, log"),
-                       ("cancel", "cancel the runs this experiment submitted that are queued or running")):
+                       ("cancel", "stop a local run of this experiment and cancel its runs that are queued or running")):
         sub.add_parser(name, help=text, description=text).add_argument("spec", metavar="SPEC",
                                                                          help="a SPEC file or a preset name")
     run = sub.add_parser("run", help="run or submit what is missing, failed or cancelled, in dependency order",
@@ -154,6 +155,10 @@ def _wait(spec: str, poll: int) -> list[str]:
         time.sleep(poll)
 
 
+def _cancelled(signum, frame) -> None:
+    raise NnalignError("cancelled (nnalign_experiment cancel, or SIGTERM); run starts again what was not done")
+
+
 def run(args) -> int:
     from nnalign.experiments.grid import build_grid
     from nnalign.experiments.spec import read_spec
@@ -162,6 +167,7 @@ def run(args) -> int:
     grid = build_grid(read_spec(args.spec))
     store = StateStore(grid.state_dir)
     print(_heading(grid))
+    signal.signal(signal.SIGTERM, _cancelled)  # nnalign_experiment cancel: stop here, and the local runs with us
     if args.executor == "local":
         from nnalign.experiments.local import run_local
         from nnalign.experiments.slurm import alive_checker
@@ -190,11 +196,14 @@ def run(args) -> int:
 
 
 def cancel(spec: str) -> int:
-    from nnalign.experiments.local import stop_process_group
+    from nnalign.experiments.local import stop_process, stop_process_group
     from nnalign.experiments.slurm import cancel_jobs
 
     grid, store, states = _load(spec)
     active = {k: store.read(k) for k, s in states.items() if s.state in ("queued", "running")}
+    runner = store.runner_pid()
+    if runner is not None:  # a `run` on this machine: stop it first, so that it starts nothing more
+        stop_process(runner)
     cancel_jobs([str(r["job_id"]) for r in active.values() if r.get("executor") == "slurm" and r.get("job_id")])
     for record in active.values():
         if record.get("executor") == "local" and record.get("pid"):

@@ -38,6 +38,22 @@ def stop_process_group(pid: int) -> None:
         pass
 
 
+def stop_process(pid: int, timeout_s: float = 30.0) -> None:
+    """SIGTERM to process ``pid`` (a ``run`` of ours, which then stops its runs) and wait up to ``timeout_s`` for
+    it to end."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(POLL_S)
+
+
 def run_local(grid: Grid, store: StateStore, jobs: int, alive: Callable[[], Callable[[dict], str | None]],
               say: Callable[[str], None] = print) -> list[str]:
     """Run every missing, failed or cancelled run (and whatever depends on them), at most ``jobs`` at once; returns
@@ -58,9 +74,12 @@ def run_local(grid: Grid, store: StateStore, jobs: int, alive: Callable[[], Call
                         continue
                     del active[key]
                     record = store.read(key) or {}
-                    status[key] = "done" if proc.returncode == 0 and record.get("status") == "done" else "failed"
+                    status[key] = ("done" if proc.returncode == 0 and record.get("status") == "done" else
+                                   "cancelled" if record.get("status") == "cancelled" else "failed")
                     finished += 1
-                    if status[key] == "failed":
+                    if status[key] == "cancelled":
+                        say(f"[{finished}/{total}] cancelled: {grid.runs[key].title}")
+                    elif status[key] == "failed":
                         failed.append(key)
                         say(f"[{finished}/{total}] failed: {grid.runs[key].title}: {record.get('error') or 'see log'} "
                             f"(log: {store.log(key)})")
@@ -75,7 +94,8 @@ def run_local(grid: Grid, store: StateStore, jobs: int, alive: Callable[[], Call
                         status[key] = "blocked"
                         todo.remove(key)
                         finished += 1
-                        say(f"[{finished}/{total}] not started: {grid.runs[key].title} (a run it needs failed)")
+                        say(f"[{finished}/{total}] not started: {grid.runs[key].title} (a run it needs failed or "
+                            f"was cancelled)")
                     elif all(s == "done" for s in deps) and len(active) < jobs:
                         slot = min(set(range(jobs)) - {s for _, s in active.values()})
                         active[key] = (_start(grid, store, key, slot), slot)

@@ -111,6 +111,25 @@ class StateStore:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
+    def runner_pid(self) -> int | None:
+        """The process id of the ``run`` that holds the lock on this machine, None if none holds it (a lock left by
+        a killed process is free: the kernel released it) or it is held from another machine."""
+        path = self.folder / "lock"
+        if not path.is_file():
+            return None
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                words = f.read().split()
+                if len(words) == 4 and words[0] == "pid" and words[1].isdigit() and words[3] == socket.gethostname():
+                    return int(words[1])
+                return None
+            fcntl.flock(f, fcntl.LOCK_UN)
+        return None
+
+
 def new_record(grid: Grid, store: StateStore, run: Run, executor: str, env: dict[str, str]) -> dict:
     """The state a run starts with: everything its job needs (commands, environment, files), status submitted."""
     previous = store.read(run.key) or {}
