@@ -1,135 +1,74 @@
 """One fixed protocol on the real BraTS 2018 cases in ``../shared/data/brats``: do alignment and distillation help?
 
-Opt-in (it needs the shared cases; it exits with a message when they are absent) and resumable: every step is the
-command a user runs, skipped when its result exists, so an interrupted run continues where it stopped::
+The protocol is ``nnalign_experiment``'s ``cpu-evidence`` preset (``nnalign/experiments/presets/cpu-evidence.toml``):
+the shared cases converted with the ProtoKD split (its test cases among them held out), ``3d_cpu``, teachers
+``mixture``, ``none`` and ``original`` with the same settings, FLAIR and T1ce students (``none``, ``kdnet``,
+``protokd``) of the ``mixture`` teacher, each evaluated on the held-out cases, then ``nnalign_report``. This script
+runs that preset with the local executor, with nnU-Net's folders under ``--work`` and the cases from ``--data``, and
+prints the report and each run's wall time. Opt-in (it exits with a message when the cases are absent) and
+resumable: run it again and the finished runs are reused::
 
-    python benchmarks/real_data.py --work /tmp/real_run            # the whole protocol (hours on 2 CPU cores)
-    python benchmarks/real_data.py --work /tmp/real_run --dry-run  # the commands, nothing run
-
-Protocol (``3d_cpu``, fold 0 of the ProtoKD split, whose test cases among the shared ones are held out):
-
-1. ``nnalign_convert_brats --split protokd``, ``nnalign_plan_and_preprocess -c 3d_cpu``;
-2. teachers ``original``, ``none`` and ``mixture``, the same settings otherwise (every modality, shared encoder, each
-   anchor's default lambda), ``--teacher-epochs`` x ``--iters``;
-3. FLAIR and T1ce students (``none``, ``kdnet``, ``protokd``) of the ``mixture`` teacher, ``--student-epochs`` x
-   ``--iters``;
-4. ``nnalign_predict`` of the held-out cases (teachers with all four modalities, each student with its own) and
-   ``nnalign_evaluate`` against their references, then ``nnalign_report`` of the results folder.
-
-It prints the held-out Dice table (Markdown) and the wall time of each step.
+    python benchmarks/real_data.py --work /tmp/real_run            # the whole protocol (about 2 h on 2 CPU cores)
+    python benchmarks/real_data.py --work /tmp/real_run --dry-run  # nnalign_experiment plan: the runs, nothing run
 """
 from __future__ import annotations
 
 import argparse
-import csv
+import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "brats" / "BraTS2018"
-DATASET_ID = 218
-CONFIG = "3d_cpu"
-TEACHERS = ("original", "none", "mixture")
-STUDENTS = (("FLAIR",), ("T1ce",))
-KD = ("none", "kdnet", "protokd")
-CHANNEL = {"T1": 0, "T1ce": 1, "T2": 2, "FLAIR": 3}
+PRESET = "cpu-evidence"
 
 
-def _command(name: str) -> list[str]:
-    """``nnalign_<name>`` run by this Python (its console script need not be on PATH)."""
-    return [sys.executable, "-m", f"nnalign.cli.{name}"]
+def write_spec(work: Path, data: Path) -> Path:
+    """``work/cpu-evidence.toml``: the preset, with the cases from ``data`` and nnU-Net's folders under ``work``."""
+    spec = work / f"{PRESET}.toml"
+    spec.write_text(f'extends = "{PRESET}"\n[dataset]\nconvert = {json.dumps(str(data))}\n[folders]\n'
+                    + "".join(f"{key} = {json.dumps(str(work / key))}\n"
+                              for key in ("raw", "preprocessed", "results")))
+    return spec
+
+
+def wall_times(state_dir: Path) -> list[tuple[str, float]]:
+    """(title, minutes) of every finished run of the experiment, in the order they started."""
+    records = [json.loads(path.read_text()) for path in (state_dir / "runs").glob("*.json")]
+    done = sorted((r for r in records if r.get("status") == "done" and r.get("started")), key=lambda r: r["started"])
+    return [(r["title"], (r["updated"] - r["started"]) / 60) for r in done]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=Path(os.environ.get("NNALIGN_BRATS_DATA", DEFAULT_DATA)))
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the BraTS 2018 release folder")
     p.add_argument("--work", type=Path, required=True, help="folder for raw, preprocessed and results (resumable)")
-    p.add_argument("--teacher-epochs", type=int, default=30)
-    p.add_argument("--student-epochs", type=int, default=20)
-    p.add_argument("--iters", type=int, default=20, help="iterations per epoch")
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
     args = p.parse_args()
     if not args.data.is_dir():
         sys.exit(f"real_data.py: {args.data} not found (the shared BraTS 2018 cases); nothing to do")
-
     work = args.work.resolve()
-    env = {**os.environ, "nnUNet_raw": str(work / "raw"), "nnUNet_preprocessed": str(work / "pre"),
-           "nnUNet_results": str(work / "results")}
-    timings: list[tuple[str, float]] = []
+    work.mkdir(parents=True, exist_ok=True)
+    spec = write_spec(work, args.data.resolve())
+    command = [sys.executable, "-m", "nnalign.cli.experiment"]
+    if args.dry_run:
+        sys.exit(subprocess.call([*command, "plan", str(spec)]))
+    from nnalign.experiments.grid import build_grid
+    from nnalign.experiments.spec import read_spec
 
-    def run(what: str, command: list[str], done: Path | None = None) -> None:
-        if done is not None and done.exists():
-            print(f"[done before] {what}", flush=True)
-            return
-        print(f"[run] {what}: {' '.join(command)}", flush=True)
-        if args.dry_run:
-            return
-        start = time.time()
-        log = work / "logs" / f"{what.replace(' ', '_')}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as f:
-            code = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT, env=env)
-        if code:
-            sys.exit(f"real_data.py: {what} failed (exit {code}); see {log}")
-        timings.append((what, time.time() - start))
-
-    dataset = f"Dataset{DATASET_ID:03d}_BraTS2018"
-    raw = work / "raw" / dataset
-    results = work / "results" / dataset
-    run("convert", [*_command("convert_brats"), "-i", str(args.data), "-d", str(DATASET_ID), "-n", "BraTS2018",
-                    "--split", "protokd"], raw / "dataset.json")
-    run("plan and preprocess", [*_command("plan_and_preprocess"), "-d", str(DATASET_ID), "-c", CONFIG, "-np", "2"],
-        work / "pre" / dataset / "nnAlignPlans.json")
-    train = [*_command("train"), str(DATASET_ID), CONFIG, "0", "-device", "cpu", "--iters-per-epoch", str(args.iters)]
-    folders: dict[str, Path] = {}
-    for anchor in TEACHERS:
-        name = "nnAlignOriginal" if anchor == "original" else f"nnAlignTeacher_{anchor}"
-        folders[f"teacher {anchor}"] = results / f"{name}__nnAlignPlans__{CONFIG}"
-        run(f"teacher {anchor}", train + ["--anchor", anchor, "--epochs", str(args.teacher_epochs)],
-            folders[f"teacher {anchor}"] / "fold_0" / "checkpoint_final.pth")
-    teacher = folders["teacher mixture"]
-    for subset in STUDENTS:
-        for kd in KD:
-            key = f"student {'+'.join(subset)} {kd}"
-            folders[key] = results / f"nnAlignStudent_{'-'.join(subset)}_{kd}_Teacher-mixture__nnAlignPlans__{CONFIG}"
-            run(key, train + ["--role", "student", "--modalities", ",".join(subset), "--kd", kd, "--teacher",
-                              str(teacher), "--epochs", str(args.student_epochs)],
-                folders[key] / "fold_0" / "checkpoint_final.pth")
-
-    rows = []
-    for key, folder in folders.items():
-        subset = tuple(CHANNEL) if key.startswith("teacher") else tuple(key.split()[1].split("+"))
-        inputs = work / "inputs" / "-".join(subset)
-        if not args.dry_run:
-            inputs.mkdir(parents=True, exist_ok=True)
-            for m in subset:
-                for image in (raw / "imagesTs").glob(f"*_{CHANNEL[m]:04d}.nii.gz"):
-                    if not (inputs / image.name).exists():
-                        os.symlink(image, inputs / image.name)
-        out = work / "predictions" / folder.name
-        run(f"predict {key}", [*_command("predict"), "-i", str(inputs), "-o", str(out), "-m", str(folder), "-device",
-                               "cpu", "--disable-tta", "--labels", "nnunet"], out / "prediction_done")
-        metrics = work / "evaluations" / f"{folder.name}.csv"
-        run(f"evaluate {key}", [*_command("evaluate"), "-r", str(raw / "labelsTs"), "-p", str(out), "--labels",
-                                "nnunet", "-o", str(metrics)], metrics)
-        if not args.dry_run:
-            (out / "prediction_done").touch()
-            mean = next(r for r in csv.DictReader(open(metrics)) if r.get("case") == "mean")
-            rows.append((key, "+".join(subset), *(float(mean[f"Dice_{r}"]) for r in ("WT", "TC", "ET"))))
-    run("report", [*_command("report"), str(results), "-o", str(work / "report")], work / "report" / "report.md")
-
-    if rows:
-        print("\n| model | modalities | Dice WT | Dice TC | Dice ET |\n|---|---|---|---|---|")
-        for key, subset, wt, tc, et in rows:
-            print(f"| {key} | {subset} | {wt:.3f} | {tc:.3f} | {et:.3f} |")
-    if timings:
-        print("\n| step | minutes |\n|---|---|")
-        for what, seconds in timings:
-            print(f"| {what} | {seconds / 60:.1f} |")
-        print(f"| all | {sum(s for _, s in timings) / 60:.1f} |")
+    code = subprocess.call([*command, "run", str(spec), "--executor", "local", "--jobs", "1"],
+                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    state_dir = build_grid(read_spec(str(spec))).state_dir
+    report = state_dir / "report" / "report.md"
+    if report.is_file():
+        print(f"\n{report}:\n\n{report.read_text()}")
+    times = wall_times(state_dir)
+    print("\n| run | minutes |\n|---|---|")
+    print("\n".join(f"| {title} | {minutes:.1f} |" for title, minutes in times))
+    print(f"| all | {sum(m for _, m in times):.1f} |")
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -44,3 +44,16 @@ def test_profile_benchmark_lists_operators_and_totals(tmp_path):
     assert total[0] == "**all operators**"
     stock, teacher, extra = (float(v) for v in total[1:])
     assert stock > 0 and teacher > 0 and extra == pytest.approx(teacher - stock, abs=0.011)
+
+
+def test_real_data_protocol_is_the_cpu_evidence_preset(tmp_path):
+    script = [sys.executable, str(BENCHMARKS / "real_data.py"), "--work", str(tmp_path / "work")]
+    absent = subprocess.run([*script, "--data", str(tmp_path / "none")], capture_output=True, text=True, timeout=120)
+    assert absent.returncode != 0 and "not found" in absent.stderr and not (tmp_path / "work").exists()
+    (tmp_path / "BraTS2018").mkdir()
+    plan = subprocess.run([*script, "--data", str(tmp_path / "BraTS2018"), "--dry-run"], capture_output=True, text=True,
+                          timeout=120)
+    assert plan.returncode == 0, plan.stderr
+    assert "experiment cpu-evidence" in plan.stdout and "21 runs: 0 done, 21 missing" in plan.stdout, plan.stdout
+    assert f"convert {tmp_path / 'BraTS2018'}" in plan.stdout
+    assert f"state: {tmp_path / 'work' / 'results'}" in plan.stdout
