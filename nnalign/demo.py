@@ -161,14 +161,15 @@ def _prepare_data(opts: DemoOptions, raw_root: Path, say) -> Path:
         say(f"data: reusing {folder}")
         return folder
     if opts.data is None:
-        from nnalign.data.synthetic import write_synthetic_dataset
+        from nnalign.data.synthetic import CaseOptions, write_synthetic_dataset
 
         say(f"data: {opts.cases} synthetic training cases and {opts.test_cases} held-out cases (seed {opts.seed}, "
             f"{'x'.join(map(str, opts.shape))} voxels of 1 mm, {'/'.join(opts.glioma_kinds)} gliomas, enhancing "
             f"rims of about {opts.min_rim_mm:g} mm or more)")
         return write_synthetic_dataset(raw_root, opts.dataset_id, opts.cases, opts.shape, opts.seed,
                                        num_test=opts.test_cases, name="DemoSyntheticBraTS",
-                                       min_rim_mm=opts.min_rim_mm, glioma_kinds=opts.glioma_kinds)
+                                       options=CaseOptions(min_rim_mm=opts.min_rim_mm,
+                                                           glioma_kinds=opts.glioma_kinds))
     from nnalign.data.brats_layout import find_cases
     from nnalign.data.convert_brats import convert_brats
     from nnalign.data.splits import protokd_split

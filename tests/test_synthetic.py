@@ -13,8 +13,8 @@ import SimpleITK as sitk
 from scipy.stats import rankdata
 
 from nnalign.data.raw_dataset import image_filename
-from nnalign.data.synthetic import (BG, CSF, GM, GLIOMA_KINDS, WM, case_seed, generate_case, synthesize_case,
-                                    write_synthetic_dataset)
+from nnalign.data.synthetic import (BG, CSF, GM, GLIOMA_KINDS, WM, CaseOptions, case_seed, generate_case,
+                                    synthesize_case, write_synthetic_dataset)
 from nnalign.errors import NnalignError
 from nnalign.modalities import BRATS_MODALITIES
 
@@ -258,13 +258,16 @@ def _assert_one_line_error(proc: subprocess.CompletedProcess) -> str:
 @pytest.mark.slow
 def test_cli_writes_a_dataset_and_refuses_to_clobber_it(tmp_path):
     proc = _synth(tmp_path, "-d", "7", "-n", "1", "--shape", "32", "32", "32", "--seed", "3", "--num-test", "1",
-                  "--name", "CliSynth")
+                  "--name", "CliSynth", "--tumour-modalities", "FLAIR,T1ce", "--min-rim-mm", "3",
+                  "--glioma-kinds", "ring")
     assert proc.returncode == 0, proc.stderr
     folder = tmp_path / "raw" / "Dataset007_CliSynth"
     assert str(folder) in proc.stdout
     assert {"imagesTr/SYN_0000_0003.nii.gz", "labelsTr/SYN_0000.nii.gz", "labelsTs/SYNTS_0000.nii.gz"} <= _files(folder)
     dj = json.loads((folder / "dataset.json").read_text())
-    assert dj["nnalign"]["synthetic"] == {**dj["nnalign"]["synthetic"], "seed": 3, "shape": [32, 32, 32]}
+    assert dj["nnalign"]["synthetic"] == {**dj["nnalign"]["synthetic"], "seed": 3, "shape": [32, 32, 32],
+                                          "tumour_modalities": ["T1ce", "FLAIR"], "min_rim_mm": 3.0,
+                                          "glioma_kinds": ["ring"]}
 
     line = _assert_one_line_error(_synth(tmp_path, "-d", "7", "-n", "1", "--shape", "32", "32", "32"))
     assert folder.name in line
@@ -278,7 +281,8 @@ def test_cli_writes_a_dataset_and_refuses_to_clobber_it(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args", [["-n", "0"], ["-n", "1", "--shape", "32", "16", "32"], ["-n", "1", "-d", "1000"]])
+@pytest.mark.parametrize("args", [["-n", "0"], ["-n", "1", "--shape", "32", "16", "32"], ["-n", "1", "-d", "1000"],
+                                  ["-n", "1", "--glioma-kinds", "ring,cystic"]])
 def test_cli_rejects_bad_arguments_in_one_line(tmp_path, args):
     argv = ["-d", "8", "--shape", "32", "32", "32", *args] if "-d" not in args else ["--shape", "32", "32", "32", *args]
     _assert_one_line_error(_synth(tmp_path, *argv))
@@ -289,7 +293,7 @@ def test_only_the_tumour_modalities_show_the_tumour():
     """A known answer for "which modality matters": the other modalities render tumour tissue as white matter."""
     from nnalign.data.synthetic import EDEMA, ENHANCING, NECROSIS, WM, synthesize_case
 
-    case = synthesize_case((64, 64, 64), seed=5, tumour_modalities=("FLAIR",))
+    case = synthesize_case((64, 64, 64), seed=5, options=CaseOptions(tumour_modalities=("FLAIR",)))
     wm, edema = case.tissue == WM, case.tissue == EDEMA
     core = np.isin(case.tissue, (NECROSIS, ENHANCING))
     for modality, image in case.images.items():
@@ -305,7 +309,7 @@ def test_only_the_tumour_modalities_show_the_tumour():
 
 
 def test_a_minimum_rim_thickens_enhancing_tumour_and_changes_nothing_else():
-    thin, thick = synthesize_case((64, 64, 64), seed=4), synthesize_case((64, 64, 64), seed=4, min_rim_mm=4.0)
+    thin, thick = synthesize_case((64, 64, 64), seed=4), synthesize_case((64, 64, 64), seed=4, options=CaseOptions(min_rim_mm=4.0))
     np.testing.assert_array_equal(thin.seg > 0, thick.seg > 0)  # same whole tumour
     np.testing.assert_array_equal(np.isin(thin.seg, (2, 3)), np.isin(thick.seg, (2, 3)))  # same core
     assert ((thin.seg == 3) <= (thick.seg == 3)).all()  # enhancing only grows, into the necrosis
@@ -320,11 +324,11 @@ def test_a_minimum_rim_thickens_enhancing_tumour_and_changes_nothing_else():
 def test_glioma_kinds_turn_a_non_enhancing_glioma_into_a_ring_and_change_nothing_else():
     # the demo's first held-out case at seed 0 (64^3, rims of 4 mm) is a non-enhancing glioma: a core without ET
     seed = case_seed(0, 0, held_out=True)
-    every, ring = (synthesize_case((64, 64, 64), seed=seed, min_rim_mm=4.0, glioma_kinds=kinds)
+    every, ring = (synthesize_case((64, 64, 64), seed=seed, options=CaseOptions(min_rim_mm=4.0, glioma_kinds=kinds))
                    for kinds in (GLIOMA_KINDS, ("ring",)))
     assert (every.seg == 3).sum() == 0 and (every.seg == 2).sum() > 0
     np.testing.assert_array_equal(every.seg > 0, ring.seg > 0)  # same whole tumour
     np.testing.assert_array_equal(np.isin(every.seg, (2, 3)), np.isin(ring.seg, (2, 3)))  # same core
     assert (ring.seg == 3).sum() > 0 and (ring.seg == 2).sum() > 0  # now an enhancing rim around necrosis
     with pytest.raises(NnalignError, match="unknown glioma kind 'cystic'"):
-        synthesize_case((64, 64, 64), seed=seed, glioma_kinds=("cystic",))
+        CaseOptions(glioma_kinds=("cystic",))

@@ -40,16 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry("nnalign_synth")
 def main() -> int:
     args = build_parser().parse_args()
-    from nnalign.data.synthetic import GLIOMA_KINDS, write_synthetic_dataset
+    from nnalign.data.synthetic import GLIOMA_KINDS, CaseOptions, write_synthetic_dataset
     from nnalign.modalities import BRATS_MODALITIES, parse_modalities
     from nnalign.paths import setup_env
 
     setup_env()
     shown = parse_modalities(args.tumour_modalities) if args.tumour_modalities else BRATS_MODALITIES
+    options = CaseOptions(shown, args.min_rim_mm,
+                          tuple(args.glioma_kinds.split(",")) if args.glioma_kinds else GLIOMA_KINDS)
     folder = write_synthetic_dataset(os.environ["nnUNet_raw"], args.dataset_id, args.num_cases, shape=args.shape,
                                      seed=args.seed, num_test=args.num_test, name=args.name,
-                                     overwrite=args.overwrite, tumour_modalities=shown, min_rim_mm=args.min_rim_mm,
-                                     glioma_kinds=args.glioma_kinds.split(",") if args.glioma_kinds else GLIOMA_KINDS)
+                                     overwrite=args.overwrite, options=options)
     print(f"Wrote {folder}: {args.num_cases} training cases, {args.num_test} test cases, "
           f"shape {' x '.join(map(str, args.shape))}, seed {args.seed}")
     return 0

@@ -93,6 +93,34 @@ def check_glioma_kinds(kinds: Sequence[str]) -> None:
         raise NnalignError(f"{problem} (kinds: {', '.join(GLIOMA_KINDS)})")
 
 
+@dataclass(frozen=True)
+class CaseOptions:
+    """What generated cases look like beyond their shape and seed; the defaults give the standard cases.
+
+    - ``tumour_modalities``: only these show the tumour, the others see white matter there (a known answer for
+      experiments on which modality matters);
+    - ``min_rim_mm`` > 0 thickens the enhancing rims of ring tumours to about that many millimetres (voxels), so that
+      ET survives coarse resampling;
+    - ``glioma_kinds`` restricts the kinds of glioma (:data:`GLIOMA_KINDS`); a case is otherwise the same.
+    """
+
+    tumour_modalities: tuple[str, ...] = BRATS_MODALITIES
+    min_rim_mm: float = 0.0
+    glioma_kinds: tuple[str, ...] = GLIOMA_KINDS
+
+    def __post_init__(self) -> None:
+        check_glioma_kinds(self.glioma_kinds)
+        object.__setattr__(self, "tumour_modalities", tuple(self.tumour_modalities))
+        object.__setattr__(self, "min_rim_mm", float(self.min_rim_mm))
+        object.__setattr__(self, "glioma_kinds", tuple(self.glioma_kinds))
+
+    def record(self) -> dict:
+        """The options as dataset.json records them (modalities and kinds in their canonical order)."""
+        return {"tumour_modalities": [m for m in BRATS_MODALITIES if m in self.tumour_modalities],
+                "min_rim_mm": self.min_rim_mm,
+                "glioma_kinds": [k for k in GLIOMA_KINDS if k in self.glioma_kinds]}
+
+
 def case_seed(seed: int, index: int, held_out: bool = False) -> int:
     """The generator seed of training case ``index`` (or held-out case ``index``) of a dataset made with ``seed``."""
     entropy = [int(seed), int(index)] + ([1] if held_out else [])
@@ -293,36 +321,29 @@ def _render(rng: np.random.Generator, tissue: np.ndarray, brain: np.ndarray, rad
 
 
 def synthesize_case(shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0,
-                    tumour_modalities: Sequence[str] = BRATS_MODALITIES, min_rim_mm: float = 0.0,
-                    glioma_kinds: Sequence[str] = GLIOMA_KINDS) -> SyntheticCase:
-    """Generate one case of ``shape`` (X, Y, Z) from ``seed``, with its tissue map (see :class:`SyntheticCase`).
-
-    Only ``tumour_modalities`` show the tumour; the others see white matter there (a known answer for experiments on
-    which modality matters). The default, every modality, gives the standard cases. ``min_rim_mm`` > 0 thickens the
-    enhancing rims of ring tumours to about that many millimetres (voxels), so that ET survives coarse resampling.
-    ``glioma_kinds`` restricts the kinds of glioma (:data:`GLIOMA_KINDS`); a case is otherwise the same."""
+                    options: CaseOptions = CaseOptions()) -> SyntheticCase:
+    """Generate one case of ``shape`` (X, Y, Z) from ``seed`` as ``options`` say, with its tissue map (see
+    :class:`SyntheticCase`)."""
     size = check_shape(shape)
-    check_glioma_kinds(glioma_kinds)
     rng = np.random.default_rng(seed)
     tissue, brain, centre, axes = _anatomy(rng, size[::-1])
     n_tumours = 1 if rng.random() < 0.7 else 2
     for _ in range(n_tumours):
-        _add_tumour(rng, tissue, centre, axes, size=1.0 if n_tumours == 1 else 0.8, min_rim=min_rim_mm,
-                    kinds=glioma_kinds)
-    images = _render(rng, tissue, brain, float(np.mean(axes)), tumour_modalities)
+        _add_tumour(rng, tissue, centre, axes, size=1.0 if n_tumours == 1 else 0.8, min_rim=options.min_rim_mm,
+                    kinds=options.glioma_kinds)
+    images = _render(rng, tissue, brain, float(np.mean(axes)), options.tumour_modalities)
     return SyntheticCase(images=images, seg=TISSUE_LABEL[tissue], tissue=tissue)
 
 
 def generate_case(shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0,
-                  tumour_modalities: Sequence[str] = BRATS_MODALITIES, min_rim_mm: float = 0.0,
-                  glioma_kinds: Sequence[str] = GLIOMA_KINDS) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                  options: CaseOptions = CaseOptions()) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Generate one BraTS-like case: float32 images by modality (T1, T1ce, T2, FLAIR) and its uint8 segmentation.
 
     ``shape`` is (X, Y, Z); the arrays are (Z, Y, X). Labels are nnU-Net's: 0 background, 1 edema, 2 necrosis /
     non-enhancing core, 3 enhancing tumour; every case has tumour. The same seed gives the same case.
-    ``tumour_modalities``, ``min_rim_mm``, ``glioma_kinds``: see :func:`synthesize_case`.
+    ``options``: see :class:`CaseOptions`.
     """
-    case = synthesize_case(shape, seed, tumour_modalities, min_rim_mm, glioma_kinds)
+    case = synthesize_case(shape, seed, options)
     return case.images, case.seg
 
 
@@ -341,8 +362,8 @@ def _write_nifti(array: np.ndarray, path: Path) -> None:
 
 
 def _write_case(images_dir: Path, labels_dir: Path, case: str, shape: tuple[int, int, int], seed: int,
-                tumour_modalities: Sequence[str], min_rim_mm: float, glioma_kinds: Sequence[str]) -> None:
-    images, seg = generate_case(shape, seed, tumour_modalities, min_rim_mm, glioma_kinds)
+                options: CaseOptions) -> None:
+    images, seg = generate_case(shape, seed, options)
     for c, modality in enumerate(BRATS_MODALITIES):
         _write_nifti(images[modality], images_dir / image_filename(case, c))
     _write_nifti(seg, labels_dir / f"{case}.nii.gz")
@@ -351,15 +372,13 @@ def _write_case(images_dir: Path, labels_dir: Path, case: str, shape: tuple[int,
 def write_synthetic_dataset(raw_root: str | Path, dataset_id: int, num_cases: int,
                             shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0, num_test: int = 0,
                             name: str = "SyntheticBraTS", overwrite: bool = False,
-                            tumour_modalities: Sequence[str] = BRATS_MODALITIES, min_rim_mm: float = 0.0,
-                            glioma_kinds: Sequence[str] = GLIOMA_KINDS) -> Path:
+                            options: CaseOptions = CaseOptions()) -> Path:
     """Write ``num_cases`` training cases (``SYN_0000``, ...) and ``num_test`` held-out cases (``SYNTS_0000``, ...,
     images in ``imagesTs``, references in ``labelsTs``) as the nnU-Net raw dataset ``raw_root/DatasetXXX_name``.
 
     Images are 1 mm isotropic NIfTI with identity direction and origin 0. The folder appears only when complete; an
-    existing dataset with the same ID is an error unless ``overwrite``. Only ``tumour_modalities`` show the tumour, and
-    ``min_rim_mm`` thickens the enhancing rims and ``glioma_kinds`` restricts the kinds of glioma
-    (:func:`synthesize_case`). Returns the dataset folder.
+    existing dataset with the same ID is an error unless ``overwrite``. ``options``: what the cases look like
+    (:class:`CaseOptions`). Returns the dataset folder.
     """
     from tqdm import tqdm
 
@@ -372,7 +391,6 @@ def write_synthetic_dataset(raw_root: str | Path, dataset_id: int, num_cases: in
         raise NnalignError(f"seed must not be negative (got {seed})")
     if not _NAME_RE.fullmatch(name):
         raise NnalignError(f"dataset name '{name}' may only hold letters, digits, '_' and '-'")
-    check_glioma_kinds(glioma_kinds)
     raw_root = Path(raw_root)
     jobs = [("Tr", f"SYN_{i:04d}", case_seed(seed, i)) for i in range(int(num_cases))]
     jobs += [("Ts", f"SYNTS_{i:04d}", case_seed(seed, i, held_out=True)) for i in range(int(num_test))]
@@ -381,16 +399,12 @@ def write_synthetic_dataset(raw_root: str | Path, dataset_id: int, num_cases: in
             (staging / f"images{split}").mkdir()
             (staging / f"labels{split}").mkdir()
         for split, case, s in tqdm(jobs, desc="synthetic cases", unit="case", disable=len(jobs) < 10):
-            _write_case(staging / f"images{split}", staging / f"labels{split}", case, size, s, tumour_modalities,
-                        min_rim_mm, glioma_kinds)
+            _write_case(staging / f"images{split}", staging / f"labels{split}", case, size, s, options)
         write_dataset_json(
             staging, int(num_cases), name,
             description=f"Synthetic BraTS-like cases made by nnalign_synth (seed {seed}, "
                         f"shape {'x'.join(map(str, size))})",
             source_label_convention="brats2023",
             extra={"synthetic": {"seed": int(seed), "shape": list(size), "num_test": int(num_test),
-                                 "generator_version": GENERATOR_VERSION,
-                                 "tumour_modalities": [m for m in BRATS_MODALITIES if m in tumour_modalities],
-                                 "min_rim_mm": float(min_rim_mm),
-                                 "glioma_kinds": [k for k in GLIOMA_KINDS if k in glioma_kinds]}})
+                                 "generator_version": GENERATOR_VERSION, **options.record()}})
     return raw_root / dataset_name(dataset_id, name)
