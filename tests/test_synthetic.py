@@ -309,7 +309,8 @@ def test_only_the_tumour_modalities_show_the_tumour():
 
 
 def test_a_minimum_rim_thickens_enhancing_tumour_and_changes_nothing_else():
-    thin, thick = synthesize_case((64, 64, 64), seed=4), synthesize_case((64, 64, 64), seed=4, options=CaseOptions(min_rim_mm=4.0))
+    thin = synthesize_case((64, 64, 64), seed=4)
+    thick = synthesize_case((64, 64, 64), seed=4, options=CaseOptions(min_rim_mm=4.0))
     np.testing.assert_array_equal(thin.seg > 0, thick.seg > 0)  # same whole tumour
     np.testing.assert_array_equal(np.isin(thin.seg, (2, 3)), np.isin(thick.seg, (2, 3)))  # same core
     assert ((thin.seg == 3) <= (thick.seg == 3)).all()  # enhancing only grows, into the necrosis

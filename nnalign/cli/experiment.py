@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
     for name, text in (("plan", "list every run, its dependencies and state, and an estimate of GPU-hours"),
                        ("status", "a table of the runs: state, epoch reached, job id, log"),
-                       ("cancel", "stop a local run of this experiment and cancel its runs that are queued or running")):
+                       ("cancel", "stop a local run of this experiment; cancel its runs that are queued or running")):
         sub.add_parser(name, help=text, description=text).add_argument("spec", metavar="SPEC",
                                                                          help="a SPEC file or a preset name")
     run = sub.add_parser("run", help="run or submit what is missing, failed or cancelled, in dependency order",
