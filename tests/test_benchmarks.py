@@ -57,3 +57,15 @@ def test_real_data_protocol_is_the_cpu_evidence_preset(tmp_path):
     assert "experiment cpu-evidence" in plan.stdout and "21 runs: 0 done, 21 missing" in plan.stdout, plan.stdout
     assert f"convert {tmp_path / 'BraTS2018'}" in plan.stdout
     assert f"state: {tmp_path / 'work' / 'results'}" in plan.stdout
+
+
+@pytest.mark.slow
+def test_cli_startup_benchmark_times_every_command_against_stock(tmp_path):
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "cli_startup.py"), "--repeat", "1"], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|")[1].strip() for line in result.stdout.splitlines() if line.startswith("| ")][1:]
+    assert rows[:3] == ["python -c pass (start-up floor)", "nnUNetv2_train -h (stock)",
+                        "nnUNetv2_plan_and_preprocess -h (stock)"]
+    assert len(rows) == 12 and all(r.startswith("nnalign_") and r.endswith("--help") for r in rows[3:])
+    assert result.stdout.splitlines()[-1].startswith("slowest: nnalign_")

@@ -28,6 +28,25 @@ def test_usage_errors_are_one_line(command):
     assert lines[0].endswith(f"(see nnalign_{command} --help)")
 
 
+HELP_IMPORTS = ("import contextlib, io, runpy, sys\n"
+                "sys.argv = ['nnalign_{command}', '--help']\n"
+                "try:\n"
+                "    with contextlib.redirect_stdout(io.StringIO()):\n"
+                "        runpy.run_module('nnalign.cli.{command}', run_name='__main__')\n"
+                "except SystemExit as exit:\n"
+                "    print(exit.code, sorted(m for m in ('torch', 'nnunetv2', 'matplotlib') if m in sys.modules))\n")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_answers_without_importing_torch_or_nnunet(command):
+    """What keeps ``--help`` at a fraction of a second: torch alone takes seconds to import (the times are measured by
+    benchmarks/cli_startup.py, not here)."""
+    proc = subprocess.run([sys.executable, "-c", HELP_IMPORTS.format(command=command)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.stdout.strip().splitlines()[-1] == "0 []", (proc.stdout, proc.stderr)
+
+
 @pytest.mark.parametrize("parse, text, expected", [
     (positive_int, "1", 1), (positive_int, "250", 250), (non_negative_int, "0", 0), (non_negative_int, "7", 7),
 ])

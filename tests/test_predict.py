@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -196,15 +195,13 @@ def test_input_cases_from_a_single_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_help_is_fast_and_label_options_match():
+def test_help_and_label_options_match():
     from nnalign.cli.predict import LABEL_OPTIONS as CLI_LABELS
     from nnalign.inference.predict import LABEL_OPTIONS
 
     assert CLI_LABELS == LABEL_OPTIONS
-    start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "nnalign.cli.predict", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--modalities" in proc.stdout
-    assert time.perf_counter() - start < 2.0  # the import of torch alone takes more
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -585,16 +584,12 @@ def test_cli_empty_or_missing_folder_is_one_line_exit_1(tmp_path):
 
 
 @pytest.mark.slow
-def test_help_is_fast_and_imports_nothing_heavy():
-    code = ("import sys, time; t = time.perf_counter(); sys.argv = ['nnalign_report', '--help']\n"
+def test_help_imports_not_even_numpy():
+    code = ("import sys; sys.argv = ['nnalign_report', '--help']\n"
             "from nnalign.cli import report\n"
             "try:\n    report.build_parser().parse_args()\nexcept SystemExit:\n    pass\n"
-            "print(time.perf_counter() - t, sorted(m for m in ('numpy', 'torch', 'nnunetv2', 'matplotlib') "
-            "if m in sys.modules))")
+            "print(sorted(m for m in ('numpy', 'torch', 'nnunetv2', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    seconds, modules = out.stdout.strip().splitlines()[-1].split(" ", 1)
-    assert modules == "[]" and float(seconds) < 0.5
-    start = time.perf_counter()
+    assert out.stdout.strip().splitlines()[-1] == "[]", out
     proc = subprocess.run([*CLI, "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--no-tsne" in proc.stdout
-    assert time.perf_counter() - start < 2.0  # interpreter start-up included, on a loaded machine

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -160,12 +159,10 @@ def students(planned, teacher, run_train):
 
     def get(kd: str) -> dict:
         if kd not in runs:
-            start = time.perf_counter()
             proc = run_train(planned, planned / "results",
                              *student_args(kd, teacher, "--epochs", str(EPOCHS), "--iters-per-epoch", str(ITERS)))
             model_dir = planned / "results" / DATASET / f"{student_name(kd)}__{PLANS}__{CONFIG}"
-            runs[kd] = {"proc": proc, "model_dir": model_dir, "fold_dir": model_dir / "fold_0",
-                        "seconds": time.perf_counter() - start}
+            runs[kd] = {"proc": proc, "model_dir": model_dir, "fold_dir": model_dir / "fold_0"}
         return runs[kd]
 
     return get

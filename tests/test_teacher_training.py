@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -304,14 +303,11 @@ def trained(planned, tmp_path_factory, run_train):
     0.14-0.32 in 4 of 4.)
     """
     results = tmp_path_factory.mktemp("results")
-    start = time.perf_counter()
     proc = run_train(planned, results, str(DATASET_ID), CONFIG, "0", "--role", "teacher", "--anchor", "mixture",
                      "--modality-dropout", "0.5", "--epochs", "2", "--iters-per-epoch", "8", "-device", "cpu")
-    seconds = time.perf_counter() - start
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     model_dir = results / DATASET / f"nnAlignTeacher_mixture_drop0p5__nnAlignPlans__{CONFIG}"
-    return {"data_root": planned, "results": results, "model_dir": model_dir, "fold_dir": model_dir / "fold_0",
-            "seconds": seconds}
+    return {"data_root": planned, "results": results, "model_dir": model_dir, "fold_dir": model_dir / "fold_0"}
 
 
 @pytest.mark.slow
@@ -541,9 +537,7 @@ def test_dataset_problems_are_one_line_errors_with_the_command_to_run(planned, t
 
 
 @pytest.mark.slow
-def test_help_is_fast():
-    start = time.perf_counter()
+def test_help_names_the_roles_and_anchors():
     proc = subprocess.run([sys.executable, "-m", "nnalign.cli.train", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--anchor" in proc.stdout
-    assert time.perf_counter() - start < 3.0
     assert "--role {teacher,student}" in proc.stdout
