@@ -13,9 +13,8 @@ import statistics
 import subprocess
 import sys
 import time
+from importlib.metadata import entry_points
 
-NNALIGN = ("convert_brats", "synth", "plan_and_preprocess", "train", "predict", "evaluate", "report", "demo",
-           "experiment")
 NNUNET = (("nnUNetv2_train", "nnunetv2.run.run_training", "run_training_entry"),
           ("nnUNetv2_plan_and_preprocess", "nnunetv2.experiment_planning.plan_and_preprocess_entrypoints",
            "plan_and_preprocess_entry"))
@@ -45,7 +44,8 @@ def main() -> None:
     print(f"| python -c pass (start-up floor) | {floor:.2f} | {floor / baseline:.2f} |")
     for name, value in stock.items():
         print(f"| {name} -h (stock) | {value:.2f} | {value / baseline:.2f} |")
-    ours = {f"nnalign_{c}": seconds([*python, "-m", f"nnalign.cli.{c}", "--help"], args.repeat) for c in NNALIGN}
+    commands = sorted((e.name, e.module) for e in entry_points(group="console_scripts") if e.name.startswith("nnalign_"))
+    ours = {name: seconds([*python, "-m", module, "--help"], args.repeat) for name, module in commands}
     for name, value in ours.items():
         print(f"| {name} --help | {value:.2f} | {value / baseline:.2f} |")
     slowest = max(ours, key=ours.get)
