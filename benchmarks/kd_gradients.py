@@ -34,8 +34,12 @@ def _windows(iters: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
 
 
-def measure(kd: str, teacher: str, dataset: str, configuration: str, subset: tuple[str, ...], iters: int) -> list:
-    """Per iteration: {term: (R,) norms, term_bg: (R,), term_fg: (R,)}, logits and Dice per region."""
+def measure(kd: str, teacher: str, dataset: str, configuration: str, subset: tuple[str, ...], iters: int,
+            overrides: dict | None = None) -> list:
+    """Per iteration: {term: (R,) norms, term_bg: (R,), term_fg: (R,)}, logits and Dice per region; ``overrides``:
+    loss settings of the method (as ``nnalign_train --kd-set``)."""
+    from dataclasses import replace
+
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
@@ -48,6 +52,7 @@ def measure(kd: str, teacher: str, dataset: str, configuration: str, subset: tup
     plans = {**load_json(pre / "nnAlignPlans.json"), "continue_training": False}  # as nnU-Net's run_training adds
     trainer = student_trainer_class(name)(plans, configuration, 0, load_json(pre / "dataset.json"),
                                           torch.device("cpu"))
+    trainer.spec = replace(trainer.spec, overrides=dict(overrides or {}))
     trainer.initialize()
     trainer.dataloader_train, _ = trainer.get_dataloaders()
     rows = []
@@ -104,11 +109,13 @@ def main() -> None:
     p.add_argument("--modalities", default="T1ce")
     p.add_argument("--kd", nargs="+", default=["none", "kdnet", "pmkl", "protokd", "smunet"])
     p.add_argument("--iters", type=int, default=40)
+    p.add_argument("--kd-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a loss setting of every --kd method, as nnalign_train's (e.g. temperature=2)")
     args = p.parse_args()
 
     import torch
 
-    from nnalign.cli.train import resolve_dataset
+    from nnalign.cli.train import parse_kd_overrides, resolve_dataset
     from nnalign.modalities import parse_modalities
     from nnalign.paths import setup_env
 
@@ -124,10 +131,12 @@ def main() -> None:
         os.environ["nnUNet_compile"] = "f"
         for kd in args.kd:
             torch.manual_seed(0)
-            rows = measure(kd, args.teacher, dataset, args.configuration, subset, args.iters)
+            overrides = parse_kd_overrides(kd, args.kd_set, None)
+            rows = measure(kd, args.teacher, dataset, args.configuration, subset, args.iters, overrides)
             terms = [k for k in rows[0]
                      if k not in ("logit_bg", "logit_fg", "dice") and not k.endswith(("_bg", "_fg", "_w"))]
-            print(f"\n## {kd} ({'+'.join(subset)} student of {args.teacher})\n")
+            settings = "".join(f", {k} {v}" for k, v in overrides.items())
+            print(f"\n## {kd}{settings} ({'+'.join(subset)} student of {args.teacher})\n")
             print("| iterations | region | Dice | logit bg / fg | " +
                   " | ".join(f"{t} \\|g_w\\|, \\|g\\| / seg, bg, fg" for t in terms) + " |")
             print("|---|---|---|---|" + "---|" * len(terms))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from importlib.metadata import entry_points
 
 import pytest
 
@@ -12,8 +13,14 @@ from nnalign.cli.parsing import non_negative_int, positive_int
 from nnalign.device import setup_device
 from nnalign.errors import MAX_LINE, NnalignError, one_line
 
-COMMANDS = ("convert_brats", "synth", "plan_and_preprocess", "train", "predict", "evaluate", "report", "demo",
-            "experiment")
+#: Every installed ``nnalign_*`` command's module under nnalign.cli (setup.py's console scripts).
+COMMANDS = tuple(sorted(e.module.rsplit(".", 1)[1] for e in entry_points(group="console_scripts")
+                        if e.name.startswith("nnalign_")))
+
+
+def test_the_commands_come_from_the_installed_package():
+    """The parametrised command tests below would run for no command if the package were not installed."""
+    assert {"train", "predict", "plan_and_preprocess"} <= set(COMMANDS)
 
 
 @pytest.mark.slow

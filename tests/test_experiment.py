@@ -157,12 +157,16 @@ def test_plan_imports_no_torch_and_lists_state_and_estimate(tmp_path, fake_datas
 def test_state_lock_corrupt_file_and_a_result_removed_by_hand(paper_data):
     grid = build_grid(read_spec("paper-table-IV"))
     store = StateStore(grid.state_dir)
+    assert store.runner_pid() is None
     with store.lock():
-        with pytest.raises(NnalignError, match="another nnalign_experiment run is submitting"):
+        assert store.runner_pid() == os.getpid()  # what cancel stops
+        with pytest.raises(NnalignError, match=f"another nnalign_experiment run is submitting .*pid {os.getpid()} "):
             with store.lock():
                 pass
+    assert store.runner_pid() is None
     with store.lock():  # released
-        pass
+        (store.folder / "lock").write_text("pid 1 on another-host")
+        assert store.runner_pid() is None  # never signal a process of another machine
     key = "train.nnAlignTeacher_mixture.fold_0"
     store.write(key, {"key": key, "status": "done", "log": str(store.log(key))})
     states = resolve_states(grid, store, lambda record: None)

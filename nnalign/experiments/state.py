@@ -30,6 +30,9 @@ ACTIVE = ("submitted", "running", "interrupted")
 """Statuses a state file holds while its job may still be alive (``interrupted``: requeued after a signal)."""
 RETRY = ("failed", "cancelled", "missing")
 """States the next ``run`` starts again."""
+LOCK_HOLDER = "pid {pid} on {host}"
+"""What the lock file holds while a ``run`` holds the lock (read by ``cancel`` to stop a local run, shown to a second
+``run``)."""
 _EPOCH = re.compile(rb": Epoch (\d+)\s*$", re.MULTILINE)
 
 
@@ -102,7 +105,7 @@ class StateStore:
                 raise NnalignError(f"another nnalign_experiment run is submitting this experiment ({holder}; lock "
                                    f"{self.folder / 'lock'}); wait for it, or see nnalign_experiment status") from None
             f.truncate(0)
-            f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            f.write(LOCK_HOLDER.format(pid=os.getpid(), host=socket.gethostname()))
             f.flush()
             try:
                 yield
@@ -122,10 +125,9 @@ class StateStore:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 f.seek(0)
-                words = f.read().split()
-                if len(words) == 4 and words[0] == "pid" and words[1].isdigit() and words[3] == socket.gethostname():
-                    return int(words[1])
-                return None
+                here = LOCK_HOLDER.format(pid=r"(\d+)", host=re.escape(socket.gethostname()))
+                match = re.fullmatch(here, f.read().strip())
+                return int(match.group(1)) if match else None
             fcntl.flock(f, fcntl.LOCK_UN)
         return None
 
