@@ -1,6 +1,8 @@
-"""The step benchmarks run end to end (on a tiny patch) and print every variant's row and the verdict line."""
+"""The benchmarks run end to end (the step benchmarks on a tiny patch, printing every variant's row and the verdict
+line), and what they measure holds where a default rests on it."""
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +71,26 @@ def test_cli_startup_benchmark_times_every_command_against_stock(tmp_path):
                         "nnUNetv2_plan_and_preprocess -h (stock)"]
     assert len(rows) == 12 and all(r.startswith("nnalign_") and r.endswith("--help") for r in rows[3:])
     assert result.stdout.splitlines()[-1].startswith("slowest: nnalign_")
+
+
+def _benchmark_module(name: str):
+    """A script under benchmarks/ imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_protokd_default_weight_keeps_the_originals_balance_against_the_segmentation_loss():
+    """ProtoKD's code weights its KL by 10 against a class-weighted cross-entropy + Dice; against nnU-Net's region loss
+    the same weight pulls a fresh student's logits ~20x harder than in the original (benchmarks/kd_scale.py). The
+    default must be a weight at which the pull matches the original's, over tumour fractions and deep-supervision
+    depths."""
+    from nnalign.losses.kd.registry import kd_class
+
+    kd_scale = _benchmark_module("kd_scale")
+    rows = [kd_scale.measure(tumour, stages, size=24, inside=10.0, outside=-15.0, spread=0.5)
+            for tumour in (0.04, 0.14) for stages in (4, 6)]
+    assert all(0.02 < row["ratio_original"] < 0.1 for row in rows)  # the original: KD a small fraction of L_seg
+    default = kd_class("protokd").__init__.__kwdefaults__["kd_weight"]
+    assert min(row["matching_weight"] for row in rows) <= default <= max(row["matching_weight"] for row in rows)

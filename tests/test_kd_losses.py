@@ -288,11 +288,12 @@ def test_pmkl_heads_are_unit_norm_and_trained_with_the_student():
 
 
 def test_protokd_kd_term_no_t_squared():
-    # voxel 0: KL(σ(ln 3) ‖ σ(0)) = 0.130812, voxel 1 equal logits → 0; mean 0.065406; ×kd_weight 10 → 0.654060
-    # (with T² it would be 65.4; without dividing by T, σ(10 ln 3) = 0.99998 would give ≈ 6.9)
+    # voxel 0: KL(σ(ln 3) ‖ σ(0)) = 0.130812, voxel 1 equal logits → 0; mean 0.065406; ×kd_weight 0.5 → 0.032703
+    # (with T² it would be 3.27; without dividing by T, σ(10 ln 3) = 0.99998 would give ≈ 0.35)
     loss = build_kd("protokd", feature_channels=1, bottleneck_channels=1, skip_channels=[1], num_regions=1)
+    assert loss.temperature == 10.0 and loss.kd_weight == 0.5  # T as ProtoKD's code; the weight: kd_scale.py
     parts = loss(outs(t([0.0, 5.0], (1, 1, 2))), outs(t([10 * LN3, 5.0], (1, 1, 2))), torch.zeros(1, 1, 2), 0)
-    assert approx(parts["kd"], 10 * KL_75_50 / 2)
+    assert approx(parts["kd"], 0.5 * KL_75_50 / 2)
 
 
 def test_regions_to_labels():

@@ -35,12 +35,37 @@ def _student(teacher: str) -> dict:
     ({"method_version": 2, **_student("nnAlignTeacher_mixture")}, False),  # distilled from an unfloored P*
     ({"method_version": 2, **_student("not a trainer")}, False),
     ({"method_version": 2, **_student("nnAlignTeacher_none"), "kd": "kdnet"}, False),  # KD-Net's loss changed too
+    ({"method_version": 3, **_student("nnAlignTeacher_none"), "kd": "protokd"}, False),  # ProtoKD's weight (4)
+    ({"method_version": 3, **_student("nnAlignTeacher_none"), "kd": "protokd",
+      "kd_overrides": {"kd_weight": 10.0}}, True),  # it set the weight itself: the same loss
+    ({"method_version": 3, **_student("nnAlignTeacher_mixture")}, True),  # version 4 changed ProtoKD only
+    ({"method_version": 3, "role": "teacher", "anchor": "mixture"}, True),
+    ({"method_version": 2, **_student("nnAlignTeacher_none"), "kd": "protokd",
+      "kd_overrides": {"kd_weight": 10.0}}, True),
+    ({"method_version": 5, "role": "teacher", "anchor": "none"}, False),  # from a newer nnalign
     ({"role": "teacher", "anchor": "none"}, False),  # no key: version 1, whose losses all differ
     ({"method_version": 1, "role": "teacher", "anchor": "original"}, False),
 ])
 def test_which_older_runs_still_mean_what_they_did(record, current):
-    assert METHOD_VERSION == 3
+    assert METHOD_VERSION == 4
     assert is_current_method(record) is current
+
+
+@pytest.mark.parametrize("record, says", [
+    ({"method_version": 3, "nnalign_version": "0.2.1", **_student("nnAlignTeacher_none"), "kd": "protokd"},
+     "(method version 3; this nnalign trains version 4, which changed ProtoKD's logit-term weight): train it again"),
+    ({"method_version": 2, **_student("nnAlignTeacher_mixture"), "kd": "protokd"},
+     "which changed P*'s weights (their floor) and KD-Net's loss; ProtoKD's logit-term weight)"),
+    ({"method_version": 9, "role": "teacher", "anchor": "none"}, "trains version 4, an older one): train it again"),
+])
+def test_the_refusal_names_what_changed_since_the_run(record, says, tmp_path):
+    from nnalign.errors import NnalignError
+    from nnalign.training.record import check_method_version
+
+    (tmp_path / SETTINGS_RECORD).write_text(json.dumps(record))
+    with pytest.raises(NnalignError) as refused:
+        check_method_version(tmp_path, "train it again")
+    assert says in str(refused.value) and str(tmp_path) in str(refused.value)
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,9 @@ from nnalign.errors import NnalignError
 
 SETTINGS_RECORD = "nnalign_settings.json"
 
-METHOD_VERSION = 3
-"""The version of the method's definition a run was trained with, written into every record. Version 2 (nnalign
-0.2.0): P*'s weights scale each modality's latents into the predictor, relative (scale-free) MSE anchors, a loss
-weight per anchor, and the sigmoid-head distillation terms at a bounded scale. Version 3: P*'s weights keep a floor
-of half their uniform share, and KD-Net's soft-label term adds nnU-Net's Dice to its cross-entropy. A record without
-the key is version 1."""
+METHOD_VERSION = 4
+"""The version of the method's definition a run was trained with, written into every record (see
+:data:`VERSION_CHANGES`). A record without the key is version 1."""
 
 
 def read_settings_record(fold_folder: str | os.PathLike) -> dict | None:
@@ -53,19 +50,35 @@ def _touched_by_version_3(record: dict) -> bool:
     return involves_mixture(record) or (record.get("role") == "student" and record.get("kd") == "kdnet")
 
 
-NARROW_CHANGES: dict[int, Callable[[dict], bool]] = {3: _touched_by_version_3}
-"""Method versions whose change touches some runs only, with the test of whether it touches a run's record: a run of
-the version before that the change does not touch computes and means what it did."""
+def _touched_by_version_4(record: dict) -> bool:
+    """Version 4 changed ProtoKD's default ``kd_weight`` (10 to 0.5): ProtoKD students that did not set it."""
+    return (record.get("role") == "student" and record.get("kd") == "protokd"
+            and "kd_weight" not in (record.get("kd_overrides") or {}))
+
+
+VERSION_CHANGES: dict[int, tuple[str, Callable[[dict], bool] | None]] = {
+    2: ("the P* forward and the alignment and distillation losses", None),
+    3: ("P*'s weights (their floor) and KD-Net's loss", _touched_by_version_3),
+    4: ("ProtoKD's logit-term weight", _touched_by_version_4),
+}
+"""What each method version changed, and the test of whether the change touches a run's record (None: every run).
+Version 2 is nnalign 0.2.0: P*'s weights scale each modality's latents into the predictor, relative (scale-free) MSE
+anchors, a loss weight per anchor, and the sigmoid-head distillation terms at a bounded scale. Version 3: P*'s weights
+keep a floor of half their uniform share, and KD-Net's soft-label term adds nnU-Net's Dice to its cross-entropy.
+Version 4: ProtoKD's KL term is weighted 0.5 instead of its code's 10, the weight at which it pulls on a student's
+logits against nnU-Net's region loss as hard as the original does against its own (``benchmarks/kd_scale.py``)."""
+
+
+def _changes_since(record: dict) -> list[str]:
+    """The later versions' changes that touch the run of ``record``."""
+    later = range(max(method_version(record), 1) + 1, METHOD_VERSION + 1)
+    return [what for v in later for what, touched in [VERSION_CHANGES[v]] if touched is None or touched(record)]
 
 
 def is_current_method(record: dict) -> bool:
     """Whether a run of this record computes what this version trains: the same method version, or an older one
-    whose later changes (:data:`NARROW_CHANGES`) do not touch it."""
-    version = method_version(record)
-    if version == METHOD_VERSION:
-        return True
-    later = range(max(version, 1) + 1, METHOD_VERSION + 1)
-    return version < METHOD_VERSION and all(v in NARROW_CHANGES and not NARROW_CHANGES[v](record) for v in later)
+    that no later change (:data:`VERSION_CHANGES`) touches."""
+    return method_version(record) <= METHOD_VERSION and not _changes_since(record)
 
 
 def check_method_version(fold_folder: str | os.PathLike, what_to_do: str) -> None:
@@ -77,10 +90,11 @@ def check_method_version(fold_folder: str | os.PathLike, what_to_do: str) -> Non
     record = read_settings_record(fold_folder)
     if record is None or is_current_method(record):
         return
-    also = ", as do its alignment and other distillation losses" if method_version(record) < 2 else ""
-    raise NnalignError(f"{fold_folder}: made by nnalign {record.get('nnalign_version', 'before 0.2')} (method version "
-                       f"{method_version(record)}; this nnalign trains version {METHOD_VERSION}, whose P* weights "
-                       f"and KD-Net loss differ{also}): {what_to_do}")
+    made = f"{fold_folder}: made by nnalign {record.get('nnalign_version', 'before 0.2')} (method version " \
+           f"{method_version(record)}; this nnalign trains version {METHOD_VERSION}"
+    if method_version(record) > METHOD_VERSION:
+        raise NnalignError(f"{made}, an older one): {what_to_do}")
+    raise NnalignError(f"{made}, which changed {'; '.join(_changes_since(record))}): {what_to_do}")
 
 
 def write_training_inputs(fold_folder: str | os.PathLike, inputs: dict, continuing: bool) -> None:
