@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from nnalign.errors import NnalignError
+from nnalign.losses.kd.registry import kd_class
 from nnalign.runs import StudentSpec, TeacherSpec, overrides_hash
 
 DATASET_ID = 991
@@ -216,7 +217,8 @@ def test_kd_set_is_hashed_into_the_folder_and_recorded(students):
     record = json.loads((run["fold_dir"] / "nnalign_settings.json").read_text())
     assert record["kd_overrides"] == {"proto_weight": 0.2}
     assert record["kd_settings"]["proto_weight"] == 0.2
-    assert record["kd_settings"]["kd_weight"] == 10.0  # the method's default, not overridden
+    default = kd_class("protokd").__init__.__kwdefaults__["kd_weight"]
+    assert record["kd_settings"]["kd_weight"] == default  # the method's default, not overridden
 
 
 @pytest.mark.slow
