@@ -28,17 +28,28 @@ def brats_like_plans(gpu_memory_gb: float = 8.0):
         yield plan_brats_like(nnAlignPlanner, 999, gpu_memory_gb)
 
 
-def region_loss(deep_supervision_scales: int, batch_dice: bool):
-    """nnU-Net's region loss for BraTS (Dice + BCE) under its deep-supervision weights, as its trainer builds it."""
+def deep_supervision_weights(scales: int) -> np.ndarray:
+    """nnU-Net's deep-supervision loss weights, highest resolution first: 1, 1/2, 1/4, ... with the lowest set to 0,
+    normalised to sum 1."""
+    weights = np.array([1 / (2 ** i) for i in range(scales)])
+    weights[-1] = 0
+    return weights / weights.sum()
+
+
+def dice_bce(batch_dice: bool):
+    """nnU-Net's region loss at one scale (Dice + BCE), as its trainer builds it for BraTS."""
     from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss
-    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
-    loss = DC_and_BCE_loss({}, {"batch_dice": batch_dice, "do_bg": True, "smooth": 1e-5, "ddp": False},
+    return DC_and_BCE_loss({}, {"batch_dice": batch_dice, "do_bg": True, "smooth": 1e-5, "ddp": False},
                            use_ignore_label=False, dice_class=MemoryEfficientSoftDiceLoss)
-    weights = np.array([1 / (2 ** i) for i in range(deep_supervision_scales)])
-    weights[-1] = 0
-    return DeepSupervisionWrapper(loss, weights / weights.sum())
+
+
+def region_loss(deep_supervision_scales: int, batch_dice: bool):
+    """nnU-Net's region loss for BraTS (Dice + BCE) under its deep-supervision weights, as its trainer builds it."""
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+
+    return DeepSupervisionWrapper(dice_bce(batch_dice), deep_supervision_weights(deep_supervision_scales))
 
 
 def region_targets(batch: int, patch, strides, device) -> list[torch.Tensor]:

@@ -19,9 +19,14 @@ of their pulls. The teacher's logits are set, not trained (``--teacher-logits``)
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import deep_supervision_weights, dice_bce  # noqa: E402
 
 CLASSES = 4  # background, edema, necrosis, enhancing tumour
 SPLIT = (0.5, 0.25, 0.25)  # shares of the tumour: edema, necrosis, enhancing tumour
@@ -55,13 +60,6 @@ def original_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float
     return weight * kl.mean()
 
 
-def full_resolution_weight(stages: int) -> float:
-    """The weight nnU-Net's deep supervision gives the full-resolution output with ``stages`` resolution stages
-    (1, 1/2, 1/4, ... with the lowest set to 0, normalised to sum 1)."""
-    weights = [1 / 2 ** i for i in range(stages - 1)] + [0.0]
-    return weights[0] / sum(weights)
-
-
 def gradient_norm(loss, logits: torch.Tensor) -> float:
     """The norm of ``loss(logits)``'s gradient at ``logits``."""
     leaf = logits.detach().clone().requires_grad_(True)
@@ -72,9 +70,6 @@ def gradient_norm(loss, logits: torch.Tensor) -> float:
 def measure(tumour: float, stages: int, size: int, inside: float, outside: float, spread: float,
             seed: int = 0) -> dict[str, float]:
     """The gradient norms and ratios for one tumour fraction and deep-supervision depth."""
-    from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss
-    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-
     from nnalign.losses.kd import build_kd
     from nnalign.networks.outputs import NetworkOutputs
 
@@ -90,9 +85,9 @@ def measure(tumour: float, stages: int, size: int, inside: float, outside: float
     regions = torch.stack([label >= 1, label >= 2, label >= 3], 1).float()
     teacher_regions = torch.where(regions > 0, inside, outside)
     student_regions = spread * torch.randn(regions.shape, generator=generator)
-    dice_bce = DC_and_BCE_loss({}, {"batch_dice": False, "do_bg": True, "smooth": 1e-5, "ddp": False},
-                               use_ignore_label=False, dice_class=MemoryEfficientSoftDiceLoss)
-    seg_ours = full_resolution_weight(stages) * gradient_norm(lambda z: dice_bce(z, regions), student_regions)
+    seg_loss = dice_bce(batch_dice=False)
+    full_resolution = float(deep_supervision_weights(stages)[0])
+    seg_ours = full_resolution * gradient_norm(lambda z: seg_loss(z, regions), student_regions)
     protokd = build_kd("protokd", feature_channels=1, bottleneck_channels=1, skip_channels=[1], num_regions=3)
     features = torch.zeros(2, 1, size, size, size)
 

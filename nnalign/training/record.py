@@ -45,15 +45,19 @@ def involves_mixture(record: dict) -> bool:
         return True
 
 
+def _student_of(record: dict, kd: str) -> bool:
+    """Whether a run's record is a student distilled with ``kd``."""
+    return record.get("role") == "student" and record.get("kd") == kd
+
+
 def _touched_by_version_3(record: dict) -> bool:
     """Version 3 changed P* (its weights' floor) and KD-Net's loss (the soft-label Dice)."""
-    return involves_mixture(record) or (record.get("role") == "student" and record.get("kd") == "kdnet")
+    return involves_mixture(record) or _student_of(record, "kdnet")
 
 
 def _touched_by_version_4(record: dict) -> bool:
     """Version 4 changed ProtoKD's default ``kd_weight`` (10 to 0.5): ProtoKD students that did not set it."""
-    return (record.get("role") == "student" and record.get("kd") == "protokd"
-            and "kd_weight" not in (record.get("kd_overrides") or {}))
+    return _student_of(record, "protokd") and "kd_weight" not in (record.get("kd_overrides") or {})
 
 
 VERSION_CHANGES: dict[int, tuple[str, Callable[[dict], bool] | None]] = {
