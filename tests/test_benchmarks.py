@@ -94,3 +94,21 @@ def test_protokd_default_weight_keeps_the_originals_balance_against_the_segmenta
     assert all(0.02 < row["ratio_original"] < 0.1 for row in rows)  # the original: KD a small fraction of L_seg
     default = kd_class("protokd").__init__.__kwdefaults__["kd_weight"]
     assert min(row["matching_weight"] for row in rows) <= default <= max(row["matching_weight"] for row in rows)
+
+
+def test_kd_repeats_table_averages_runs_before_the_ratio_and_counts_seeds_that_pass():
+    """The repeat benchmark's verdict is the ratio of mean WT Dice over the runs (not a mean of ratios), per seed."""
+    kd_repeats = _benchmark_module("kd_repeats")
+
+    def row(seed, run, kd, wt, warning=""):
+        return {"seed": str(seed), "run": str(run), "kd": kd, "WT": str(wt), "TC": "0.5", "ET": "0.25",
+                "collapse_warning": warning}
+
+    rows = [row(1, 1, "none", 0.6), row(1, 2, "none", 0.8), row(1, 1, "pmkl", 0.5), row(1, 2, "pmkl", 0.76),
+            row(2, 1, "none", 0.5), row(2, 1, "pmkl", 0.4, "collapsed")]
+    lines = kd_repeats.summary(rows, ("pmkl",)).splitlines()
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in lines if line.startswith("| ")]
+    assert cells[1] == ["1", "none", "2", "0.700 (0.600-0.800)", "0.500", "0.250", "1.00", "0"]
+    assert cells[2] == ["1", "pmkl", "2", "0.630 (0.500-0.760)", "0.500", "0.250", "0.90", "0"]  # 0.63 / 0.70
+    assert cells[4] == ["2", "pmkl", "1", "0.400 (0.400-0.400)", "0.500", "0.250", "0.80", "1"]
+    assert lines[-1] == "pmkl: mean WT at least 0.9 of none's in 1 of 2 seeds"
