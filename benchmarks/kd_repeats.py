@@ -6,7 +6,8 @@ this runs, each step skipped when its result exists (an interrupted run resumes)
 
 1. ``nnalign_demo --seed S --kd METHODS`` in ``WORK/seedS``: the synthetic data, the demo's teacher and the first run
    of every student (``none`` included);
-2. runs 2..R of every student, each from that same teacher into its own results folder ``WORK/seedS/runK``;
+2. runs 2..R of every student, each from a copy of that same teacher in its own results folder ``WORK/seedS/runK``
+   (a student loads its teacher from its own results folder);
 3. prediction of the held-out cases from the student's modalities, scored as the demo scores them.
 
 Every scored run is one row of ``WORK/scores.csv``. At the end it prints, per seed and method, the held-out WT (mean
@@ -22,6 +23,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,12 +101,15 @@ def run_seed(work: Path, seed: int, runs: int, methods: tuple[str, ...], subset:
             else:
                 predictions = run_results / "predictions" / folder.name
                 logs = run_results / "logs"
+                run_teacher = run_results / teacher_dir.name  # the student loads its teacher from its results folder
+                if not run_teacher.is_dir():
+                    shutil.copytree(teacher_dir, run_teacher)
                 if not (fold_folder(folder, 0) / FINAL_CHECKPOINT).is_file():
                     print(f"seed {seed}, run {run}: train the {kd} student", flush=True)
                     resume = ["--c"] if (fold_folder(folder, 0) / "checkpoint_latest.pth").is_file() else []
                     _call([sys.executable, "-m", "nnalign.cli.train", results.name, CONFIGURATION, "0",
                            "-device", "cpu", "--role", "student", "--modalities", ",".join(subset), "--kd", kd,
-                           "--teacher", str(teacher_dir), "--epochs", str(demo.student_epochs),
+                           "--teacher", str(run_teacher), "--epochs", str(demo.student_epochs),
                            "--iters-per-epoch", str(demo.iters_per_epoch), *resume],
                           {**env, "nnUNet_results": str(run_results.parent)}, logs / f"train_{kd}.log")
                 if not predictions.is_dir():
