@@ -81,9 +81,10 @@ def run_seed(work: Path, seed: int, runs: int, methods: tuple[str, ...], subset:
     seed_dir = work / f"seed{seed}"
     env = _folders(seed_dir)
     demo = DemoOptions()
-    print(f"seed {seed}: the demo (data, teacher, run 1 of every student)", flush=True)
-    _call([sys.executable, "-m", "nnalign.cli.demo", "--seed", str(seed), "--kd", ",".join(methods),
-           "--modalities", ",".join(subset), "-device", "cpu"], env, seed_dir / "demo.log")
+    if not all((seed, 1, kd) in done for kd in kds):
+        print(f"seed {seed}: the demo (data, teacher, run 1 of every student)", flush=True)
+        _call([sys.executable, "-m", "nnalign.cli.demo", "--seed", str(seed), "--kd", ",".join(methods),
+               "--modalities", ",".join(subset), "-device", "cpu"], env, seed_dir / "demo.log")
     results = next(Path(env["nnUNet_results"]).glob(f"Dataset{demo.dataset_id:03d}_*"))
     raw = Path(env["nnUNet_raw"]) / results.name
     ending = json.loads((raw / "dataset.json").read_text())["file_ending"]
