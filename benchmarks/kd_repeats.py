@@ -67,7 +67,8 @@ def _append_row(path: Path, row: dict) -> None:
 def run_seed(work: Path, seed: int, runs: int, methods: tuple[str, ...], subset: tuple[str, ...],
              scores_csv: Path) -> None:
     """Train, predict and score every missing (run, method) of one seed, appending each to ``scores_csv``."""
-    from nnalign.demo import CONFIGURATION, TEACHER, DemoOptions, reference_regions, score_row
+    from nnalign.demo import (CONFIGURATION, TEACHER, DemoOptions, predict_command, reference_regions, score_row,
+                              student_flags, train_command)
     from nnalign.evaluation.evaluate import evaluate
     from nnalign.model_folders import FINAL_CHECKPOINT, fold_folder, model_folder
     from nnalign.modalities import subset_tag
@@ -108,15 +109,11 @@ def run_seed(work: Path, seed: int, runs: int, methods: tuple[str, ...], subset:
                 if not (fold_folder(folder, 0) / FINAL_CHECKPOINT).is_file():
                     print(f"seed {seed}, run {run}: train the {kd} student", flush=True)
                     resume = ["--c"] if (fold_folder(folder, 0) / "checkpoint_latest.pth").is_file() else []
-                    _call([sys.executable, "-m", "nnalign.cli.train", results.name, CONFIGURATION, "0",
-                           "-device", "cpu", "--role", "student", "--modalities", ",".join(subset), "--kd", kd,
-                           "--teacher", str(run_teacher), "--epochs", str(demo.student_epochs),
-                           "--iters-per-epoch", str(demo.iters_per_epoch), *resume],
+                    _call(train_command(results.name, "cpu", demo.student_epochs, demo.iters_per_epoch)
+                          + student_flags(subset, kd, run_teacher) + resume,
                           {**env, "nnUNet_results": str(run_results.parent)}, logs / f"train_{kd}.log")
                 if not predictions.is_dir():
-                    _call([sys.executable, "-m", "nnalign.cli.predict", "-i", str(inputs), "-o", str(predictions),
-                           "-m", str(folder), "-device", "cpu", "--disable-tta", "--labels", "nnunet"],
-                          env, logs / f"predict_{kd}.log")
+                    _call(predict_command(inputs, predictions, folder, "cpu"), env, logs / f"predict_{kd}.log")
             report = evaluate(raw / "labelsTs", predictions, labels="nnunet", output=None, progress=False)
             row, _ = score_row(kd, subset, report.scores, regions)
             record = read_settings_record(fold_folder(folder, 0)) or {}

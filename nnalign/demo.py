@@ -217,6 +217,24 @@ def _subset_inputs(dataset_folder: Path, subset: tuple[str, ...], target: Path) 
     return target
 
 
+def train_command(dataset: str, device: str, epochs: int, iters_per_epoch: int) -> list[str]:
+    """``nnalign_train`` (this interpreter) for ``dataset`` in the demo's configuration, fold 0, at the given length;
+    the role flags follow."""
+    return [sys.executable, "-m", "nnalign.cli.train", dataset, CONFIGURATION, "0", "-device", device,
+            "--epochs", str(epochs), "--iters-per-epoch", str(iters_per_epoch)]
+
+
+def student_flags(subset: tuple[str, ...], kd: str, teacher_dir: Path) -> list[str]:
+    """The ``nnalign_train`` flags of a demo student that sees ``subset`` and learns from ``teacher_dir`` by ``kd``."""
+    return ["--role", "student", "--modalities", ",".join(subset), "--kd", kd, "--teacher", str(teacher_dir)]
+
+
+def predict_command(inputs: Path, predictions: Path, model: Path, device: str) -> list[str]:
+    """``nnalign_predict`` (this interpreter) as the demo runs it: no test-time mirroring, nnU-Net's label values."""
+    return [sys.executable, "-m", "nnalign.cli.predict", "-i", str(inputs), "-o", str(predictions), "-m", str(model),
+            "-device", device, "--disable-tta", "--labels", "nnunet"]
+
+
 def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoResult:
     """Run (or resume) the demo and return where its outputs are."""
     from nnalign.evaluation.evaluate import evaluate
@@ -236,16 +254,16 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoResul
     if not (preprocessed / f"{PLANS_NAME}.json").is_file() or not any(preprocessed.glob(f"*{CONFIGURATION}/*.pkl")):
         say(f"plan and preprocess ({CONFIGURATION})")
         plan_and_preprocess(opts.dataset_id, [CONFIGURATION], num_processes=opts.workers, warn=lambda m: say(f"  {m}"))
-    train = [sys.executable, "-m", "nnalign.cli.train", dataset, CONFIGURATION, "0", "-device", opts.device]
     teacher_dir = model_folder(results_root / dataset, TEACHER.trainer_name(), CONFIGURATION)
-    models = [(teacher_dir, train + TEACHER.train_flags(),
+    teacher_command = train_command(dataset, opts.device, opts.teacher_epochs, opts.iters_per_epoch)
+    models = [(teacher_dir, teacher_command + TEACHER.train_flags(),
                f"teacher P* (modality dropout {TEACHER.modality_dropout:g}, {TEACHER.subset_sampling})",
                opts.teacher_epochs)]
     for kd in (*opts.kd, "none"):
         name = StudentSpec(opts.student_modalities, kd, TEACHER).trainer_name()
         models.append((model_folder(results_root / dataset, name, CONFIGURATION),
-                       train + ["--role", "student", "--modalities", ",".join(opts.student_modalities), "--kd", kd,
-                                "--teacher", str(teacher_dir)],
+                       train_command(dataset, opts.device, opts.student_epochs, opts.iters_per_epoch)
+                       + student_flags(opts.student_modalities, kd, teacher_dir),
                        f"student {'+'.join(opts.student_modalities)} ({kd})", opts.student_epochs))
     for folder, command, what, epochs in models:
         if (fold_folder(folder, 0) / FINAL_CHECKPOINT).is_file():
@@ -253,8 +271,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoResul
             continue
         log = work / "logs" / f"{folder.name}.log"
         say(f"train {what}: {epochs} epochs x {opts.iters_per_epoch} iterations (log: {log})")
-        _run(command + ["--epochs", str(epochs), "--iters-per-epoch", str(opts.iters_per_epoch)], log,
-             EpochLines(epochs, say))
+        _run(command, log, EpochLines(epochs, say))
 
     rows, warnings = [], []
     ending = json.loads((dataset_folder / "dataset.json").read_text())["file_ending"]
@@ -269,8 +286,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoResul
             inputs = _subset_inputs(dataset_folder, subset, work / "inputs" / tag)
             predictions = work / "predictions" / folder.name / tag
             say(f"predict {tag} held-out cases with {what}")
-            _run([sys.executable, "-m", "nnalign.cli.predict", "-i", str(inputs), "-o", str(predictions),
-                  "-m", str(folder), "-device", opts.device, "--disable-tta", "--labels", "nnunet"],
+            _run(predict_command(inputs, predictions, folder, opts.device),
                  work / "logs" / f"predict_{folder.name}_{tag}.log")
             metrics = results_root / dataset / "nnalign_evaluations" / folder.name / tag / "metrics.csv"
             report = evaluate(dataset_folder / "labelsTs", predictions, labels="nnunet", output=metrics,

@@ -1,5 +1,6 @@
 """The demo's data steps (holding cases out, per-subset inputs) and its summary (both means, collapse in words)."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +96,27 @@ def test_epoch_lines_turn_nnunets_log_into_one_line_per_epoch():
         lines.feed(line)
     assert said == ["  epoch 4/60: train loss 0.100, pseudo-Dice WT 0.00 TC 0.38 ET 0.12, 1.5 s",
                     "  epoch 5/60: train loss -0.250, pseudo-Dice WT 0.50 TC 0.25 ET 0.00, 12.25 s"]
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_then_resumes_without_training_again(tmp_path, run_module, folders_env):
+    """``nnalign_demo`` as a user runs it (tiny: 4 + 2 cases, 1 epoch of 2 iterations per model): every model is
+    trained, scored and reported; a second call finds every model done and leaves their checkpoints alone."""
+    env = folders_env(tmp_path)
+    args = ("--cases", "4", "--test-cases", "2", "--teacher-epochs", "1", "--student-epochs", "1",
+            "--iters-per-epoch", "2", "--kd", "kdnet", "-d", "951")
+    first = run_module("demo", *args, env=env, cwd=tmp_path, timeout=1500)
+    assert first.returncode == 0, first.stderr[-2000:]
+    rows = [line for line in first.stdout.splitlines() if line.startswith("| ") and "Dice" not in line]
+    models = {line.split("|")[1].strip() for line in rows}
+    assert {"teacher P* (modality dropout 0.5, balanced)", "student T1ce (kdnet)", "student T1ce (none)"} <= models
+    report = Path(first.stdout.rsplit("Paper-style tables and figures: ", 1)[1].strip())
+    assert report.is_file()
+    checkpoints = sorted(Path(env["nnUNet_results"]).glob("Dataset951_*/*/fold_0/checkpoint_final.pth"))
+    assert len(checkpoints) == 3
+    written = [c.stat().st_mtime_ns for c in checkpoints]
+
+    again = run_module("demo", *args, env=env, cwd=tmp_path, timeout=1500)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count(": done before") == 3
+    assert [c.stat().st_mtime_ns for c in checkpoints] == written
