@@ -12,7 +12,9 @@ this runs, each step skipped when its result exists (an interrupted run resumes)
 
 Every scored run is one row of ``WORK/scores.csv``. At the end it prints, per seed and method, the held-out WT (mean
 over the runs, with their range), TC and ET, and the ratio of the method's mean WT to the no-distillation student's
-(the issue's check: at least 0.9 in every seed)::
+(the issue's check: at least 0.9 in every seed). Then what the runs can resolve: the spread of one run's WT between
+runs of the same student, each method's WT difference to ``none`` with its 95% interval, and how many runs of each
+student would find the paper's average gain (+1.75 Dice points) with 80% power::
 
     python benchmarks/kd_repeats.py --work kd_repeats --seeds 1 2 3 --runs 3 --kd kdnet,pmkl,protokd,smunet
     python benchmarks/kd_repeats.py --work kd_repeats --table-only    # the table of what is scored so far
@@ -22,14 +24,17 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from statistics import NormalDist
 
 FIELDS = ("seed", "run", "kd", "WT", "TC", "ET", "collapse_warning")
 CHECK_RATIO = 0.9
+PAPER_GAIN = 0.0175  # the paper's average Dice gain of single-modality students, as a fraction
 
 
 def _folders(seed_dir: Path) -> dict[str, str]:
@@ -149,7 +154,58 @@ def summary(rows: list[dict], methods: tuple[str, ...]) -> str:
     lines.append("")
     for kd, ok in passed.items():
         lines.append(f"{kd}: mean WT at least {CHECK_RATIO} of none's in {sum(ok)} of {len(ok)} seeds")
+    sd, dof = run_spread(rows)
+    if dof == 0:
+        return "\n".join(lines)
+    lines.append(f"spread between runs of one student: SD {sd:.3f} of held-out WT (pooled, {dof} degrees of freedom)")
+    z = NormalDist().inv_cdf(0.975)
+    for kd in methods:
+        diff, se, seeds = difference_to_none(rows, kd, sd)
+        if seeds:
+            lines.append(f"{kd}: WT minus none's {diff:+.3f} (95% interval {diff - z * se:+.3f} to {diff + z * se:+.3f})"
+                         f" over {seeds} seed{'s' * (seeds > 1)}")
+    lines.append(f"a gain of {PAPER_GAIN} WT (the paper's +1.75 Dice) is found with 80% power at the 5% level by "
+                 f"{runs_needed(sd, PAPER_GAIN)} runs of each student (all seeds together)")
     return "\n".join(lines)
+
+
+def _wt_by_student(rows: list[dict]) -> dict[tuple[int, str], list[float]]:
+    """Held-out WT of every run, per (seed, student)."""
+    groups: dict[tuple[int, str], list[float]] = {}
+    for r in rows:
+        groups.setdefault((int(r["seed"]), r["kd"]), []).append(float(r["WT"]))
+    return groups
+
+
+def run_spread(rows: list[dict]) -> tuple[float, int]:
+    """The standard deviation of one run's held-out WT between runs of the same student and seed, pooled over every
+    (seed, student) with two or more runs, and its degrees of freedom (0, with a NaN SD, when no student has two)."""
+    groups = _wt_by_student(rows).values()
+    squares = sum(sum((x - sum(wts) / len(wts)) ** 2 for x in wts) for wts in groups)
+    dof = sum(len(wts) - 1 for wts in groups)
+    return (math.sqrt(squares / dof) if dof else float("nan")), dof
+
+
+def difference_to_none(rows: list[dict], kd: str, sd: float) -> tuple[float, float, int]:
+    """The method's mean WT minus the no-distillation student's, within each seed that has both, averaged over those
+    seeds; its standard error from the pooled run spread ``sd``; and the number of seeds."""
+    groups = _wt_by_student(rows)
+    seeds = sorted(s for s, k in groups if k == kd and (s, "none") in groups)
+    if not seeds:
+        return float("nan"), float("nan"), 0
+    diffs, variances = [], []
+    for s in seeds:
+        ours, none = groups[(s, kd)], groups[(s, "none")]
+        diffs.append(sum(ours) / len(ours) - sum(none) / len(none))
+        variances.append(sd ** 2 * (1 / len(ours) + 1 / len(none)))
+    return sum(diffs) / len(seeds), math.sqrt(sum(variances)) / len(seeds), len(seeds)
+
+
+def runs_needed(sd: float, gain: float, alpha: float = 0.05, power: float = 0.8) -> int:
+    """Runs of each of two students that a two-sided test at level ``alpha`` needs to find a WT difference of ``gain``
+    with probability ``power``, when one run's WT has standard deviation ``sd`` (normal approximation)."""
+    z = NormalDist().inv_cdf
+    return math.ceil(2 * (z(1 - alpha / 2) + z(power)) ** 2 * sd ** 2 / gain ** 2)
 
 
 def main() -> None:

@@ -111,4 +111,23 @@ def test_kd_repeats_table_averages_runs_before_the_ratio_and_counts_seeds_that_p
     assert cells[1] == ["1", "none", "2", "0.700 (0.600-0.800)", "0.500", "0.250", "1.00", "0"]
     assert cells[2] == ["1", "pmkl", "2", "0.630 (0.500-0.760)", "0.500", "0.250", "0.90", "0"]  # 0.63 / 0.70
     assert cells[4] == ["2", "pmkl", "1", "0.400 (0.400-0.400)", "0.500", "0.250", "0.80", "1"]
-    assert lines[-1] == "pmkl: mean WT at least 0.9 of none's in 1 of 2 seeds"
+    assert "pmkl: mean WT at least 0.9 of none's in 1 of 2 seeds" in lines
+
+
+def test_kd_repeats_says_what_the_runs_can_resolve():
+    """The run spread, the difference to `none` with its interval and the runs needed, against hand-computed values.
+    Seed 1: none 0.6, 0.8 (mean 0.70) and pmkl 0.5, 0.76 (mean 0.63), squares 0.02 + 0.0338 over 2 degrees of
+    freedom, SD sqrt(0.0269) = 0.164; seed 2 has one run each (no spread), pmkl - none = -0.1. Difference averaged
+    over the seeds (-0.07 - 0.1) / 2 = -0.085, standard error sqrt(0.0269 * (1 + 2)) / 2 = 0.142; runs for a gain of
+    0.0175: 2 * (1.95996 + 0.84162)^2 * 0.0269 / 0.0175^2 = 1378.9, so 1379."""
+    kd_repeats = _benchmark_module("kd_repeats")
+    rows = [{"seed": str(seed), "run": "1", "kd": kd, "WT": str(wt)}
+            for seed, kd, wt in [(1, "none", 0.6), (1, "none", 0.8), (1, "pmkl", 0.5), (1, "pmkl", 0.76),
+                                 (2, "none", 0.5), (2, "pmkl", 0.4)]]
+    sd, dof = kd_repeats.run_spread(rows)
+    assert dof == 2 and sd == pytest.approx(0.0269 ** 0.5)
+    diff, se, seeds = kd_repeats.difference_to_none(rows, "pmkl", sd)
+    assert (diff, se, seeds) == (pytest.approx(-0.085), pytest.approx((0.0269 * 3) ** 0.5 / 2), 2)
+    assert kd_repeats.difference_to_none(rows, "kdnet", sd)[2] == 0
+    assert kd_repeats.runs_needed(sd, 0.0175) == 1379
+    assert kd_repeats.run_spread(rows[4:])[1] == 0  # one run per student: no spread to measure
