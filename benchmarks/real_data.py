@@ -8,7 +8,7 @@ runs that preset with the local executor, with nnU-Net's folders under ``--work`
 prints the report and each run's wall time. Opt-in (it exits with a message when the cases are absent) and
 resumable: run it again and the finished runs are reused::
 
-    python benchmarks/real_data.py --work /tmp/real_run            # the whole protocol (about 90 min on 2 CPU cores)
+    python benchmarks/real_data.py --work /tmp/real_run            # the whole protocol (about 50 min on 2 CPU cores)
     python benchmarks/real_data.py --work /tmp/real_run --dry-run  # nnalign_experiment plan: the runs, nothing run
 """
 from __future__ import annotations
