@@ -164,7 +164,7 @@ def summary(rows: list[dict], methods: tuple[str, ...]) -> str:
         if seeds:
             lines.append(f"{kd}: WT minus none's {diff:+.3f} (95% interval {diff - z * se:+.3f} to {diff + z * se:+.3f})"
                          f" over {seeds} seed{'s' * (seeds > 1)}")
-    lines.append(f"a gain of {PAPER_GAIN} WT (the paper's +1.75 Dice) is found with 80% power at the 5% level by "
+    lines.append(f"a gain of {PAPER_GAIN} WT (the paper's +{PAPER_GAIN * 100:g} Dice) is found with 80% power at the 5% level by "
                  f"{runs_needed(sd, PAPER_GAIN)} runs of each student (all seeds together)")
     return "\n".join(lines)
 
