@@ -554,8 +554,13 @@ def test_register_kd_refuses_a_second_class_under_a_taken_name():
 SKIP_CHANNELS = [4, 6, 8]
 
 
-def random_pair(dtype=torch.float32, seed=0):
-    """Tiny 3D student/teacher outputs (B = 2, R = 3) with leaf tensors; the teacher is confident and right."""
+# the CUDA cases run where a GPU is present: the losses must keep float32 and their gradients there too
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def random_pair(dtype=torch.float32, seed=0, device="cpu"):
+    """Tiny 3D student/teacher outputs (B = 2, R = 3) with leaf tensors on ``device``; the teacher is confident and
+    right."""
     g = torch.Generator().manual_seed(seed)
     b, shapes = 2, [(4, 4, 4), (2, 2, 2), (1, 1, 1)]
     target = torch.rand(b, 1, 4, 4, 4, generator=g) < torch.tensor([0.6, 0.4, 0.2]).view(1, 3, 1, 1, 1)  # nested
@@ -564,14 +569,15 @@ def random_pair(dtype=torch.float32, seed=0):
         logits = (6.0 * (2 * target.float() - 1)) if teacher else torch.randn(b, 3, 4, 4, 4, generator=g)
         skips = [torch.randn(b, c, *s, generator=g) for c, s in zip(SKIP_CHANNELS, shapes)]
         dec = torch.randn(b, 4, 4, 4, 4, generator=g)
-        leaves = [x.to(dtype).requires_grad_() for x in [logits, *skips, dec]]
+        leaves = [x.to(device=device, dtype=dtype).requires_grad_() for x in [logits, *skips, dec]]
         return NetworkOutputs(logits=[leaves[0]], skips=leaves[1:-1], decoder_features=leaves[-1])
 
-    return make(False), make(True), target
+    student, teacher = make(False), make(True)
+    return student, teacher, target.to(device)
 
 
-def build(name):
-    return build_kd(name, feature_channels=4, bottleneck_channels=8, skip_channels=SKIP_CHANNELS)
+def build(name, device="cpu"):
+    return build_kd(name, feature_channels=4, bottleneck_channels=8, skip_channels=SKIP_CHANNELS).to(device)
 
 
 # the student tensors each method must send gradient to
@@ -591,11 +597,12 @@ def tensor_of(o: NetworkOutputs, key: str) -> torch.Tensor:
     return getattr(o, key)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["none", "kdnet", "pmkl", "protokd", "smunet"])
-def test_gradient_reaches_student_not_teacher(name):
+def test_gradient_reaches_student_not_teacher(name, device):
     torch.manual_seed(0)
-    loss = build(name)
-    student, teacher, target = random_pair()
+    loss = build(name, device)
+    student, teacher, target = random_pair(device=device)
     parts = loss(student, teacher, target, epoch=5)
     assert "total" in parts and all(v.dim() == 0 and v.dtype == torch.float32 for v in parts.values())
     assert all(torch.isfinite(v) for v in parts.values())
@@ -609,23 +616,29 @@ def test_gradient_reaches_student_not_teacher(name):
         assert float(student.final_logits.grad.abs().sum()) == 0.0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["none", "kdnet", "pmkl", "protokd", "smunet"])
-def test_half_precision_inputs_give_finite_float32(name):
-    loss = build(name)
-    student, teacher, target = random_pair(dtype=torch.float16)
+def test_half_precision_inputs_give_finite_float32(name, device):
+    loss = build(name, device)
+    student, teacher, target = random_pair(dtype=torch.float16, device=device)
     with torch.no_grad():
         student.final_logits.mul_(5000.0)  # |z| up to ~2e4: still finite in fp16
     parts = loss(student, teacher, target, epoch=3)
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in parts.values())
 
 
+# the autocast dtype of nnU-Net's AMP on each device type
+AUTOCAST_DTYPE = {"cpu": torch.bfloat16, "cuda": torch.float16}
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["kdnet", "pmkl", "protokd", "smunet"])
-def test_autocast_is_disabled_inside_the_loss(name):
+def test_autocast_is_disabled_inside_the_loss(name, device):
     torch.manual_seed(0)
-    loss = build(name)
-    student, teacher, target = random_pair()
+    loss = build(name, device)
+    student, teacher, target = random_pair(device=device)
     plain = loss(student, teacher, target, 7)["total"]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=AUTOCAST_DTYPE[device]):
         cast = loss(student, teacher, target, 7)["total"]
     assert cast.dtype == torch.float32
     assert cast.item() == pytest.approx(plain.item(), rel=1e-6)
