@@ -4,8 +4,8 @@ One student run of the demo's length varies by more than the effect looked for (
 single run per seed cannot say whether a method is at, above or below the no-distillation student. For each seed S
 this runs, each step skipped when its result exists (an interrupted run resumes):
 
-1. ``nnalign_demo --seed S --kd METHODS`` in ``WORK/seedS``: the synthetic data, the demo's teacher and the first run
-   of every student (``none`` included);
+1. ``nnalign_demo --seed S --kd METHODS [--test-cases N]`` in ``WORK/seedS``: the synthetic data, the demo's teacher
+   and the first run of every student (``none`` included);
 2. runs 2..R of every student, each from a copy of that same teacher in its own results folder ``WORK/seedS/runK``
    (a student loads its teacher from its own results folder);
 3. prediction of the held-out cases from the student's modalities, scored as the demo scores them.
@@ -17,6 +17,7 @@ runs of the same student, each method's WT difference to ``none`` with its 95% i
 student would find the paper's average gain (+1.75 Dice points) with 80% power::
 
     python benchmarks/kd_repeats.py --work kd_repeats --seeds 1 2 3 --runs 3 --kd kdnet,pmkl,protokd,smunet
+    python benchmarks/kd_repeats.py --work kd_repeats --seeds 2 --runs 10 --kd pmkl --test-cases 20
     python benchmarks/kd_repeats.py --work kd_repeats --table-only    # the table of what is scored so far
 """
 from __future__ import annotations
@@ -70,8 +71,9 @@ def _append_row(path: Path, row: dict) -> None:
 
 
 def run_seed(work: Path, seed: int, runs: int, methods: tuple[str, ...], subset: tuple[str, ...],
-             scores_csv: Path) -> None:
-    """Train, predict and score every missing (run, method) of one seed, appending each to ``scores_csv``."""
+             scores_csv: Path, test_cases: int | None = None) -> None:
+    """Train, predict and score every missing (run, method) of one seed, appending each to ``scores_csv``; a new
+    seed's demo makes ``test_cases`` held-out cases (default: the demo's)."""
     from nnalign.demo import (CONFIGURATION, TEACHER, DemoOptions, predict_command, reference_regions, score_row,
                               student_flags, train_command)
     from nnalign.evaluation.evaluate import evaluate
@@ -90,7 +92,8 @@ def run_seed(work: Path, seed: int, runs: int, methods: tuple[str, ...], subset:
     if not all((seed, 1, kd) in done for kd in kds):
         print(f"seed {seed}: the demo (data, teacher, run 1 of every student)", flush=True)
         _call([sys.executable, "-m", "nnalign.cli.demo", "--seed", str(seed), "--kd", ",".join(methods),
-               "--modalities", ",".join(subset), "-device", "cpu"], env, seed_dir / "demo.log")
+               "--modalities", ",".join(subset), "--test-cases", str(test_cases or demo.test_cases), "-device", "cpu"],
+              env, seed_dir / "demo.log")
     results = next(Path(env["nnUNet_results"]).glob(f"Dataset{demo.dataset_id:03d}_*"))
     raw = Path(env["nnUNet_raw"]) / results.name
     ending = json.loads((raw / "dataset.json").read_text())["file_ending"]
@@ -215,6 +218,9 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3, help="training runs per student and seed (default: %(default)s)")
     p.add_argument("--kd", default="kdnet,pmkl,protokd,smunet", help="distillation methods (default: %(default)s)")
     p.add_argument("--modalities", default="T1ce", help="the students' modalities (default: %(default)s)")
+    p.add_argument("--test-cases", type=int, default=None, metavar="N",
+                   help="held-out cases of a new seed's demo data (default: the demo's): more cases lower the spread "
+                        "of one run's held-out Dice")
     p.add_argument("--table-only", action="store_true", help="print the table of the rows scored so far")
     args = p.parse_args()
     from nnalign.demo import parse_kd_methods
@@ -227,7 +233,7 @@ def main() -> None:
     scores_csv = work / "scores.csv"
     if not args.table_only:
         for seed in args.seeds:
-            run_seed(work, seed, args.runs, methods, subset, scores_csv)
+            run_seed(work, seed, args.runs, methods, subset, scores_csv, args.test_cases)
     print(summary(_read_rows(scores_csv), methods))
 
 

@@ -131,3 +131,23 @@ def test_kd_repeats_says_what_the_runs_can_resolve():
     assert kd_repeats.difference_to_none(rows, "kdnet", sd)[2] == 0
     assert kd_repeats.runs_needed(sd, 0.0175) == 1379
     assert kd_repeats.run_spread(rows[4:])[1] == 0  # one run per student: no spread to measure
+
+
+@pytest.mark.parametrize("asked, expected", [(20, "20"), (None, "3")])
+def test_kd_repeats_new_seed_demo_makes_the_asked_held_out_cases(tmp_path, monkeypatch, asked, expected):
+    """--test-cases reaches the demo that makes a new seed's data; without it, the demo's own count."""
+    kd_repeats = _benchmark_module("kd_repeats")
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def record(command, env, log):
+        calls.append(command)
+        raise Stop
+
+    monkeypatch.setattr(kd_repeats, "_call", record)
+    with pytest.raises(Stop):
+        kd_repeats.run_seed(tmp_path, 2, 1, ("pmkl",), ("T1ce",), tmp_path / "scores.csv", asked)
+    command = calls[0]
+    assert command[command.index("--test-cases") + 1] == expected and command[command.index("--seed") + 1] == "2"
