@@ -4,7 +4,8 @@
 #   2. steps   teacher and student training steps on 3d_fullres with AMP against stock nnU-Net
 #              (targets in documentation/benchmarks.md: teacher <= 1.25x, every distillation method <= 1.4x);
 #   3. demo    the README's demo end to end with -device cuda (nnU-Net's AMP and torch.compile), every distillation
-#              method beside the no-distillation student, at the demo's default length.
+#              method beside the no-distillation student, shortened (20 teacher and 10 student epochs) so that the
+#              whole script stays within a 10-minute command (six networks to compile).
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR [cuda|cpu]
 #
@@ -16,7 +17,7 @@ set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [cuda|cpu]}
 device=${2:-cuda}
 case $device in
-    cuda) config=3d_fullres; steps=(--steps 8 --amp); demo=() ;;
+    cuda) config=3d_fullres; steps=(--steps 8 --amp); demo=(--teacher-epochs 20 --student-epochs 10) ;;
     cpu) config=3d_cpu; steps=(--steps 1 --warmup 0 --patch 16 16 16)
          demo=(--teacher-epochs 1 --student-epochs 1 --iters-per-epoch 2 --cases 4 --test-cases 1) ;;
     *) echo "gpu_check.sh: device must be cuda or cpu, not '$device'" >&2; exit 2 ;;
