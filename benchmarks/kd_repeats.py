@@ -14,7 +14,8 @@ Every scored run is one row of ``WORK/scores.csv``. At the end it prints, per se
 over the runs, with their range), TC and ET, and the ratio of the method's mean WT to the no-distillation student's
 (the issue's check: at least 0.9 in every seed). Then what the runs can resolve: the spread of one run's WT between
 runs of the same student, each method's WT difference to ``none`` with its 95% interval, and how many runs of each
-student would find the paper's average gain (+1.75 Dice points) with 80% power::
+student would find the paper's average gain (+1.75 Dice points) with 80% power (the interval is Student's t on the
+pooled spread; each student's own spread is printed too, as distillation can steady a student's runs)::
 
     python benchmarks/kd_repeats.py --work kd_repeats --seeds 1 2 3 --runs 3 --kd kdnet,pmkl,protokd,smunet
     python benchmarks/kd_repeats.py --work kd_repeats --seeds 2 --runs 10 --kd pmkl --test-cases 20
@@ -161,14 +162,16 @@ def summary(rows: list[dict], methods: tuple[str, ...]) -> str:
     if dof == 0:
         return "\n".join(lines)
     lines.append(f"spread between runs of one student: SD {sd:.3f} of held-out WT (pooled, {dof} degrees of freedom)")
-    z = NormalDist().inv_cdf(0.975)
+    lines.append("each student's own spread: " + ", ".join(
+        f"seed {seed} {kd} {spread:.3f} ({n} runs)" for (seed, kd), (spread, n) in student_spreads(rows).items()))
+    t = t_quantile(0.975, dof)
     for kd in methods:
         diff, se, seeds = difference_to_none(rows, kd, sd)
         if seeds:
-            lines.append(f"{kd}: WT minus none's {diff:+.3f} (95% interval {diff - z * se:+.3f} to {diff + z * se:+.3f})"
-                         f" over {seeds} seed{'s' * (seeds > 1)}")
-    lines.append(f"a gain of {PAPER_GAIN} WT (the paper's +{PAPER_GAIN * 100:g} Dice) is found with 80% power at the 5% level by "
-                 f"{runs_needed(sd, PAPER_GAIN)} runs of each student (all seeds together)")
+            lines.append(f"{kd}: WT minus none's {diff:+.3f} (95% interval {diff - t * se:+.3f} to "
+                         f"{diff + t * se:+.3f}) over {seeds} seed{'s' * (seeds > 1)}")
+    lines.append(f"a gain of {PAPER_GAIN} WT (the paper's +{PAPER_GAIN * 100:g} Dice) is found with 80% power at the 5% "
+                 f"level by {runs_needed(sd, PAPER_GAIN)} runs of each student (all seeds together)")
     return "\n".join(lines)
 
 
@@ -187,6 +190,21 @@ def run_spread(rows: list[dict]) -> tuple[float, int]:
     squares = sum(sum((x - sum(wts) / len(wts)) ** 2 for x in wts) for wts in groups)
     dof = sum(len(wts) - 1 for wts in groups)
     return (math.sqrt(squares / dof) if dof else float("nan")), dof
+
+
+def student_spreads(rows: list[dict]) -> dict[tuple[int, str], tuple[float, int]]:
+    """The standard deviation of held-out WT between the runs of each (seed, student) that has two or more runs, and
+    its number of runs: where a method steadies training, its spread is smaller than ``none``'s."""
+    return {key: (math.sqrt(sum((x - sum(wts) / len(wts)) ** 2 for x in wts) / (len(wts) - 1)), len(wts))
+            for key, wts in sorted(_wt_by_student(rows).items()) if len(wts) > 1}
+
+
+def t_quantile(probability: float, dof: int) -> float:
+    """Student's t quantile: the interval of a difference whose standard error comes from a spread estimated with
+    ``dof`` degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(probability, dof))
 
 
 def difference_to_none(rows: list[dict], kd: str, sd: float) -> tuple[float, float, int]:

@@ -133,6 +133,24 @@ def test_kd_repeats_says_what_the_runs_can_resolve():
     assert kd_repeats.run_spread(rows[4:])[1] == 0  # one run per student: no spread to measure
 
 
+def test_kd_repeats_interval_is_students_t_and_each_student_has_its_spread():
+    """Same rows as above. Each student's own spread: none sqrt(0.02) = 0.1414, pmkl sqrt(0.0338) = 0.1838 (seed 1;
+    seed 2's single runs have none). The interval is -0.085 +- t(0.975, 2 dof) * 0.14203 = -0.085 +- 4.30265 * 0.14203
+    = -0.085 +- 0.6111: -0.696 to +0.526 (a normal quantile, 1.96, would give -0.363 to +0.193)."""
+    kd_repeats = _benchmark_module("kd_repeats")
+    rows = [{"seed": str(seed), "run": "1", "kd": kd, "WT": str(wt), "TC": "0.5", "ET": "0.5", "collapse_warning": ""}
+            for seed, kd, wt in [(1, "none", 0.6), (1, "none", 0.8), (1, "pmkl", 0.5), (1, "pmkl", 0.76),
+                                 (2, "none", 0.5), (2, "pmkl", 0.4)]]
+    assert kd_repeats.t_quantile(0.975, 2) == pytest.approx(4.30265, abs=1e-5)
+    spreads = kd_repeats.student_spreads(rows)
+    assert set(spreads) == {(1, "none"), (1, "pmkl")}
+    assert spreads[(1, "none")] == (pytest.approx(0.02 ** 0.5), 2)
+    assert spreads[(1, "pmkl")] == (pytest.approx(0.0338 ** 0.5), 2)
+    lines = kd_repeats.summary(rows, ("pmkl",)).splitlines()
+    assert "pmkl: WT minus none's -0.085 (95% interval -0.696 to +0.526) over 2 seeds" in lines
+    assert "each student's own spread: seed 1 none 0.141 (2 runs), seed 1 pmkl 0.184 (2 runs)" in lines
+
+
 @pytest.mark.parametrize("asked, expected", [(20, "20"), (None, "3")])
 def test_kd_repeats_new_seed_demo_makes_the_asked_held_out_cases(tmp_path, monkeypatch, asked, expected):
     """--test-cases reaches the demo that makes a new seed's data; without it, the demo's own count."""
