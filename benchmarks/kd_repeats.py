@@ -183,11 +183,17 @@ def _wt_by_student(rows: list[dict]) -> dict[tuple[int, str], list[float]]:
     return groups
 
 
+def _squared_deviations(values: list[float]) -> float:
+    """The sum of squared deviations of ``values`` from their mean."""
+    mean = sum(values) / len(values)
+    return sum((x - mean) ** 2 for x in values)
+
+
 def run_spread(rows: list[dict]) -> tuple[float, int]:
     """The standard deviation of one run's held-out WT between runs of the same student and seed, pooled over every
     (seed, student) with two or more runs, and its degrees of freedom (0, with a NaN SD, when no student has two)."""
     groups = _wt_by_student(rows).values()
-    squares = sum(sum((x - sum(wts) / len(wts)) ** 2 for x in wts) for wts in groups)
+    squares = sum(_squared_deviations(wts) for wts in groups)
     dof = sum(len(wts) - 1 for wts in groups)
     return (math.sqrt(squares / dof) if dof else float("nan")), dof
 
@@ -195,7 +201,7 @@ def run_spread(rows: list[dict]) -> tuple[float, int]:
 def student_spreads(rows: list[dict]) -> dict[tuple[int, str], tuple[float, int]]:
     """The standard deviation of held-out WT between the runs of each (seed, student) that has two or more runs, and
     its number of runs: where a method steadies training, its spread is smaller than ``none``'s."""
-    return {key: (math.sqrt(sum((x - sum(wts) / len(wts)) ** 2 for x in wts) / (len(wts) - 1)), len(wts))
+    return {key: (math.sqrt(_squared_deviations(wts) / (len(wts) - 1)), len(wts))
             for key, wts in sorted(_wt_by_student(rows).items()) if len(wts) > 1}
 
 
