@@ -4,8 +4,9 @@ One student run of the demo's length varies by more than the effect looked for (
 single run per seed cannot say whether a method is at, above or below the no-distillation student. For each seed S
 this runs, each step skipped when its result exists (an interrupted run resumes):
 
-1. ``nnalign_demo --seed S --kd METHODS [--test-cases N]`` in ``WORK/seedS``: the synthetic data, the demo's teacher
-   and the first run of every student (``none`` included);
+1. ``nnalign_demo --seed S --kd METHODS`` in ``WORK/seedS``: the synthetic data (``--test-cases N`` held-out cases)
+   or, with ``--data``, a BraTS release converted with its split's test cases held out; the demo's teacher and the
+   first run of every student (``none`` included), with the training lengths given here;
 2. runs 2..R of every student, each from a copy of that same teacher in its own results folder ``WORK/seedS/runK``
    (a student loads its teacher from its own results folder);
 3. prediction of the held-out cases from the student's modalities, scored as the demo scores them.
@@ -19,6 +20,8 @@ pooled spread; each student's own spread is printed too, as distillation can ste
 
     python benchmarks/kd_repeats.py --work kd_repeats --seeds 1 2 3 --runs 3 --kd kdnet,pmkl,protokd,smunet
     python benchmarks/kd_repeats.py --work kd_repeats --seeds 2 --runs 10 --kd pmkl --test-cases 20
+    python benchmarks/kd_repeats.py --work kd_real --seeds 1 --runs 8 --kd pmkl \
+        --data ../shared/data/brats/BraTS2018 --teacher-epochs 15 --student-epochs 8 --iters-per-epoch 20
     python benchmarks/kd_repeats.py --work kd_repeats --table-only    # the table of what is scored so far
 """
 from __future__ import annotations
@@ -33,6 +36,10 @@ import subprocess
 import sys
 from pathlib import Path
 from statistics import NormalDist
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nnalign.demo import DemoOptions
 
 FIELDS = ("seed", "run", "kd", "WT", "TC", "ET", "collapse_warning")
 CHECK_RATIO = 0.9
@@ -71,10 +78,21 @@ def _append_row(path: Path, row: dict) -> None:
         writer.writerow(row)
 
 
+def demo_command(seed: int, methods: tuple[str, ...], subset: tuple[str, ...], demo: DemoOptions) -> list[str]:
+    """The ``nnalign_demo`` call that makes a seed's data (or converts ``demo.data``), teacher and first students."""
+    command = [sys.executable, "-m", "nnalign.cli.demo", "--seed", str(seed), "--kd", ",".join(methods),
+               "--modalities", ",".join(subset), "--teacher-epochs", str(demo.teacher_epochs),
+               "--student-epochs", str(demo.student_epochs), "--iters-per-epoch", str(demo.iters_per_epoch),
+               "-device", "cpu"]
+    if demo.data is None:
+        return [*command, "--test-cases", str(demo.test_cases)]
+    return [*command, "--data", str(demo.data)]
+
+
 def run_seed(work: Path, seed: int, runs: int, methods: tuple[str, ...], subset: tuple[str, ...],
-             scores_csv: Path, test_cases: int | None = None) -> None:
-    """Train, predict and score every missing (run, method) of one seed, appending each to ``scores_csv``; a new
-    seed's demo makes ``test_cases`` held-out cases (default: the demo's)."""
+             scores_csv: Path, demo: DemoOptions | None = None) -> None:
+    """Train, predict and score every missing (run, method) of one seed, appending each to ``scores_csv``; ``demo``
+    says the data (synthetic cases of the seed, or a BraTS release) and the training lengths (default: the demo's)."""
     from nnalign.demo import (CONFIGURATION, TEACHER, DemoOptions, predict_command, reference_regions, score_row,
                               student_flags, train_command)
     from nnalign.evaluation.evaluate import evaluate
@@ -89,12 +107,10 @@ def run_seed(work: Path, seed: int, runs: int, methods: tuple[str, ...], subset:
         return
     seed_dir = work / f"seed{seed}"
     env = _folders(seed_dir)
-    demo = DemoOptions()
+    demo = demo or DemoOptions()
     if not all((seed, 1, kd) in done for kd in kds):
         print(f"seed {seed}: the demo (data, teacher, run 1 of every student)", flush=True)
-        _call([sys.executable, "-m", "nnalign.cli.demo", "--seed", str(seed), "--kd", ",".join(methods),
-               "--modalities", ",".join(subset), "--test-cases", str(test_cases or demo.test_cases), "-device", "cpu"],
-              env, seed_dir / "demo.log")
+        _call(demo_command(seed, methods, subset, demo), env, seed_dir / "demo.log")
     results = next(Path(env["nnUNet_results"]).glob(f"Dataset{demo.dataset_id:03d}_*"))
     raw = Path(env["nnUNet_raw"]) / results.name
     ending = json.loads((raw / "dataset.json").read_text())["file_ending"]
@@ -236,18 +252,26 @@ def runs_needed(sd: float, gain: float, alpha: float = 0.05, power: float = 0.8)
 
 
 def main() -> None:
+    from nnalign.cli.parsing import positive_int
+    from nnalign.demo import DemoOptions, parse_kd_methods
+
+    defaults = DemoOptions()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, required=True, help="folder of the runs and of scores.csv (resumable)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--runs", type=int, default=3, help="training runs per student and seed (default: %(default)s)")
     p.add_argument("--kd", default="kdnet,pmkl,protokd,smunet", help="distillation methods (default: %(default)s)")
     p.add_argument("--modalities", default="T1ce", help="the students' modalities (default: %(default)s)")
-    p.add_argument("--test-cases", type=int, default=None, metavar="N",
-                   help="held-out cases of a new seed's demo data (default: the demo's): more cases lower the spread "
+    p.add_argument("--test-cases", type=positive_int, default=defaults.test_cases, metavar="N",
+                   help="held-out cases of a new seed's demo data (default: %(default)s): more cases lower the spread "
                         "of one run's held-out Dice")
+    p.add_argument("--data", type=Path, default=None,
+                   help="a BraTS release instead of synthetic cases (its split's test cases are the held-out ones)")
+    p.add_argument("--teacher-epochs", type=positive_int, default=defaults.teacher_epochs, help="(default: %(default)s)")
+    p.add_argument("--student-epochs", type=positive_int, default=defaults.student_epochs, help="(default: %(default)s)")
+    p.add_argument("--iters-per-epoch", type=positive_int, default=defaults.iters_per_epoch, help="(default: %(default)s)")
     p.add_argument("--table-only", action="store_true", help="print the table of the rows scored so far")
     args = p.parse_args()
-    from nnalign.demo import parse_kd_methods
     from nnalign.modalities import parse_modalities
 
     methods = parse_kd_methods(args.kd)
@@ -255,9 +279,12 @@ def main() -> None:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     scores_csv = work / "scores.csv"
+    demo = DemoOptions(data=args.data and args.data.resolve(), test_cases=args.test_cases,
+                       teacher_epochs=args.teacher_epochs, student_epochs=args.student_epochs,
+                       iters_per_epoch=args.iters_per_epoch)
     if not args.table_only:
         for seed in args.seeds:
-            run_seed(work, seed, args.runs, methods, subset, scores_csv, args.test_cases)
+            run_seed(work, seed, args.runs, methods, subset, scores_csv, demo)
     print(summary(_read_rows(scores_csv), methods))
 
 

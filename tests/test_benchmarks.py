@@ -154,6 +154,8 @@ def test_kd_repeats_interval_is_students_t_and_each_student_has_its_spread():
 @pytest.mark.parametrize("asked, expected", [(20, "20"), (None, "3")])
 def test_kd_repeats_new_seed_demo_makes_the_asked_held_out_cases(tmp_path, monkeypatch, asked, expected):
     """--test-cases reaches the demo that makes a new seed's data; without it, the demo's own count."""
+    from nnalign.demo import DemoOptions
+
     kd_repeats = _benchmark_module("kd_repeats")
     calls = []
 
@@ -166,6 +168,21 @@ def test_kd_repeats_new_seed_demo_makes_the_asked_held_out_cases(tmp_path, monke
 
     monkeypatch.setattr(kd_repeats, "_call", record)
     with pytest.raises(Stop):
-        kd_repeats.run_seed(tmp_path, 2, 1, ("pmkl",), ("T1ce",), tmp_path / "scores.csv", asked)
+        kd_repeats.run_seed(tmp_path, 2, 1, ("pmkl",), ("T1ce",), tmp_path / "scores.csv",
+                            None if asked is None else DemoOptions(test_cases=asked))
     command = calls[0]
     assert command[command.index("--test-cases") + 1] == expected and command[command.index("--seed") + 1] == "2"
+    assert "--data" not in command
+
+
+def test_kd_repeats_on_a_brats_release_passes_the_data_and_the_training_lengths(tmp_path):
+    """With --data the demo converts the release (its split holds the test cases out) and trains as long as asked."""
+    from nnalign.demo import DemoOptions
+
+    kd_repeats = _benchmark_module("kd_repeats")
+    demo = DemoOptions(data=tmp_path / "BraTS2018", teacher_epochs=15, student_epochs=8, iters_per_epoch=20)
+    command = kd_repeats.demo_command(1, ("pmkl", "kdnet"), ("FLAIR",), demo)
+    flags = dict(zip(command[3::2], command[4::2]))
+    assert flags == {"--seed": "1", "--kd": "pmkl,kdnet", "--modalities": "FLAIR", "--teacher-epochs": "15",
+                     "--student-epochs": "8", "--iters-per-epoch": "20", "-device": "cpu",
+                     "--data": str(tmp_path / "BraTS2018")}
