@@ -252,24 +252,16 @@ def runs_needed(sd: float, gain: float, alpha: float = 0.05, power: float = 0.8)
 
 
 def main() -> None:
-    from nnalign.cli.parsing import positive_int
+    from nnalign.cli.demo import add_data_and_length_arguments, data_and_length_options
     from nnalign.demo import DemoOptions, parse_kd_methods
 
-    defaults = DemoOptions()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, required=True, help="folder of the runs and of scores.csv (resumable)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--runs", type=int, default=3, help="training runs per student and seed (default: %(default)s)")
     p.add_argument("--kd", default="kdnet,pmkl,protokd,smunet", help="distillation methods (default: %(default)s)")
     p.add_argument("--modalities", default="T1ce", help="the students' modalities (default: %(default)s)")
-    p.add_argument("--test-cases", type=positive_int, default=defaults.test_cases, metavar="N",
-                   help="held-out cases of a new seed's demo data (default: %(default)s): more cases lower the spread "
-                        "of one run's held-out Dice")
-    p.add_argument("--data", type=Path, default=None,
-                   help="a BraTS release instead of synthetic cases (its split's test cases are the held-out ones)")
-    p.add_argument("--teacher-epochs", type=positive_int, default=defaults.teacher_epochs, help="(default: %(default)s)")
-    p.add_argument("--student-epochs", type=positive_int, default=defaults.student_epochs, help="(default: %(default)s)")
-    p.add_argument("--iters-per-epoch", type=positive_int, default=defaults.iters_per_epoch, help="(default: %(default)s)")
+    add_data_and_length_arguments(p)
     p.add_argument("--table-only", action="store_true", help="print the table of the rows scored so far")
     args = p.parse_args()
     from nnalign.modalities import parse_modalities
@@ -279,9 +271,7 @@ def main() -> None:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     scores_csv = work / "scores.csv"
-    demo = DemoOptions(data=args.data and args.data.resolve(), test_cases=args.test_cases,
-                       teacher_epochs=args.teacher_epochs, student_epochs=args.student_epochs,
-                       iters_per_epoch=args.iters_per_epoch)
+    demo = DemoOptions(**{**data_and_length_options(args), "data": args.data and args.data.resolve()})
     if not args.table_only:
         for seed in args.seeds:
             run_seed(work, seed, args.runs, methods, subset, scores_csv, demo)
