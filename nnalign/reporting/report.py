@@ -16,7 +16,7 @@ from typing import Callable
 
 from nnalign import __version__
 from nnalign.errors import NnalignError, one_line
-from nnalign.atomic import write_text_atomic
+from nnalign.atomic import check_writable, write_text_atomic
 from nnalign.evaluation.validation import validation_predictions
 from nnalign.modalities import BRATS_MODALITIES, all_subsets, modalities_from_dataset_json
 from nnalign.losses.kd.registry import KD
@@ -153,7 +153,8 @@ def build_report(results: str | os.PathLike, output: str | os.PathLike | None = 
                  progress: Callable[[str], None] | None = None) -> Report:
     """Write the tables (Markdown and CSV), the figures and ``report.md`` for a results folder.
 
-    Raises NnalignError (one line) for a missing folder, a folder without nnalign models, or an unknown ``kd``.
+    Raises NnalignError (one line) for a missing folder, a folder without nnalign models, an unknown ``kd``, or an
+    output folder that cannot be written (read-only, a file in the way), before anything is written.
     """
     from nnalign.reporting.figures import plot_overlays, plot_training_curves
 
@@ -167,7 +168,7 @@ def build_report(results: str | os.PathLike, output: str | os.PathLike | None = 
         counts = res.student_counts()
         kd_reason = (f"the method with the most student runs ({counts[kd]})" if kd else "no student runs found")
     out = Path(output) if output is not None else res.folder / REPORT_DIR
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, "the report")
 
     tables = {"III": table_iii(res, kd), "I": table_i(res), "IV": table_iv(res), "V": table_v(res)}
     for key, table in tables.items():
