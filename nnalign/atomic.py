@@ -8,9 +8,8 @@ import tempfile
 from pathlib import Path
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, flush it to disk and rename it over ``path``."""
-    path = Path(path)
+def _written_temp(path: Path, text: str) -> str:
+    """A temporary file beside ``path`` holding ``text``, flushed to disk; removed again if writing fails."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         umask = os.umask(0)
@@ -20,10 +19,32 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        raise
+    return tmp
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, flush it to disk and rename it over ``path``."""
+    write_texts_atomic({path: text})
+
+
+def write_texts_atomic(files: dict[str | os.PathLike, str]) -> None:
+    """Write several files that belong together (a CSV and its JSON): each to a temporary file beside it, and only
+    once every one is written rename them all over their paths, so that a failed write (a full disk) leaves every
+    old file in place and no temporary file behind."""
+    written: list[tuple[str, Path]] = []
+    try:
+        for path, text in files.items():
+            written.append((_written_temp(Path(path), text), Path(path)))
+        for tmp, path in written:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in written:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnalign.atomic import check_writable, write_text_atomic
+from nnalign.atomic import check_writable, write_texts_atomic
 from nnalign.data.case_checks import voxel_problem
 from nnalign.data.labels import REGION_NAMES
 from nnalign.evaluation.metrics import (AGGREGATES, HD95_EMPTY, LABEL_CHOICES, METRIC_COLUMNS, aggregate, case_metrics,
@@ -103,7 +103,8 @@ def default_output(prediction: Path) -> Path:
 def evaluate(reference: str | os.PathLike, prediction: str | os.PathLike, labels: str = "auto",
              et_min_voxels: int = 0, output: str | os.PathLike | None = None, progress: bool = True,
              on_case_error=None) -> EvaluationReport:
-    """Score every reference case against its prediction and write the CSV and the JSON (same stem) atomically.
+    """Score every reference case against its prediction and write the CSV and the JSON (same stem) atomically, as a
+    pair: both are replaced, or (a full disk) neither.
 
     ``on_case_error(case_id, message)`` is called as each bad case is met (the CLI prints it). Raises NnalignError
     when nothing can be paired, or when no case at all could be scored.
@@ -143,10 +144,10 @@ def evaluate(reference: str | os.PathLike, prediction: str | os.PathLike, labels
     report.warnings = _warnings(report, labels)
 
     report.csv_path, report.json_path = csv_path, csv_path.with_suffix(".json")
-    try:
-        write_text_atomic(report.csv_path, metrics_csv(report.scores, report.aggregates))
-        write_text_atomic(report.json_path, json.dumps(_json_payload(report, reference, prediction, labels,
-                                                                     et_min_voxels), indent=2) + "\n")
+    try:  # both or neither: a full disk must not leave a new CSV beside an old JSON
+        write_texts_atomic({report.csv_path: metrics_csv(report.scores, report.aggregates),
+                            report.json_path: json.dumps(_json_payload(report, reference, prediction, labels,
+                                                                       et_min_voxels), indent=2) + "\n"})
     except OSError as e:
         raise NnalignError(f"{csv_path.parent}: cannot write the metrics ({e.strerror or e})") from None
     return report
