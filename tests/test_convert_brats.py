@@ -78,6 +78,14 @@ def make_seg(et_label: int, seed: int, dtype=np.uint8) -> np.ndarray:
     return np.random.default_rng(seed).permutation(flat).reshape(ARRAY_SHAPE)
 
 
+def modality_array(kind: str, shape=ARRAY_SHAPE) -> np.ndarray:
+    """The int16 image of a modality: MODALITY_VALUE with one background voxel of 0 (conversion refuses images
+    without signal)."""
+    array = np.full(shape, MODALITY_VALUE[kind], dtype=np.int16)
+    array.flat[0] = 0
+    return array
+
+
 def case_file(folder: Path, case_id: str, kind: str, naming: str = "brats2018", ext: str = ".nii.gz") -> Path:
     sep, suffix = NAMINGS[naming]
     return folder / case_id / f"{case_id}{sep}{suffix[kind]}{ext}"
@@ -88,7 +96,8 @@ _DEFAULT = object()
 
 def write_case(folder: Path, case_id: str, naming: str = "brats2018", ext: str = ".nii.gz", seg=_DEFAULT,
                seg_dtype=np.uint8, seed: int = 0, geometry: dict | None = None, skip=()) -> np.ndarray | None:
-    """Write one case into ``folder/case_id/``: int16 images of constant MODALITY_VALUE and a segmentation.
+    """Write one case into ``folder/case_id/``: int16 images of MODALITY_VALUE (:func:`modality_array`) and a
+    segmentation.
 
     ``seg``: an array to write, None for no segmentation, or by default ``make_seg``. ``geometry`` maps a kind
     (modality or ``seg``) to overrides of ``shape`` (numpy order), ``spacing``, ``origin`` or ``direction``; ``skip``
@@ -102,7 +111,7 @@ def write_case(folder: Path, case_id: str, naming: str = "brats2018", ext: str =
             continue
         over = dict(geometry.get(kind, {}))
         shape = over.pop("shape", ARRAY_SHAPE)
-        array = seg if kind == "seg" else np.full(shape, MODALITY_VALUE[kind], dtype=np.int16)
+        array = seg if kind == "seg" else modality_array(kind, shape)
         if kind == "seg" and shape != ARRAY_SHAPE:
             array = np.zeros(shape, dtype=seg.dtype)
         write_image(case_file(folder, case_id, kind, naming, ext), array, **over)
@@ -183,7 +192,7 @@ def test_channels_are_t1_t1ce_t2_flair_with_voxels_and_dtype_kept(converted):
             image = sitk.ReadImage(str(folder / "imagesTr" / f"{case_id}_{channel:04d}.nii.gz"))
             assert image.GetPixelID() == sitk.sitkInt16, (case_id, modality)
             np.testing.assert_array_equal(sitk.GetArrayFromImage(image),
-                                          np.full(ARRAY_SHAPE, MODALITY_VALUE[modality]), err_msg=modality)
+                                          modality_array(modality), err_msg=modality)
 
 
 def test_labels_are_mapped_to_nnunet_with_the_source_voxel_counts(converted):
@@ -241,7 +250,7 @@ def test_cases_without_segmentation_go_to_imagests(tmp_path):
     assert json.loads((folder / "dataset.json").read_text())["numTraining"] == 2
     assert (report.num_training, report.num_test) == (2, 1)
     np.testing.assert_array_equal(read(folder / "imagesTs" / "BraTS20_Validation_001_0003.nii.gz"),
-                                  np.full(ARRAY_SHAPE, MODALITY_VALUE["FLAIR"]))
+                                  modality_array("FLAIR"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -37,33 +37,54 @@ def image_geometry(reader) -> tuple:
             np.array(reader.GetDirection()))
 
 
-#: NIfTI floating-point datatype codes and their numpy types (the only data that can hold NaN or infinity).
-FLOAT_DATATYPES = {16: "f4", 64: "f8"}
+#: NIfTI datatype codes of scalar voxels and their numpy types.
+NIFTI_DATATYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8",
+                   1280: "u8"}
 
 
-def voxel_problem(path: Path, reader) -> str | None:
+def header_scaling(reader) -> tuple[float, float] | None:
+    """(scl_slope, scl_inter) that SimpleITK applies to the voxels of a header reader, or None when it applies none
+    (a slope of 0, 1 with intercept 0, or not finite)."""
+    try:
+        slope, inter = float(reader.GetMetaData("scl_slope")), float(reader.GetMetaData("scl_inter"))
+    except (RuntimeError, ValueError):
+        return None
+    inter = inter if np.isfinite(inter) else 0.0
+    if not np.isfinite(slope) or slope == 0 or (slope == 1 and inter == 0):
+        return None
+    return slope, inter
+
+
+def voxel_problem(path: Path, reader, blank: bool = False) -> str | None:
     """Why the voxel data of ``path`` cannot be used, or None: fewer bytes than its NIfTI header promises (a
-    truncated or corrupt download), or NaN or infinite values.
+    truncated or corrupt download), or NaN or infinite values as SimpleITK reads them, that is after the header's
+    scale factor (``scl_slope`` 1e38 makes int16 voxels overflow float32). With ``blank``, also every voxel the same
+    (an image without signal).
 
-    SimpleITK reads both without complaint, the missing voxels and the NaNs as zeros, so the check is on the bytes:
-    the (decompressed) file must reach ``vox_offset + voxels * bitpix / 8``, and floating-point voxels must be
-    finite. Integer data in an uncompressed file is checked by its size alone.
+    SimpleITK reads missing voxels and NaNs as zeros, so the check is on the bytes: the (decompressed) file must reach
+    ``vox_offset + voxels * bitpix / 8``, and the (scaled) voxels must be finite. Unscaled integer data in an
+    uncompressed file is checked by its size alone, unless ``blank``.
     """
     try:
         ndim = int(reader.GetMetaData("dim[0]"))
         voxels = int(np.prod([int(reader.GetMetaData(f"dim[{i}]")) for i in range(1, ndim + 1)]))
         offset = int(float(reader.GetMetaData("vox_offset")))
         needed = offset + voxels * int(reader.GetMetaData("bitpix")) // 8
-        dtype = FLOAT_DATATYPES.get(int(reader.GetMetaData("datatype")))
+        dtype = NIFTI_DATATYPES.get(int(reader.GetMetaData("datatype")))
     except (RuntimeError, ValueError):
         return None  # no NIfTI header fields to check against
+    scaling = header_scaling(reader) if dtype is not None else None
+    if dtype is not None and dtype[0] != "f" and scaling is None and not blank:
+        dtype = None  # integers are finite: only the size to check
     gz = path.name.lower().endswith(".gz")
     if not gz and dtype is None:
         have = path.stat().st_size
         return f"truncated file ({have} of {needed} bytes)" if have < needed else None
-    have, bad, carry, order = 0, 0, b"", "<"
+    # SimpleITK scales into float32 (float64 data stays float64)
+    scaled_type = (np.float64 if dtype == "f8" else np.float32) if scaling else None
+    have, bad, carry, order, low, high = 0, 0, b"", "<", np.inf, -np.inf
     try:
-        with (gzip.open if gz else open)(path, "rb") as f:
+        with (gzip.open if gz else open)(path, "rb") as f, np.errstate(over="ignore", invalid="ignore"):
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 if have == 0:  # sizeof_hdr, 348 (NIfTI-1) or 540 (NIfTI-2), tells the byte order
                     order = "<" if int.from_bytes(chunk[:4], "little") in (348, 540) else ">"
@@ -71,13 +92,27 @@ def voxel_problem(path: Path, reader) -> str | None:
                 if dtype is not None and max(offset, start) < min(needed, have):
                     data = carry + chunk[max(offset - start, 0): min(needed, have) - start]
                     whole = len(data) - len(data) % int(dtype[1])
-                    bad += int(np.count_nonzero(~np.isfinite(np.frombuffer(data[:whole], order + dtype))))
+                    values = np.frombuffer(data[:whole], order + dtype)
+                    if scaling:
+                        values = (values * scaling[0] + scaling[1]).astype(scaled_type)
+                    finite = np.isfinite(values) if values.dtype.kind == "f" else None
+                    if finite is not None:
+                        bad += int(values.size - np.count_nonzero(finite))
+                    if blank and values.size:
+                        kept = values if finite is None else values[finite]
+                        if kept.size:
+                            low, high = min(low, float(kept.min())), max(high, float(kept.max()))
                     carry = data[whole:]
     except (OSError, EOFError, zlib.error):
         return "truncated or corrupt gzip data"
     if have < needed:
         return f"truncated file ({have} of {needed} bytes)"
-    return f"{bad} NaN or infinite voxel{'s' if bad != 1 else ''}" if bad else None
+    if bad:
+        scaled = f" after the header's scaling (scl_slope {scaling[0]:g}, scl_inter {scaling[1]:g})" if scaling else ""
+        return f"{bad} NaN or infinite voxel{'s' if bad != 1 else ''}{scaled}"
+    if blank and low == high:
+        return f"no signal (every voxel is {low:g})"
+    return None
 
 
 def check_written(path: Path) -> None:
@@ -96,9 +131,10 @@ def check_written(path: Path) -> None:
         raise OSError(errno.EIO, f"the image written is incomplete, {problem}: is the disk full?", str(path))
 
 
-def check_voxels(case_id: str, path: Path, reader) -> None:
-    """Raise if ``path`` is truncated, corrupt, or holds NaN or infinite voxels (:func:`voxel_problem`)."""
-    reason = voxel_problem(path, reader)
+def check_voxels(case_id: str, path: Path, reader, blank: bool = False) -> None:
+    """Raise if ``path`` is truncated, corrupt, or holds NaN or infinite voxels (with ``blank``: or has no signal,
+    every voxel the same) (:func:`voxel_problem`)."""
+    reason = voxel_problem(path, reader, blank)
     if reason:
         raise NnalignError(f"{case_id}: {path.name}: {reason}")
 
@@ -151,12 +187,14 @@ def check_same_geometry(case_id: str, files: Mapping[str, Path], readers: Mappin
                        f"(no majority among the case's files says which is right)")
 
 
-def check_case_images(case: BratsCase, modalities: Sequence[str], seg: bool = False) -> Mapping:
+def check_case_images(case: BratsCase, modalities: Sequence[str], seg: bool = False,
+                      require_signal: bool = False) -> Mapping:
     """Check the images of ``modalities`` of a case (and, with ``seg``, its segmentation) and return their header
     readers by modality (and ``"seg"``).
 
-    Every file must be a readable, complete 3D scalar image without NaN or infinite voxels, and all must share one
-    geometry. Raises NnalignError naming the case and the bad file.
+    Every file must be a readable, complete 3D scalar image without NaN or infinite voxels (after the header's scale
+    factor), and all must share one geometry; with ``require_signal`` no modality may have every voxel the same.
+    Raises NnalignError naming the case and the bad file.
     """
     files = {m: case.images[m] for m in modalities}
     if seg and case.seg is not None:
@@ -171,5 +209,5 @@ def check_case_images(case: BratsCase, modalities: Sequence[str], seg: bool = Fa
             raise NnalignError(f"{case.case_id}: {path.name}: expected a 3D scalar image, got a {got}")
     check_same_geometry(case.case_id, files, readers)
     for k, path in files.items():
-        check_voxels(case.case_id, path, readers[k])
+        check_voxels(case.case_id, path, readers[k], blank=require_signal and k != "seg")
     return readers

@@ -73,7 +73,7 @@ def convert_case(case: BratsCase, images_dir: Path, labels_dir: Path | None) -> 
         raise NnalignError(f"{case.case_id}: missing {missing[0]} file (expected {case.expected_file(missing[0])} "
                            f"in {case.folder})")
     result = CaseResult(case.case_id, labelled=case.seg is not None and labels_dir is not None)
-    check_case_images(case, BRATS_MODALITIES, seg=result.labelled)
+    check_case_images(case, BRATS_MODALITIES, seg=result.labelled, require_signal=True)
     if result.labelled:
         try:
             seg_image = sitk.ReadImage(str(case.seg))
