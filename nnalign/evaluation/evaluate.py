@@ -1,9 +1,9 @@
 """``nnalign_evaluate``'s engine: score every case, aggregate, and write the CSV, the JSON and a Markdown summary.
 
-A case whose files cannot be read, whose reference and prediction differ in shape or spacing, or whose labels do not
-fit the label convention is reported as one line naming both files and left out; the others are still scored and
-written. A reference case without a prediction is scored as the BraTS parser does: Dice 0 and HD95 373.13 on every
-region.
+A case whose files cannot be read, whose prediction is not on the reference's voxel grid (shape, spacing, origin,
+direction; axes saved in another order or flipped are reordered), or whose labels do not fit the label convention
+is reported as one line naming both files and left out; the others are still scored and written. A reference case
+without a prediction is scored as the BraTS parser does: Dice 0 and HD95 373.13 on every region.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from nnalign.data.case_checks import voxel_problem
 from nnalign.data.labels import REGION_NAMES
 from nnalign.evaluation.metrics import (AGGREGATES, HD95_EMPTY, LABEL_CHOICES, METRIC_COLUMNS, aggregate, case_metrics,
                                         check_labels, label_values, missing_prediction_scores, resolve_convention)
+from nnalign.evaluation.geometry import on_reference_grid
 from nnalign.evaluation.pairing import ReferenceFile, pair_cases
 from nnalign.errors import CaseError, NnalignError, one_line
 
@@ -42,10 +43,9 @@ class EvaluationReport:
     json_path: Path | None = None
 
 
-def read_label_map(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Array (numpy axis order) and spacing (the same axis order, mm) of a label map; CaseError if it cannot be read,
-    is truncated (the check nnalign_convert_brats and nnalign_predict run on their inputs) or holds NaN or infinite
-    values."""
+def read_label_image(path: Path):
+    """A label map as a SimpleITK image; CaseError if it cannot be read, is truncated (the check
+    nnalign_convert_brats and nnalign_predict run on their inputs) or holds NaN or infinite values."""
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
@@ -55,24 +55,23 @@ def read_label_map(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
         problem = voxel_problem(Path(path), reader)
         if problem:
             raise CaseError(f"{path}: {problem}")
-        image = reader.Execute()
+        return reader.Execute()
     except RuntimeError as e:
         raise CaseError(f"cannot read {path}: {one_line(e)}") from None
-    return sitk.GetArrayFromImage(image), tuple(float(s) for s in reversed(image.GetSpacing()))
 
 
 def score_case(ref: ReferenceFile, prediction: Path, labels: str = "auto", et_min_voxels: int = 0
                ) -> tuple[dict[str, float], str, bool]:
-    """Scores (METRIC_COLUMNS), the label convention used and whether ET post-processing fired, for one case."""
-    ref_arr, ref_spacing = read_label_map(ref.path)
-    pred_arr, pred_spacing = read_label_map(prediction)
+    """Scores (METRIC_COLUMNS), the label convention used and whether ET post-processing fired, for one case. A
+    prediction saved with other axis order or flips is scored on the reference's grid; one on another grid is a
+    CaseError (:func:`nnalign.evaluation.geometry.on_reference_grid`)."""
+    import SimpleITK as sitk
+
+    ref_image, pred_image = read_label_image(ref.path), read_label_image(prediction)
     files = f"prediction {prediction}, reference {ref.path}"
-    if pred_arr.shape != ref_arr.shape:
-        raise CaseError(f"shape {_dims(pred_arr.shape)} of the prediction differs from {_dims(ref_arr.shape)} of the "
-                        f"reference ({files})")
-    if not np.allclose(pred_spacing, ref_spacing, rtol=1e-5, atol=1e-6):
-        raise CaseError(f"spacing {_dims(pred_spacing[::-1])} mm of the prediction differs from "
-                        f"{_dims(ref_spacing[::-1])} mm of the reference ({files})")
+    pred_arr = on_reference_grid(pred_image, ref_image, files)
+    ref_arr = sitk.GetArrayFromImage(ref_image)
+    ref_spacing = tuple(float(s) for s in reversed(ref_image.GetSpacing()))
     values = {}
     for what, path, arr in (("reference", ref.path, ref_arr), ("prediction", prediction, pred_arr)):
         try:
@@ -88,10 +87,6 @@ def score_case(ref: ReferenceFile, prediction: Path, labels: str = "auto", et_mi
             raise CaseError(f"{path}: {e} (convention {how}; {files})") from None
     result = case_metrics(ref_arr, pred_arr, ref_spacing, convention, et_min_voxels)
     return result.scores, convention, result.et_removed
-
-
-def _dims(values) -> str:
-    return " x ".join(f"{v:g}" for v in values)
 
 
 def default_output(prediction: Path) -> Path:
