@@ -10,7 +10,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "nnalign"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("nnalign", "errors", "atomic", "registry", "checkpoints", "device", "modalities", "model_folders", "paths"),
+    ("nnalign", "errors", "atomic", "registry", "checkpoints", "device", "modalities", "model_folders", "paths",
+     "plans_check"),
     ("data",),
     ("networks",),
     ("losses",),  # may use the networks' outputs

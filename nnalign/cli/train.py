@@ -14,6 +14,7 @@ from nnalign.errors import NnalignError, cli_entry
 from nnalign.model_folders import (CHECKPOINTS, FINAL_CHECKPOINT, PLANS_NAME, fold_folder, model_folder,
                                     model_folder_parts, parse_fold)
 from nnalign.losses.kd.registry import KD_METHODS
+from nnalign.plans_check import check_dataset_json, check_plans
 from nnalign.runs import DEFAULT_ALIGN_WEIGHTS, SUBSET_SAMPLINGS, TEACHER_ANCHORS, TeacherSpec
 
 if TYPE_CHECKING:
@@ -133,6 +134,8 @@ def check_preprocessed(dataset_folder: Path, configuration: str) -> tuple[dict, 
         dataset_json = json.loads((dataset_folder / "dataset.json").read_text())
     except (OSError, ValueError) as e:
         raise NnalignError(f"{dataset_folder}: cannot read the plans or dataset.json ({e}): {how}") from None
+    check_plans(plans, plans_file)  # nnU-Net builds the networks from names in the plans
+    check_dataset_json(dataset_json, dataset_folder / "dataset.json")
     if plans.get("dataset_name") != dataset_folder.name:
         raise NnalignError(f"{plans_file} belongs to dataset {plans.get('dataset_name')!r}, not {dataset_folder.name}: "
                            f"{how}")

@@ -22,6 +22,7 @@ from nnalign.errors import NnalignError
 from nnalign.evaluation.validation import read_validation_summary
 from nnalign.modalities import modalities_from_dataset_json, subset_tag
 from nnalign.model_folders import FINAL_CHECKPOINT, FOLD_RE, fold_folder, folds_in, model_folder_parts, parse_fold
+from nnalign.plans_check import PlansError, check_model_folder
 from nnalign.training.record import check_method_version
 from nnalign.runs import StudentSpec, TeacherSpec, parse_trainer_name
 
@@ -134,6 +135,10 @@ def load_model(folder: Path, folds: Sequence[int | str] | None = None,
         modalities = modalities_from_dataset_json(dataset_json)
     except (OSError, ValueError, NnalignError) as e:
         raise ModelError(f"{folder}: cannot read dataset.json ({e})") from None
+    try:
+        check_model_folder(folder)  # nnU-Net builds the network from names in plans.json
+    except PlansError as e:
+        raise ModelError(str(e)) from None
     available = folds_in(folder, checkpoint)
     if folds is None:
         use = [f for f in available if f != "all"] or available
