@@ -160,11 +160,13 @@ def _cancelled(signum, frame) -> None:
 
 
 def run(args) -> int:
+    from nnalign.atomic import check_writable
     from nnalign.experiments.grid import build_grid
     from nnalign.experiments.spec import read_spec
     from nnalign.experiments.state import StateStore
 
     grid = build_grid(read_spec(args.spec))
+    check_writable(grid.state_dir, "the experiment's state")  # a read-only or unreachable results folder: one line
     store = StateStore(grid.state_dir)
     print(_heading(grid))
     signal.signal(signal.SIGTERM, _cancelled)  # nnalign_experiment cancel: stop here, and the local runs with us

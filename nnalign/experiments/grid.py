@@ -9,9 +9,11 @@ Nothing here imports torch or nnU-Net.
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from nnalign.errors import NnalignError
 from nnalign.experiments.spec import ExperimentSpec
@@ -40,8 +42,9 @@ ESTIMATE_BASIS = ("H100 step times of documentation/benchmarks.md (teacher 0.079
 class Run:
     """One unit of work: ``commands`` (module and arguments, run as ``python -m``) after the runs ``deps``.
 
-    ``done_file`` exists when the run's result does (None for the report, whose state file says it); ``folder`` is a
-    training's fold folder (where ``--c`` continues from); ``gpu_hours`` the estimate for trainings.
+    ``done_file`` exists when the run's result does (None for the report, whose state file says it, and for
+    preprocessing, done when ``complete()`` says every training case is preprocessed); ``folder`` is a training's
+    fold folder (where ``--c`` continues from); ``gpu_hours`` the estimate for trainings.
     """
 
     key: str
@@ -52,6 +55,13 @@ class Run:
     done_file: Path | None = None
     folder: Path | None = None
     gpu_hours: float | None = None
+    complete: Callable[[], bool] | None = None
+
+    def is_done(self) -> bool | None:
+        """Whether the run's result is there; None for a run whose state file says it (the report)."""
+        if self.complete is not None:
+            return self.complete()
+        return self.done_file.is_file() if self.done_file is not None else None
 
 
 @dataclass
@@ -87,15 +97,80 @@ def _find(root: Path, dataset_id: int) -> str | None:
     return found[0] if found else None
 
 
-def _plans(preprocessed: Path, configuration: str) -> dict | None:
-    """The nnalign plans of a preprocessed dataset holding ``configuration``'s data, else None."""
+def _read_plans(preprocessed: Path, configuration: str) -> dict | None:
+    """The nnalign plans of a preprocessed dataset if they hold ``configuration``, else None."""
     try:
         plans = json.loads((preprocessed / f"{PLANS_NAME}.json").read_text())
     except (OSError, ValueError):
         return None
-    if configuration not in plans.get("configurations", {}):
+    if not isinstance(plans, dict) or configuration not in (plans.get("configurations") or {}):
         return None
-    return plans if any(preprocessed.glob(f"*{configuration}/*.pkl")) else None
+    return plans
+
+
+def training_cases(raw: Path) -> list[str] | None:
+    """The training case IDs of a raw dataset (its ``labelsTr``), None where it has none yet."""
+    if not (raw / "labelsTr").is_dir():
+        return None
+    try:
+        ending = json.loads((raw / "dataset.json").read_text()).get("file_ending", ".nii.gz")
+    except (OSError, ValueError, AttributeError):
+        ending = ".nii.gz"
+    return sorted(p.name[: -len(ending)] for p in (raw / "labelsTr").glob(f"*{ending}"))
+
+
+def missing_preprocessed(raw: Path, preprocessed: Path, configuration: str) -> list[str] | None:
+    """The training cases of ``raw`` whose preprocessed file of ``configuration`` is not there (nnU-Net writes a
+    case's ``.pkl`` last); None when the configuration is not planned. Without the raw dataset, the configuration's
+    data folder must hold some case."""
+    plans = _read_plans(preprocessed, configuration)
+    if plans is None:
+        return None
+    data = preprocessed / (_configuration_value(plans, configuration, "data_identifier")
+                           or f"{PLANS_NAME}_{configuration}")
+    cases = training_cases(raw)
+    if cases is None:
+        return [] if any(data.glob("*.pkl")) else ["(no case)"]
+    return [case for case in cases if not (data / f"{case}.pkl").is_file()]
+
+
+def _plans(raw: Path, preprocessed: Path, configuration: str) -> dict | None:
+    """The nnalign plans of a preprocessed dataset holding ``configuration``'s data for every training case, else
+    None."""
+    return _read_plans(preprocessed, configuration) if missing_preprocessed(raw, preprocessed, configuration) == [] \
+        else None
+
+
+def split_folds(raw: Path, preprocessed: Path) -> tuple[int, str]:
+    """How many cross-validation folds the dataset has, and what says so: its ``splits_final.json`` (preprocessed,
+    else raw folder), else the split its training cases will get (nnalign_plan_and_preprocess writes one fold per
+    case below nnU-Net's 5; a single case has only fold 'all'), else nnU-Net's default."""
+    from nnalign.data.splits import NNUNET_FOLDS, read_splits_file
+
+    for folder in (preprocessed, raw):
+        if (folder / "splits_final.json").is_file():
+            return len(read_splits_file(folder / "splits_final.json")), str(folder / "splits_final.json")
+    cases = training_cases(raw)
+    if not cases:
+        return NNUNET_FOLDS, "nnU-Net's default split"
+    n = len(cases)
+    if n >= NNUNET_FOLDS:
+        return NNUNET_FOLDS, f"nnU-Net's default split of its {n} training cases"
+    return (n if n > 1 else 0), f"{n} training case{'s' if n > 1 else ''}, no splits_final.json yet"
+
+
+def check_folds(spec: ExperimentSpec, dataset: str, raw: Path, preprocessed: Path) -> None:
+    """One-line error for a fold of the SPEC that the dataset's split does not have (every training would fail)."""
+    count, where = split_folds(raw, preprocessed)
+    for fold in spec.folds:
+        if fold != "all" and fold >= count:
+            folds = "only 'all'" if count == 0 else f"fold{'s 0-' if count > 1 else ' '}{count - 1}, or 'all'"
+            raise NnalignError(f"{spec.source}: [dataset] folds: fold {fold} is not in the split of {dataset} "
+                               f"({where}: {folds})")
+
+
+def _preprocessed(raw: Path, preprocessed: Path, configuration: str) -> bool:
+    return missing_preprocessed(raw, preprocessed, configuration) == []
 
 
 def _configuration_value(plans: dict, configuration: str, key: str):
@@ -145,12 +220,14 @@ def _resolve_dataset(spec: ExperimentSpec, folders: dict[str, str]) -> tuple[str
     if name is None:
         raise NnalignError(f"dataset {spec.dataset_id} is in neither {pre} nor {raw}: convert it (nnalign_convert_brats, "
                            f"or convert = PATH in [dataset] of {spec.source})")
-    plans = _plans(pre / name, spec.configuration)
-    if plans is None and not spec.preprocess:
-        raise NnalignError(f"dataset {name} is not preprocessed for {spec.configuration} (in {pre}): run "
+    missing = missing_preprocessed(raw / name, pre / name, spec.configuration)
+    if missing != [] and not spec.preprocess:
+        what = "" if not missing else (f": {len(missing)} of {len(training_cases(raw / name) or missing)} training "
+                                       f"cases missing, e.g. {missing[0]}")
+        raise NnalignError(f"dataset {name} is not preprocessed for {spec.configuration} (in {pre}{what}): run "
                            f"nnalign_plan_and_preprocess -d {spec.dataset_id} -c {spec.configuration}, or set "
                            f"preprocess = true in [dataset] of {spec.source}")
-    return name, plans
+    return name, _plans(raw / name, pre / name, spec.configuration)
 
 
 def build_grid(spec: ExperimentSpec) -> Grid:
@@ -161,6 +238,7 @@ def build_grid(spec: ExperimentSpec) -> Grid:
     folders = {var: str(spec.folders.get(var) or path) for var, path in resolve_folders().items()}
     dataset, plans = _resolve_dataset(spec, folders)
     raw, pre = Path(folders["nnUNet_raw"]) / dataset, Path(folders["nnUNet_preprocessed"]) / dataset
+    check_folds(spec, dataset, raw, pre)
     results = Path(folders["nnUNet_results"]) / dataset
     grid = Grid(spec, dataset, folders, results / EXPERIMENTS_DIR / spec.name, {})
     add = lambda run: grid.runs.setdefault(run.key, run)  # noqa: E731 - the first description of a run wins
@@ -173,7 +251,8 @@ def build_grid(spec: ExperimentSpec) -> Grid:
     if spec.preprocess:
         add(Run("preprocess", "preprocess", f"plan and preprocess {spec.configuration}",
                 (("nnalign.cli.plan_and_preprocess", "-d", str(spec.dataset_id), "-c", spec.configuration, "-np",
-                  str(spec.processes)),), prepare, done_file=pre / f"{PLANS_NAME}.json"))
+                  str(spec.processes)),), prepare,
+                complete=functools.partial(_preprocessed, raw, pre, spec.configuration)))
         prepare = ("preprocess",)
     scale = step_scale(plans, spec.configuration)
     train = ("nnalign.cli.train", dataset, spec.configuration)

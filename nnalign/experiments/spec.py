@@ -139,6 +139,10 @@ def _load_toml(path: Path, where: str) -> dict:
         raise NnalignError(f"{where}: cannot read it ({e.strerror or e})") from None
     except tomllib.TOMLDecodeError as e:
         raise NnalignError(f"{where}: not valid TOML ({e})") from None
+    except UnicodeDecodeError as e:
+        raise NnalignError(f"{where}: not UTF-8 text, as TOML must be (byte {e.start}: {e.reason})") from None
+    except RecursionError:
+        raise NnalignError(f"{where}: arrays or tables nested too deep to read") from None
 
 
 def _preset_path(name: str) -> Path:
@@ -235,6 +239,15 @@ def parse_subsets(items: Iterable[str]) -> tuple[tuple[str, ...], ...]:
     if not subsets:
         raise NnalignError(f"no modality subset (name modalities, or {', '.join(SUBSET_WORDS)})")
     return tuple(subsets)
+
+
+def label_conventions() -> tuple[str, ...]:
+    """The label conventions of ``[evaluate]``: those both nnalign_predict and nnalign_evaluate take (the held-out
+    evaluation passes it to both)."""
+    from nnalign.evaluation.metrics import LABEL_CHOICES
+    from nnalign.inference.predict import LABEL_OPTIONS
+
+    return tuple(c for c in LABEL_OPTIONS if c in LABEL_CHOICES)
 
 
 def _folds(table: _Table) -> tuple[int | str, ...]:
@@ -357,6 +370,10 @@ def parse_spec(data: dict, source: str, default_name: str, base: Path) -> Experi
                                images=_path(e.get("images", str), base), labels=_path(e.get("labels", str), base),
                                label_convention=e.get("label_convention", str, "nnunet"), tta=e.get("tta", bool, False))
     e.done()
+    conventions = label_conventions()
+    if evaluate.label_convention not in conventions:
+        raise NnalignError(f"{e.where}: label_convention must be one of {', '.join(conventions)}, got "
+                           f"{evaluate.label_convention!r}")
     r = _Table(top.get("report", dict, {}, "a table"), f"{source}: [report]")
     kd_report = r.get("kd", str)
     report = ReportOptions(enabled=r.get("enabled", bool, True), tsne=r.get("tsne", bool, True),

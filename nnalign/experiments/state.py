@@ -33,6 +33,12 @@ RETRY = ("failed", "cancelled", "missing")
 LOCK_HOLDER = "pid {pid} on {host}"
 """What the lock file holds while a ``run`` holds the lock (read by ``cancel`` to stop a local run, shown to a second
 ``run``)."""
+FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "key": (str,), "kind": (str,), "title": (str,), "status": (str,), "executor": (str,), "host": (str,),
+    "job_id": (str,), "log": (str,), "done_file": (str,), "folder": (str,), "error": (str,), "pid": (int,),
+    "attempts": (int,), "updated": (int, float), "submitted": (int, float), "started": (int, float),
+    "commands": (list,), "env": (dict,)}
+"""The type of each field a state file may hold (or null); a field of another type makes it a one-line error."""
 _EPOCH = re.compile(rb": Epoch (\d+)\s*$", re.MULTILINE)
 
 
@@ -74,11 +80,20 @@ class StateStore:
             raise NnalignError(f"{path}: not a readable state file ({e}); delete it to forget this run's state") from None
         if not isinstance(record, dict) or not isinstance(record.get("status"), str):
             raise NnalignError(f"{path}: not a state file (no status); delete it to forget this run's state")
+        for name, value in record.items():
+            kinds = FIELD_TYPES.get(name)
+            if kinds and value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+                expected = " or ".join(k.__name__ for k in kinds)
+                raise NnalignError(f"{path}: {name} must be {expected}, got {value!r:.60}; delete it to forget this "
+                                   f"run's state")
         return record
 
     def read_all(self, keys) -> dict[str, dict]:
         """The state of every run of ``keys`` that has one."""
-        found = {p.stem for p in self.runs_dir.glob("*.json")} if self.runs_dir.is_dir() else set()
+        try:
+            found = {p.stem for p in self.runs_dir.glob("*.json")} if self.runs_dir.is_dir() else set()
+        except OSError as e:
+            raise NnalignError(f"{self.runs_dir}: cannot read the experiment's state ({e.strerror or e})") from None
         return {k: r for k in keys if k in found and (r := self.read(k)) is not None}
 
     def write(self, key: str, record: dict) -> None:
@@ -177,7 +192,8 @@ def resolve_states(grid: Grid, store: StateStore, alive: Callable[[dict], str | 
         status = record.get("status")
         out = RunState(key, "missing", record.get("job_id"), Path(record["log"]) if record.get("log") else None)
         stuck = [d for d in run.deps if states[d].state in ("failed", "cancelled", "blocked")]
-        if run.done_file.is_file() if run.done_file else _report_current(grid, run, record, states, report_md):
+        done = run.is_done()
+        if done if done is not None else _report_current(grid, run, record, states, report_md):
             out.state = "done"
         elif status in ACTIVE and (live := alive(record)):
             out.state = live
