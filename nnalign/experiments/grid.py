@@ -122,7 +122,7 @@ def training_cases(raw: Path) -> list[str] | None:
 def missing_preprocessed(raw: Path, preprocessed: Path, configuration: str) -> list[str] | None:
     """The training cases of ``raw`` whose preprocessed file of ``configuration`` is not there (nnU-Net writes a
     case's ``.pkl`` last); None when the configuration is not planned. Without the raw dataset, the configuration's
-    data folder must hold some case."""
+    data folder must hold some case (else the list is ``["(none)"]``)."""
     plans = _read_plans(preprocessed, configuration)
     if plans is None:
         return None
@@ -130,7 +130,7 @@ def missing_preprocessed(raw: Path, preprocessed: Path, configuration: str) -> l
                            or f"{PLANS_NAME}_{configuration}")
     cases = training_cases(raw)
     if cases is None:
-        return [] if any(data.glob("*.pkl")) else ["(no case)"]
+        return [] if any(data.glob("*.pkl")) else ["(none)"]
     return [case for case in cases if not (data / f"{case}.pkl").is_file()]
 
 
@@ -222,8 +222,9 @@ def _resolve_dataset(spec: ExperimentSpec, folders: dict[str, str]) -> tuple[str
                            f"or convert = PATH in [dataset] of {spec.source})")
     missing = missing_preprocessed(raw / name, pre / name, spec.configuration)
     if missing != [] and not spec.preprocess:
-        what = "" if not missing else (f": {len(missing)} of {len(training_cases(raw / name) or missing)} training "
-                                       f"cases missing, e.g. {missing[0]}")
+        cases = training_cases(raw / name)
+        what = f": {len(missing)} of {len(cases)} training cases missing, e.g. {missing[0]}" if missing and cases \
+            else ""
         raise NnalignError(f"dataset {name} is not preprocessed for {spec.configuration} (in {pre}{what}): run "
                            f"nnalign_plan_and_preprocess -d {spec.dataset_id} -c {spec.configuration}, or set "
                            f"preprocess = true in [dataset] of {spec.source}")
