@@ -100,3 +100,122 @@ def test_an_empty_label_map_is_no_blank_modality(tmp_path, write_brats_case, con
     write_brats_case(source, "Brats18_HEALTHY_1", arrays={"seg": np.zeros(SHAPE, np.uint8)})
     proc = convert(raw, source, "-np", 1)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_prediction_checks_refuse_infinite_voxels_through_the_scale_factor(tmp_path, write_image):
+    """nnalign_predict checks its cases with check_case_images too: a scaled-to-infinity image fails its case."""
+    from nnalign.data.brats_layout import BratsCase
+    from nnalign.data.case_checks import check_case_images
+
+    images = {"T1": write_image(tmp_path / "C_0000.nii.gz", np.ones(SHAPE, np.float32)),
+              "T1ce": scaled_int16(write_image, tmp_path / "C_0001.nii.gz", 1e38)}
+    with pytest.raises(NnalignError, match=r"^C: C_0001.nii.gz: \d+ NaN or infinite voxels after the header's "):
+        check_case_images(BratsCase("C", tmp_path, "nnunet", images), ["T1", "T1ce"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# nnalign_plan_and_preprocess: the raw dataset
+
+DATASET_ID = 61
+DATASET = f"Dataset{DATASET_ID:03d}_Tiny"
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path, write_image) -> Path:
+    """``tmp_path/raw/Dataset061_Tiny``: two cases (TINY_000, TINY_001) of four noisy 8 x 9 x 10 channels and a label
+    map with labels 0-3."""
+    from nnalign.data.raw_dataset import write_dataset_json
+
+    folder = tmp_path / "raw" / DATASET
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        for c in range(4):
+            write_image(folder / "imagesTr" / f"TINY_{i:03d}_{c:04d}.nii.gz",
+                        (10.0 * (c + 1) + rng.random(SHAPE)).astype(np.float32))
+        write_image(folder / "labelsTr" / f"TINY_{i:03d}.nii.gz", rng.integers(0, 4, SHAPE).astype(np.uint8))
+    write_dataset_json(folder, 2, "Tiny")
+    return folder
+
+
+@pytest.fixture
+def plan(tmp_path, run_module, folders_env):
+    """``plan(*args)``: ``nnalign_plan_and_preprocess -d 61 -np 1 ARGS`` on ``tmp_path``'s raw and pre folders."""
+    def run(*args, pre: Path | None = None) -> subprocess.CompletedProcess:
+        env = folders_env(tmp_path)
+        if pre is not None:
+            env["nnUNet_preprocessed"] = str(pre)
+        return run_module("plan_and_preprocess", "-d", DATASET_ID, "-np", 1, *args, env=env)
+    return run
+
+
+def test_a_truncated_dataset_json_is_one_line(tiny_dataset, tmp_path, plan, assert_one_line_error):
+    path = tiny_dataset / "dataset.json"
+    path.write_text(path.read_text()[:100])
+    assert_one_line_error(plan(), f"{path}: not valid JSON", prog="nnalign_plan_and_preprocess")
+    assert not (tmp_path / "pre" / DATASET).exists()
+
+
+def _label_5(folder: Path, write_image) -> str:
+    seg = np.zeros(SHAPE, np.uint8)
+    seg[1, 2, 3] = 5
+    write_image(folder / "labelsTr" / "TINY_001.nii.gz", seg)
+    return "TINY_001: TINY_001.nii.gz: label value 5 not in dataset.json's labels (0, 1, 2, 3)"
+
+
+def _nan_voxel(folder: Path, write_image) -> str:
+    array = np.full(SHAPE, 3.0, np.float32)
+    array[4, 4, 4] = np.nan
+    write_image(folder / "imagesTr" / "TINY_001_0002.nii.gz", array)
+    return "TINY_001: TINY_001_0002.nii.gz: 1 NaN or infinite voxel"
+
+
+def _blank_channel(folder: Path, write_image) -> str:
+    write_image(folder / "imagesTr" / "TINY_001_0003.nii.gz", np.zeros(SHAPE, np.float32))
+    return "TINY_001: TINY_001_0003.nii.gz: no signal (every voxel is 0)"
+
+
+def _t1ce_moved(folder: Path, write_image) -> str:
+    write_image(folder / "imagesTr" / "TINY_001_0001.nii.gz", np.random.default_rng(1).random(SHAPE),
+                origin=(0.0, 4.0, 0.0))
+    return "TINY_001: TINY_001_0001.nii.gz: origin (0.0, 4.0, 0.0) differs from (0.0, 0.0, 0.0) of the other files"
+
+
+def _scaled_to_infinity(folder: Path, write_image) -> str:
+    scaled_int16(write_image, folder / "imagesTr" / "TINY_001_0000.nii.gz", 1e38)
+    return "TINY_001: TINY_001_0000.nii.gz: "
+
+
+def _channel_missing(folder: Path, write_image) -> str:
+    (folder / "imagesTr" / "TINY_001_0002.nii.gz").unlink()
+    return "TINY_001: TINY_001_0002.nii.gz is missing from imagesTr (dataset.json names 4 channels"
+
+
+def _label_missing(folder: Path, write_image) -> str:
+    (folder / "labelsTr" / "TINY_000.nii.gz").unlink()
+    return "TINY_000: no label map TINY_000.nii.gz in labelsTr"
+
+
+@pytest.mark.parametrize("damage", [_label_5, _nan_voxel, _blank_channel, _t1ce_moved, _scaled_to_infinity,
+                                    _channel_missing, _label_missing])
+def test_a_bad_case_is_refused_before_planning_naming_the_case_and_file(tiny_dataset, tmp_path, plan, write_image,
+                                                                       assert_one_line_error, damage):
+    expected = damage(tiny_dataset, write_image)
+    assert_one_line_error(plan(), f"{tiny_dataset}: {expected}", prog="nnalign_plan_and_preprocess")
+    assert not (tmp_path / "pre" / DATASET).exists()
+
+
+def test_every_bad_case_is_counted(tiny_dataset, write_image):
+    from nnalign.data.dataset_checks import check_raw_dataset, read_dataset_json
+
+    _nan_voxel(tiny_dataset, write_image)
+    write_image(tiny_dataset / "imagesTr" / "TINY_000_0003.nii.gz", np.ones(SHAPE, np.float32))
+    with pytest.raises(NnalignError, match=r"^\S+: TINY_000: TINY_000_0003.nii.gz: no signal .* \(and 1 more bad "
+                                           r"case\)$"):
+        check_raw_dataset(tiny_dataset, read_dataset_json(tiny_dataset))
+
+
+def test_read_only_nnunet_preprocessed_is_one_line(tiny_dataset, tmp_path, plan, read_only, assert_one_line_error):
+    with read_only(tmp_path / "ro") as pre:
+        assert_one_line_error(plan(pre=pre), str(pre), "cannot write preprocessed data there",
+                              prog="nnalign_plan_and_preprocess")
+        assert not any(pre.iterdir())

@@ -71,7 +71,7 @@ def test_unknown_configuration_is_one_line(nnunet_env, tmp_path):
 
 
 @pytest.mark.slow
-def test_dataset_failing_integrity_check_is_one_line(nnunet_env, tmp_path):
+def test_a_bad_label_value_is_one_line_without_verify(nnunet_env, tmp_path):
     folder = write_synthetic_dataset(tmp_path / "raw", DATASET_ID, num_cases=2, shape=(32, 32, 32))
     label_file = folder / "labelsTr" / "SYN_0001.nii.gz"
     seg = sitk.ReadImage(str(label_file))
@@ -80,5 +80,6 @@ def test_dataset_failing_integrity_check_is_one_line(nnunet_env, tmp_path):
     bad = sitk.GetImageFromArray(arr)
     bad.CopyInformation(seg)
     sitk.WriteImage(bad, str(label_file))
-    assert_one_line_error(run_cli(nnunet_env, "-d", str(DATASET_ID), "--verify", "-np", "1"),
-                          folder.name, "integrity check failed", "Unexpected labels found in file", "SYN_0001", "7.")
+    for verify in ([], ["--verify"]):  # nnalign's checks run by default, before nnU-Net's
+        assert_one_line_error(run_cli(nnunet_env, "-d", str(DATASET_ID), *verify, "-np", "1"), folder.name,
+                              "SYN_0001: SYN_0001.nii.gz: label value 7 not in dataset.json's labels (0, 1, 2, 3)")

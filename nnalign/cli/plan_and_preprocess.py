@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPU memory target the plans are sized for (default: %(default)s)")
     p.add_argument("-np", dest="num_processes", type=positive_int, default=min(4, os.cpu_count() or 1),
                    help="worker processes (default: %(default)s)")
-    p.add_argument("--verify", action="store_true", help="run nnU-Net's dataset integrity check first")
+    p.add_argument("--verify", action="store_true",
+                   help="also run nnU-Net's own dataset integrity check (every case is checked by default: its "
+                        "files, one geometry, finite voxels, a signal in every channel, label values)")
     p.add_argument("--plan-only", action="store_true", help="plan without preprocessing")
     return p
 

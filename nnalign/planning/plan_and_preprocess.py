@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from nnalign.atomic import check_writable
+from nnalign.data.dataset_checks import check_raw_dataset, read_dataset_json
 from nnalign.data.raw_dataset import find_dataset_folder
 from nnalign.errors import NnalignError, one_line
 from nnalign.paths import setup_env
@@ -16,6 +19,11 @@ from nnalign.paths import setup_env
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_cpu", "paper")
 DEFAULT_CONFIGURATIONS = ("3d_fullres", "3d_cpu")
 MIN_CASES_FOR_5FOLD = 5
+
+
+INCOMPLETE_MARKER = "nnalign_preprocessing_incomplete"
+"""A file in a preprocessed dataset folder while nnalign_plan_and_preprocess works on it: written before anything
+else, removed after everything else. A folder that holds it was left by a run that failed or was interrupted."""
 
 
 def raw_dataset_folder(dataset_id: int) -> Path:
@@ -37,8 +45,7 @@ def _training_ids(folder: Path, dataset_json: dict) -> list[str]:
 
 def ensure_small_dataset_split(raw_folder: Path, preprocessed_folder: Path, warn: Callable[[str], None]) -> None:
     """With fewer than 5 training cases, write a cross-validation split that fits, and say so."""
-    dataset_json = json.loads((raw_folder / "dataset.json").read_text())
-    ids = _training_ids(raw_folder, dataset_json)
+    ids = _training_ids(raw_folder, read_dataset_json(raw_folder))
     splits_file = preprocessed_folder / "splits_final.json"
     if len(ids) >= MIN_CASES_FOR_5FOLD or splits_file.exists():
         return
@@ -54,12 +61,26 @@ def ensure_small_dataset_split(raw_folder: Path, preprocessed_folder: Path, warn
          f"fold 'all' trains on every case")
 
 
+def check_preprocessing_complete(folder: Path) -> None:
+    """One-line NnalignError if the preprocessed dataset ``folder`` was left by an nnalign_plan_and_preprocess run
+    that failed or was interrupted (it holds :data:`INCOMPLETE_MARKER`)."""
+    if (Path(folder) / INCOMPLETE_MARKER).exists():
+        dataset_id = re.match(r"Dataset(\d{3})_", Path(folder).name)
+        how = f" -d {int(dataset_id.group(1))}" if dataset_id else ""
+        raise NnalignError(f"{folder}: its preprocessing did not finish (interrupted or failed): run "
+                           f"nnalign_plan_and_preprocess{how} again")
+
+
 def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = DEFAULT_CONFIGURATIONS,
                         gpu_memory_gb: float = 8.0, num_processes: int = 2, verify: bool = False,
                         plan_only: bool = False, warn: Callable[[str], None] = print) -> dict:
-    """Fingerprint, plan (all configurations) and preprocess ``configurations`` of a raw dataset; return the plans.
+    """Check the raw dataset, then fingerprint, plan (all configurations) and preprocess ``configurations``; return
+    the plans.
 
-    nnU-Net's verbose planner output goes to ``nnalign_planning.log`` in the preprocessed dataset folder.
+    Every training case is checked first (:func:`nnalign.data.dataset_checks.check_raw_dataset`); ``verify`` also
+    runs nnU-Net's own integrity check. The preprocessed dataset folder holds :data:`INCOMPLETE_MARKER` until the
+    run has finished; a run that fails or is interrupted removes the folder if it made it, and leaves the marker in
+    one that was there before. nnU-Net's verbose planner output goes to ``nnalign_planning.log`` in that folder.
     """
     unknown = [c for c in configurations if c not in CONFIGURATIONS]
     if unknown:
@@ -67,40 +88,116 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = DEFAULT
     if gpu_memory_gb <= 0:
         raise NnalignError(f"--gpu-memory must be positive, got {gpu_memory_gb}")
     raw_folder = raw_dataset_folder(dataset_id)
-    dataset_json = json.loads((raw_folder / "dataset.json").read_text())
-    if not _training_ids(raw_folder, dataset_json):
-        raise NnalignError(f"{raw_folder}: no training cases in labelsTr (nothing to plan from)")
+    dataset_json = read_dataset_json(raw_folder)
+    preprocessed_root = Path(os.environ["nnUNet_preprocessed"])
+    check_writable(preprocessed_root, "preprocessed data")
+    with workers_ignore_sigint():
+        check_raw_dataset(raw_folder, dataset_json, num_processes)
     os.environ.setdefault("nnUNet_n_proc_DA", str(num_processes))
+    preprocessed = preprocessed_root / raw_folder.name
+    with preprocessed_folder(preprocessed), tempfile.TemporaryFile("w+") as log:
+        try:
+            plans = _run_nnunet(int(dataset_id), raw_folder, preprocessed, configurations, gpu_memory_gb,
+                                num_processes, verify, plan_only, warn, log)
+        finally:
+            log.seek(0)
+            with contextlib.suppress(OSError):
+                (preprocessed / "nnalign_planning.log").write_text(log.read())
+    return plans
+
+
+def _run_nnunet(dataset_id: int, raw_folder: Path, preprocessed: Path, configurations: Sequence[str],
+                gpu_memory_gb: float, num_processes: int, verify: bool, plan_only: bool,
+                warn: Callable[[str], None], log) -> dict:
+    """nnU-Net's fingerprint, plan and preprocess steps, their printing (workers' too) into ``log``; progress bars
+    on a terminal only, so that a failing run's stderr is its one error line."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
                                                                       plan_experiment_dataset, preprocess_dataset)
 
     from nnalign.planning.fingerprint import nnAlignFingerprintExtractor
     from nnalign.planning.planner import nnAlignPlanner
 
-    preprocessed = Path(os.environ["nnUNet_preprocessed"]) / raw_folder.name
-    with tempfile.TemporaryFile("w+") as log:  # nnU-Net's printing, workers' too; progress bars stay on stderr
+    bars = sys.stderr.isatty()
+    with workers_ignore_sigint():
         try:
-            try:
-                with captured_stdout(log):
-                    extract_fingerprint_dataset(int(dataset_id), nnAlignFingerprintExtractor, num_processes,
-                                                check_dataset_integrity=verify, clean=True, verbose=False)
-            except (RuntimeError, AssertionError, ValueError) as e:
-                log.seek(0)
-                raise NnalignError(f"{raw_folder}: nnU-Net's integrity check failed: "
-                                   f"{_offending_line(log.read()) or one_line(e)}") from None
             with captured_stdout(log):
-                plans, plans_id = plan_experiment_dataset(int(dataset_id), nnAlignPlanner,
-                                                          gpu_memory_target_in_gb=gpu_memory_gb)
-            ensure_small_dataset_split(raw_folder, preprocessed, warn)
-            if not plan_only:
-                with captured_stdout(log):
-                    preprocess_dataset(int(dataset_id), plans_id, tuple(configurations),
-                                       [num_processes] * len(configurations), verbose=False)
-        finally:
-            if preprocessed.is_dir():
-                log.seek(0)
-                (preprocessed / "nnalign_planning.log").write_text(log.read())
+                extract_fingerprint_dataset(dataset_id, nnAlignFingerprintExtractor, num_processes,
+                                            check_dataset_integrity=verify, clean=True, verbose=False,
+                                            show_progress_bar=bars)
+        except (RuntimeError, AssertionError, ValueError) as e:
+            log.seek(0)
+            raise NnalignError(f"{raw_folder}: nnU-Net's integrity check failed: "
+                               f"{_offending_line(log.read()) or one_line(e)}") from None
+        with captured_stdout(log):
+            plans, plans_id = plan_experiment_dataset(dataset_id, nnAlignPlanner,
+                                                      gpu_memory_target_in_gb=gpu_memory_gb)
+        ensure_small_dataset_split(raw_folder, preprocessed, warn)
+        if not plan_only:
+            with captured_stdout(log):
+                preprocess_dataset(dataset_id, plans_id, tuple(configurations),
+                                   [num_processes] * len(configurations), verbose=False, show_progress_bar=bars)
     return plans
+
+
+@contextlib.contextmanager
+def preprocessed_folder(folder: Path) -> Iterator[Path]:
+    """Mark ``folder`` incomplete (:data:`INCOMPLETE_MARKER`, making the folder if need be) for the duration of the
+    body and unmark it when the body succeeds.
+
+    If the body raises (an error, Ctrl-C), a folder that this call made is removed; one that existed before keeps the
+    marker. An OSError (a full disk) becomes a one-line NnalignError naming the folder.
+    """
+    existed = folder.exists()
+    try:
+        folder.mkdir(exist_ok=True)
+        (folder / INCOMPLETE_MARKER).write_text("nnalign_plan_and_preprocess has not finished here: run it again\n")
+    except OSError as e:
+        if not existed:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise NnalignError(f"{folder}: cannot write preprocessed data there ({e.strerror or e})") from None
+    try:
+        yield folder
+        (folder / INCOMPLETE_MARKER).unlink()
+    except BaseException as e:
+        if not existed:
+            shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(e, OSError):
+            kept = "its preprocessing is incomplete" if existed else "nothing was kept"
+            raise NnalignError(f"{folder}: cannot write preprocessed data there ({e.strerror or one_line(e)}); "
+                               f"{kept}") from None
+        raise
+
+
+@contextlib.contextmanager
+def workers_ignore_sigint() -> Iterator[None]:
+    """Start the worker processes that the body starts (nnU-Net's multiprocessing pools) with SIGINT ignored.
+
+    Ctrl-C reaches every process of the terminal's group; this way only the main process stops (the pools end their
+    workers), instead of every worker printing a KeyboardInterrupt traceback. An ignored signal survives the exec of
+    a spawned worker, and Python installs its KeyboardInterrupt handler only where SIGINT is not ignored. A Ctrl-C
+    in the moment a worker starts is lost. Outside the main thread this does nothing.
+    """
+    import multiprocessing.process
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    original = multiprocessing.process.BaseProcess.start
+
+    def start(self) -> None:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            original(self)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    multiprocessing.process.BaseProcess.start = start
+    try:
+        yield
+    finally:
+        multiprocessing.process.BaseProcess.start = original
 
 
 @contextlib.contextmanager
