@@ -406,6 +406,9 @@ def main() -> int:
     args.fold = parse_fold(args.fold)
     preprocessed, results = Path(folders["nnUNet_preprocessed"]), Path(folders["nnUNet_results"])
     dataset = resolve_dataset(args.dataset, preprocessed, Path(folders["nnUNet_raw"]))
+    from nnalign.planning.plan_and_preprocess import check_preprocessing_complete
+
+    check_preprocessing_complete(preprocessed / dataset)
     plans, dataset_json = check_preprocessed(preprocessed / dataset, args.configuration)
     check_fold_in_split(preprocessed / dataset, args.fold)
     modalities = modalities_from_dataset_json(dataset_json)
