@@ -219,3 +219,22 @@ def test_read_only_nnunet_preprocessed_is_one_line(tiny_dataset, tmp_path, plan,
         assert_one_line_error(plan(pre=pre), str(pre), "cannot write preprocessed data there",
                               prog="nnalign_plan_and_preprocess")
         assert not any(pre.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# a failed or interrupted run leaves no folder that looks complete
+
+
+@pytest.mark.slow
+def test_train_refuses_a_folder_whose_preprocessing_did_not_finish(tmp_path, fake_dataset, run_train,
+                                                                   assert_one_line_error):
+    from nnalign.planning.plan_and_preprocess import INCOMPLETE_MARKER
+
+    root = fake_dataset(tmp_path, configuration="3d_cpu")
+    from nnalign.data.raw_dataset import write_dataset_json
+
+    folder = root / "pre" / "Dataset018_BraTS2018"
+    write_dataset_json(folder, 2, "BraTS2018")  # as far as nnalign_train looks, the folder is complete but for:
+    (folder / INCOMPLETE_MARKER).touch()
+    assert_one_line_error(run_train(root, tmp_path / "results", "18", "3d_cpu", "0", "-device", "cpu"),
+                          f"{folder}: its preprocessing did not finish", "run nnalign_plan_and_preprocess -d 18 again")
