@@ -1,8 +1,11 @@
 """Pieces the teacher and student trainers share: the training length from the settings record, the plans'
-optimizer, the optimizer step, what DDP leaves to them (gradients of parameters outside the DDP-wrapped network,
-per-step logs from every rank), and the warning for a model that collapsed to background."""
+optimizer, deep supervision for a U-Net with one output, the optimizer step, what DDP leaves to them (gradients of
+parameters outside the DDP-wrapped network, per-step logs from every rank), the stop at a loss that is not a finite
+number, and the warning for a model that collapsed to background."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 from typing import Iterable, Sequence
@@ -12,6 +15,7 @@ import torch
 from torch import distributed as dist
 
 from nnalign.data.labels import REGION_NAMES
+from nnalign.errors import NnalignError
 from nnalign.runs import TrainingLength
 from nnalign.training.record import read_settings_record
 
@@ -39,6 +43,14 @@ def apply_plans_training(trainer) -> dict | None:
         trainer.initial_lr = float(training["initial_lr"])
         trainer.weight_decay = float(training.get("weight_decay", 0.0))
     return training
+
+
+def fit_deep_supervision(trainer) -> None:
+    """Turn nnU-Net's deep supervision off for a U-Net with a single output (two stages, e.g. ``3d_cpu`` on small
+    images). nnU-Net gives the lowest-resolution output weight 0 and scales the weights to sum 1, which for a single
+    output is 0 / 0: a NaN loss from the first step. Without deep supervision that output is the loss, weight 1."""
+    if trainer.enable_deep_supervision and len(trainer._get_deep_supervision_scales()) < 2:
+        trainer.enable_deep_supervision = False
 
 
 def _distributed() -> bool:
@@ -136,6 +148,39 @@ class CollapseCheck:
         self.write_settings_record()
 
 
+class FiniteLoss:
+    """Trainer mixin: stop training with one line (:class:`NnalignError`) at an epoch whose mean training or
+    validation loss is not a finite number (NaN, infinity), before the epoch's checkpoints and settings record are
+    written; nnU-Net would train on and save a model that predicts nothing. The means are over every DDP rank, so
+    every rank stops. A training stopped by any error shuts nnU-Net's background data loaders down first, as the end
+    of training does, so that they print nothing after the error."""
+
+    def run_training(self) -> None:
+        try:
+            super().run_training()
+        except BaseException:
+            for loader in (self.dataloader_train, self.dataloader_val):
+                if hasattr(loader, "_finish"):
+                    with contextlib.suppress(Exception), contextlib.redirect_stdout(io.StringIO()):
+                        loader._finish()
+            raise
+
+    def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
+        super().on_train_epoch_end(train_outputs)
+        self._stop_unless_finite("train_losses", "training")
+
+    def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:
+        super().on_validation_epoch_end(val_outputs)
+        self._stop_unless_finite("val_losses", "validation")
+
+    def _stop_unless_finite(self, key: str, what: str) -> None:
+        value = float(self.logger.get_value(key, step=-1))
+        if not np.isfinite(value):
+            raise NnalignError(f"{self.output_folder}: the {what} loss of epoch {self.current_epoch} is {value} "
+                               f"(not a finite number): training stopped (try a lower learning rate, or check the "
+                               f"data)")
+
+
 class SafeCheckpoints:
     """Trainer mixin: a checkpoint is written under a temporary name and renamed, so a run killed while saving keeps
     its previous checkpoint for ``--c`` (nnU-Net writes in place); and nnU-Net's own load of a checkpoint (``--c``,
@@ -143,7 +188,13 @@ class SafeCheckpoints:
 
     def save_checkpoint(self, filename: str) -> None:
         partial = f"{filename}.partial"
-        super().save_checkpoint(partial)
+        try:
+            super().save_checkpoint(partial)
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write (a full disk) as a RuntimeError
+            with contextlib.suppress(OSError):
+                os.remove(partial)
+            reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200]
+            raise NnalignError(f"{filename}: cannot write the checkpoint ({reason}): training stopped") from None
         if os.path.isfile(partial):  # rank 0 with checkpointing on
             os.replace(partial, filename)
 

@@ -27,7 +27,8 @@ from nnalign.losses.kd import build_kd
 from nnalign.modalities import channel_indices
 from nnalign.model_folders import FINAL_CHECKPOINT, fold_folder, model_folder
 from nnalign.networks.align_unet import as_outputs, nnAlignStudentUNet
-from nnalign.training.common import (CollapseCheck, SafeCheckpoints, apply_plans_training, apply_training_length,
+from nnalign.training.common import (CollapseCheck, FiniteLoss, SafeCheckpoints, apply_plans_training,
+                                     apply_training_length, fit_deep_supervision,
                                      average_gradients_over_ranks, gathered_over_ranks, optimizer_step)
 from nnalign.training.optim import optimizer_from_plans
 from nnalign.atomic import write_json_atomic
@@ -55,7 +56,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-class nnAlignStudentTrainer(CollapseCheck, SafeCheckpoints, nnUNetTrainer):
+class nnAlignStudentTrainer(CollapseCheck, FiniteLoss, SafeCheckpoints, nnUNetTrainer):
     """nnU-Net's trainer for a student distilled from a frozen nnalign teacher (see the module docstring)."""
 
     spec: StudentSpec | None = None
@@ -63,6 +64,7 @@ class nnAlignStudentTrainer(CollapseCheck, SafeCheckpoints, nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        fit_deep_supervision(self)
         if type(self).spec is None:
             raise NnalignError("use a generated student trainer (nnAlignStudent_<subset>_<kd>_<teacher>)")
         record = apply_training_length(self)

@@ -21,7 +21,8 @@ from nnalign.errors import NnalignError
 from nnalign.networks.anchors import MixtureAnchor, ModalityAnchor, modality_gap
 from nnalign.modalities import BRATS_MODALITIES
 from nnalign.networks.align_unet import nnAlignStudentUNet, nnAlignTeacherUNet
-from nnalign.training.common import (CollapseCheck, SafeCheckpoints, apply_plans_training, apply_training_length,
+from nnalign.training.common import (CollapseCheck, FiniteLoss, SafeCheckpoints, apply_plans_training,
+                                     apply_training_length, fit_deep_supervision,
                                      gathered_over_ranks, optimizer_step)
 from nnalign.training.optim import optimizer_from_plans
 from nnalign.training.presence import sample_presence, zero_absent
@@ -54,7 +55,7 @@ def unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return network
 
 
-class nnAlignTeacherTrainer(CollapseCheck, SafeCheckpoints, nnUNetTrainer):
+class nnAlignTeacherTrainer(CollapseCheck, FiniteLoss, SafeCheckpoints, nnUNetTrainer):
     """nnU-Net's trainer for the aligned multi-modal teacher (and the ``original`` all-modality nnU-Net baseline).
 
     Per training step: draw each sample's present modalities (``spec.modality_dropout``), zero the absent input
@@ -71,6 +72,7 @@ class nnAlignTeacherTrainer(CollapseCheck, SafeCheckpoints, nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        fit_deep_supervision(self)
         self.spec = type(self).spec
         apply_training_length(self)
         self.plans_training = apply_plans_training(self)
