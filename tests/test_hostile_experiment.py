@@ -184,6 +184,11 @@ def test_preprocessing_is_done_only_when_every_training_case_is_preprocessed(dat
     data_folder = data / "pre" / DATASET / "nnAlignPlans_3d_fullres"
     (data_folder / "case2.pkl").touch()
     assert resolve_states(grid, store, lambda record: None)["preprocess"].state == "done"
+    from nnalign.planning.plan_and_preprocess import INCOMPLETE_MARKER
+
+    (data / "pre" / DATASET / INCOMPLETE_MARKER).touch()  # every file there, but the run that wrote them broke off
+    assert resolve_states(grid, store, lambda record: None)["preprocess"].state == "missing"
+    (data / "pre" / DATASET / INCOMPLETE_MARKER).unlink()
     (data_folder / "case2.pkl").unlink()
     with pytest.raises(NnalignError, match=f"{DATASET} is not preprocessed for 3d_fullres .*1 of 2 training cases "
                                            f"missing, e.g. case2"):

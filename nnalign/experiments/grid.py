@@ -121,11 +121,16 @@ def training_cases(raw: Path) -> list[str] | None:
 
 def missing_preprocessed(raw: Path, preprocessed: Path, configuration: str) -> list[str] | None:
     """The training cases of ``raw`` whose preprocessed file of ``configuration`` is not there (nnU-Net writes a
-    case's ``.pkl`` last); None when the configuration is not planned. Without the raw dataset, the configuration's
-    data folder must hold some case (else the list is ``["(none)"]``)."""
+    case's ``.pkl`` last), all of them in a folder whose preprocessing run did not finish; None when the configuration
+    is not planned. Without the raw dataset, the configuration's data folder must hold some case (else the list is
+    ``["(none)"]``)."""
+    from nnalign.planning.plan_and_preprocess import INCOMPLETE_MARKER
+
     plans = _read_plans(preprocessed, configuration)
     if plans is None:
         return None
+    if (preprocessed / INCOMPLETE_MARKER).exists():  # an nnalign_plan_and_preprocess run that did not finish
+        return training_cases(raw) or ["(none)"]
     data = preprocessed / (_configuration_value(plans, configuration, "data_identifier")
                            or f"{PLANS_NAME}_{configuration}")
     cases = training_cases(raw)
