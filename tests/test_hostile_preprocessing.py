@@ -238,3 +238,90 @@ def test_train_refuses_a_folder_whose_preprocessing_did_not_finish(tmp_path, fak
     (folder / INCOMPLETE_MARKER).touch()
     assert_one_line_error(run_train(root, tmp_path / "results", "18", "3d_cpu", "0", "-device", "cpu"),
                           f"{folder}: its preprocessing did not finish", "run nnalign_plan_and_preprocess -d 18 again")
+
+
+@pytest.fixture
+def synthetic(tmp_path, folders_env):
+    """``synthetic(num_cases)``: the synthetic dataset 62 of 32^3 cases under ``tmp_path/raw``; returns the folders'
+    environment."""
+    from nnalign.data.synthetic import write_synthetic_dataset
+
+    def write(num_cases: int) -> dict[str, str]:
+        write_synthetic_dataset(tmp_path / "raw", 62, num_cases=num_cases, shape=(32, 32, 32))
+        return folders_env(tmp_path)
+    return write
+
+
+@pytest.mark.slow
+def test_a_full_nnunet_preprocessed_is_one_line_and_leaves_no_folder(tmp_path, synthetic, run_module, tmpfs,
+                                                                     assert_one_line_error):
+    env = synthetic(2)
+    with tmpfs(tmp_path / "full", size_kib=16) as pre:  # room for the first small files, not for the plans
+        env["nnUNet_preprocessed"] = str(pre)
+        proc = run_module("plan_and_preprocess", "-d", 62, "-c", "3d_cpu", "-np", 1, env=env)
+        assert_one_line_error(proc, f"{pre / 'Dataset062_SyntheticBraTS'}: cannot write preprocessed data there",
+                              "No space left on device", "nothing was kept", prog="nnalign_plan_and_preprocess")
+        assert not any(pre.iterdir()), sorted(p.name for p in pre.iterdir())
+
+
+def _interrupt_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
+    """Send SIGINT to ``proc``'s process group (what Ctrl-C in a terminal does) as soon as ``ready()``."""
+    deadline = time.monotonic() + timeout
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["fingerprinting", "after 2 of 6 cases"])
+@pytest.mark.parametrize("earlier", [False, True], ids=["new", "existing"])
+def test_ctrl_c_is_one_line_and_leaves_no_folder_that_looks_complete(tmp_path, synthetic, moment, earlier, run_train,
+                                                                     assert_one_line_error):
+    from nnalign.planning.plan_and_preprocess import INCOMPLETE_MARKER
+
+    env = synthetic(6)
+    folder = tmp_path / "pre" / "Dataset062_SyntheticBraTS"
+    if earlier:  # what an earlier run left: it must stay
+        folder.mkdir(parents=True)
+        (folder / "notes.txt").write_text("mine")
+    environ = {k: v for k, v in {**os.environ, **env}.items() if k != "NNALIGN_DEBUG"}
+    proc = subprocess.Popen([sys.executable, "-m", "nnalign.cli.plan_and_preprocess", "-d", "62", "-c", "3d_cpu",
+                             "-np", "2"], env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    data = folder / "nnAlignPlans_3d_cpu"
+    if moment == "fingerprinting":
+        ready = lambda: (folder / INCOMPLETE_MARKER).exists() and len(_spawned_children(proc.pid)) >= 2  # noqa: E731
+    else:
+        ready = lambda: len(list(data.glob("*.pkl"))) >= 2  # noqa: E731
+    try:
+        _interrupt_when(proc, ready)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "nnalign_plan_and_preprocess: interrupted", \
+        stderr
+    if not earlier:
+        assert not folder.exists(), sorted(p.name for p in folder.iterdir())
+        return
+    assert (folder / "notes.txt").read_text() == "mine" and (folder / INCOMPLETE_MARKER).exists()
+    if moment != "fingerprinting":
+        assert_one_line_error(run_train(tmp_path, tmp_path / "results", "62", "3d_cpu", "0", "-device", "cpu"),
+                              "its preprocessing did not finish", "run nnalign_plan_and_preprocess -d 62 again")
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """The multiprocessing workers among the children of ``pid`` (resource tracker aside)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                command = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if ppid == pid and b"spawn_main" in command and b"resource_tracker" not in command:
+                found.append(int(entry.name))
+    return found
