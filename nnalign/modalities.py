@@ -59,13 +59,24 @@ def all_subsets(available: Sequence[str] = BRATS_MODALITIES) -> list[tuple[str, 
     return [tuple(c) for k in range(1, len(available) + 1) for c in combinations(available, k)]
 
 
-def modalities_from_dataset_json(dataset_json: dict) -> tuple[str, ...]:
-    """Canonical modality names in channel order from a dataset.json's ``channel_names``."""
+def modalities_from_dataset_json(dataset_json: dict, source: str = "dataset.json") -> tuple[str, ...]:
+    """Canonical modality names in channel order from a dataset.json's ``channel_names``; a one-line NnalignError
+    starting with ``source`` (the file) when it has none or names a modality twice (e.g. T1, T1, T2, FLAIR)."""
     names = dataset_json.get("channel_names") or dataset_json.get("modality")
     if not names:
-        raise NnalignError("dataset.json has no 'channel_names'")
-    ordered = [names[k] for k in sorted(names, key=int)]
+        raise NnalignError(f"{source} has no 'channel_names'")
     try:
-        return tuple(canonical_modality(n) for n in ordered)
+        ordered = [names[k] for k in sorted(names, key=int)]
+    except (AttributeError, TypeError, ValueError):
+        ordered = None
+    if ordered is None or not all(isinstance(n, str) for n in ordered):
+        raise NnalignError(f"{source}: channel_names must map channel numbers (0, 1, ...) to modality names")
+    try:
+        modalities = tuple(canonical_modality(n) for n in ordered)
     except NnalignError:
-        return tuple(ordered)
+        modalities = tuple(ordered)
+    for j, name in enumerate(modalities):
+        if name in modalities[:j]:
+            raise NnalignError(f"{source}: channel_names name {name} twice (channels {modalities.index(name)} and "
+                               f"{j}); each channel must be a different modality")
+    return modalities

@@ -39,6 +39,9 @@ def read_dataset_json(folder: Path) -> dict:
         raise NnalignError(f"{path}: no {missing[0]!r} entry (nnU-Net needs {', '.join(REQUIRED_KEYS)})")
     if not isinstance(dataset_json["channel_names"], dict) or not dataset_json["channel_names"]:
         raise NnalignError(f"{path}: 'channel_names' must map channel numbers to names")
+    from nnalign.modalities import modalities_from_dataset_json
+
+    modalities_from_dataset_json(dataset_json, str(path))  # one line for a modality named twice
     return dataset_json
 
 
