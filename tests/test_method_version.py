@@ -56,7 +56,8 @@ def test_which_older_runs_still_mean_what_they_did(record, current):
      "(method version 3; this nnalign trains version 4, which changed ProtoKD's logit-term weight): train it again"),
     ({"method_version": 2, **_student("nnAlignTeacher_mixture"), "kd": "protokd"},
      "which changed P*'s weights (their floor) and KD-Net's loss; ProtoKD's logit-term weight)"),
-    ({"method_version": 9, "role": "teacher", "anchor": "none"}, "trains version 4, an older one): train it again"),
+    ({"method_version": 9, "nnalign_version": "0.9.0", "role": "teacher", "anchor": "none"},
+     "made by a newer nnalign 0.9.0 (method version 9; this nnalign, "),
 ])
 def test_the_refusal_names_what_changed_since_the_run(record, says, tmp_path):
     from nnalign.errors import NnalignError

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nnalign.cli.parsing import CommandParser, non_negative_int, positive_int
+from nnalign.atomic import check_writable
 from nnalign.errors import NnalignError, cli_entry
 from nnalign.model_folders import (CHECKPOINTS, FINAL_CHECKPOINT, PLANS_NAME, fold_folder, model_folder,
                                     model_folder_parts, parse_fold)
@@ -288,9 +290,10 @@ def check_run_state(folder: Path, settings, trainer: str, args, results_root: Pa
     """One-line errors for ``--c`` / ``--val`` that cannot work; returns the run's settings record, if any."""
     from nnalign.training.record import check_method_version, read_settings_record
 
-    record = read_settings_record(folder)
     if args.continue_training and args.validation_only:
         raise NnalignError("--c and --val cannot be combined (--c also runs the final validation)")
+    # a new run replaces whatever record the folder holds; --c and --val refuse one they cannot read
+    record = read_settings_record(folder) if args.continue_training or args.validation_only else None
     if args.continue_training or args.validation_only:
         check_method_version(folder, "it cannot be continued or validated with this version; train it again "
                                      "(--overwrite) or use the nnalign version that made it")
@@ -302,7 +305,7 @@ def check_run_state(folder: Path, settings, trainer: str, args, results_root: Pa
     if args.validation_only and not (folder / FINAL_CHECKPOINT).is_file():
         raise NnalignError(f"--val: {folder} has no checkpoint_final.pth (train it first, or finish it with --c)")
     if settings is not None and (args.continue_training or args.validation_only) and record is not None:
-        recorded = {k: record.get("settings", {}).get(k) for k in settings.model_settings()}
+        recorded = {k: (record.get("settings") or {}).get(k) for k in settings.model_settings()}
         if recorded != settings.model_settings():
             diff = ", ".join(f"{k} {recorded[k]!r} != {v!r}" for k, v in settings.model_settings().items()
                              if recorded[k] != v)
@@ -367,6 +370,7 @@ def student_spec(args, dataset: str, modalities: tuple[str, ...], results_root: 
     from nnalign.checkpoints import check_checkpoint
     from nnalign.modalities import parse_modalities
     from nnalign.runs import StudentSpec
+    from nnalign.training.record import check_method_version
 
     for flag, value in (("--modalities", args.modalities), ("--kd", args.kd), ("--teacher", args.teacher)):
         if value is None:
@@ -382,6 +386,8 @@ def student_spec(args, dataset: str, modalities: tuple[str, ...], results_root: 
         raise NnalignError(f"--teacher {teacher_fold_folder}: no {FINAL_CHECKPOINT} (the teacher's training for this "
                            f"fold is incomplete; use --teacher-fold to pick another fold)")
     check_checkpoint(teacher_fold_folder / FINAL_CHECKPOINT)
+    check_method_version(teacher_fold_folder, "it cannot teach with this version (its outputs would differ from "
+                                              "how it was trained); train it again")
     return spec
 
 
@@ -411,7 +417,7 @@ def main() -> int:
     check_preprocessing_complete(preprocessed / dataset)
     plans, dataset_json = check_preprocessed(preprocessed / dataset, args.configuration)
     check_fold_in_split(preprocessed / dataset, args.fold)
-    modalities = modalities_from_dataset_json(dataset_json)
+    modalities = modalities_from_dataset_json(dataset_json, str(preprocessed / dataset / "dataset.json"))
     if args.role == "teacher":
         spec = teacher_spec(args)
         if spec.anchor_modality is not None and spec.anchor_modality not in modalities:
@@ -451,10 +457,16 @@ def main() -> int:
     print(f"{PROG}: {trainer} on {dataset} {args.configuration} fold {args.fold} -> {folder}")
     created = [p for p in (folder.parent, folder) if not p.exists()]
     try:
+        check_writable(folder, "the run")
         write_training_inputs(folder, inputs, continuing)
-        with safe_torch_load():  # nnU-Net's trainer loads --c / --val checkpoints weights-only
+        with safe_torch_load(), warnings.catch_warnings():  # nnU-Net's trainer loads --c / --val weights-only
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.interface", category=FutureWarning)
             run_training(dataset, args.configuration, args.fold, trainer, PLANS_NAME, None, args.num_gpus, args.npz,
                          args.continue_training, args.validation_only, False, False, device=device)
+    except OSError as e:  # a full or failing disk, half way
+        remove_failed_start(created)
+        where = e.filename or folder
+        raise NnalignError(f"{where}: cannot write ({e.strerror or e}): training stopped") from None
     except BaseException:
         remove_failed_start(created)
         raise

@@ -150,15 +150,16 @@ def load_model(folder: Path, folds: Sequence[int | str] | None = None,
         if missing:
             raise ModelError(f"{folder}: fold_{missing[0]} has no {checkpoint}"
                              + (f" (folds with it: {', '.join(map(str, available))})" if available else ""))
-    if kind == TEACHER and spec.anchor_kind == "mixture":
-        # the P* forward scales the latents by the weights since method version 2: an older P* teacher would
-        # predict differently from how it was trained (the other models compute what they did)
-        for fold in use:
-            try:
-                check_method_version(fold_folder(folder, fold), "its predictions would change meaning; train it "
-                                                                 "again, or predict with the version that made it")
-            except NnalignError as e:
-                raise ModelError(str(e)) from None
+    # Every model: a settings record that cannot be read, or one from a newer nnalign, makes it unusable. The P*
+    # forward scales the latents by the weights since method version 2: an older P* teacher would predict
+    # differently from how it was trained (the other models compute what they did).
+    for fold in use:
+        try:
+            check_method_version(fold_folder(folder, fold), "its predictions would change meaning; train it again, "
+                                                             "or predict with the version that made it",
+                                 older=kind == TEACHER and spec.anchor_kind == "mixture")
+        except NnalignError as e:
+            raise ModelError(str(e)) from None
     student_subset = spec.modalities if kind == STUDENT else None
     dropout = spec.modality_dropout if kind in (TEACHER, ORIGINAL) else 0.0
     if student_subset is not None and not set(student_subset) <= set(modalities):

@@ -19,18 +19,60 @@ METHOD_VERSION = 4
 
 
 def read_settings_record(fold_folder: str | os.PathLike) -> dict | None:
-    """The record of a fold folder, or None if it has none (or it cannot be parsed)."""
+    """The record of a fold folder, or None if it has none; a one-line :class:`NnalignError` naming the file for a
+    record that cannot be read, is not JSON (e.g. truncated) or does not hold what a record holds
+    (:func:`check_settings_record`): an unreadable record is not an absent one."""
     path = Path(fold_folder) / SETTINGS_RECORD
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
         return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise NnalignError(f"{path}: cannot read the settings record ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        record = json.loads(text)
+    except ValueError as e:
+        raise NnalignError(f"{path}: not a readable settings record (truncated, or not JSON: {e})") from None
+    check_settings_record(record, path)
+    return record
+
+
+#: Keys of a record that hold a JSON object when present.
+_OBJECT_KEYS = ("settings", "kd_overrides", "teacher", "optimizer", "latent", "mixture_weights")
+
+
+def check_settings_record(record, path: str | os.PathLike) -> None:
+    """One-line :class:`NnalignError` naming ``path`` unless ``record`` is a JSON object whose keys that nnalign
+    reads have their types: a whole-number ``method_version`` of 1 or more, objects for :data:`_OBJECT_KEYS`, and a
+    training length of positive whole numbers."""
+    from nnalign.runs import TrainingLength
+
+    if not isinstance(record, dict):
+        raise NnalignError(f"{path}: not a settings record (a JSON {_json_type(record)}, not an object)")
+    if "method_version" in record:
+        version = record["method_version"]
+        if not (isinstance(version, int) and not isinstance(version, bool) and version >= 1):
+            raise NnalignError(f"{path}: method_version {json.dumps(version)} is not a valid method version (a whole "
+                               f"number, 1 or more)")
+    for key in _OBJECT_KEYS:
+        if record.get(key) is not None and not isinstance(record[key], dict):
+            raise NnalignError(f"{path}: {key!r} is a JSON {_json_type(record[key])}, not an object")
+    try:
+        TrainingLength.from_record(record)
+    except NnalignError as e:
+        raise NnalignError(f"{path}: {e}") from None
+
+
+def _json_type(value) -> str:
+    """The JSON name of a parsed value's type (array, string, number, ...)."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
 
 
 def method_version(record: dict) -> int:
-    """The method version a settings record was written by (1 when it does not say)."""
-    version = record.get("method_version", 1)
-    return version if isinstance(version, int) and not isinstance(version, bool) else 1
+    """The method version a settings record was written by (1 when it does not say; the record is checked by
+    :func:`check_settings_record`)."""
+    return record.get("method_version", 1)
 
 
 def involves_mixture(record: dict) -> bool:
@@ -85,20 +127,28 @@ def is_current_method(record: dict) -> bool:
     return method_version(record) <= METHOD_VERSION and not _changes_since(record)
 
 
-def check_method_version(fold_folder: str | os.PathLike, what_to_do: str) -> None:
-    """Raise a one-line :class:`NnalignError` when the fold's run was trained under a method version that computes
-    otherwise (:func:`is_current_method`).
+def check_method_version(fold_folder: str | os.PathLike, what_to_do: str, older: bool = True) -> None:
+    """Raise a one-line :class:`NnalignError` when the fold's settings record cannot be read
+    (:func:`read_settings_record`), was written by a newer nnalign (a method version this one does not know), or,
+    with ``older``, by an older method version that computes otherwise (:func:`is_current_method`).
 
-    ``what_to_do`` ends the message (e.g. "train it again with this version"). A folder without a record passes.
+    ``what_to_do`` ends the message of an older version (e.g. "train it again with this version"). A folder without
+    a record passes.
     """
     record = read_settings_record(fold_folder)
-    if record is None or is_current_method(record):
+    if record is None:
         return
-    made = f"{fold_folder}: made by nnalign {record.get('nnalign_version', 'before 0.2')} (method version " \
-           f"{method_version(record)}; this nnalign trains version {METHOD_VERSION}"
-    if method_version(record) > METHOD_VERSION:
-        raise NnalignError(f"{made}, an older one): {what_to_do}")
-    raise NnalignError(f"{made}, which changed {'; '.join(_changes_since(record))}): {what_to_do}")
+    version = method_version(record)
+    if version > METHOD_VERSION:
+        made = record.get("nnalign_version")
+        raise NnalignError(f"{fold_folder}: made by a newer nnalign{f' {made}' if isinstance(made, str) else ''} "
+                           f"(method version {version}; this nnalign, {__version__}, knows versions up to "
+                           f"{METHOD_VERSION}): upgrade nnalign to use it")
+    if not older or is_current_method(record):
+        return
+    raise NnalignError(f"{fold_folder}: made by nnalign {record.get('nnalign_version', 'before 0.2')} (method version "
+                       f"{version}; this nnalign trains version {METHOD_VERSION}, which changed "
+                       f"{'; '.join(_changes_since(record))}): {what_to_do}")
 
 
 def write_training_inputs(fold_folder: str | os.PathLike, inputs: dict, continuing: bool) -> None:
