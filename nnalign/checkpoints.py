@@ -23,7 +23,10 @@ from nnalign.errors import NnalignError
 
 #: What the refusal message says a checkpoint may hold.
 ALLOWED_DESCRIPTION = "tensors, numbers, strings, lists, dicts and numpy scalars"
-_UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL (\S+)|but got <class '([^']+)'>")
+#: How PyTorch's weights-only loader names what it refused: a global it does not allow, a global of a blocked module
+#: (``os``, ``sys``), an object of a class it cannot build.
+_REFUSED = (re.compile(r"Unsupported global: GLOBAL (\S+)"), re.compile(r"unsupported GLOBAL (\S+) whose module"),
+            re.compile(r"but got <class '([^']+)'>"))
 #: numpy's dtype classes a pickled ``numpy.dtype`` names (numbers and booleans only).
 _NUMPY_DTYPES = ("BoolDType", "Int8DType", "Int16DType", "Int32DType", "Int64DType", "UInt8DType", "UInt16DType",
                  "UInt32DType", "UInt64DType", "Float16DType", "Float32DType", "Float64DType")
@@ -61,13 +64,18 @@ def _first_sentence(e: BaseException) -> str:
 
 
 def refusal_reason(e: pickle.UnpicklingError) -> str:
-    """What the weights-only loader refused, from its (multi-line) message: ``holds builtins.exec, ...``."""
+    """What the weights-only loader refused, from its (multi-line) message: ``it holds builtins.exec, ...``."""
     text = str(e)
-    found = _UNSUPPORTED.search(text)
-    if found:
-        return f"it holds {(found.group(1) or found.group(2)).rstrip('.,')}, which a checkpoint may not hold (only {ALLOWED_DESCRIPTION})"
+    for pattern in _REFUSED:
+        found = pattern.search(text)
+        if found:
+            name = found.group(1).rstrip(".,")
+            name = name if "." in name else f"builtins.{name}"  # PyTorch drops the module of builtins
+            return f"it holds {name}, which a checkpoint may not hold (only {ALLOWED_DESCRIPTION})"
     detail = text.split("WeightsUnpickler error:", 1)[-1]
-    return f"its contents are not plain data ({_first_sentence(Exception(detail))})"
+    paragraphs = [p for p in detail.split("\n\n") if p.strip()
+                  and not p.strip().startswith(("Weights only load failed", "Check the documentation"))]
+    return f"its contents are not plain data ({_first_sentence(Exception(paragraphs[0] if paragraphs else detail))})"
 
 
 def load_checkpoint_safely(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> Any:
