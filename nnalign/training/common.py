@@ -181,6 +181,19 @@ class FiniteLoss:
                                f"data)")
 
 
+@contextlib.contextmanager
+def checkpoint_write(filename: str, partial: str):
+    """Around writing ``partial`` (to be renamed ``filename``): a failed write (a full disk; torch.save reports it as
+    a RuntimeError) removes ``partial`` and stops training with one line naming ``filename``."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200]
+        raise NnalignError(f"{filename}: cannot write the checkpoint ({reason}): training stopped") from None
+
+
 class SafeCheckpoints:
     """Trainer mixin: a checkpoint is written under a temporary name and renamed, so a run killed while saving keeps
     its previous checkpoint for ``--c`` (nnU-Net writes in place); and nnU-Net's own load of a checkpoint (``--c``,
@@ -188,13 +201,8 @@ class SafeCheckpoints:
 
     def save_checkpoint(self, filename: str) -> None:
         partial = f"{filename}.partial"
-        try:
+        with checkpoint_write(filename, partial):
             super().save_checkpoint(partial)
-        except (OSError, RuntimeError) as e:  # torch.save reports a failed write (a full disk) as a RuntimeError
-            with contextlib.suppress(OSError):
-                os.remove(partial)
-            reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200]
-            raise NnalignError(f"{filename}: cannot write the checkpoint ({reason}): training stopped") from None
         if os.path.isfile(partial):  # rank 0 with checkpointing on
             os.replace(partial, filename)
 

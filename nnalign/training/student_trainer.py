@@ -28,7 +28,7 @@ from nnalign.modalities import channel_indices
 from nnalign.model_folders import FINAL_CHECKPOINT, fold_folder, model_folder
 from nnalign.networks.align_unet import as_outputs, nnAlignStudentUNet
 from nnalign.training.common import (CollapseCheck, FiniteLoss, SafeCheckpoints, apply_plans_training,
-                                     apply_training_length, fit_deep_supervision,
+                                     apply_training_length, checkpoint_write, fit_deep_supervision,
                                      average_gradients_over_ranks, gathered_over_ranks, optimizer_step)
 from nnalign.training.optim import optimizer_from_plans
 from nnalign.atomic import write_json_atomic
@@ -192,7 +192,8 @@ class nnAlignStudentTrainer(CollapseCheck, FiniteLoss, SafeCheckpoints, nnUNetTr
             state = {"kd": self.kd.state_dict(),
                      "adversary_optimizer": self.adversary_optimizer.state_dict() if self.adversary_optimizer else None}
             path = Path(self.output_folder) / KD_STATE_FILE
-            torch.save(state, f"{path}.partial")
+            with checkpoint_write(str(path), f"{path}.partial"):
+                torch.save(state, f"{path}.partial")
             os.replace(f"{path}.partial", path)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
