@@ -38,18 +38,19 @@ ALLOWED_NETWORKS: frozenset[str] = frozenset(
      for c in ("PlainConvUNet", "ResidualEncoderUNet", "ResidualUNet")]
     + [f"dynamic_network_architectures.architectures.primus.Primus{size}" for size in "SBML"]
     + [f"nnalign.networks.align_unet.{c}" for c in ("nnAlignTeacherUNet", "nnAlignStudentUNet")])
-#: Names nnU-Net looks up inside its own package: (plans key, where it is looked up, the names allowed there).
-ALLOWED_BY_NAME: dict[str, tuple[str, frozenset[str]]] = {
-    "preprocessor_name": ("nnunetv2.preprocessing", frozenset({"DefaultPreprocessor"})),
+#: Names nnU-Net looks up inside its own package: kind -> (where it is looked up, the names allowed, what they are).
+ALLOWED_BY_NAME: dict[str, tuple[str, frozenset[str], str]] = {
+    "preprocessor_name": ("nnunetv2.preprocessing", frozenset({"DefaultPreprocessor"}), "nnU-Net's preprocessor"),
     "resampling_fn": ("nnunetv2.preprocessing.resampling", frozenset({
         "resample_data_or_seg_to_shape", "resample_data_or_seg_to_spacing", "resample_torch_fornnunet",
-        "resample_torch_simple", "no_resampling_hack"})),
+        "resample_torch_simple", "no_resampling_hack"}), "one of nnU-Net's resampling functions"),
     "normalization_schemes": ("nnunetv2.preprocessing.normalization", frozenset({
         "ZScoreNormalization", "CTNormalization", "NoNormalization", "RescaleTo01Normalization",
-        "RGBTo01Normalization"})),
-    "label_manager": ("nnunetv2.utilities.label_handling", frozenset({"LabelManager"})),
+        "RGBTo01Normalization"}), "one of nnU-Net's normalisations"),
+    "label_manager": ("nnunetv2.utilities.label_handling", frozenset({"LabelManager"}), "nnU-Net's LabelManager"),
     "image_reader_writer": ("nnunetv2.imageio", frozenset({
-        "SimpleITKIO", "NibabelIO", "NibabelIOWithReorient", "NaturalImage2DIO", "Tiff3DIO"})),
+        "SimpleITKIO", "NibabelIO", "NibabelIOWithReorient", "NaturalImage2DIO", "Tiff3DIO"}),
+        "one of nnU-Net's image readers"),
 }
 #: The ``arch_kwargs`` that nnU-Net's own plans pass through ``pydoc.locate``.
 LAYER_KEYS = ("conv_op", "norm_op", "dropout_op", "nonlin")
@@ -57,36 +58,46 @@ _RESAMPLING_KEYS = ("resampling_fn_data", "resampling_fn_seg", "resampling_fn_pr
 
 
 class PlansError(NnalignError):
-    """A plans or dataset.json file that names something it may not; the message is one line, ``PATH: REASON``."""
+    """A plans or dataset.json file that cannot be read or names something it may not; the message is one line,
+    ``PATH: REASON``."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        super().__init__(f"{os.fspath(path)}: {reason}")
+        self.path = os.fspath(path)
+        self.reason = reason
+
+    def __reduce__(self):
+        return type(self), (self.path, self.reason)
 
 
-def _refuse(source: str, where: str, value, allowed: str) -> PlansError:
-    return PlansError(f"{source}: refused: {where} names {value!r}, not {allowed}")
+def _refuse(source: str, key: str, value, where: str, allowed: str) -> PlansError:
+    """``PATH: refused: KEY 'VALUE' (WHERE) is not ALLOWED``: short, so that the key survives a long path."""
+    return PlansError(source, f"refused: {key} {value!r}{f' ({where})' if where else ''} is not {allowed}")
 
 
-def _check_name(source: str, where: str, value, key: str) -> None:
-    package, names = ALLOWED_BY_NAME[key]
+def _check_name(source: str, key: str, value, where: str, kind: str) -> None:
+    _, names, allowed = ALLOWED_BY_NAME[kind]
     if value not in names:
-        raise _refuse(source, where, value, f"one of {', '.join(sorted(names))}")
+        raise _refuse(source, key, value, where, allowed)
 
 
 def check_architecture(architecture, source: str, where: str) -> None:
     """PlansError unless a configuration's ``architecture`` names an allowed network and allowed layers only."""
     if not isinstance(architecture, dict):
-        raise PlansError(f"{source}: {where} must be a JSON object, got {type(architecture).__name__}")
+        raise PlansError(source, f"architecture ({where}) must be a JSON object, got {type(architecture).__name__}")
     network = architecture.get("network_class_name")
     if network not in ALLOWED_NETWORKS:
-        raise _refuse(source, f"{where}.network_class_name", network, "one of nnU-Net's or nnalign's networks")
+        raise _refuse(source, "network_class_name", network, where, "one of nnU-Net's or nnalign's networks")
     kwargs = architecture.get("arch_kwargs")
     imports = architecture.get("_kw_requires_import", [])
     if not isinstance(kwargs, dict):
-        raise PlansError(f"{source}: {where}.arch_kwargs must be a JSON object")
+        raise PlansError(source, f"arch_kwargs ({where}) must be a JSON object")
     if not isinstance(imports, list) or not all(isinstance(k, str) and k in kwargs for k in imports):
-        raise PlansError(f"{source}: {where}._kw_requires_import must list keys of arch_kwargs, got {imports!r}")
+        raise PlansError(source, f"_kw_requires_import ({where}) must list keys of arch_kwargs, got {imports!r}")
     for key in dict.fromkeys([*LAYER_KEYS, *imports]):
         value = kwargs.get(key)
         if value is not None and value not in ALLOWED_LAYERS:
-            raise _refuse(source, f"{where}.arch_kwargs.{key}", value, "a torch.nn layer")
+            raise _refuse(source, key, value, where, "a torch.nn layer")
 
 
 def check_plans(plans, source: str | os.PathLike) -> None:
@@ -94,28 +105,27 @@ def check_plans(plans, source: str | os.PathLike) -> None:
     on the allow-lists of this module."""
     source = os.fspath(source)
     if not isinstance(plans, dict):
-        raise PlansError(f"{source}: not a plans file (expected a JSON object, got {type(plans).__name__})")
+        raise PlansError(source, f"not a plans file (expected a JSON object, got {type(plans).__name__})")
     for key in ("label_manager", "image_reader_writer"):
         if key in plans:
-            _check_name(source, key, plans[key], key)
+            _check_name(source, key, plans[key], "", key)
     configurations = plans.get("configurations", {})
     if not isinstance(configurations, dict):
-        raise PlansError(f"{source}: configurations must be a JSON object")
+        raise PlansError(source, "configurations must be a JSON object")
     for name, configuration in configurations.items():
-        where = f"configuration {name!r}"
+        where = f"configuration {name}"
         if not isinstance(configuration, dict):
-            raise PlansError(f"{source}: {where} must be a JSON object")
+            raise PlansError(source, f"{where} must be a JSON object")
         if "architecture" in configuration:
-            check_architecture(configuration["architecture"], source, f"{where} architecture")
+            check_architecture(configuration["architecture"], source, where)
         if "preprocessor_name" in configuration:
-            _check_name(source, f"{where} preprocessor_name", configuration["preprocessor_name"],
-                        "preprocessor_name")
+            _check_name(source, "preprocessor_name", configuration["preprocessor_name"], where, "preprocessor_name")
         for key in _RESAMPLING_KEYS:
             if key in configuration:
-                _check_name(source, f"{where} {key}", configuration[key], "resampling_fn")
+                _check_name(source, key, configuration[key], where, "resampling_fn")
         schemes = configuration.get("normalization_schemes", [])
         for scheme in schemes if isinstance(schemes, list) else [schemes]:
-            _check_name(source, f"{where} normalization_schemes", scheme, "normalization_schemes")
+            _check_name(source, "normalization_schemes", scheme, where, "normalization_schemes")
 
 
 def check_dataset_json(dataset_json, source: str | os.PathLike) -> None:
@@ -123,7 +133,7 @@ def check_dataset_json(dataset_json, source: str | os.PathLike) -> None:
     image readers."""
     reader = dataset_json.get("overwrite_image_reader_writer") if isinstance(dataset_json, dict) else None
     if reader not in (None, "None"):
-        _check_name(os.fspath(source), "overwrite_image_reader_writer", reader, "image_reader_writer")
+        _check_name(os.fspath(source), "overwrite_image_reader_writer", reader, "", "image_reader_writer")
 
 
 def read_checked_plans(path: str | os.PathLike) -> dict:
@@ -132,9 +142,9 @@ def read_checked_plans(path: str | os.PathLike) -> dict:
     try:
         plans = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
-        raise PlansError(f"{path}: cannot read the plans ({e.strerror or e})") from None
+        raise PlansError(path, f"cannot read the plans ({e.strerror or e})") from None
     except (UnicodeDecodeError, ValueError) as e:
-        raise PlansError(f"{path}: not a readable plans file (not JSON: {e})") from None
+        raise PlansError(path, f"not a readable plans file (not JSON: {e})") from None
     check_plans(plans, path)
     return plans
 
@@ -148,5 +158,5 @@ def check_model_folder(folder: str | os.PathLike) -> None:
         try:
             dataset_json = json.loads(dataset_file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise PlansError(f"{dataset_file}: not a readable dataset.json ({e})") from None
+            raise PlansError(dataset_file, f"not a readable dataset.json ({e})") from None
         check_dataset_json(dataset_json, dataset_file)

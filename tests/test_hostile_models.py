@@ -172,6 +172,79 @@ def test_report_refuses_a_crafted_checkpoint(trained, results, tmp_path, write_c
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# a plans file runs no code (nnalign.plans_check)
+
+
+def plant_command(plans_file: Path, marker: Path) -> None:
+    """Make the module's configuration in ``plans_file`` build its dropout layers with ``os.system("touch MARKER")``."""
+    plans = json.loads(plans_file.read_text())
+    plans["configurations"][CONFIG]["architecture"]["arch_kwargs"].update(
+        dropout_op="os.system", dropout_op_kwargs={"command": f"touch {marker}"})
+    plans_file.write_text(json.dumps(plans))
+
+
+def test_the_plans_nnalign_writes_pass_the_allow_list(trained):
+    from nnalign.plans_check import check_model_folder, read_checked_plans
+
+    read_checked_plans(trained / "pre" / DATASET / "nnAlignPlans.json")
+    folders = [trained / "results" / DATASET / TEACHER, *student_folders(trained / "results")]
+    assert len(folders) == 2
+    for folder in folders:
+        check_model_folder(folder)
+
+
+def test_predict_refuses_plans_that_name_a_command(trained, results, tmp_path, run_module, error_lines):
+    marker = tmp_path / "created_by_the_plans"
+    for folder in [results / DATASET / TEACHER, *student_folders(results)]:
+        plant_command(folder / "plans.json", marker)
+    out = tmp_path / "out"
+    proc = run_module("predict", "-i", case_files(trained, tmp_path / "in"), "-o", out, "-m", results / DATASET,
+                      "-device", "cpu", "--disable-tta")
+    lines = error_lines(proc, "nnalign_predict")
+    # (the line shortens the long temporary path in its middle)
+    assert any("refused: dropout_op 'os.system' (configuration 3d_cpu) is not a torch.nn layer" in line
+               for line in lines), lines
+    assert not marker.exists()
+    assert not list(out.glob("*.nii.gz"))
+
+
+def test_report_refuses_plans_that_name_a_command(trained, results, tmp_path, run_module):
+    marker = tmp_path / "created_by_the_plans"
+    plant_command(results / DATASET / TEACHER / "plans.json", marker)
+    out = tmp_path / "report"
+    proc = run_module("report", results / DATASET, "-o", out,
+                      env={"nnUNet_preprocessed": str(trained / "pre"), "nnUNet_results": str(results),
+                           "nnUNet_raw": str(trained / "raw")})
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not marker.exists()
+    assert "plans.json: refused: dropout_op 'os.system' (configuration 3d_cpu)" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("run", ["teacher", "teacher --c", "student"])
+def test_train_refuses_plans_that_name_a_command_and_writes_nothing(trained, results, tmp_path, run, run_train,
+                                                                    assert_one_line_error):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "raw").symlink_to(trained / "raw")
+    shutil.copytree(trained / "pre", root / "pre")
+    plans_file = root / "pre" / DATASET / "nnAlignPlans.json"
+    marker = tmp_path / "created_by_the_plans"
+    plant_command(plans_file, marker)
+    teacher = results / DATASET / TEACHER
+    for folder in student_folders(results):
+        shutil.rmtree(folder)
+    if run == "teacher":
+        shutil.rmtree(teacher)
+    before = sorted(p.relative_to(results) for p in results.rglob("*"))
+    args = {"teacher": ("--anchor", "mixture"), "teacher --c": ("--anchor", "mixture", "--c"),
+            "student": (*STUDENT_ARGS, "--teacher", str(teacher))}[run]
+    proc = run_train(root, results, str(DATASET_ID), CONFIG, "0", *args, *SHORT)
+    assert_one_line_error(proc, f"{plans_file}: refused: dropout_op 'os.system' (configuration 3d_cpu)")
+    assert not marker.exists()
+    assert sorted(p.relative_to(results) for p in results.rglob("*")) == before
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # nnalign_train: checks before anything is written
 
 

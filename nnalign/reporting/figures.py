@@ -198,9 +198,12 @@ def teacher_latents(model_dir: Path, fold: str, preprocessed: Path, cases: Seque
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
     from nnalign.checkpoints import CheckpointError, safe_torch_load
-    from nnalign.plans_check import check_model_folder
+    from nnalign.plans_check import PlansError, check_model_folder
 
-    check_model_folder(model_dir)  # nnU-Net builds the network from names in plans.json
+    try:
+        check_model_folder(model_dir)  # nnU-Net builds the network from names in plans.json
+    except PlansError as e:  # the panel's note names the model: the file name and the reason suffice
+        raise PlansError(Path(e.path).name, e.reason) from None
     # the predictor prints about the device; the checkpoint is loaded weights-only (nnalign.checkpoints)
     with contextlib.redirect_stdout(io.StringIO()), safe_torch_load():
         predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
