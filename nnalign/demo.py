@@ -18,7 +18,7 @@ from typing import Callable
 
 from nnalign.errors import NnalignError
 from nnalign.modalities import BRATS_MODALITIES, subset_tag
-from nnalign.model_folders import FINAL_CHECKPOINT, PLANS_NAME, fold_folder, model_folder
+from nnalign.model_folders import FINAL_CHECKPOINT, fold_folder, model_folder
 from nnalign.runs import TeacherSpec
 from nnalign.training.record import read_settings_record
 
@@ -240,6 +240,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoResul
     from nnalign.evaluation.evaluate import evaluate
     from nnalign.paths import setup_env
     from nnalign.planning.plan_and_preprocess import plan_and_preprocess
+    from nnalign.planning.status import missing_preprocessed
     from nnalign.reporting.report import build_report
     from nnalign.runs import StudentSpec
 
@@ -251,7 +252,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoResul
     dataset = dataset_folder.name
     work = results_root / dataset / "nnalign_demo"
     preprocessed = Path(folders["nnUNet_preprocessed"]) / dataset
-    if not (preprocessed / f"{PLANS_NAME}.json").is_file() or not any(preprocessed.glob(f"*{CONFIGURATION}/*.pkl")):
+    if missing_preprocessed(dataset_folder, preprocessed, CONFIGURATION) != []:
         say(f"plan and preprocess ({CONFIGURATION})")
         plan_and_preprocess(opts.dataset_id, [CONFIGURATION], num_processes=opts.workers, warn=lambda m: say(f"  {m}"))
     teacher_dir = model_folder(results_root / dataset, TEACHER.trainer_name(), CONFIGURATION)

@@ -120,3 +120,42 @@ def test_demo_runs_end_to_end_then_resumes_without_training_again(tmp_path, run_
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count(": done before") == 3
     assert [c.stat().st_mtime_ns for c in checkpoints] == written
+
+
+@pytest.mark.parametrize("interrupted", [True, False])
+def test_the_demo_plans_again_after_an_interrupted_preprocessing(tmp_path, monkeypatch, interrupted):
+    """Every case preprocessed but the run that wrote them broke off (its marker is there): plan again; a finished
+    folder is reused."""
+    import nnalign.demo as demo
+    import nnalign.planning.plan_and_preprocess as planning
+    from nnalign.planning.status import INCOMPLETE_MARKER
+
+    class Planned(Exception):
+        pass
+
+    class Trained(Exception):
+        pass
+
+    def plan(*args, **kwargs):
+        raise Planned
+
+    def train(*args, **kwargs):
+        raise Trained
+
+    for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "pre"), ("nnUNet_results", "results")):
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    monkeypatch.setattr(planning, "plan_and_preprocess", plan)
+    monkeypatch.setattr(demo, "_run", train)
+    opts = demo.DemoOptions(dataset_id=951, cases=2, test_cases=1, shape=(32, 32, 32))
+    raw = demo._prepare_data(opts, tmp_path / "raw", lambda m: None)
+    pre = tmp_path / "pre" / raw.name
+    data = pre / f"nnAlignPlans_{demo.CONFIGURATION}"
+    data.mkdir(parents=True)
+    (pre / "nnAlignPlans.json").write_text(json.dumps(
+        {"configurations": {demo.CONFIGURATION: {"data_identifier": data.name}}}))
+    for label in (raw / "labelsTr").glob("*.nii.gz"):
+        (data / f"{label.name[: -len('.nii.gz')]}.pkl").touch()
+    if interrupted:
+        (pre / INCOMPLETE_MARKER).touch()
+    with pytest.raises(Planned if interrupted else Trained):
+        demo.run_demo(opts, say=lambda m: None)

@@ -184,7 +184,7 @@ def test_preprocessing_is_done_only_when_every_training_case_is_preprocessed(dat
     data_folder = data / "pre" / DATASET / "nnAlignPlans_3d_fullres"
     (data_folder / "case2.pkl").touch()
     assert resolve_states(grid, store, lambda record: None)["preprocess"].state == "done"
-    from nnalign.planning.plan_and_preprocess import INCOMPLETE_MARKER
+    from nnalign.planning.status import INCOMPLETE_MARKER
 
     (data / "pre" / DATASET / INCOMPLETE_MARKER).touch()  # every file there, but the run that wrote them broke off
     assert resolve_states(grid, store, lambda record: None)["preprocess"].state == "missing"

@@ -228,7 +228,7 @@ def test_read_only_nnunet_preprocessed_is_one_line(tiny_dataset, tmp_path, plan,
 @pytest.mark.slow
 def test_train_refuses_a_folder_whose_preprocessing_did_not_finish(tmp_path, fake_dataset, run_train,
                                                                    assert_one_line_error):
-    from nnalign.planning.plan_and_preprocess import INCOMPLETE_MARKER
+    from nnalign.planning.status import INCOMPLETE_MARKER
 
     root = fake_dataset(tmp_path, configuration="3d_cpu")
     from nnalign.data.raw_dataset import write_dataset_json
@@ -278,7 +278,7 @@ def _interrupt_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None
 @pytest.mark.parametrize("earlier", [False, True], ids=["new", "existing"])
 def test_ctrl_c_is_one_line_and_leaves_no_folder_that_looks_complete(tmp_path, synthetic, moment, earlier, run_train,
                                                                      assert_one_line_error):
-    from nnalign.planning.plan_and_preprocess import INCOMPLETE_MARKER
+    from nnalign.planning.status import INCOMPLETE_MARKER
 
     env = synthetic(6)
     folder = tmp_path / "pre" / "Dataset062_SyntheticBraTS"

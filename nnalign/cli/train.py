@@ -412,7 +412,7 @@ def main() -> int:
     args.fold = parse_fold(args.fold)
     preprocessed, results = Path(folders["nnUNet_preprocessed"]), Path(folders["nnUNet_results"])
     dataset = resolve_dataset(args.dataset, preprocessed, Path(folders["nnUNet_raw"]))
-    from nnalign.planning.plan_and_preprocess import check_preprocessing_complete
+    from nnalign.planning.status import check_preprocessing_complete
 
     check_preprocessing_complete(preprocessed / dataset)
     plans, dataset_json = check_preprocessed(preprocessed / dataset, args.configuration)

@@ -20,6 +20,8 @@ from nnalign.experiments.spec import ExperimentSpec
 from nnalign.modalities import BRATS_MODALITIES, subset_tag
 from nnalign.model_folders import FINAL_CHECKPOINT, PLANS_NAME, fold_folder, model_folder
 from nnalign.paths import dataset_name, resolve_folders
+from nnalign.planning.status import (configuration_value, missing_preprocessed, read_plans,
+                                     training_cases)
 from nnalign.runs import StudentSpec, TeacherSpec, TrainingLength
 
 EXPERIMENTS_DIR = "nnalign_experiments"
@@ -97,52 +99,10 @@ def _find(root: Path, dataset_id: int) -> str | None:
     return found[0] if found else None
 
 
-def _read_plans(preprocessed: Path, configuration: str) -> dict | None:
-    """The nnalign plans of a preprocessed dataset if they hold ``configuration``, else None."""
-    try:
-        plans = json.loads((preprocessed / f"{PLANS_NAME}.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(plans, dict) or configuration not in (plans.get("configurations") or {}):
-        return None
-    return plans
-
-
-def training_cases(raw: Path) -> list[str] | None:
-    """The training case IDs of a raw dataset (its ``labelsTr``), None where it has none yet."""
-    if not (raw / "labelsTr").is_dir():
-        return None
-    try:
-        ending = json.loads((raw / "dataset.json").read_text()).get("file_ending", ".nii.gz")
-    except (OSError, ValueError, AttributeError):
-        ending = ".nii.gz"
-    return sorted(p.name[: -len(ending)] for p in (raw / "labelsTr").glob(f"*{ending}"))
-
-
-def missing_preprocessed(raw: Path, preprocessed: Path, configuration: str) -> list[str] | None:
-    """The training cases of ``raw`` whose preprocessed file of ``configuration`` is not there (nnU-Net writes a
-    case's ``.pkl`` last), all of them in a folder whose preprocessing run did not finish; None when the configuration
-    is not planned. Without the raw dataset, the configuration's data folder must hold some case (else the list is
-    ``["(none)"]``)."""
-    from nnalign.planning.plan_and_preprocess import INCOMPLETE_MARKER
-
-    plans = _read_plans(preprocessed, configuration)
-    if plans is None:
-        return None
-    if (preprocessed / INCOMPLETE_MARKER).exists():  # an nnalign_plan_and_preprocess run that did not finish
-        return training_cases(raw) or ["(none)"]
-    data = preprocessed / (_configuration_value(plans, configuration, "data_identifier")
-                           or f"{PLANS_NAME}_{configuration}")
-    cases = training_cases(raw)
-    if cases is None:
-        return [] if any(data.glob("*.pkl")) else ["(none)"]
-    return [case for case in cases if not (data / f"{case}.pkl").is_file()]
-
-
 def _plans(raw: Path, preprocessed: Path, configuration: str) -> dict | None:
     """The nnalign plans of a preprocessed dataset holding ``configuration``'s data for every training case, else
     None."""
-    return _read_plans(preprocessed, configuration) if missing_preprocessed(raw, preprocessed, configuration) == [] \
+    return read_plans(preprocessed, configuration) if missing_preprocessed(raw, preprocessed, configuration) == [] \
         else None
 
 
@@ -178,22 +138,11 @@ def _preprocessed(raw: Path, preprocessed: Path, configuration: str) -> bool:
     return missing_preprocessed(raw, preprocessed, configuration) == []
 
 
-def _configuration_value(plans: dict, configuration: str, key: str):
-    """A configuration's ``key``, following ``inherits_from``."""
-    configurations, seen = plans["configurations"], set()
-    while configuration in configurations and configuration not in seen:
-        seen.add(configuration)
-        if key in configurations[configuration]:
-            return configurations[configuration][key]
-        configuration = configurations[configuration].get("inherits_from")
-    return None
-
-
 def step_scale(plans: dict | None, configuration: str) -> float | None:
     """This plan's patch voxels x batch size against the reference of :data:`REFERENCE_STEP_S`; None unplanned."""
     if plans is None:
         return None
-    patch, batch = (_configuration_value(plans, configuration, k) for k in ("patch_size", "batch_size"))
+    patch, batch = (configuration_value(plans, configuration, k) for k in ("patch_size", "batch_size"))
     if not patch or not batch:
         return None
     voxels = batch

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -15,15 +14,13 @@ from nnalign.data.dataset_checks import check_raw_dataset, read_dataset_json
 from nnalign.data.raw_dataset import find_dataset_folder
 from nnalign.errors import NnalignError, one_line
 from nnalign.paths import setup_env
+from nnalign.planning.status import INCOMPLETE_MARKER
 
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_cpu", "paper")
 DEFAULT_CONFIGURATIONS = ("3d_fullres", "3d_cpu")
 MIN_CASES_FOR_5FOLD = 5
 
 
-INCOMPLETE_MARKER = "nnalign_preprocessing_incomplete"
-"""A file in a preprocessed dataset folder while nnalign_plan_and_preprocess works on it: written before anything
-else, removed after everything else. A folder that holds it was left by a run that failed or was interrupted."""
 
 
 def raw_dataset_folder(dataset_id: int) -> Path:
@@ -59,16 +56,6 @@ def ensure_small_dataset_split(raw_folder: Path, preprocessed_folder: Path, warn
     write_splits_file(splits_file, generate_crossval_split(ids, seed=12345, n_splits=len(ids)))
     warn(f"only {len(ids)} training cases: wrote a {len(ids)}-fold split (folds 0-{len(ids) - 1}); "
          f"fold 'all' trains on every case")
-
-
-def check_preprocessing_complete(folder: Path) -> None:
-    """One-line NnalignError if the preprocessed dataset ``folder`` was left by an nnalign_plan_and_preprocess run
-    that failed or was interrupted (it holds :data:`INCOMPLETE_MARKER`)."""
-    if (Path(folder) / INCOMPLETE_MARKER).exists():
-        dataset_id = re.match(r"Dataset(\d{3})_", Path(folder).name)
-        how = f" -d {int(dataset_id.group(1))}" if dataset_id else ""
-        raise NnalignError(f"{folder}: its preprocessing did not finish (interrupted or failed): run "
-                           f"nnalign_plan_and_preprocess{how} again")
 
 
 def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = DEFAULT_CONFIGURATIONS,
