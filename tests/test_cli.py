@@ -23,7 +23,6 @@ def test_the_commands_come_from_the_installed_package():
     assert {"train", "predict", "plan_and_preprocess"} <= set(COMMANDS)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS)
 def test_usage_errors_are_one_line(command):
     proc = subprocess.run([sys.executable, "-m", f"nnalign.cli.{command}", "--no-such-flag"], capture_output=True,
@@ -44,7 +43,6 @@ HELP_IMPORTS = ("import contextlib, io, runpy, sys\n"
                 "    print(exit.code, sorted(m for m in ('torch', 'nnunetv2', 'matplotlib') if m in sys.modules))\n")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_answers_without_importing_torch_or_nnunet(command):
     """What keeps ``--help`` at a fraction of a second: torch alone takes seconds to import (the times are measured by
