@@ -9,6 +9,7 @@ find nnalign's trainers by name.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 DEFAULT_FOLDERS = {
@@ -41,6 +42,22 @@ def setup_env(base: str | os.PathLike | None = None) -> dict[str, str]:
     return folders
 
 
+DATASET_NAME_RE = re.compile(r"Dataset(\d{3})_(.+)")
+"""nnU-Net's dataset folder names, ``Dataset{id:03d}_{name}``: group 1 the ID, group 2 the name."""
+
+
 def dataset_name(dataset_id: int, name: str) -> str:
     """nnU-Net's folder name for a dataset: ``Dataset{id:03d}_{name}``."""
     return f"Dataset{int(dataset_id):03d}_{name}"
+
+
+def dataset_id_of(folder_name: str) -> int | None:
+    """The ID in an nnU-Net dataset folder name (``Dataset018_BraTS2018`` -> 18), None for any other name."""
+    found = DATASET_NAME_RE.fullmatch(folder_name)
+    return int(found.group(1)) if found else None
+
+
+def dataset_folders(root: str | os.PathLike, dataset_id: int) -> list[Path]:
+    """The folders ``Dataset{id:03d}_*`` under ``root``, sorted (none when ``root`` is not a folder)."""
+    root = Path(root)
+    return sorted(p for p in root.glob(dataset_name(dataset_id, "*")) if p.is_dir()) if root.is_dir() else []

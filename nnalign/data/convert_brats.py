@@ -24,6 +24,7 @@ from nnalign.data.raw_dataset import FILE_ENDING, build_dataset_folder, image_fi
 from nnalign.data.splits import protokd_split, write_splits_file
 from nnalign.errors import NnalignError
 from nnalign.modalities import BRATS_MODALITIES
+from nnalign.paths import dataset_name
 
 SPLITS = ("5fold", "protokd")
 CITATION = ("Menze et al., IEEE TMI 2015; Bakas et al., Sci Data 2017; Bakas et al., arXiv:1811.02629; "
@@ -213,7 +214,7 @@ def convert_brats(source: Path, dataset_id: int, raw_root: Path, name: str | Non
                              "splits_final.json not written")
             else:
                 write_splits_file(staging / "splits_final.json", folds)
-    final = next(Path(raw_root).glob(f"Dataset{int(dataset_id):03d}_{name}"))
+    final = Path(raw_root) / dataset_name(dataset_id, name)
     return ConversionReport(final, len(train_ids), len(ok) - len(train_ids), convention, skipped, notes, ok)
 
 

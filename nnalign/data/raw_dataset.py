@@ -12,16 +12,14 @@ from typing import Iterator, Sequence
 from nnalign.data.labels import NNUNET_LABELS, REGIONS_CLASS_ORDER
 from nnalign.errors import NnalignError
 from nnalign.modalities import BRATS_MODALITIES
-from nnalign.paths import dataset_name
+from nnalign.paths import dataset_folders, dataset_name
 
 FILE_ENDING = ".nii.gz"
 
 
 def find_dataset_folder(root: Path, dataset_id: int) -> Path | None:
     """The existing ``DatasetXXX_*`` folder with this ID under ``root``, if any."""
-    if not root.is_dir():
-        return None
-    matches = sorted(p for p in root.glob(f"Dataset{int(dataset_id):03d}_*") if p.is_dir())
+    matches = dataset_folders(root, dataset_id)
     return matches[0] if matches else None
 
 

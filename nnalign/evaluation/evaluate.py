@@ -14,8 +14,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from nnalign.atomic import check_writable, write_texts_atomic
 from nnalign.data.case_checks import voxel_problem
 from nnalign.data.labels import REGION_NAMES

@@ -10,7 +10,6 @@ Nothing here imports torch or nnU-Net.
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,10 +18,10 @@ from nnalign.errors import NnalignError
 from nnalign.experiments.spec import ExperimentSpec
 from nnalign.modalities import BRATS_MODALITIES, subset_tag
 from nnalign.model_folders import FINAL_CHECKPOINT, PLANS_NAME, fold_folder, model_folder
-from nnalign.paths import dataset_name, resolve_folders
+from nnalign.paths import dataset_folders, dataset_name, resolve_folders
 from nnalign.planning.status import (configuration_value, missing_preprocessed, read_plans,
                                      training_cases)
-from nnalign.runs import StudentSpec, TeacherSpec, TrainingLength
+from nnalign.runs import StudentSpec, TrainingLength
 
 EXPERIMENTS_DIR = "nnalign_experiments"
 """Experiments keep their state in ``{nnUNet_results}/DatasetXXX_NAME/nnalign_experiments/<name>/``."""
@@ -93,7 +92,7 @@ def length_flags(length: TrainingLength) -> list[str]:
 
 
 def _find(root: Path, dataset_id: int) -> str | None:
-    found = sorted(p.name for p in root.glob(f"Dataset{dataset_id:03d}_*") if p.is_dir()) if root.is_dir() else []
+    found = [p.name for p in dataset_folders(root, dataset_id)]
     if len(found) > 1:
         raise NnalignError(f"dataset {dataset_id} matches several folders in {root}: {', '.join(found)}")
     return found[0] if found else None

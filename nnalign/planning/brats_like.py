@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from nnalign.data.raw_dataset import image_filename, write_dataset_json
+from nnalign.paths import dataset_name
 
 BRATS_CASES = 285
 BRATS_SHAPE_AFTER_CROP = (138, 169, 138)
@@ -26,7 +27,7 @@ def write_brats_like_fingerprint(dataset_id: int, name: str = "BraTSLike") -> Pa
     """Create the placeholder raw dataset and its BraTS-like fingerprint; return the preprocessed folder."""
     import SimpleITK as sitk
 
-    folder_name = f"Dataset{int(dataset_id):03d}_{name}"
+    folder_name = dataset_name(dataset_id, name)
     raw = Path(os.environ["nnUNet_raw"]) / folder_name
     (raw / "imagesTr").mkdir(parents=True, exist_ok=True)
     (raw / "labelsTr").mkdir(exist_ok=True)
@@ -49,7 +50,7 @@ def write_brats_like_fingerprint(dataset_id: int, name: str = "BraTSLike") -> Pa
 
 def plan_brats_like(planner_cls, dataset_id: int, gpu_memory_gb: float = 8.0, plans_name: str | None = None) -> dict:
     """Run ``planner_cls`` on the BraTS-like fingerprint (written first if absent) and return its plans."""
-    if not (Path(os.environ["nnUNet_raw"]) / f"Dataset{int(dataset_id):03d}_BraTSLike").exists():
+    if not (Path(os.environ["nnUNet_raw"]) / dataset_name(dataset_id, "BraTSLike")).exists():
         write_brats_like_fingerprint(dataset_id)
     kwargs = {"plans_name": plans_name} if plans_name else {}
     with contextlib.redirect_stdout(io.StringIO()):

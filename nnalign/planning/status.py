@@ -4,11 +4,11 @@ torch or nnU-Net."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from nnalign.errors import NnalignError
 from nnalign.model_folders import PLANS_NAME
+from nnalign.paths import dataset_id_of
 
 INCOMPLETE_MARKER = "nnalign_preprocessing_incomplete"
 """A file in a preprocessed dataset folder while nnalign_plan_and_preprocess works on it: written before anything
@@ -70,7 +70,7 @@ def check_preprocessing_complete(folder: Path) -> None:
     """One-line NnalignError if the preprocessed dataset ``folder`` was left by an nnalign_plan_and_preprocess run
     that failed or was interrupted (it holds :data:`INCOMPLETE_MARKER`)."""
     if (Path(folder) / INCOMPLETE_MARKER).exists():
-        dataset_id = re.match(r"Dataset(\d{3})_", Path(folder).name)
-        how = f" -d {int(dataset_id.group(1))}" if dataset_id else ""
+        dataset_id = dataset_id_of(Path(folder).name)
+        how = f" -d {dataset_id}" if dataset_id is not None else ""
         raise NnalignError(f"{folder}: its preprocessing did not finish (interrupted or failed): run "
                            f"nnalign_plan_and_preprocess{how} again")
