@@ -1,4 +1,8 @@
-"""Does distillation help beyond run-to-run noise? The demo's T1ce students, several training runs per method and seed.
+"""KD against no distillation, beyond run-to-run noise: the demo's T1ce students, several training runs per method and
+seed, each method's student against the no-distillation student of the same teacher.
+
+This is not the paper's Table I gain, which compares the students of two teachers (P* minus Original, the same KD
+method): that is ``benchmarks/table_one.py``.
 
 One student run of the demo's length varies by more than the effect looked for (results.md, section 4), so a
 single run per seed cannot say whether a method is at, above or below the no-distillation student. For each seed S
@@ -14,9 +18,10 @@ this runs, each step skipped when its result exists (an interrupted run resumes)
 Every scored run is one row of ``WORK/scores.csv``. At the end it prints, per seed and method, the held-out WT (mean
 over the runs, with their range), TC and ET, and the ratio of the method's mean WT to the no-distillation student's
 (the issue's check: at least 0.9 in every seed). Then what the runs can resolve: the spread of one run's WT between
-runs of the same student, each method's WT difference to ``none`` with its 95% interval, and how many runs of each
-student would find the paper's average gain (+1.75 Dice points) with 80% power (the interval is Student's t on the
-pooled spread; each student's own spread is printed too, as distillation can steady a student's runs)::
+runs of the same student, each method's WT difference to ``none`` (KD vs no distillation) with its 95% interval, and
+how many runs of each student would find a KD-vs-none difference as large as the paper's Table I gain (+1.75 Dice
+points, another quantity) with 80% power (the interval is Student's t on the pooled spread; each student's own
+spread is printed too, as distillation can steady a student's runs)::
 
     python benchmarks/kd_repeats.py --work kd_repeats --seeds 1 2 3 --runs 3 --kd kdnet,pmkl,protokd,smunet
     python benchmarks/kd_repeats.py --work kd_repeats --seeds 2 --runs 10 --kd pmkl --test-cases 20
@@ -36,14 +41,16 @@ import subprocess
 import sys
 from pathlib import Path
 from statistics import NormalDist
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from nnalign.demo import DemoOptions
 
 FIELDS = ("seed", "run", "kd", "WT", "TC", "ET", "collapse_warning")
 CHECK_RATIO = 0.9
-PAPER_GAIN = 0.0175  # the paper's average Dice gain of single-modality students, as a fraction
+PAPER_GAIN = 0.0175
+"""Table I's average "Imp." as a fraction of Dice: single-modality students of the P*-aligned teacher minus the same KD
+method's students of the Original (unaligned) teacher, averaged over methods and modalities (+1.75 Dice points)."""
 
 
 def _folders(seed_dir: Path) -> dict[str, str]:
@@ -59,7 +66,7 @@ def _call(command: list[str], env: dict[str, str], log: Path) -> None:
         code = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT,
                                env={**os.environ, **env, "PYTHONUNBUFFERED": "1"})
     if code != 0:
-        sys.exit(f"kd_repeats: {' '.join(command[2:6])} failed (exit {code}); see {log}")
+        sys.exit(f"{Path(sys.argv[0]).stem}: {' '.join(command[2:6])} failed (exit {code}); see {log}")
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -69,10 +76,10 @@ def _read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _append_row(path: Path, row: dict) -> None:
+def _append_row(path: Path, row: dict, fields: tuple[str, ...] = FIELDS) -> None:
     new = not path.is_file()
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         if new:
             writer.writeheader()
         writer.writerow(row)
@@ -181,21 +188,35 @@ def summary(rows: list[dict], methods: tuple[str, ...]) -> str:
     lines.append("each student's own spread: " + ", ".join(
         f"seed {seed} {kd} {spread:.3f} ({n} runs)" for (seed, kd), (spread, n) in student_spreads(rows).items()))
     t = t_quantile(0.975, dof)
+    lines.append("KD vs no distillation (each method's student minus the no-distillation student of the same teacher; "
+                 "not the paper's Table I gain, P* students minus Original students: benchmarks/table_one.py):")
     for kd in methods:
         diff, se, seeds = difference_to_none(rows, kd, sd)
         if seeds:
             lines.append(f"{kd}: WT minus none's {diff:+.3f} (95% interval {diff - t * se:+.3f} to "
                          f"{diff + t * se:+.3f}) over {seeds} seed{'s' * (seeds > 1)}")
-    lines.append(f"a gain of {PAPER_GAIN} WT (the paper's +{PAPER_GAIN * 100:g} Dice) is found with 80% power at the 5% "
-                 f"level by {runs_needed(sd, PAPER_GAIN)} runs of each student (all seeds together)")
+    lines.append(f"a KD-vs-none difference of {PAPER_GAIN} WT (as large as the paper's Table I gain, another "
+                 f"quantity) is found with 80% power at the 5% level by {runs_needed(sd, PAPER_GAIN)} runs of each "
+                 f"student (all seeds together)")
     return "\n".join(lines)
 
 
-def _wt_by_student(rows: list[dict]) -> dict[tuple[int, str], list[float]]:
-    """Held-out WT of every run, per (seed, student)."""
+def _kd(row: dict) -> str:
+    """The student of a ``scores.csv`` row: its KD method (one teacher and modality subset per seed)."""
+    return row["kd"]
+
+
+def _wt(row: dict) -> float:
+    """The held-out WT Dice of a ``scores.csv`` row."""
+    return float(row["WT"])
+
+
+def values_by_student(rows: list[dict], student: Callable[[dict], str] = _kd,
+                      value: Callable[[dict], float] = _wt) -> dict[tuple[int, str], list[float]]:
+    """``value`` (default: held-out WT) of every run, per (seed, ``student``) (default: the KD method)."""
     groups: dict[tuple[int, str], list[float]] = {}
     for r in rows:
-        groups.setdefault((int(r["seed"]), r["kd"]), []).append(float(r["WT"]))
+        groups.setdefault((int(r["seed"]), student(r)), []).append(value(r))
     return groups
 
 
@@ -205,20 +226,24 @@ def _squared_deviations(values: list[float]) -> float:
     return sum((x - mean) ** 2 for x in values)
 
 
-def run_spread(rows: list[dict]) -> tuple[float, int]:
-    """The standard deviation of one run's held-out WT between runs of the same student and seed, pooled over every
-    (seed, student) with two or more runs, and its degrees of freedom (0, with a NaN SD, when no student has two)."""
-    groups = _wt_by_student(rows).values()
-    squares = sum(_squared_deviations(wts) for wts in groups)
-    dof = sum(len(wts) - 1 for wts in groups)
+def run_spread(rows: list[dict], student: Callable[[dict], str] = _kd,
+               value: Callable[[dict], float] = _wt) -> tuple[float, int]:
+    """The standard deviation of one run's ``value`` (default: held-out WT) between runs of the same student and seed,
+    pooled over every (seed, student) with two or more runs, and its degrees of freedom (0, with a NaN SD, when no
+    student has two)."""
+    groups = values_by_student(rows, student, value).values()
+    squares = sum(_squared_deviations(v) for v in groups)
+    dof = sum(len(v) - 1 for v in groups)
     return (math.sqrt(squares / dof) if dof else float("nan")), dof
 
 
-def student_spreads(rows: list[dict]) -> dict[tuple[int, str], tuple[float, int]]:
-    """The standard deviation of held-out WT between the runs of each (seed, student) that has two or more runs, and
-    its number of runs: where a method steadies training, its spread is smaller than ``none``'s."""
-    return {key: (math.sqrt(_squared_deviations(wts) / (len(wts) - 1)), len(wts))
-            for key, wts in sorted(_wt_by_student(rows).items()) if len(wts) > 1}
+def student_spreads(rows: list[dict], student: Callable[[dict], str] = _kd,
+                    value: Callable[[dict], float] = _wt) -> dict[tuple[int, str], tuple[float, int]]:
+    """The standard deviation of ``value`` (default: held-out WT) between the runs of each (seed, student) that has
+    two or more runs, and its number of runs: where a method steadies training, its spread is smaller than
+    ``none``'s."""
+    return {key: (math.sqrt(_squared_deviations(v) / (len(v) - 1)), len(v))
+            for key, v in sorted(values_by_student(rows, student, value).items()) if len(v) > 1}
 
 
 def t_quantile(probability: float, dof: int) -> float:
@@ -229,19 +254,25 @@ def t_quantile(probability: float, dof: int) -> float:
     return float(t.ppf(probability, dof))
 
 
-def difference_to_none(rows: list[dict], kd: str, sd: float) -> tuple[float, float, int]:
-    """The method's mean WT minus the no-distillation student's, within each seed that has both, averaged over those
-    seeds; its standard error from the pooled run spread ``sd``; and the number of seeds."""
-    groups = _wt_by_student(rows)
-    seeds = sorted(s for s, k in groups if k == kd and (s, "none") in groups)
+def paired_difference(groups: dict[tuple[int, str], list[float]], ours: str, reference: str,
+                      sd: float) -> tuple[float, float, int]:
+    """Student ``ours``'s mean minus student ``reference``'s, within each seed of ``groups`` that has both, averaged
+    over those seeds; its standard error from the pooled run spread ``sd``; and the number of seeds."""
+    seeds = sorted(s for s, k in groups if k == ours and (s, reference) in groups)
     if not seeds:
         return float("nan"), float("nan"), 0
     diffs, variances = [], []
     for s in seeds:
-        ours, none = groups[(s, kd)], groups[(s, "none")]
-        diffs.append(sum(ours) / len(ours) - sum(none) / len(none))
-        variances.append(sd ** 2 * (1 / len(ours) + 1 / len(none)))
+        a, b = groups[(s, ours)], groups[(s, reference)]
+        diffs.append(sum(a) / len(a) - sum(b) / len(b))
+        variances.append(sd ** 2 * (1 / len(a) + 1 / len(b)))
     return sum(diffs) / len(seeds), math.sqrt(sum(variances)) / len(seeds), len(seeds)
+
+
+def difference_to_none(rows: list[dict], kd: str, sd: float) -> tuple[float, float, int]:
+    """The method's mean WT minus the no-distillation student's, within each seed that has both, averaged over those
+    seeds; its standard error from the pooled run spread ``sd``; and the number of seeds."""
+    return paired_difference(values_by_student(rows), kd, "none", sd)
 
 
 def runs_needed(sd: float, gain: float, alpha: float = 0.05, power: float = 0.8) -> int:
