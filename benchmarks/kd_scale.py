@@ -15,6 +15,15 @@ ratio equals the original's::
 
 Only the logits are compared: the student's network is the same in both terms, so the ratio at the logits is the ratio
 of their pulls. The teacher's logits are set, not trained (``--teacher-logits``).
+
+``--smunet`` prints instead how SMU-Net's style loss in its code (rezazad68/smunet, ``losses.py::get_style_loss``:
+``1e-4 x sum((G_f - G_m)^2) / (4 C^2 (H W)^2)``, G the batch-mixed Gram ``F F^T / (B C D H W)`` of F (B C, D H W))
+relates to nnalign's ``mean((G_s - G_t)^2)`` (:func:`~nnalign.losses.kd.smunet.style_loss`) on the same features:
+the factor between their values and between their gradients, per style map, and the gradient of each method's style
+term against its content term (``0.2 x mean((h_s - h_t)^2)``) on the same map. Features are N(0, 1), the student's
+another draw::
+
+    python benchmarks/kd_scale.py --smunet
 """
 from __future__ import annotations
 
@@ -61,10 +70,11 @@ def original_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float
 
 
 def gradient_norm(loss, logits: torch.Tensor) -> float:
-    """The norm of ``loss(logits)``'s gradient at ``logits``."""
+    """The norm of ``loss(logits)``'s gradient at ``logits`` (summed in float64: a float32 square of SMU-Net's style
+    gradients, about 1e-22 per element, is below float32's range)."""
     leaf = logits.detach().clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(loss(leaf), leaf)
-    return float(grad.norm())
+    return float(grad.double().norm())
 
 
 def measure(tumour: float, stages: int, size: int, inside: float, outside: float, spread: float,
@@ -103,8 +113,52 @@ def measure(tumour: float, stages: int, size: int, inside: float, outside: float
             "matching_weight": protokd.kd_weight * ratio_original / ratio_ours, "kd_weight": protokd.kd_weight}
 
 
+def original_style(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """SMU-Net's code's style loss, from its formula: batch-mixed Gram of (B, C, D, H, W) features, H and W only in
+    the divisor."""
+    def gram(f: torch.Tensor) -> torch.Tensor:
+        flat = f.reshape(f.shape[0] * f.shape[1], -1)
+        return flat @ flat.T / f.numel()
+
+    c, h, w = student.shape[1], student.shape[2], student.shape[3]
+    return 1e-4 * (gram(teacher) - gram(student)).pow(2).sum() / (4 * c**2 * (h * w) ** 2)
+
+
+def smunet_style(shape: tuple[int, ...], seed: int = 0) -> dict[str, float]:
+    """The original's and nnalign's style terms on N(0, 1) features of ``shape`` (B, C, D, H, W)."""
+    from nnalign.losses.kd.smunet import SMUNetLoss, style_loss
+
+    generator = torch.Generator().manual_seed(seed)
+    teacher, student = (torch.randn(shape, generator=generator) for _ in range(2))
+    weight = SMUNetLoss.__init__.__kwdefaults__["style_weight"]
+    content_weight = SMUNetLoss.__init__.__kwdefaults__["content_weight"]
+    content = gradient_norm(lambda f: content_weight * (f - teacher).pow(2).mean(), student)
+    original = gradient_norm(lambda f: original_style(f, teacher), student)
+    ours = gradient_norm(lambda f: style_loss([f], [teacher]), student)
+    return {"value_factor": float(original_style(student, teacher) / style_loss([student], [teacher])),
+            "gradient_factor": original / ours, "original_vs_content": original / content,
+            "nnalign_vs_content": weight * ours / content, "style_weight": weight}
+
+
+def main_smunet() -> None:
+    print("N(0, 1) teacher and student features; factor = the original's style loss / nnalign's mean((dG)^2)\n")
+    print("| style map (B, C, D, H, W) | value factor | gradient factor | original: style / content gradient | "
+          "nnalign: style / content gradient |")
+    print("|---|---|---|---|---|")
+    rows = [((1, 128, 20, 24, 16), "the original's: its 160x192x128 crop / 8"),
+            ((1, 128, 10, 10, 10), "an 80^3 crop / 8"), ((1, 32, 20, 24, 16), "fewer channels"),
+            ((2, 128, 20, 24, 16), "batch 2: the original's Gram mixes the samples")]
+    for shape, what in rows:
+        r = smunet_style(shape)
+        print(f"| {shape} ({what}) | {r['value_factor']:.4g} | {r['gradient_factor']:.4g} | "
+              f"{r['original_vs_content']:.3g} | {r['nnalign_vs_content']:.3g} "
+              f"(style_weight {r['style_weight']:.4g}) |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smunet", action="store_true",
+                   help="instead: SMU-Net's style term in its code against nnalign's, per style map")
     p.add_argument("--tumour", type=float, nargs="+", default=[0.04, 0.08, 0.14],
                    help="tumour fractions of the patch")
     p.add_argument("--ds-stages", type=int, nargs="+", default=[4, 6],
@@ -114,6 +168,9 @@ def main() -> None:
                    help="the teacher's region logit inside and outside a region")
     p.add_argument("--spread", type=float, default=0.5, help="standard deviation of the fresh student's logits")
     args = p.parse_args()
+    if args.smunet:
+        main_smunet()
+        return
     inside, outside = args.teacher_logits
     print(f"teacher logits {inside:+g} inside / {outside:+g} outside a region; student logits ~ N(0, "
           f"{args.spread:g}); patch {args.size}^3, batch 2\n")

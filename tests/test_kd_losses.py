@@ -383,8 +383,21 @@ def smunet(skip_channels, **kw):
                     **kw)
 
 
+# SMU-Net's code's style factor 1e-4/(4·(H·W)²) on its 20 x 24 x 16 style map: 1e-4/(4·480²) = 1e-4/921600
+ORIGINAL_STYLE = 1e-4 / 921600  # 1.0850694e-10
+
+
+def test_style_loss_averages_the_scales():
+    # scale 1 is the case above (13.03125), scale 2 equal in student and teacher (0): the mean is 13.03125/2
+    f_s = t([[1.0, 2.0], [3.0, 4.0]], (1, 2, 1, 1, 2))
+    f_t = t([[1.0, 0.0], [0.0, 1.0]], (1, 2, 1, 1, 2))
+    same = torch.ones(1, 2, 1, 1, 2)
+    assert approx(style_loss([f_s, same], [f_t, same.clone()]), 6.515625)
+
+
 def test_smunet_style_uses_three_deepest_skips():
-    # skip 0 differs hugely but is not among the three deepest; skip 1 is the case above (13.03125); skips 2, 3 equal
+    # skip 0 differs hugely but is not among the three deepest; skip 1 is the case above (13.03125); skips 2, 3 equal:
+    # the mean over the three is 13.03125/3 = 4.34375, weighted 1e-4/921600 → 4.7132704e-10
     f_s1 = t([[1.0, 2.0], [3.0, 4.0]], (1, 2, 1, 1, 2))
     f_t1 = t([[1.0, 0.0], [0.0, 1.0]], (1, 2, 1, 1, 2))
     same2, same3 = torch.ones(1, 2, 1, 1, 2), torch.ones(1, 2, 1, 1, 2)
@@ -392,18 +405,36 @@ def test_smunet_style_uses_three_deepest_skips():
     tt = [torch.zeros(1, 2, 1, 1, 2), f_t1, same2.clone(), same3.clone()]
     z = torch.zeros(1, 3, 1, 1, 2)
     parts = smunet([2, 2, 2, 2])(outs(z, s), outs(z, tt), torch.zeros_like(z), 0)
-    assert approx(parts["style"], 13.03125)
+    assert approx(parts["style"], 4.7132704e-10, abs_=0)
     assert approx(parts["content"], 0.0)
+    parts = smunet([2, 2, 2, 2], style_weight=3.0)(outs(z, s), outs(z, tt), torch.zeros_like(z), 0)
+    assert approx(parts["style"], 13.03125)  # the earlier term: weight 1 on the sum over the three scales
 
 
 def test_smunet_content_and_style_on_a_single_skip():
     # one skip, C = 1, N = 2: student [1, 2], teacher [0, 0]
-    # content = 0.2·mean([1, 4]) = 0.5; Gram: student (1 + 4)/(1·2) = 2.5, teacher 0 → style = 2.5² = 6.25
+    # content = 0.2·mean([1, 4]) = 0.5; Gram: student (1 + 4)/(1·2) = 2.5, teacher 0 → mean((ΔG)²) = 6.25,
+    # style = 6.25·1e-4/921600 = 6.7816840e-10
     z = torch.zeros(1, 3, 1, 1, 2)
     parts = smunet([1])(outs(z, [t([1.0, 2.0], (1, 1, 1, 1, 2))]), outs(z, [torch.zeros(1, 1, 1, 1, 2)]),
                         torch.zeros_like(z), 0)
     assert approx(parts["content"], 0.5)
-    assert approx(parts["style"], 6.25)
+    assert approx(parts["style"], 6.7816840e-10, abs_=0)
+
+
+def test_smunet_style_is_the_originals_on_its_style_map():
+    # The original at batch 1: 1e-4·Σ(ΔG)²/(4·C²·(H·W)²), G = F Fᵀ/(C·N), on a map with H·W = 20·24 (depth 1, N = 480).
+    # C = 2, teacher 1 everywhere: G_t = 480/(2·480) = 1/2 in every entry. Student: channel 0 is 2 at one voxel, so
+    # ΔG00 = (479 + 4)/960 − 1/2 = 3/960, ΔG01 = ΔG10 = (479 + 2)/960 − 1/2 = 1/960, ΔG11 = 0;
+    # Σ(ΔG)² = 11/960² = 1.1935764e-5 → original = 1e-4·1.1935764e-5/(4·4·480²) = 3.2378e-16.
+    f_t = torch.ones(1, 2, 20, 24, 1)
+    f_s = f_t.clone()
+    f_s[0, 0, 0, 0, 0] = 2.0
+    z = torch.zeros(1, 3, 20, 24, 1)
+    parts = smunet([2])(outs(z, [f_s]), outs(z, [f_t]), torch.zeros_like(z), 0)
+    assert approx(parts["style"], 1e-4 * 11 / 960**2 / (4 * 4 * 480**2), rel=1e-4, abs_=0)
+    assert approx(parts["style"], 3.2378e-16, rel=1e-4, abs_=0)
+    assert smunet([2]).style_weight == pytest.approx(ORIGINAL_STYLE, rel=1e-12)
 
 
 @pytest.mark.parametrize(

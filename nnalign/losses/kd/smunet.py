@@ -20,13 +20,20 @@ Formula (original)
 What this module computes (teacher t = "full", student s = "missing")
 ---------------------------------------------------------------------
 - ``content = content_weight·mean((h_s − h_t)²)`` on the bottleneck ``skips[-1]`` (B, C, *S); weight 0.2.
-- ``style = style_weight·Σ_{scales} mean((G(F_s) − G(F_t))²)`` over the three deepest skips (all of them if
-  fewer), ``G(F) = F Fᵀ/(C·N)`` per sample for F (B, C, N), N the voxels of that scale; weight 1.0. The original's
-  style features are a 1×1-conv fusion of three encoder scales, which a plain nnU-Net encoder does not have, so
-  the Gram matrices are matched per scale instead. Its normalisation divides the batch-mixed (B·C)² Gram by
-  B·C·D·H·W and again by 4·C²·(H·W)² (H, W only), so its size depends on batch, crop and depth, hence its 1e-4.
-  ``F Fᵀ/(C·N)`` is a per-voxel average of channel products: the same value for any patch or batch size, so the
-  weight transfers between configurations.
+- ``style = style_weight·mean_{scales} mean((G(F_s) − G(F_t))²)`` over the three deepest skips (all of them if
+  fewer), ``G(F) = F Fᵀ/(C·N)`` per sample for F (B, C, N), N the voxels of that scale. The original's style
+  features are a 1×1-conv fusion of three encoder scales, which a plain nnU-Net encoder does not have, so the Gram
+  matrices are matched per scale instead, and averaged so that the term is one style map's worth, as the original's.
+  ``F Fᵀ/(C·N)`` is a per-voxel average of channel products: the same value for any patch or batch size.
+- ``style_weight`` = :data:`ORIGINAL_STYLE_WEIGHT` = 1e-4/(4·480²) ≈ 1.085e-10, the original's own scale (method
+  version 5; before, weight 1 on the sum over the three scales, about 3·9.2e9 times the original's). At batch 1 (the
+  original's) its Gram is this ``G`` and Σ(ΔG)² = C²·mean(ΔG²), so ``L_style = 1e-4·mean(ΔG²)/(4·(H·W)²)``: C
+  cancels, and on its style map, (1, 128, 20, 24, 16), the 160×192×128 crop after three stride-2 stages, H·W = 480.
+  Only H·W enters, so the original's factor depends on its crop (2.5e-9 for an 80³ crop); nnalign keeps the factor
+  of the original's map for every configuration (``benchmarks/kd_scale.py --smunet``: value and gradient factor
+  1.085e-10 on that map). On N(0, 1) features of that map the term's gradient is 7e-17 of the content term's, in
+  the original as here: the original's style matching is carried by its adversarial term.
+  ``--kd-set style_weight=3`` gives the earlier term (with three or more skips).
 - ``adversarial = adversarial_weight·BCEwithLogits(D(F_s), 0)`` on the second-deepest skip (the only skip if there
   is one); weight 2e-4. D = Conv3d(C, 32, 3, stride 2, pad 1) – LeakyReLU(0.2) – Conv3d(32, 64, 3, 2, 1) –
   LeakyReLU(0.2) – global average pool – Linear(64, 1) (smaller than the original's 4 k4s2 convs 64/128/256/1, and
@@ -67,6 +74,10 @@ from nnalign.losses.kd.registry import register_kd
 from nnalign.networks.outputs import NetworkOutputs
 
 STYLE_SCALES = 3
+ORIGINAL_STYLE_MAP = (20, 24, 16)
+"""The original's style map (D, H, W) at its 160×192×128 training crop, after three stride-2 stages."""
+ORIGINAL_STYLE_WEIGHT = 1e-4 / (4 * (ORIGINAL_STYLE_MAP[0] * ORIGINAL_STYLE_MAP[1]) ** 2)
+"""The original's ``1e-4/(4·(H·W)²)`` on its style map, ≈ 1.085e-10: its style loss per unit of mean((ΔG)²)."""
 
 
 def gram_matrix(features: Tensor) -> Tensor:
@@ -77,14 +88,11 @@ def gram_matrix(features: Tensor) -> Tensor:
 
 
 def style_loss(skips_student: Sequence[Tensor], skips_teacher: Sequence[Tensor]) -> Tensor:
-    """``Σ_scales mean((G_s − G_t)²)`` over the given scales (unweighted)."""
-    total = None
-    for f_s, f_t in zip(skips_student, skips_teacher):
-        term = (gram_matrix(f_s) - gram_matrix(f_t)).pow(2).mean()
-        total = term if total is None else total + term
-    if total is None:
+    """``mean_scales mean((G_s − G_t)²)`` over the given scales (unweighted)."""
+    terms = [(gram_matrix(f_s) - gram_matrix(f_t)).pow(2).mean() for f_s, f_t in zip(skips_student, skips_teacher)]
+    if not terms:
         raise ValueError("style_loss needs at least one scale")
-    return total
+    return torch.stack(terms).mean()
 
 
 def consistency_ramp(epoch: int, ramp_epochs: int = 20, maximum: float = 10.0) -> float:
@@ -140,7 +148,7 @@ class SMUNetLoss(DistillationLoss):
         shape: NetworkShape,
         *,
         content_weight: float = 0.2,
-        style_weight: float = 1.0,
+        style_weight: float = ORIGINAL_STYLE_WEIGHT,
         adversarial_weight: float = 2e-4,
         consistency_max: float = 10.0,
         ramp_epochs: int = 20,
