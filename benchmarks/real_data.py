@@ -3,12 +3,14 @@
 The protocol is ``nnalign_experiment``'s ``cpu-evidence`` preset (``nnalign/experiments/presets/cpu-evidence.toml``):
 the shared cases converted with the ProtoKD split (its test cases among them held out), ``3d_cpu``, teachers
 ``mixture``, ``none`` and ``original`` with the same settings, FLAIR and T1ce students (``none``, ``kdnet``,
-``protokd``) of the ``mixture`` teacher, each evaluated on the held-out cases, then ``nnalign_report``. This script
+``protokd``) of the ``mixture`` teacher and the same KD students (``kdnet``, ``protokd``) of the ``original`` teacher
+(Table I's Original column: the paper's gain is P* students minus Original students), each evaluated on the held-out
+cases, then ``nnalign_report``. This script
 runs that preset with the local executor, with nnU-Net's folders under ``--work`` and the cases from ``--data``, and
 prints the report and each run's wall time. Opt-in (it exits with a message when the cases are absent) and
 resumable: run it again and the finished runs are reused::
 
-    python benchmarks/real_data.py --work /tmp/real_run            # the whole protocol (about 50 min on 2 CPU cores)
+    python benchmarks/real_data.py --work /tmp/real_run            # the whole protocol (about 65 min on 2 CPU cores)
     python benchmarks/real_data.py --work /tmp/real_run --dry-run  # nnalign_experiment plan: the runs, nothing run
 """
 from __future__ import annotations

@@ -56,7 +56,10 @@ def test_real_data_protocol_is_the_cpu_evidence_preset(tmp_path):
     plan = subprocess.run([*script, "--data", str(tmp_path / "BraTS2018"), "--dry-run"], capture_output=True, text=True,
                           timeout=120)
     assert plan.returncode == 0, plan.stderr
-    assert "experiment cpu-evidence" in plan.stdout and "21 runs: 0 done, 21 missing" in plan.stdout, plan.stdout
+    assert "experiment cpu-evidence" in plan.stdout and "29 runs: 0 done, 29 missing" in plan.stdout, plan.stdout
+    for modality in ("FLAIR", "T1ce"):  # Table I's Original column: the original teacher's KD students
+        for kd in ("kdnet", "protokd"):
+            assert f"student {modality} {kd} of original, fold 0" in plan.stdout
     assert f"convert {tmp_path / 'BraTS2018'}" in plan.stdout
     assert f"state: {tmp_path / 'work' / 'results'}" in plan.stdout
 

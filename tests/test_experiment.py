@@ -60,8 +60,11 @@ def test_cpu_evidence_preset_is_the_real_data_protocol(tmp_path, monkeypatch, fo
     trainers = {r.key.split(".")[1] for r in grid.runs.values() if r.kind == "train"}
     students = {StudentSpec((m,), kd, TeacherSpec("mixture")).trainer_name() for m in ("FLAIR", "T1ce")
                 for kd in ("none", "kdnet", "protokd")}
-    assert trainers == {"nnAlignOriginal", "nnAlignTeacher_none", "nnAlignTeacher_mixture"} | students
-    train = grid.runs["train.nnAlignTeacher_mixture.fold_0"].commands[0]
+    # Table I's Original column: the same KD students of the original teacher (kd none does not use its teacher)
+    students |= {StudentSpec((m,), kd, TeacherSpec("original")).trainer_name() for m in ("FLAIR", "T1ce")
+                 for kd in ("kdnet", "protokd")}
+    assert trainers == {"nnAlignOriginal", "nnAlignTeacher_none", TeacherSpec("mixture").trainer_name()} | students
+    train = grid.runs[f"train.{TeacherSpec('mixture').trainer_name()}.fold_0"].commands[0]
     assert train[:4] == ("nnalign.cli.train", "Dataset218_BraTS2018", "3d_cpu", "0")
     assert "--epochs" in train and train[train.index("--epochs") + 1] == "15"
     assert grid.state_dir == tmp_path / "results" / "Dataset218_BraTS2018" / "nnalign_experiments" / "cpu-evidence"
