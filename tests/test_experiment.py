@@ -7,6 +7,7 @@ and the report.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -23,6 +24,7 @@ from nnalign.experiments.state import StateStore, resolve_states
 from nnalign.runs import StudentSpec, TeacherSpec
 
 PRESETS = ("paper-table-I", "paper-table-III", "paper-table-IV", "paper-all", "cpu-evidence")
+RECIPE_PRESETS = tuple(f"{name}-recipe" for name in PRESETS[:4])
 
 
 @pytest.fixture
@@ -38,7 +40,7 @@ def paper_data(tmp_path, monkeypatch, fake_dataset, folders_env) -> Path:
 
 
 def test_every_preset_is_shipped_and_plans(paper_data):
-    assert set(PRESETS) == set(preset_names())
+    assert set(PRESETS + RECIPE_PRESETS) == set(preset_names())
     sizes = {}
     for preset in PRESETS[:4]:
         grid = build_grid(read_spec(preset))
@@ -47,6 +49,54 @@ def test_every_preset_is_shipped_and_plans(paper_data):
                    for k, r in grid.runs.items() for d in r.deps)  # dependency order
     # 5 teachers; 4 singles x 5 KD settings x 5 teachers; 15 subsets x 2 teachers; the union shares 8 students
     assert sizes == {"paper-table-IV": 5, "paper-table-I": 105, "paper-table-III": 32, "paper-all": 127}
+
+
+def test_paper_table_III_distils_pmkl_students(paper_data):
+    # the paper's Table III distils its students of every subset with PMKL, from the none and mixture teachers
+    single_kd = {"paper-table-III": {"pmkl"}, "paper-all": {"none", "kdnet", "pmkl", "protokd", "smunet"}}
+    for preset, kd in single_kd.items():
+        grid = build_grid(read_spec(preset))
+        students = {StudentSpec.parse(r.key.split(".")[1]) for r in grid.runs.values()
+                    if r.kind == "train" and r.key.split(".")[1].startswith("nnAlignStudent")}
+        subsets = {s for s in students if len(s.modalities) > 1}
+        assert len(subsets) == 11 * 2 and {s.kd for s in subsets} == {"pmkl"}
+        assert {s.kd for s in students if len(s.modalities) == 1} == kd  # paper-all: Table I's singles too
+        assert grid.spec.report.kd == "pmkl"
+
+
+def _plan_paper_configuration(root: Path) -> None:
+    """Add nnalign's paper configuration (as the planner writes it, as far as plan reads it) to the fake plans."""
+    plans_file = root / "pre" / "Dataset018_BraTS2018" / "nnAlignPlans.json"
+    plans = json.loads(plans_file.read_text())
+    plans["configurations"]["paper"] = {"patch_size": [80, 80, 80], "batch_size": 4, "nnalign_training": {
+        "optimizer": "adam", "initial_lr": 1e-3, "final_lr": 1e-5, "weight_decay": 1e-5}}
+    plans_file.write_text(json.dumps(plans))
+    data = root / "pre" / "Dataset018_BraTS2018" / "nnAlignPlans_paper"
+    data.mkdir()
+    (data / "case.pkl").touch()
+
+
+@pytest.mark.parametrize("preset", RECIPE_PRESETS)
+def test_recipe_presets_are_their_table_with_the_papers_configuration(paper_data, preset):
+    _plan_paper_configuration(paper_data)
+    spec, table = read_spec(preset), read_spec(preset.removesuffix("-recipe"))
+    assert (spec.name, spec.configuration, table.configuration) == (preset, "paper", "3d_fullres")
+    assert dataclasses.replace(spec, name=table.name, source=table.source, configuration=table.configuration) == table
+    grid, table_grid = build_grid(spec), build_grid(table)
+    trainings = [r.commands[0] for r in grid.runs.values() if r.kind == "train"]
+    assert len(trainings) == sum(r.kind == "train" for r in table_grid.runs.values())
+    assert {c[2] for c in trainings} == {"paper"}
+    assert grid.state_dir.name == preset  # its own state and runs: the model folders are the configuration's
+
+
+def test_plan_names_the_recipe_of_every_run(paper_data, capsys):
+    from nnalign.cli.experiment import plan
+
+    _plan_paper_configuration(paper_data)
+    plan("paper-table-III-recipe")
+    assert "recipe of every run: paper, patch 80x80x80, batch 4, adam lr 0.001 to 1e-05\n" in capsys.readouterr().out
+    plan("paper-table-III")
+    assert "recipe of every run: 3d_fullres, patch 112x128x112, batch 2, nnU-Net's SGD\n" in capsys.readouterr().out
 
 
 def test_cpu_evidence_preset_is_the_real_data_protocol(tmp_path, monkeypatch, folders_env):

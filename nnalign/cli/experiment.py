@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = CommandParser(
         prog=PROG,
         description="Turn an experiment SPEC (a TOML file, or a preset: paper-table-I, paper-table-III, "
-                    "paper-table-IV, paper-all, cpu-evidence) into its runs: convert and preprocess, teachers, their "
+                    "paper-table-IV, paper-all, each also as NAME-recipe with the paper's training recipe, "
+                    "cpu-evidence) into its runs: convert and preprocess, teachers, their "
                     "students, evaluation of the held-out cases, the report; run them in dependency order on this "
                     "machine or on Slurm, resumably. Runs whose result exists are reused, whoever made them. State "
                     "lives in {nnUNet_results}/DATASET/nnalign_experiments/NAME (documentation/experiments.md).")
@@ -89,10 +90,30 @@ def _load(spec: str):
     return grid, store, resolve_states(grid, store, alive_checker())
 
 
+def recipe(grid) -> str:
+    """The configuration (training recipe) every run of ``grid`` uses, with its patch, batch and optimizer from the
+    plans once the dataset is planned."""
+    from pathlib import Path
+
+    from nnalign.planning.status import configuration_value, read_plans
+
+    name = grid.spec.configuration
+    plans = read_plans(Path(grid.folders["nnUNet_preprocessed"]) / grid.dataset, name)
+    if plans is None:
+        return f"recipe of every run: {name} (its patch, batch and optimizer once {grid.dataset} is planned)"
+    patch, batch = (configuration_value(plans, name, key) for key in ("patch_size", "batch_size"))
+    # the plans' key of nnalign's optimizer settings (training/common.py PLANS_TRAINING_KEY, which loads torch)
+    training = configuration_value(plans, name, "nnalign_training")
+    optimizer = (f"{training.get('optimizer', 'adam')} lr {training.get('initial_lr')} to {training.get('final_lr')}"
+                 if isinstance(training, dict) else "nnU-Net's SGD")
+    shape = "x".join(map(str, patch)) if isinstance(patch, list) else patch
+    return f"recipe of every run: {name}, patch {shape}, batch {batch}, {optimizer}"
+
+
 def _heading(grid) -> str:
     spec = grid.spec
     return (f"experiment {spec.name} ({spec.source}): {grid.dataset}, {spec.configuration}, folds "
-            f"{', '.join(map(str, spec.folds))}\nstate: {grid.state_dir}")
+            f"{', '.join(map(str, spec.folds))}\n{recipe(grid)}\nstate: {grid.state_dir}")
 
 
 def plan(spec: str) -> int:
