@@ -112,12 +112,14 @@ def student_runs(run_results: Path, methods: tuple[str, ...], modalities: tuple[
     return runs
 
 
-def _train(folder: Path, command: list[str], env: dict[str, str], log: Path) -> None:
-    """Train a model unless its final checkpoint exists; continue (``--c``) from its latest one if there is one."""
+def _train(what: str, folder: Path, command: list[str], env: dict[str, str], log: Path) -> None:
+    """Train a model (saying ``what``) unless its final checkpoint exists; continue (``--c``) from its latest one if
+    there is one."""
     from nnalign.model_folders import FINAL_CHECKPOINT, fold_folder
 
     if (fold_folder(folder, 0) / FINAL_CHECKPOINT).is_file():
         return
+    print(f"{what}: train", flush=True)
     resume = ["--c"] if (fold_folder(folder, 0) / "checkpoint_latest.pth").is_file() else []
     _call(command + resume, env, log)
 
@@ -157,10 +159,9 @@ def run_seed(work: Path, seed: int, runs: int, methods: tuple[str, ...], modalit
         print(f"seed {seed}: the demo (data, P* teacher, run 1 of its {modalities[0]} students)", flush=True)
         _call(demo_command(seed, methods, (modalities[0],), demo), env, seed_dir / "demo.log")
         results = next(results_root.glob(f"Dataset{demo.dataset_id:03d}_*"))
-    print(f"seed {seed}: the Original teacher", flush=True)
     original = teachers()[ORIGINAL]
-    _train(model_folder(results, original.trainer_name(), CONFIGURATION), teacher_command(results.name, original, demo),
-           env, results / "table_one_logs" / "train_original.log")
+    _train(f"seed {seed}: the Original teacher", model_folder(results, original.trainer_name(), CONFIGURATION),
+           teacher_command(results.name, original, demo), env, results / "table_one_logs" / "train_original.log")
     raw = Path(env["nnUNet_raw"]) / results.name
     ending = json.loads((raw / "dataset.json").read_text())["file_ending"]
     regions = reference_regions(raw / "labelsTs", ending)
@@ -176,8 +177,7 @@ def run_seed(work: Path, seed: int, runs: int, methods: tuple[str, ...], modalit
                 continue
             what = f"seed {seed}, run {run}: the {student.modality} {student.kd} student of {COLUMN[student.teacher]}"
             logs = run_results / "table_one_logs"
-            print(what, flush=True)
-            _train(student.folder, student.command, {**env, "nnUNet_results": str(run_results.parent)},
+            _train(what, student.folder, student.command, {**env, "nnUNet_results": str(run_results.parent)},
                    logs / f"train_{student.folder.name}.log")
             predictions = run_results / "table_one_predictions" / student.folder.name
             if len(list(predictions.glob(f"*{ending}"))) < len(regions):

@@ -267,3 +267,53 @@ def test_table_one_trains_the_original_teachers_students_like_the_p_star_teacher
     assert flags["--anchor"] == "original" and flags["--epochs"] == "6"
     assert float(flags["--modality-dropout"]) == TEACHER.modality_dropout
     assert flags["--subset-sampling"] == TEACHER.subset_sampling
+
+
+def test_table_one_series_trains_the_original_teacher_and_its_students_and_resumes(tmp_path, monkeypatch):
+    """A seed whose demo is done: the series trains the Original teacher once, then every student the demo did not
+    train, of both teachers, in each run (run 2 from copies of both teachers), scores each, and a rerun trains
+    nothing."""
+    import types
+
+    from nnalign.demo import CONFIGURATION, TEACHER, DemoOptions
+    from nnalign.model_folders import FINAL_CHECKPOINT, fold_folder, model_folder
+    from nnalign.runs import StudentSpec
+
+    table_one = _benchmark_module("table_one")
+    results = tmp_path / "seed1" / "nnalign_results" / "Dataset900_DemoSyntheticBraTS"
+    raw = tmp_path / "seed1" / "nnalign_raw_data" / results.name
+    (raw / "labelsTs").mkdir(parents=True)
+    (raw / "imagesTs").mkdir()
+    (raw / "dataset.json").write_text('{"file_ending": ".nii.gz"}')
+    original = table_one.teachers()["original"]
+    for spec in (TEACHER, StudentSpec(("T1ce",), "pmkl", TEACHER), StudentSpec(("T1ce",), "none", TEACHER)):
+        final = fold_folder(model_folder(results, spec.trainer_name(), CONFIGURATION), 0) / FINAL_CHECKPOINT
+        final.parent.mkdir(parents=True)
+        final.touch()
+    calls = []
+
+    def fake_call(command, env, log):
+        calls.append(command)
+        if "--anchor" in command:  # the Original teacher
+            final = fold_folder(model_folder(results, original.trainer_name(), CONFIGURATION), 0) / FINAL_CHECKPOINT
+            final.parent.mkdir(parents=True)
+            final.touch()
+
+    monkeypatch.setattr(table_one, "_call", fake_call)
+    scores = {"case": {"Dice_WT": 0.5, "Dice_TC": 0.25, "Dice_ET": 0.125}}
+    monkeypatch.setattr("nnalign.evaluation.evaluate.evaluate", lambda *a, **k: types.SimpleNamespace(scores=scores))
+    demo = DemoOptions()
+    table_one.run_seed(tmp_path, 1, 2, ("pmkl",), ("T1ce", "FLAIR"), tmp_path / "table_one.csv", demo)
+    assert calls[0][calls[0].index("--anchor") + 1] == "original" and sum("--anchor" in c for c in calls) == 1
+    students = [dict(zip(c[6::2], c[7::2])) for c in calls[1:]]
+    assert len(students) == 7  # 2 runs x 2 teachers x 2 modalities, less the demo's P* T1ce student of run 1
+    of_original = [s for s in students if Path(s["--teacher"]).name.startswith("nnAlignOriginal")]
+    assert sorted(s["--modalities"] for s in of_original) == ["FLAIR", "FLAIR", "T1ce", "T1ce"]
+    run2 = tmp_path / "seed1" / "run2" / results.name
+    assert {Path(s["--teacher"]).parent for s in students} == {results, run2}
+    assert (run2 / model_folder(results, original.trainer_name(), CONFIGURATION).name).is_dir()
+    with open(tmp_path / "table_one.csv") as f:
+        assert len(f.readlines()) == 1 + 8
+    calls.clear()
+    table_one.run_seed(tmp_path, 1, 2, ("pmkl",), ("T1ce", "FLAIR"), tmp_path / "table_one.csv", demo)
+    assert calls == []
