@@ -4,8 +4,8 @@ nnU-Net names a run's folder after the trainer class (``{Trainer}__{plans}__{con
 the trainer, and so the network, from that name alone (``--c``, ``--val``, DDP ranks, the predictor). Hence:
 
 - **In the name**: everything that makes a model what it is. A teacher's :class:`TeacherSpec` (anchor, alignment
-  weight, encoders, latent level, modality dropout, stop-gradient); a student's :class:`StudentSpec` (modality subset,
-  KD method, teacher, teacher fold, and a hash of its loss-setting overrides).
+  weight, encoders, latent level, modality dropout, stop-gradient, alignment distance); a student's
+  :class:`StudentSpec` (modality subset, KD method, teacher, teacher fold, and a hash of its loss-setting overrides).
 - **In the settings record** (``nnalign_settings.json`` in the fold folder, :data:`TRAINING_ONLY`): what only changes
   how long or how a run trains. ``nnalign_train`` writes it before training starts; the trainer reads it in every DDP
   rank and on ``--c``, and rewrites the record as the run goes. The overrides' values travel there too, checked
@@ -13,7 +13,9 @@ the trainer, and so the network, from that name alone (``--c``, ``--val``, DDP r
 
 Names::
 
-    nnAlignTeacher_mixture                              anchor P*, every other setting at its default
+    nnAlignTeacher_mixture_drop0p5                      anchor P*, every other setting at its default
+    nnAlignTeacher_mixture                              P* trained without modality dropout (its weights stay uniform)
+    nnAlignTeacher_mixturescaled_rel                    nnalign's scaled P* (mixture-scaled), relative distance
     nnAlignTeacher_modalityT1ce_w0p5_sep_drop0p3_nosg   anchor T1ce, lambda 0.5, one encoder per modality,
                                                         modality dropout 0.3, no stop-gradient on the anchor
     nnAlignTeacher_normal_lvl2                          N(0, 1) anchor, latents at U-Net stage 2 (not the plans')
@@ -38,13 +40,22 @@ from dataclasses import asdict, dataclass, field, replace
 from nnalign.errors import NnalignError
 from nnalign.losses.kd.registry import KD
 from nnalign.modalities import BRATS_MODALITIES, parse_modalities, subset_tag
-from nnalign.networks.anchor_registry import ANCHORS, canonical_anchor
+from nnalign.networks.anchor_registry import ALIGN_DISTANCES, ANCHORS, MIXTURE_ANCHORS, canonical_anchor
 
 TEACHER_ANCHORS: tuple[str, ...] = (*ANCHORS.names, "original")
 """A teacher run's anchor kinds: the network anchors, and ``original`` (plain nnU-Net on the stacked modalities)."""
-DEFAULT_ALIGN_WEIGHTS: dict[str, float] = {"none": 0.0, "normal": 0.1, "modality": 0.1, "mixture": 0.1, "original": 0.0}
+DEFAULT_ALIGN_WEIGHTS: dict[str, float] = {"none": 0.0, "normal": 0.1, "modality": 0.1, "mixture": 0.1,
+                                           "mixture-scaled": 0.1, "original": 0.0}
 """lambda per anchor kind when none is given (documentation/training.md, "Alignment weights", says how they were
 chosen); the anchors without an alignment loss have 0."""
+DEFAULT_MODALITY_DROPOUT: dict[str, float] = {"none": 0.0, "normal": 0.0, "modality": 0.0, "mixture": 0.5,
+                                              "mixture-scaled": 0.0, "original": 0.0}
+"""The modality dropout per anchor kind when none is given. P*'s weights learn only through the fill of missing
+modalities (and the alignment term, which alone keeps them uniform), so P* trains with missing modalities by default
+(0.5, the demo's); ``mixture-scaled`` learns its weights through the scaling instead. The name always spells a dropout
+above 0 (``_drop0p5``), so a name means what it meant before this default existed."""
+DISTANCE_ANCHORS: tuple[str, ...] = ("modality", *MIXTURE_ANCHORS)
+"""The anchor kinds whose loss is a squared distance between latents (the ones ``align_distance`` applies to)."""
 SUBSET_SAMPLINGS: tuple[str, ...] = ("independent", "balanced")
 """How modality dropout draws a training sample's modalities (:func:`nnalign.training.presence.sample_presence`);
 the first is the default."""
@@ -56,7 +67,10 @@ TRAINING_ONLY: tuple[str, ...] = ("epochs", "iters_per_epoch", "kd_overrides")
 
 _NNALIGN = "nnAlign"
 _NAME_RE = re.compile(r"[A-Za-z0-9_]+")
-_TEACHER_TOKEN_ORDER = ("w", "sep", "lvl", "drop", "bal", "nosg")
+_TEACHER_TOKEN_ORDER = ("w", "sep", "lvl", "drop", "bal", "nosg", "rel")
+_ANCHOR_TOKENS = {kind.replace("-", ""): kind for kind in ANCHORS.names if kind != "modality"}
+"""The trainer-name token of each anchor kind but ``modality`` (``mixture-scaled`` -> ``mixturescaled``: a name
+holds letters, digits and ``_``, and a student's name writes its teacher's ``_`` as ``-``)."""
 
 
 def _encode_float(x: float) -> str:
@@ -85,25 +99,29 @@ def _positive_int_or_none(name: str, value) -> int | None:
 class TeacherSpec:
     """A teacher (or the ``original`` nnU-Net baseline): every setting here is in its trainer name.
 
-    - ``anchor``: ``none | normal | modality:NAME | mixture | original`` (``modality`` alone means ``modality:T1ce``;
-      spellings are made canonical, ``modality:t1c`` -> ``modality:T1ce``).
+    - ``anchor``: ``none | normal | modality:NAME | mixture | mixture-scaled | original`` (``modality`` alone means
+      ``modality:T1ce``; spellings are made canonical, ``modality:t1c`` -> ``modality:T1ce``).
     - ``align_weight``: lambda, the weight of the anchor loss added to nnU-Net's segmentation loss; None (the default)
       means the anchor's own (:data:`DEFAULT_ALIGN_WEIGHTS`).
     - ``shared_encoder``: one latent encoder for all modalities (True) or one per modality.
-    - ``modality_dropout``: each modality of each training sample is dropped with this probability (never all).
+    - ``modality_dropout``: each modality of each training sample is dropped with this probability (never all); None
+      (the default) means the anchor's own (:data:`DEFAULT_MODALITY_DROPOUT`).
     - ``subset_sampling``: ``independent`` (as above) or ``balanced``: with probability ``modality_dropout`` a
       sample keeps a uniformly drawn proper subset of its modalities, else all of them.
     - ``stop_gradient``: detach the anchor modality in its loss (``modality:NAME`` only).
     - ``latent_level``: the U-Net stage at which the latents Z_j are taken; None means the plans' ``latent_level``.
+    - ``align_distance``: ``mse`` (the paper's plain MSE, the default) or ``relative`` (nnalign's: over the latents'
+      centred energy), for the distance anchors (:data:`DISTANCE_ANCHORS`).
     """
 
     anchor: str = "mixture"
     align_weight: float | None = None
     shared_encoder: bool = True
-    modality_dropout: float = 0.0
+    modality_dropout: float | None = None
     stop_gradient: bool = True
     latent_level: int | None = None
     subset_sampling: str = SUBSET_SAMPLINGS[0]
+    align_distance: str = ALIGN_DISTANCES[0]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "anchor", canonical_anchor(self.anchor, TEACHER_ANCHORS))
@@ -112,7 +130,8 @@ class TeacherSpec:
             raise NnalignError(f"anchor '{kind}' has no alignment loss, so an alignment weight has no effect")
         weight = DEFAULT_ALIGN_WEIGHTS[kind] if self.align_weight is None else self.align_weight
         object.__setattr__(self, "align_weight", float(weight))
-        object.__setattr__(self, "modality_dropout", float(self.modality_dropout))
+        dropout = DEFAULT_MODALITY_DROPOUT[kind] if self.modality_dropout is None else self.modality_dropout
+        object.__setattr__(self, "modality_dropout", float(dropout))
         if not math.isfinite(self.align_weight) or self.align_weight < 0:
             raise NnalignError(f"the alignment weight must be a finite number >= 0, got {self.align_weight}")
         if not 0.0 <= self.modality_dropout < 1.0:
@@ -121,6 +140,11 @@ class TeacherSpec:
             raise NnalignError(f"unknown subset sampling {self.subset_sampling!r} (one of {', '.join(SUBSET_SAMPLINGS)})")
         if self.subset_sampling != SUBSET_SAMPLINGS[0] and self.modality_dropout == 0.0:
             raise NnalignError(f"subset sampling {self.subset_sampling!r} needs a modality dropout above 0")
+        if self.align_distance not in ALIGN_DISTANCES:
+            raise NnalignError(f"unknown alignment distance {self.align_distance!r} (one of "
+                               f"{', '.join(ALIGN_DISTANCES)})")
+        if self.align_distance != ALIGN_DISTANCES[0] and kind not in DISTANCE_ANCHORS:
+            raise NnalignError(f"anchor '{kind}' has no distance loss, so the alignment distance has no effect")
         if not self.stop_gradient and kind != "modality":
             raise NnalignError(f"stop-gradient only applies to the modality anchor, not to anchor '{self.anchor}'")
         if not self.shared_encoder and kind == "original":
@@ -134,7 +158,7 @@ class TeacherSpec:
 
     @property
     def anchor_kind(self) -> str:
-        """``none``, ``normal``, ``modality``, ``mixture`` or ``original``."""
+        """``none``, ``normal``, ``modality``, ``mixture``, ``mixture-scaled`` or ``original``."""
         return self.anchor.partition(":")[0]
 
     @property
@@ -158,7 +182,7 @@ class TeacherSpec:
     def variant_tokens(self) -> list[str]:
         """The name's tokens after the anchor, one per non-default setting, in this order: ``w<lambda>`` (not the
         anchor's default), ``sep`` (one encoder per modality), ``lvl<L>``, ``drop<p>`` (not 0), ``bal`` (balanced subset
-        sampling), ``nosg``."""
+        sampling), ``nosg``, ``rel`` (the relative alignment distance)."""
         tokens = []
         if self.align_weight != DEFAULT_ALIGN_WEIGHTS[self.anchor_kind]:
             tokens.append(f"w{_encode_float(self.align_weight)}")
@@ -172,6 +196,8 @@ class TeacherSpec:
             tokens.append("bal")
         if not self.stop_gradient:
             tokens.append("nosg")
+        if self.align_distance != ALIGN_DISTANCES[0]:
+            tokens.append("rel")
         return tokens
 
     def train_flags(self) -> list[str]:
@@ -183,12 +209,14 @@ class TeacherSpec:
             flags.append("--separate-encoders")
         if self.latent_level is not None:
             flags += ["--latent-level", str(self.latent_level)]
-        if self.modality_dropout:
+        if self.modality_dropout != DEFAULT_MODALITY_DROPOUT[self.anchor_kind]:
             flags += ["--modality-dropout", repr(self.modality_dropout)]
         if self.subset_sampling != SUBSET_SAMPLINGS[0]:
             flags += ["--subset-sampling", self.subset_sampling]
         if not self.stop_gradient:
             flags.append("--no-stop-gradient")
+        if self.align_distance != ALIGN_DISTANCES[0]:
+            flags += ["--align-distance", self.align_distance]
         return flags
 
     @property
@@ -203,7 +231,7 @@ class TeacherSpec:
             head = [ORIGINAL_PREFIX]
         else:
             kind = self.anchor_kind
-            head = [TEACHER_PREFIX, f"modality{self.anchor_modality}" if kind == "modality" else kind]
+            head = [TEACHER_PREFIX, f"modality{self.anchor_modality}" if kind == "modality" else kind.replace("-", "")]
         name = "_".join(head + self.variant_tokens())
         if not _NAME_RE.fullmatch(name):
             raise NnalignError(f"cannot name a trainer for anchor {self.anchor!r}")
@@ -220,13 +248,13 @@ class TeacherSpec:
             m = re.fullmatch(r"modality([A-Za-z0-9]+)", token)
             if m:
                 anchor = f"modality:{m.group(1)}"
-            elif token in ANCHORS.names and token != "modality":
-                anchor = token
+            elif token in _ANCHOR_TOKENS:
+                anchor = _ANCHOR_TOKENS[token]
             else:
                 raise ValueError(f"{name!r}: unknown anchor token {token!r}")
         else:
             raise ValueError(f"{name!r} is not an nnalign teacher trainer name")
-        kwargs: dict = {"anchor": anchor}
+        kwargs: dict = {"anchor": anchor, "modality_dropout": 0.0}  # no drop token: no dropout, whatever the default
         last = -1
         try:
             for token in tokens:
@@ -234,6 +262,8 @@ class TeacherSpec:
                     key, kwargs["shared_encoder"] = "sep", False
                 elif token == "nosg":
                     key, kwargs["stop_gradient"] = "nosg", False
+                elif token == "rel":
+                    key, kwargs["align_distance"] = "rel", "relative"
                 elif token == "bal":
                     key, kwargs["subset_sampling"] = "bal", "balanced"
                 elif re.fullmatch(r"lvl[0-9]+", token):

@@ -125,11 +125,40 @@ def test_cpu_evidence_preset_is_the_real_data_protocol(tmp_path, monkeypatch, fo
                                         modality_dropout=0.3, stop_gradient=False),
     TeacherSpec("normal", latent_level=2), TeacherSpec("original", modality_dropout=0.25), TeacherSpec("none"),
     TeacherSpec("mixture", modality_dropout=0.5, subset_sampling="balanced"),
+    TeacherSpec("mixture", modality_dropout=0.0), TeacherSpec("mixture-scaled", align_distance="relative"),
+    TeacherSpec("modality:T1ce", align_distance="relative", stop_gradient=False),
 ])
 def test_teacher_flags_make_the_same_run_as_nnalign_train(spec):
     from nnalign.cli.train import build_parser, teacher_spec
 
     assert teacher_spec(build_parser().parse_args(["18", "3d_fullres", "0", *spec.train_flags()])) == spec
+
+
+@pytest.mark.parametrize("keys, spec", [
+    ("anchor = 'mixture'\n", TeacherSpec("mixture")),
+    ("anchor = 'mixture'\nmodality_dropout = 0.0\n", TeacherSpec("mixture", modality_dropout=0.0)),
+    ("anchor = 'mixture-scaled'\nalign_distance = 'relative'\n",
+     TeacherSpec("mixture-scaled", align_distance="relative")),
+    ("anchor = 'modality:T1ce'\nalign_distance = 'mse'\n", TeacherSpec("modality:T1ce")),
+])
+def test_spec_teacher_keys_make_the_same_run_as_nnalign_train(tmp_path, fake_dataset, folders_env, monkeypatch, keys,
+                                                               spec):
+    fake_dataset(tmp_path)
+    for var, value in folders_env(tmp_path).items():
+        monkeypatch.setenv(var, value)
+    (tmp_path / "mine.toml").write_text(f"[dataset]\nid = 18\n[[teachers]]\n{keys}")
+    assert read_spec("mine.toml", cwd=tmp_path).teachers[0].spec == spec
+
+
+def test_spec_alignment_distance_errors(tmp_path, fake_dataset, folders_env, monkeypatch):
+    fake_dataset(tmp_path)
+    for var, value in folders_env(tmp_path).items():
+        monkeypatch.setenv(var, value)
+    for keys, message in (("anchor = 'normal'\nalign_distance = 'relative'\n", "no distance loss"),
+                          ("align_distance = 'cosine'\n", "unknown alignment distance 'cosine'")):
+        (tmp_path / "mine.toml").write_text(f"[dataset]\nid = 18\n[[teachers]]\n{keys}")
+        with pytest.raises(NnalignError, match=message):
+            read_spec("mine.toml", cwd=tmp_path)
 
 
 def test_extends_overrides_a_preset_key_by_key(tmp_path, monkeypatch, fake_dataset, folders_env):

@@ -1,7 +1,9 @@
 """A model trained under an older method version whose meaning differs (before version 2: the P* forward, alignment
 and distillation losses; version 2: P* runs, whose weights had no floor, and KD-Net students) is refused with one line by the commands
 whose meaning would change: nnalign_predict (P* teachers), nnalign_train --c / --val and nnalign_report; a model of
-this version, or of version 2 without P* in it, is used as before."""
+this version, or of version 2 without P* in it, is used as before. Version 5 (P* as the paper defines it, plain MSE
+anchors): a P* teacher of version 4 is refused the same way by nnalign_predict, a student's --teacher, --c and the
+report."""
 from __future__ import annotations
 
 import json
@@ -18,7 +20,7 @@ from nnalign.training.record import METHOD_VERSION, SETTINGS_RECORD, is_current_
 DATASET_ID = 981
 DATASET = "Dataset981_SyntheticBraTS"
 CONFIG = "3d_cpu"
-TEACHER = f"nnAlignTeacher_mixture__nnAlignPlans__{CONFIG}"
+TEACHER = f"nnAlignTeacher_mixture__nnAlignPlans__{CONFIG}"  # P* without modality dropout: a name of every version
 
 
 def _student(teacher: str) -> dict:
@@ -29,7 +31,7 @@ def _student(teacher: str) -> dict:
     ({"method_version": METHOD_VERSION, "anchor": "mixture"}, True),
     ({"method_version": 2, "role": "teacher", "anchor": "none"}, True),  # version 3 changed P* only
     ({"method_version": 2, "role": "teacher", "anchor": "original"}, True),
-    ({"method_version": 2, "role": "teacher", "anchor": "modality:T1ce"}, True),
+    ({"method_version": 2, "role": "teacher", "anchor": "modality:T1ce"}, False),  # version 5: plain MSE
     ({"method_version": 2, "role": "teacher", "anchor": "mixture"}, False),
     ({"method_version": 2, **_student("nnAlignTeacher_none_drop0p25")}, True),
     ({"method_version": 2, **_student("nnAlignTeacher_mixture")}, False),  # distilled from an unfloored P*
@@ -38,24 +40,36 @@ def _student(teacher: str) -> dict:
     ({"method_version": 3, **_student("nnAlignTeacher_none"), "kd": "protokd"}, False),  # ProtoKD's weight (4)
     ({"method_version": 3, **_student("nnAlignTeacher_none"), "kd": "protokd",
       "kd_overrides": {"kd_weight": 10.0}}, True),  # it set the weight itself: the same loss
-    ({"method_version": 3, **_student("nnAlignTeacher_mixture")}, True),  # version 4 changed ProtoKD only
-    ({"method_version": 3, "role": "teacher", "anchor": "mixture"}, True),
+    ({"method_version": 3, **_student("nnAlignTeacher_none")}, True),  # version 4 changed ProtoKD only, 5 P*, P^k
+    ({"method_version": 3, **_student("nnAlignTeacher_mixture")}, False),  # version 5: P* is the paper's
+    ({"method_version": 4, "role": "teacher", "anchor": "mixture"}, False),
+    ({"method_version": 4, "role": "teacher", "anchor": "modality:T1ce"}, False),  # its loss is plain MSE now
+    ({"method_version": 4, **_student("nnAlignTeacher_modalityT1ce_drop0p5")}, False),
+    ({"method_version": 4, **_student("nnAlignTeacher_mixture_drop0p5_bal")}, False),
+    ({"method_version": 4, "role": "teacher", "anchor": "none"}, True),
+    ({"method_version": 4, "role": "teacher", "anchor": "normal"}, True),
+    ({"method_version": 4, "role": "teacher", "anchor": "original"}, True),
+    ({"method_version": 4, **_student("nnAlignTeacher_normal")}, True),
     ({"method_version": 2, **_student("nnAlignTeacher_none"), "kd": "protokd",
       "kd_overrides": {"kd_weight": 10.0}}, True),
-    ({"method_version": 5, "role": "teacher", "anchor": "none"}, False),  # from a newer nnalign
+    ({"method_version": 6, "role": "teacher", "anchor": "none"}, False),  # from a newer nnalign
     ({"role": "teacher", "anchor": "none"}, False),  # no key: version 1, whose losses all differ
     ({"method_version": 1, "role": "teacher", "anchor": "original"}, False),
 ])
 def test_which_older_runs_still_mean_what_they_did(record, current):
-    assert METHOD_VERSION == 4
+    assert METHOD_VERSION == 5
     assert is_current_method(record) is current
 
 
 @pytest.mark.parametrize("record, says", [
     ({"method_version": 3, "nnalign_version": "0.2.1", **_student("nnAlignTeacher_none"), "kd": "protokd"},
-     "(method version 3; this nnalign trains version 4, which changed ProtoKD's logit-term weight): train it again"),
+     "(method version 3; this nnalign trains version 5, which changed ProtoKD's logit-term weight): train it again"),
     ({"method_version": 2, **_student("nnAlignTeacher_mixture"), "kd": "protokd"},
-     "which changed P*'s weights (their floor) and KD-Net's loss; ProtoKD's logit-term weight)"),
+     "which changed P*'s weights (their floor) and KD-Net's loss; ProtoKD's logit-term weight; P* to the paper's "
+     "form"),
+    ({"method_version": 4, "nnalign_version": "0.2.2", "role": "teacher", "anchor": "mixture"},
+     "(method version 4; this nnalign trains version 5, which changed P* to the paper's form and the P^k and P* losses "
+     "to plain MSE (the earlier P* is anchor mixture-scaled, the earlier loss --align-distance relative)"),
     ({"method_version": 9, "nnalign_version": "0.9.0", "role": "teacher", "anchor": "none"},
      "made by a newer nnalign 0.9.0 (method version 9; this nnalign, "),
 ])
@@ -71,15 +85,19 @@ def test_the_refusal_names_what_changed_since_the_run(record, says, tmp_path):
 
 @pytest.fixture(scope="module")
 def old_and_new(tmp_path_factory, plan_synthetic, run_train):
-    """A P* teacher trained for 1 epoch x 2 iterations, and a copy whose settings record says nothing of its method
-    version, as every record written before version 2 (each in its own results folder)."""
+    """A P* teacher trained for 1 epoch x 2 iterations, a copy whose settings record says nothing of its method
+    version, as every record written before version 2, and a copy of method version 4, before P* became the paper's
+    (each in its own results folder)."""
     root = plan_synthetic(tmp_path_factory.mktemp("version"), DATASET_ID, num_cases=3, shape=(40, 40, 40))
     new = root / "new"
-    proc = run_train(root, new, str(DATASET_ID), CONFIG, "0", "--anchor", "mixture", "--epochs", "1",
-                     "--iters-per-epoch", "2", "-device", "cpu")
+    proc = run_train(root, new, str(DATASET_ID), CONFIG, "0", "--anchor", "mixture", "--modality-dropout", "0",
+                     "--epochs", "1", "--iters-per-epoch", "2", "-device", "cpu")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = json.loads((new / DATASET / TEACHER / "fold_0" / SETTINGS_RECORD).read_text())
     assert record["method_version"] == METHOD_VERSION
+    v4 = root / "v4"
+    shutil.copytree(new, v4)
+    (v4 / DATASET / TEACHER / "fold_0" / SETTINGS_RECORD).write_text(json.dumps({**record, "method_version": 4}))
     old = root / "old"
     shutil.copytree(new, old)
     del record["method_version"]
@@ -90,7 +108,7 @@ def old_and_new(tmp_path_factory, plan_synthetic, run_train):
     case.mkdir()
     for image in images.glob("SYN_0000_*.nii.gz"):
         shutil.copyfile(image, case / image.name)
-    return {"root": root, "old": old, "new": new, "case": case}
+    return {"root": root, "old": old, "v4": v4, "new": new, "case": case}
 
 
 def _command(module: str, *args: str, results: Path, root: Path) -> subprocess.CompletedProcess:
@@ -129,7 +147,7 @@ def test_predict_refuses_an_older_mixture_teacher_and_uses_this_versions(old_and
 def test_train_continue_and_validate_refuse_an_older_run(old_and_new, run_train):
     for flag in ("--c", "--val"):
         proc = run_train(old_and_new["root"], old_and_new["old"], str(DATASET_ID), CONFIG, "0", "--anchor",
-                         "mixture", flag, "-device", "cpu")
+                         "mixture", "--modality-dropout", "0", flag, "-device", "cpu")
         line = _one_line(proc, "nnalign_train")
         assert "method version 1" in line and "--overwrite" in line
 
@@ -141,3 +159,27 @@ def test_report_refuses_a_results_folder_holding_an_older_run(old_and_new, tmp_p
     line = _one_line(proc, "nnalign_report")
     assert "method version 1" in line and "move it out" in line
     assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.slow
+def test_every_command_refuses_a_version_4_mixture_teacher_in_one_line(old_and_new, run_train, tmp_path):
+    """A P* teacher of method version 4 scaled its latents by its weights: the name now means the paper's P*, so
+    nnalign_predict, a student's --teacher, --c and the report refuse it, naming the version and what to do."""
+    root, v4 = old_and_new["root"], old_and_new["v4"]
+    teacher = v4 / DATASET / TEACHER
+    proc = _command("nnalign.cli.predict", "-i", str(old_and_new["case"]), "-o", str(tmp_path / "out"), "-m",
+                    str(teacher), "-device", "cpu", "--disable-tta", results=v4, root=root)
+    line = _one_line(proc, "nnalign_predict")
+    assert "method version 4" in line and "mixture-scaled" in line and "train it again" in line
+    proc = run_train(root, v4, str(DATASET_ID), CONFIG, "0", "--role", "student", "--modalities", "T1ce", "--kd",
+                     "none", "--teacher", str(teacher), "--epochs", "1", "--iters-per-epoch", "1", "-device", "cpu")
+    line = _one_line(proc, "nnalign_train")
+    assert "method version 4" in line and "train it again" in line
+    assert not any(p.name.startswith("nnAlignStudent") for p in (v4 / DATASET).iterdir())
+    proc = run_train(root, v4, str(DATASET_ID), CONFIG, "0", "--anchor", "mixture", "--modality-dropout", "0", "--c",
+                     "-device", "cpu")
+    line = _one_line(proc, "nnalign_train")
+    assert "method version 4" in line and "--overwrite" in line
+    proc = _command("nnalign.cli.report", str(v4 / DATASET), "-o", str(tmp_path / "report"), results=v4, root=root)
+    line = _one_line(proc, "nnalign_report")
+    assert "method version 4" in line and "move it out" in line

@@ -10,11 +10,11 @@ import pytest
 from nnalign.errors import NnalignError
 from nnalign.losses.kd.registry import KD_METHODS
 from nnalign.modalities import BRATS_MODALITIES, all_subsets
-from nnalign.networks.anchor_registry import ANCHORS
-from nnalign.runs import (SUBSET_SAMPLINGS, TEACHER_ANCHORS, StudentSpec, TeacherSpec, TrainingLength, overrides_hash,
-                          parse_trainer_name)
+from nnalign.networks.anchor_registry import ALIGN_DISTANCES, ANCHORS
+from nnalign.runs import (DEFAULT_MODALITY_DROPOUT, SUBSET_SAMPLINGS, TEACHER_ANCHORS, StudentSpec, TeacherSpec,
+                          TrainingLength, overrides_hash, parse_trainer_name)
 
-P_STAR = TeacherSpec("mixture")
+P_STAR = TeacherSpec("mixture", modality_dropout=0.0)  # named nnAlignTeacher_mixture
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -22,7 +22,14 @@ P_STAR = TeacherSpec("mixture")
 
 
 @pytest.mark.parametrize("spec, name", [
-    (TeacherSpec(), "nnAlignTeacher_mixture"),
+    (TeacherSpec(), "nnAlignTeacher_mixture_drop0p5"),  # P* trains with modality dropout 0.5 by default
+    (TeacherSpec("mixture", modality_dropout=0.0), "nnAlignTeacher_mixture"),  # what the name always meant
+    (TeacherSpec("mixture-scaled"), "nnAlignTeacher_mixturescaled"),  # nnalign's scaled P*: no dropout by default
+    (TeacherSpec("Mixture-Scaled", modality_dropout=0.5), "nnAlignTeacher_mixturescaled_drop0p5"),
+    (TeacherSpec("modality", align_distance="relative"), "nnAlignTeacher_modalityT1ce_rel"),
+    (TeacherSpec("mixture", modality_dropout=0.5, subset_sampling="balanced", align_distance="relative"),
+     "nnAlignTeacher_mixture_drop0p5_bal_rel"),
+    (TeacherSpec("modality", stop_gradient=False, align_distance="relative"), "nnAlignTeacher_modalityT1ce_nosg_rel"),
     (TeacherSpec("none"), "nnAlignTeacher_none"),
     (TeacherSpec("normal", 1e-5), "nnAlignTeacher_normal_w1em05"),
     (TeacherSpec("modality"), "nnAlignTeacher_modalityT1ce"),
@@ -30,7 +37,7 @@ P_STAR = TeacherSpec("mixture")
     (TeacherSpec("mixture", 2.0, True, 0.25), "nnAlignTeacher_mixture_w2_drop0p25"),
     (TeacherSpec("original"), "nnAlignOriginal"),
     (TeacherSpec("original", modality_dropout=0.5), "nnAlignOriginal_drop0p5"),
-    (TeacherSpec("mixture", 0.0), "nnAlignTeacher_mixture_w0"),
+    (TeacherSpec("mixture", 0.0), "nnAlignTeacher_mixture_w0_drop0p5"),
     (TeacherSpec("normal", latent_level=2), "nnAlignTeacher_normal_lvl2"),
     (TeacherSpec("none", latent_level=0), "nnAlignTeacher_none_lvl0"),  # given explicitly: not the plans' level
     (TeacherSpec("modality:t2f", 0.5, False, 0.3, False, 1),
@@ -50,11 +57,11 @@ def test_teacher_name_encodes_the_spec_and_inverts_exactly(spec, name):
 def test_every_anchor_and_option_round_trips_and_every_name_is_distinct():
     anchors = [*(a for a in TEACHER_ANCHORS if a != "modality"), *(f"modality:{m}" for m in BRATS_MODALITIES)]
     specs, names = set(), set()
-    for anchor, w, shared, p, sg, level, sampling in itertools.product(
-            anchors, (None, 0.0, 0.123456789, 10.0), (True, False), (0.0, 0.5, 1 / 3), (True, False), (None, 0, 2),
-            SUBSET_SAMPLINGS):
+    for anchor, w, shared, p, sg, level, sampling, distance in itertools.product(
+            anchors, (None, 0.0, 0.123456789, 10.0), (True, False), (None, 0.0, 0.5, 1 / 3), (True, False),
+            (None, 0, 2), SUBSET_SAMPLINGS, ALIGN_DISTANCES):
         try:
-            spec = TeacherSpec(anchor, w, shared, p, sg, level, sampling)
+            spec = TeacherSpec(anchor, w, shared, p, sg, level, sampling, distance)
         except NnalignError:
             continue
         name = spec.trainer_name()
@@ -77,6 +84,9 @@ def test_every_anchor_and_option_round_trips_and_every_name_is_distinct():
     "nnAlignOriginal_lvl1",
     "nnAlignTeacher_mixture_bal",  # balanced sampling without dropout
     "nnAlignTeacher_mixture_bal_drop0p5", "nnAlignTeacher_mixture_drop0p5_bal_bal",
+    "nnAlignTeacher_mixture-scaled", "nnAlignTeacher_mixtureScaled", "nnAlignTeacher_mixture_scaled",
+    "nnAlignTeacher_mixture_rel_drop0p5",  # tokens out of order
+    "nnAlignTeacher_none_rel", "nnAlignTeacher_normal_rel", "nnAlignOriginal_rel", "nnAlignTeacher_mixture_rel_rel",
 ])
 def test_teacher_names_not_made_by_trainer_name_are_refused(name):
     with pytest.raises(ValueError):
@@ -99,6 +109,10 @@ def test_teacher_names_not_made_by_trainer_name_are_refused(name):
     ({"latent_level": -1}, "whole number >= 0"),
     ({"latent_level": 1.5}, "whole number >= 0"),
     ({"anchor": "original", "latent_level": 1}, "no latents"),
+    ({"anchor": "normal", "align_distance": "relative"}, "no distance loss"),
+    ({"anchor": "original", "align_distance": "relative"}, "no distance loss"),
+    ({"align_distance": "cosine"}, "unknown alignment distance 'cosine' (one of mse, relative)"),
+    ({"anchor": "mixture-scaled", "stop_gradient": False}, "only applies to the modality anchor"),
 ])
 def test_bad_teacher_settings_are_one_line_errors(kwargs, message):
     with pytest.raises(NnalignError, match=re.escape(message)) as info:
@@ -109,7 +123,33 @@ def test_bad_teacher_settings_are_one_line_errors(kwargs, message):
 def test_the_unknown_anchor_message_lists_every_run_anchor():
     with pytest.raises(NnalignError) as info:
         TeacherSpec("bogus")
-    assert str(info.value) == "unknown anchor 'bogus' (choose from none, normal, modality:NAME, mixture, original)"
+    assert str(info.value) == ("unknown anchor 'bogus' (choose from none, normal, modality:NAME, mixture, "
+                               "mixture-scaled, original)")
+
+
+def test_the_default_modality_dropout_is_the_anchors_and_names_always_spell_it():
+    """P*'s weights learn only through the fill of missing modalities, so P* trains with dropout by default; a name
+    without ``_drop`` still means no dropout, for every anchor, as it did before that default."""
+    assert DEFAULT_MODALITY_DROPOUT == {"none": 0.0, "normal": 0.0, "modality": 0.0, "mixture": 0.5,
+                                        "mixture-scaled": 0.0, "original": 0.0}
+    for kind, p in DEFAULT_MODALITY_DROPOUT.items():
+        anchor = "modality:T1ce" if kind == "modality" else kind
+        assert TeacherSpec(anchor).modality_dropout == p
+        assert TeacherSpec.parse(TeacherSpec(anchor, modality_dropout=0.0).trainer_name()).modality_dropout == 0.0
+    assert TeacherSpec("mixture").train_flags() == ["--anchor", "mixture"]
+    assert TeacherSpec("mixture", modality_dropout=0.0).train_flags() == ["--anchor", "mixture", "--modality-dropout",
+                                                                          "0.0"]
+
+
+def test_the_alignment_distance_is_named_and_flagged_only_when_not_the_papers():
+    assert ALIGN_DISTANCES[0] == "mse" and TeacherSpec("modality").align_distance == "mse"
+    relative = TeacherSpec("mixture-scaled", align_distance="relative")
+    assert relative.trainer_name().endswith("_rel") and relative.train_flags()[-2:] == ["--align-distance", "relative"]
+    assert relative.model_settings()["align_distance"] == "relative"
+    assert "--align-distance" not in TeacherSpec("modality").train_flags()
+    student = StudentSpec(("T1ce",), "pmkl", relative)
+    assert student.trainer_name() == "nnAlignStudent_T1ce_pmkl_Teacher-mixturescaled-rel"
+    assert StudentSpec.parse(student.trainer_name()).teacher == relative
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -129,7 +129,7 @@ def test_nnunet_finds_generated_trainers_through_the_shim(env):
     assert cls is teacher_trainer_class("nnAlignTeacher_mixture")
     assert cls is recursive_find_trainer_class_by_name("nnAlignTeacher_mixture")  # cached: same class every time
     assert cls.__name__ == "nnAlignTeacher_mixture" and cls.__module__ == "nnalign.training.teacher_trainer"
-    assert cls.spec == TeacherSpec("mixture")
+    assert cls.spec == TeacherSpec("mixture", modality_dropout=0.0)  # a name without _drop: no dropout
     other = recursive_find_trainer_class_by_name("nnAlignTeacher_modalityT1ce_w0p5_sep_drop0p3_nosg")
     assert other.spec == TeacherSpec("modality:T1ce", 0.5, False, 0.3, False)
     assert recursive_find_trainer_class_by_name("nnAlignOriginal").spec.is_original
@@ -178,10 +178,15 @@ def _batch(trainer, b=2):
     ("none", {}), ("normal", {}), ("modality:T1ce", {}), ("modality:T1ce", {"stop_gradient": False}),
     ("mixture", {}), ("mixture", {"shared_encoder": False}), ("original", {}),
     ("mixture", {"latent_level": 1}), ("normal", {"latent_level": 2}),
+    ("mixture-scaled", {}), ("mixture", {"align_distance": "relative"}),
+    ("modality:T1ce", {"align_distance": "relative"}),
 ])
 def test_train_step_every_anchor_updates_every_parameter(env, anchor, extra):
     trainer = _trainer(anchor, modality_dropout=0.5, **extra)
     trainer.initialize()
+    if anchor != "original":  # the run's alignment distance reaches the network's anchor
+        assert getattr(trainer.net.anchor, "distance", "mse") == extra.get("align_distance", "mse")
+        assert trainer.net.anchor.name == anchor.partition(":")[0] or anchor.startswith("modality")
     before = {k: v.detach().clone() for k, v in trainer.network.state_dict().items()}
     out = trainer.train_step(_batch(trainer))
     assert np.isfinite(out["loss"])
@@ -304,7 +309,7 @@ def trained(planned, tmp_path_factory, run_train):
     """
     results = tmp_path_factory.mktemp("results")
     proc = run_train(planned, results, str(DATASET_ID), CONFIG, "0", "--role", "teacher", "--anchor", "mixture",
-                     "--modality-dropout", "0.5", "--epochs", "2", "--iters-per-epoch", "8", "-device", "cpu")
+                     "--epochs", "2", "--iters-per-epoch", "8", "-device", "cpu")  # P*'s default dropout: 0.5
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     model_dir = results / DATASET / f"nnAlignTeacher_mixture_drop0p5__nnAlignPlans__{CONFIG}"
     return {"data_root": planned, "results": results, "model_dir": model_dir, "fold_dir": model_dir / "fold_0"}
@@ -336,10 +341,12 @@ def test_cli_trains_a_teacher_that_learns(trained):
     from nnalign.networks.anchors import MixtureAnchor
 
     logits = (MixtureAnchor.WEIGHT_GAIN * ckpt["network_weights"]["anchor.raw_weights"]).tolist()
+    assert MixtureAnchor.WEIGHT_GAIN == 1.0  # the paper's P*: the softmax of the parameter, no gain, no floor
     assert [weights[m]["raw"] for m in ("T1", "T1ce", "T2", "FLAIR")] == pytest.approx(logits)
     norm = [weights[m]["normalised"] for m in ("T1", "T1ce", "T2", "FLAIR")]
-    floor = MixtureAnchor.WEIGHT_FLOOR
-    assert norm == pytest.approx((floor / 4 + (1 - floor) * torch.softmax(torch.tensor(logits), 0)).tolist())
+    assert norm == pytest.approx(torch.softmax(torch.tensor(logits), 0).tolist())
+    assert norm != pytest.approx([0.25] * 4, abs=1e-6)  # they learnt through the fill of the dropped modalities
+    assert record["align_distance"] == "mse" and record["settings"]["align_distance"] == "mse"
     assert record["method_version"] == METHOD_VERSION and "collapse_warning" in record
     assert len(record["alignment_log"]["relative_gap"]) == len(record["alignment_log"]["latent_rms"]) == 2
 

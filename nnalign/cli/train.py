@@ -17,7 +17,9 @@ from nnalign.model_folders import (CHECKPOINTS, FINAL_CHECKPOINT, PLANS_NAME, fo
                                     model_folder_parts, parse_fold)
 from nnalign.losses.kd.registry import KD_METHODS
 from nnalign.plans_check import check_dataset_json, check_plans
-from nnalign.runs import DEFAULT_ALIGN_WEIGHTS, SUBSET_SAMPLINGS, TEACHER_ANCHORS, TeacherSpec
+from nnalign.networks.anchor_registry import ALIGN_DISTANCES
+from nnalign.runs import (DEFAULT_ALIGN_WEIGHTS, DEFAULT_MODALITY_DROPOUT, SUBSET_SAMPLINGS, TEACHER_ANCHORS,
+                          TeacherSpec)
 
 if TYPE_CHECKING:
     from nnalign.runs import StudentSpec
@@ -48,14 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-level", type=non_negative_int, default=None, metavar="L",
                    help="U-Net stage at which the per-modality latents are taken and aligned, 0 (the input "
                         "resolution) to the plans' last stage (default: the plans' latent_level, 0)")
-    p.add_argument("--modality-dropout", type=float, default=0.0, metavar="P",
-                   help="drop each modality of each training sample with probability P, never all (default: 0)")
+    p.add_argument("--modality-dropout", type=float, default=None, metavar="P",
+                   help="drop each modality of each training sample with probability P, never all (default: the "
+                        f"anchor's, {', '.join(f'{k} {v}' for k, v in DEFAULT_MODALITY_DROPOUT.items() if v)}, "
+                        "else 0)")
     p.add_argument("--subset-sampling", choices=SUBSET_SAMPLINGS, default=SUBSET_SAMPLINGS[0],
                    help="with --modality-dropout: independent (each modality dropped with probability P) or "
                         "balanced (with probability P a uniformly drawn proper subset, else every modality) "
                         "(default: %(default)s)")
     p.add_argument("--no-stop-gradient", action="store_true",
                    help="modality anchor: let the alignment loss pull the anchor modality too")
+    p.add_argument("--align-distance", choices=ALIGN_DISTANCES, default=ALIGN_DISTANCES[0],
+                   help="modality and mixture anchors: mse (the paper's plain MSE) or relative (nnalign's: over the "
+                        "latents' centred energy, which neither shrinking nor a common offset can lower) "
+                        "(default: %(default)s)")
     student = p.add_argument_group("student (--role student)")
     student.add_argument("--modalities", metavar="LIST",
                          help="the modalities the student sees, comma-separated (e.g. T1ce or T1,T2)")
@@ -154,7 +162,7 @@ def check_preprocessed(dataset_folder: Path, configuration: str) -> tuple[dict, 
 
 
 TEACHER_OPTIONS = ("anchor", "align_weight", "separate_encoders", "latent_level", "modality_dropout",
-                   "subset_sampling", "no_stop_gradient")
+                   "subset_sampling", "no_stop_gradient", "align_distance")
 STUDENT_OPTIONS = ("modalities", "kd", "teacher", "teacher_fold", "temperature", "kd_set")
 
 
@@ -162,7 +170,8 @@ def teacher_spec(args: argparse.Namespace) -> TeacherSpec:
     """The teacher that parsed ``nnalign_train`` arguments describe (one-line NnalignError for bad settings)."""
     return TeacherSpec(anchor=args.anchor, align_weight=args.align_weight, shared_encoder=not args.separate_encoders,
                        latent_level=args.latent_level, modality_dropout=args.modality_dropout,
-                       subset_sampling=args.subset_sampling, stop_gradient=not args.no_stop_gradient)
+                       subset_sampling=args.subset_sampling, stop_gradient=not args.no_stop_gradient,
+                       align_distance=args.align_distance)
 
 
 def check_role_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -305,7 +314,8 @@ def check_run_state(folder: Path, settings, trainer: str, args, results_root: Pa
     if args.validation_only and not (folder / FINAL_CHECKPOINT).is_file():
         raise NnalignError(f"--val: {folder} has no checkpoint_final.pth (train it first, or finish it with --c)")
     if settings is not None and (args.continue_training or args.validation_only) and record is not None:
-        recorded = {k: (record.get("settings") or {}).get(k) for k in settings.model_settings()}
+        # a setting newer than the record's run (e.g. align_distance) counts as what that run did: its default
+        recorded = {k: (record.get("settings") or {}).get(k, v) for k, v in settings.model_settings().items()}
         if recorded != settings.model_settings():
             diff = ", ".join(f"{k} {recorded[k]!r} != {v!r}" for k, v in settings.model_settings().items()
                              if recorded[k] != v)

@@ -10,7 +10,7 @@ Layout (every table but ``[dataset]`` is optional; ``documentation/experiments.m
     [folders]      raw, preprocessed, results          (default: nnU-Net's variables, as every nnalign command)
     [training]     device, epochs, student_epochs, iters_per_epoch, data_workers
     [[teachers]]   name, anchor, align_weight, separate_encoders, latent_level, modality_dropout, subset_sampling,
-                   stop_gradient
+                   stop_gradient, align_distance
     [[students]]   modalities, kd, teachers
     [evaluate]     held_out, teacher_subsets, images, labels, label_convention, tta
     [report]       enabled, tsne, kd
@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable
 from nnalign.errors import NnalignError
 from nnalign.losses.kd.registry import KD
 from nnalign.modalities import BRATS_MODALITIES, all_subsets, parse_modalities
+from nnalign.networks.anchor_registry import ALIGN_DISTANCES
 from nnalign.runs import SUBSET_SAMPLINGS, TeacherSpec, TrainingLength
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
@@ -277,8 +278,9 @@ def _teacher(data: Any, index: int, source: str) -> Teacher:
     anchor = t.get("anchor", str, "mixture")
     kwargs = dict(anchor=anchor, align_weight=t.get("align_weight", (int, float)),
                   shared_encoder=not t.get("separate_encoders", bool, False),
-                  latent_level=t.get("latent_level", int), modality_dropout=t.get("modality_dropout", (int, float), 0.0),
-                  subset_sampling=t.get("subset_sampling", str, SUBSET_SAMPLINGS[0]), stop_gradient=t.get("stop_gradient", bool, True))
+                  latent_level=t.get("latent_level", int), modality_dropout=t.get("modality_dropout", (int, float)),
+                  subset_sampling=t.get("subset_sampling", str, SUBSET_SAMPLINGS[0]), stop_gradient=t.get("stop_gradient", bool, True),
+                  align_distance=t.get("align_distance", str, ALIGN_DISTANCES[0]))
     label = t.get("name", str, anchor)
     t.done()
     return Teacher(label, t.wrap("settings", lambda: TeacherSpec(**kwargs)))

@@ -5,8 +5,8 @@ Both wrap dynamic_network_architectures' ``PlainConvUNet`` (the nnU-Net-planned 
 
 Teacher (:class:`nnAlignTeacherUNet`)::
 
-    x (B, M, *S) --per-modality encoder--> Z_j (B, M, C_z, *S) --anchor fills absent Z_j (P*: and scales each
-                 by its weight)--> concat (B, M*C_z, *S) --PlainConvUNet--> region logits (WT, TC, ET)
+    x (B, M, *S) --per-modality encoder--> Z_j (B, M, C_z, *S) --anchor fills absent Z_j (mixture-scaled: and
+                 scales each by its weight)--> concat (B, M*C_z, *S) --PlainConvUNet--> region logits (WT, TC, ET)
 
 The per-modality encoder is a few conv blocks at full resolution; by default one encoder shared by all modalities,
 run as a single batched pass (the modality axis folded into the batch). Its latents are what the anchor loss aligns.
@@ -157,8 +157,8 @@ class nnAlignTeacherUNet(_PartsNetwork):
     Extra keywords beyond PlainConvUNet's: ``modalities`` (names, channel order), ``latent_channels`` C_z,
     ``latent_convs`` (conv blocks of the modality encoder at full resolution), ``latent_level`` (the U-Net stage whose
     resolution Z_j has, 0 to n_stages - 1), ``shared_encoder`` (one encoder for all modalities, else
-    one each), ``anchor`` (``none|normal|modality:NAME|mixture``), ``input_scale`` (optional (a, b): x -> a*x + b on
-    present channels, e.g. (2, -1) maps [0, 1] to [-1, 1]).
+    one each), ``anchor`` (``none|normal|modality:NAME|mixture|mixture-scaled``), ``input_scale`` (optional (a, b):
+    x -> a*x + b on present channels, e.g. (2, -1) maps [0, 1] to [-1, 1]).
 
     ``present_modalities`` (indices) says which channels are real when ``forward`` gets no mask; nnalign_predict sets
     it for cases with missing modalities.

@@ -1,4 +1,5 @@
-"""The teacher's anchors by name, and the one parser of an anchor spec (``none | normal | modality[:NAME] | mixture``).
+"""The teacher's anchors by name, and the one parser of an anchor spec (``none | normal | modality[:NAME] | mixture |
+mixture-scaled``).
 
 Torch-free: commands and reports check anchor specs without importing the anchors. The classes live in
 :mod:`nnalign.networks.anchors`, registered with ``@ANCHORS.register(name)``.
@@ -9,8 +10,16 @@ from nnalign.errors import NnalignError
 from nnalign.modalities import canonical_modality
 from nnalign.registry import Registry
 
-ANCHORS = Registry("anchor", ("none", "normal", "modality", "mixture"), module="nnalign.networks.anchors")
-"""The anchor kinds: no alignment, N(0, 1) (P^N), one modality (P^k, ``modality:NAME``), the learned mixture (P*)."""
+ANCHORS = Registry("anchor", ("none", "normal", "modality", "mixture", "mixture-scaled"),
+                   module="nnalign.networks.anchors")
+"""The anchor kinds: no alignment, N(0, 1) (P^N), one modality (P^k, ``modality:NAME``), the learned mixture (P*, as
+the paper defines it) and nnalign's extension of it whose weights also scale the latents into the predictor."""
+MIXTURE_ANCHORS: tuple[str, ...] = ("mixture", "mixture-scaled")
+"""The kinds with learnable mixture weights (logged per epoch, kept in the settings record)."""
+ALIGN_DISTANCES: tuple[str, ...] = ("mse", "relative")
+"""The distance of the P^k and P* losses: ``mse``, the paper's plain mean squared error (the default), or ``relative``,
+nnalign's: the squared distance over the latents' centred energy, which neither shrinking the latents nor a common
+offset can lower (:func:`nnalign.networks.anchors.latent_energy`)."""
 DEFAULT_ANCHOR_MODALITY = "T1ce"
 """The modality of ``modality`` given without ``:NAME`` (the paper's best single-modality anchor)."""
 

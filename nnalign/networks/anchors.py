@@ -10,20 +10,22 @@ Anchors, registered by name in :data:`nnalign.networks.anchor_registry.ANCHORS` 
 - ``none``: no alignment (the plain multi-modal baseline).
 - ``normal`` (P^N): each Z_j ~ N(mu_j, sigma_j^2) is pulled to N(0, 1) by the VAE KL divergence.
 - ``modality:NAME`` (P^k): every Z_j is pulled to the anchor modality's Z_k (default T1ce), stop-gradiented by default.
-- ``mixture`` (P*): every Z_j is pulled to p_mix = sum_j w_j Z_j, with learnable weights normalised by a softmax over
-  the present modalities (a free weight would collapse to w -> 0) and floored at half their uniform share. The weights
-  also scale each modality's latents on their way into the predictor, so the segmentation trains them with every
-  modality present.
+- ``mixture`` (P*, the paper's): every Z_j is pulled to p_mix = sum_j w_j Z_j, w the softmax of learnable weights
+  over the present modalities; absent modalities are filled with p_mix, so the weights learn through that fill.
+- ``mixture-scaled``: nnalign's extension of P*, not the paper's: the weights also scale each modality's latents on
+  their way into the predictor (with a gain on their logits and a floor), so they learn without modality dropout.
 
-The distance anchors (P^k, P*) are *relative*: each squared distance is divided by the per-sample mean energy of the
-present latents, E = mean over present j, channels and voxels of Z_j^2 (not detached). The loss is then a function of
-degree 0 in the latents: scaling every Z_j by c > 0 changes neither its value nor, for P* and an undetached P^k, its
-gradient along the scale (<grad L, Z> = 0), so it can only be lowered by moving the modalities towards each other,
-never by shrinking the latent space (which the predictor's instance normalisation would hardly notice). P^N's KL needs
-no such care: N(0, 1) fixes the scale itself.
+The distance anchors (P^k, P*) measure the squared distance (``distance``, :data:`ALIGN_DISTANCES`): ``mse``, the
+paper's plain mean squared error (the default), or ``relative``, nnalign's option, which divides each squared distance
+by the per-sample *centred* energy of the present latents (:func:`latent_energy`, not detached). The relative loss does
+not change when every Z_j is scaled by c > 0 or shifted by one constant per channel (shared by the modalities), so it
+can be lowered neither by shrinking the latent space nor by a common offset (both of which the predictor's instance
+normalisation would hardly notice), only by moving the modalities towards each other. P^N's KL needs no such care:
+N(0, 1) fixes the scale and the centre itself.
 
 Each anchor also fills absent modalities (:meth:`AnchorAlignment.fill_missing`) and gives the point estimate used by
-:func:`modality_gap`, the per-epoch modality-gap log, which reports the latents' RMS beside the distances.
+:func:`modality_gap`, the per-epoch modality-gap log, which reports the latents' RMS and the relative gap (offset- and
+scale-free) beside the absolute distances.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from torch import nn
 
 from nnalign.errors import NnalignError
 from nnalign.modalities import canonical_modality
-from nnalign.networks.anchor_registry import ANCHORS, canonical_anchor
+from nnalign.networks.anchor_registry import ALIGN_DISTANCES, ANCHORS, canonical_anchor
 
 
 
@@ -70,14 +72,22 @@ def _voxel_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def latent_energy(z: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean of Z^2 over the present modalities, channels and voxels: (B, M, C, *S) float32 latents whose
-    absent modalities are zeroed -> (B,), kept in the autograd graph."""
-    per_modality = z.pow(2).flatten(2).mean(-1)  # (B, M), 0 where absent
-    return per_modality.sum(1) / present.sum(1).clamp_min(1).to(z.dtype)
+    """Per-sample centred energy of the present latents: (B, M, C, *S) float32 latents whose absent modalities are
+    zeroed -> (B,), kept in the autograd graph.
+
+    E = mean over present j, channels c and voxels of (Z_jc - mu_c)^2, mu_c the mean of channel c over the present
+    modalities and voxels. A constant added to a channel of every modality moves mu_c with it and leaves E unchanged;
+    scaling the latents by c scales E by c^2, as it does every squared distance.
+    """
+    keep = _expand(present, z)
+    count = present.sum(1).clamp_min(1).to(z.dtype)  # (B,)
+    centre = z.sum(1).flatten(2).mean(-1) / count.unsqueeze(1)  # (B, C)
+    deviation = torch.where(keep, z - centre.reshape(*centre.shape, *([1] * (z.dim() - 3))).unsqueeze(1), 0.0)
+    return deviation.pow(2).flatten(2).mean(-1).sum(1) / count
 
 
 def _relative(dist: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
-    """(B, M) squared distances divided by each sample's latent energy (B,); a sample of all-zero latents gives 0."""
+    """(B, M) squared distances divided by each sample's latent energy (B,); a sample of equal latents gives 0."""
     return dist / energy.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
 
 
@@ -100,7 +110,7 @@ class AnchorAlignment(nn.Module, ABC):
     """Base of the anchors: an alignment loss, a fill for absent modalities and a point estimate of the anchor."""
 
     name: str = ""
-    """The CLI spec string (``none``, ``normal``, ``modality:T1ce``, ``mixture``)."""
+    """The CLI spec string (``none``, ``normal``, ``modality:T1ce``, ``mixture``, ``mixture-scaled``)."""
     uses_gaussian_latents: bool = False
     """True when the encoder must output a mean and log-variance per modality (only the normal anchor)."""
 
@@ -123,7 +133,7 @@ class AnchorAlignment(nn.Module, ABC):
         """The anchor's point estimate per sample from the present modalities: (B, C, *S), float32."""
 
     def scale_for_predictor(self, latents: torch.Tensor) -> torch.Tensor:
-        """The (filled) latents (B, M, C, *S) as the predictor reads them: unchanged, except for P*."""
+        """The (filled) latents (B, M, C, *S) as the predictor reads them: unchanged, except for ``mixture-scaled``."""
         return latents
 
     def fill_missing(self, latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -142,6 +152,15 @@ class AnchorAlignment(nn.Module, ABC):
 
 class LatentDistanceAnchor(AnchorAlignment):
     """An anchor whose loss is a distance between the latents themselves (none, modality, mixture)."""
+
+    distance: str = ALIGN_DISTANCES[0]
+    """``mse`` (the paper's) or ``relative`` (nnalign's, over the centred energy); the trainer sets it from the run."""
+
+    def _distance(self, dist: torch.Tensor, z_energy: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """(B, M) squared distances as :attr:`distance` says: unchanged, or over the centred energy of ``z_energy``."""
+        if self.distance not in ALIGN_DISTANCES:
+            raise ValueError(f"unknown alignment distance {self.distance!r} (one of {', '.join(ALIGN_DISTANCES)})")
+        return _relative(dist, latent_energy(z_energy, present)) if self.distance == "relative" else dist
 
     def alignment_loss(self, parts: Mapping[str, Any]) -> torch.Tensor:
         """:meth:`loss` of the parts' ``latents`` and ``present``."""
@@ -207,7 +226,8 @@ class ModalityAnchor(LatentDistanceAnchor):
     """P^k: every other modality is pulled to the anchor modality k.
 
     loss = sum over j != k of [mean over the samples where j and k are both present of mean over (C, *S) of
-    (Z_j - sg(Z_k))^2 / E], E the sample's latent energy (:func:`latent_energy`). Samples without k contribute
+    (Z_j - sg(Z_k))^2], divided by the sample's centred latent energy E (:func:`latent_energy`) for the ``relative``
+    distance (the anchor's stop-gradient holds in E too). Samples without k contribute
     nothing; a pair present in no sample contributes 0. With
     ``stop_gradient`` the anchor Z_k is detached, so it is not pulled towards the others. Absent modalities are filled
     with Z_k where k is present, else with the mean of the present modalities.
@@ -250,7 +270,7 @@ class ModalityAnchor(LatentDistanceAnchor):
         pair = present & present[:, k : k + 1] & not_k  # (B, M): j and k both present, j != k
         # a stop-gradiented anchor is a constant in the energy too (else the loss would pay Z_k to grow)
         z_energy = torch.where(_expand(~not_k, z), z.detach(), z) if self.stop_gradient else z
-        dist = torch.where(pair, _relative(_voxel_mse(z, zk), latent_energy(z_energy, present)), 0.0)
+        dist = torch.where(pair, self._distance(_voxel_mse(z, zk), z_energy, present), 0.0)
         per_modality = dist.sum(0) / pair.sum(0).clamp_min(1)  # (M,): mean over the samples holding the pair
         return per_modality.sum()
 
@@ -264,45 +284,31 @@ class ModalityAnchor(LatentDistanceAnchor):
 
 @ANCHORS.register("mixture")
 class MixtureAnchor(LatentDistanceAnchor):
-    """P*: every modality is pulled to a learnable mixture of the present ones.
+    """P*, as the paper and its authors' code define it: every modality is pulled to a learnable mixture of them.
 
-    The weights are w = f / n + (1 - f) softmax(l) over the n modalities present, with logits l = ``WEIGHT_GAIN`` x
-    ``raw_weights`` (the parameter, zero at the start) and the floor f = ``WEIGHT_FLOOR``: per sample, the softmax is
-    restricted to the present modalities (a masked softmax) and every present modality keeps at least f / n;
-    p_mix = sum_j w_j Z_j (not detached: the loss reaches both the weights and the latents);
-    loss = mean over samples of sum over present j of mean over (C, *S) of (Z_j - p_mix)^2 / E, E the sample's latent
-    energy (:func:`latent_energy`). Absent modalities are filled with p_mix.
+    w = softmax(``raw_weights``) (the parameter, zero at the start: uniform), restricted per sample to the present
+    modalities and renormalised over them (a masked softmax; a free weight would collapse to w -> 0);
+    p_mix = sum over present j of w_j Z_j, not detached, so the loss reaches both the weights and the latents;
+    loss = mean over samples of sum over present j of mean over (C, *S) of (Z_j - p_mix)^2 (divided by the sample's
+    centred latent energy for the ``relative`` distance, :func:`latent_energy`). Absent modalities are filled with
+    p_mix (:meth:`fill_missing`); present ones enter the predictor as they are, in training and at inference alike.
 
-    The predictor reads modality j's (present or filled) latents scaled by s_j = M softmax(l)_j
-    (:meth:`scale_for_predictor`; 1 for every modality at the zero initialisation), as in the authors' later code,
-    where every feature is multiplied by its weight. The segmentation loss therefore trains the weights with every
-    modality present: a modality whose latents help the segmentation gets a larger share of the predictor's input and
-    of the anchor p_mix, which is the paper's reading of the learned weights as how much each modality matters. The
-    alignment loss alone would keep them uniform (it is minimised by the plain mean of the present Z_j).
-
-    The gain makes four scalars learn at the pace of the network around them: the first convolution of the
-    predictor can rescale a modality's latents as well, through thousands of weights, so with the optimiser's step on
-    the logits themselves the weights hardly move in a training of ordinary length (measured: +-0.02 in 300
-    iterations of a dataset where one modality alone shows the tumour). A gain g multiplies the logits' SGD step by
-    g^2 and their Adam step by g, without changing the function the network computes.
-
-    The floor bounds that feedback. Without it a modality that helps early (FLAIR, which shows the whole tumour)
-    gathers the weight, the others enter the predictor ever smaller and learn ever slower (their gradients are scaled
-    by s_j too), and the teacher ends up segmenting from one modality: measured on the demo's data, FLAIR's weight
-    0.94, T1ce's scale 0.08 and the tumour core from all modalities no better than from FLAIR alone. With f = 1/2 each
-    scale stays in [1/2, 1/2 + M/2] (for M = 4: [0.5, 2.5]), so no modality can be switched off while the weights still
-    order the modalities by how much they matter.
+    The weights learn through that fill (and the alignment term, which alone is minimised by uniform weights), so a
+    P* teacher learns them only when it trains with missing modalities (``--modality-dropout``). p_mix mixes the
+    present modalities only, in training as at inference: an absent modality's latent is the encoding of a zeroed
+    channel, and its own real features are what a missing modality cannot offer at test time.
     """
 
-    WEIGHT_GAIN: float = 5.0
-    WEIGHT_FLOOR: float = 0.5
-
+    WEIGHT_GAIN: float = 1.0
+    """Factor from ``raw_weights`` to the softmax logits (1: the paper's weights)."""
+    WEIGHT_FLOOR: float = 0.0
+    """Share f of each weight given uniformly, w = f / n + (1 - f) softmax (0: the paper's weights)."""
 
     @classmethod
     def for_model(cls, modality: str | None, modalities: Sequence[str]) -> "MixtureAnchor":
         """One weight per modality of the model."""
         if not modalities:
-            raise NnalignError("anchor 'mixture' needs at least one modality")
+            raise NnalignError(f"anchor {cls.name!r} needs at least one modality")
         return cls(len(modalities))
 
     def __init__(self, num_modalities: int) -> None:
@@ -313,11 +319,13 @@ class MixtureAnchor(LatentDistanceAnchor):
         self.raw_weights = nn.Parameter(torch.zeros(num_modalities))
 
     def normalised_weights(self) -> torch.Tensor:
-        """f / M + (1 - f) softmax(logits): (M,), float32, sums to 1 (the weights when every modality is present)."""
+        """The weights when every modality is present: (M,), float32, sums to 1."""
         return self._floored(torch.softmax(self.logits(), dim=0), self.raw_weights.numel())
 
     def _floored(self, shares: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
         """Softmax shares (..., M) over ``count`` present modalities -> f / count + (1 - f) shares."""
+        if not self.WEIGHT_FLOOR:
+            return shares
         return self.WEIGHT_FLOOR / count + (1.0 - self.WEIGHT_FLOOR) * shares
 
     def logits(self) -> torch.Tensor:
@@ -325,7 +333,7 @@ class MixtureAnchor(LatentDistanceAnchor):
         return self.WEIGHT_GAIN * self.raw_weights.float()
 
     def sample_weights(self, present: torch.Tensor) -> torch.Tensor:
-        """The floored, masked softmax of the weights over each sample's present modalities: (B, M) -> (B, M), float32.
+        """The masked softmax of the weights over each sample's present modalities: (B, M) -> (B, M), float32.
 
         Absent entries are 0 and each row sums to 1 (a row with nothing present, not expected, is all 0).
         """
@@ -351,21 +359,11 @@ class MixtureAnchor(LatentDistanceAnchor):
             return torch.einsum("bm,bm...->b...", self.sample_weights(present).to(z.device), z)
 
     def loss(self, latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """Relative squared distance of each present Z_j to p_mix (see the class docstring): float32 scalar."""
+        """Squared distance of each present Z_j to p_mix (see the class docstring): float32 scalar."""
         present = _check(latents, present)
         z = _zero_absent(latents, present)
-        dist = _relative(_voxel_mse(z, self._mix(z, present).unsqueeze(1)), latent_energy(z, present))
+        dist = self._distance(_voxel_mse(z, self._mix(z, present).unsqueeze(1)), z, present)
         return torch.where(present, dist, 0.0).sum(1).mean()
-
-    def predictor_scales(self) -> torch.Tensor:
-        """s = M w (:meth:`normalised_weights`): (M,), float32, mean 1, each in [f, f + M (1 - f)]; each modality's
-        factor on its way into the predictor."""
-        return self.raw_weights.numel() * self.normalised_weights()
-
-    def scale_for_predictor(self, latents: torch.Tensor) -> torch.Tensor:
-        """Modality j's latents (B, M, C, *S) times s_j (:meth:`predictor_scales`), in the latents' dtype."""
-        scales = self.predictor_scales().to(latents.dtype)
-        return latents * scales.reshape(1, -1, *([1] * (latents.dim() - 2)))
 
     def anchor_center(self, latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """p_mix of the present modalities: (B, C, *S)."""
@@ -380,6 +378,33 @@ class MixtureAnchor(LatentDistanceAnchor):
         return {n: {"raw": float(raw[i]), "normalised": float(normalised[i])} for i, n in enumerate(names)}
 
 
+@ANCHORS.register("mixture-scaled")
+class ScaledMixtureAnchor(MixtureAnchor):
+    """nnalign's extension of P*, not the paper's: :class:`MixtureAnchor` whose weights also scale each modality's
+    (present or filled) latents on their way into the predictor, by s_j = M w_j (:meth:`scale_for_predictor`; 1 at
+    the uniform start, mean 1 always), so the segmentation trains them with every modality present.
+
+    Two more inventions make that work: the logits are ``WEIGHT_GAIN`` x ``raw_weights`` (four scalars would hardly
+    move against the predictor's first convolution, which can rescale a modality through thousands of weights), and
+    each weight keeps the floor f / n (``WEIGHT_FLOOR``), so each s_j stays in [f, f + M (1 - f)] and no modality is
+    switched off by the feedback of the scaling. documentation/training.md ("nnalign's scaled P*") gives the
+    measurements behind both.
+    """
+
+    WEIGHT_GAIN: float = 5.0
+    WEIGHT_FLOOR: float = 0.5
+
+    def predictor_scales(self) -> torch.Tensor:
+        """s = M w (:meth:`normalised_weights`): (M,), float32, mean 1, each in [f, f + M (1 - f)]; each modality's
+        factor on its way into the predictor."""
+        return self.raw_weights.numel() * self.normalised_weights()
+
+    def scale_for_predictor(self, latents: torch.Tensor) -> torch.Tensor:
+        """Modality j's latents (B, M, C, *S) times s_j (:meth:`predictor_scales`), in the latents' dtype."""
+        scales = self.predictor_scales().to(latents.dtype)
+        return latents * scales.reshape(1, -1, *([1] * (latents.dim() - 2)))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # building by name, and logging
 
@@ -392,7 +417,8 @@ def _canonical_or_same(name: str) -> str:
 
 
 def build_anchor(spec: str, modalities: Sequence[str]) -> AnchorAlignment:
-    """The anchor named by ``spec`` (``none | normal | modality[:NAME] | mixture``, case-insensitive, read by
+    """The anchor named by ``spec`` (``none | normal | modality[:NAME] | mixture | mixture-scaled``, case-insensitive,
+    read by
     :func:`~nnalign.networks.anchor_registry.canonical_anchor`) for a model whose latents follow ``modalities``
     (channel order). One-line NnalignError for an unknown spec, an unknown modality, or one the model does not have.
     """
@@ -409,10 +435,14 @@ def modality_gap(latents: torch.Tensor, present: torch.Tensor, anchor: AnchorAli
     is a per-sample weighted sum of the modalities' latents, so it is computed from the spatial means (B, M, C) alone,
     with no second pass over the full-resolution latents. Returns plain floats: ``{"to_anchor": {modality index:
     Euclidean distance of its centroid to the anchor centroid}, "pairwise_mean": mean Euclidean distance between the
-    centroids of modality pairs both present somewhere in the batch, "rms": {modality index: root mean square of its
-    latents where present}, "relative_gap": pairwise_mean / the mean of the RMS values}``. The RMS shows whether the
-    latent space keeps its size; the relative gap is the alignment that shrinking cannot fake. Modalities absent from
-    the whole batch are left out; with fewer than two, ``pairwise_mean`` and ``relative_gap`` are 0.0.
+    centroids of modality pairs both present somewhere in the batch (the absolute gap), "rms": {modality index: root
+    mean square of its latents where present}, "relative_gap": pairwise_mean / the latents' centred RMS}``, the centred
+    RMS being the square root of the per-sample centred energy (:func:`latent_energy`) averaged over the samples.
+
+    The RMS shows whether the latent space keeps its size. The relative gap is the alignment that neither shrinking
+    (it is of degree 0 in the latents) nor a common offset per channel (it moves every centroid alike and is centred
+    out of the RMS) can fake. Modalities absent from the whole batch are left out; with fewer than two,
+    ``pairwise_mean`` and ``relative_gap`` are 0.0.
     """
     present = _check(latents, present)
     b, m, c = latents.shape[:3]
@@ -427,6 +457,10 @@ def modality_gap(latents: torch.Tensor, present: torch.Tensor, anchor: AnchorAli
     pairs = [float(torch.linalg.vector_norm(centroids[i] - centroids[j])) for i, j in combinations(centroids, 2)]
     rms = {j: float(mean_square[present[:, j], j].mean().sqrt()) for j in centroids}
     pairwise = sum(pairs) / len(pairs) if pairs else 0.0
-    mean_rms = sum(rms.values()) / len(rms) if rms else 0.0
+    # centred energy per sample from the (B, M, C) means: E = mean of Z^2 over present j - mean over c of mu_c^2
+    count = present.sum(1).clamp_min(1).double()
+    channel_mean = torch.where(present.unsqueeze(-1), per_sample.double(), 0.0).sum(1) / count.unsqueeze(1)  # (B, C)
+    energy = torch.where(present, mean_square.double(), 0.0).sum(1) / count - channel_mean.pow(2).mean(1)
+    spread = float(energy[present.any(1)].clamp_min(0).mean().sqrt()) if bool(present.any()) else 0.0
     return {"to_anchor": to_anchor, "pairwise_mean": pairwise, "rms": rms,
-            "relative_gap": pairwise / mean_rms if pairs and mean_rms > 0 else 0.0}
+            "relative_gap": pairwise / spread if pairs and spread > 0 else 0.0}

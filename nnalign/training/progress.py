@@ -6,8 +6,10 @@ from pathlib import Path
 
 
 def plot_alignment_png(logging: dict, output_folder: str | os.PathLike) -> Path | None:
-    """Plot ``align_losses``, ``modality_gap`` with each modality's ``modality_to_anchor`` distance, ``relative_gap``
-    with each modality's ``latent_rms``, and ``mixture_weights`` (the last three where logged) per epoch.
+    """Plot ``align_losses``; ``modality_gap`` (the absolute gap) with each modality's ``modality_to_anchor`` distance
+    and, on the same panel's right axis, ``relative_gap`` (the gap over the latents' centred RMS, which neither
+    shrinking nor a common offset can lower), so the two are read side by side; each modality's ``latent_rms``; and
+    ``mixture_weights`` (the last three where logged) per epoch.
 
     ``logging`` is nnU-Net's ``my_fantastic_logging``: one value per epoch per key. Returns the file written, or None
     when there is nothing to plot yet.
@@ -26,7 +28,7 @@ def plot_alignment_png(logging: dict, output_folder: str | os.PathLike) -> Path 
     from matplotlib.ticker import MaxNLocator
 
     epochs = list(range(n))
-    rows = 2 + bool(relative) + bool(weights)
+    rows = 2 + bool(rms) + bool(weights)
     # nnU-Net's progress plot sets seaborn's large-font theme globally; draw this one with matplotlib's defaults
     with plt.style.context("default"):
         fig, axes = plt.subplots(rows, 1, figsize=(10, 3.2 * rows), sharex=True)
@@ -36,20 +38,22 @@ def plot_alignment_png(logging: dict, output_folder: str | os.PathLike) -> Path 
         for name in dict.fromkeys(name for per_epoch in to_anchor[:n] for name in per_epoch):
             axes[1].plot(epochs[:len(to_anchor[:n])], [d.get(name, float("nan")) for d in to_anchor[:n]], ".--",
                          label=f"{name} to anchor")
-        axes[1].set_ylabel("modality gap")
+        axes[1].set_ylabel("modality gap (absolute)")
         if relative:
             k = min(n, len(relative))
+            relative_axis = axes[1].twinx()
+            relative_axis.plot(epochs[:k], [float(v) for v in relative[:k]], "r.-",
+                               label="relative gap (gap / centred RMS)")
+            relative_axis.set_ylabel("relative gap", color="r")
+            relative_axis.set_ylim(bottom=0)
+            relative_axis.legend(loc="lower right", fontsize="small")
+        if rms:
+            k = min(n, len(rms))
             ax = axes[2]
-            ax.plot(epochs[:k], [float(v) for v in relative[:k]], "k.-", label="relative gap (gap / mean RMS)")
-            ax.set_ylabel("relative gap")
-            ax.set_ylim(bottom=0)
-            rms_axis = ax.twinx()
             for name in dict.fromkeys(name for per_epoch in rms[:k] for name in per_epoch):
-                rms_axis.plot(epochs[:len(rms[:k])], [d.get(name, float("nan")) for d in rms[:k]], ".:",
-                              label=f"{name} latent RMS")
-            rms_axis.set_ylabel("latent RMS")
-            rms_axis.set_ylim(bottom=0)
-            rms_axis.legend(loc="lower right", fontsize="small")
+                ax.plot(epochs[:k], [d.get(name, float("nan")) for d in rms[:k]], ".:", label=f"{name} latent RMS")
+            ax.set_ylabel("latent RMS")
+            ax.set_ylim(bottom=0)
         if weights:
             k = min(n, len(weights))
             ax = axes[-1]

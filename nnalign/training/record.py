@@ -13,7 +13,7 @@ from nnalign.errors import NnalignError
 
 SETTINGS_RECORD = "nnalign_settings.json"
 
-METHOD_VERSION = 4
+METHOD_VERSION = 5
 """The version of the method's definition a run was trained with, written into every record (see
 :data:`VERSION_CHANGES`). A record without the key is version 1."""
 
@@ -102,17 +102,30 @@ def _touched_by_version_4(record: dict) -> bool:
     return _student_of(record, "protokd") and "kd_weight" not in (record.get("kd_overrides") or {})
 
 
+def _touched_by_version_5(record: dict) -> bool:
+    """Version 5 made P* the paper's and the P^k and P* losses plain MSE: those teachers and their students."""
+    teacher = record.get("anchor") if record.get("role") != "student" else (record.get("teacher") or {}).get("trainer")
+    return (involves_mixture(record) or str(teacher).startswith(("modality", "nnAlignTeacher_modality"))
+            or _student_of(record, "smunet"))  # its style term: a mean over scales, at the original's weight
+
+
 VERSION_CHANGES: dict[int, tuple[str, Callable[[dict], bool] | None]] = {
     2: ("the P* forward and the alignment and distillation losses", None),
     3: ("P*'s weights (their floor) and KD-Net's loss", _touched_by_version_3),
     4: ("ProtoKD's logit-term weight", _touched_by_version_4),
+    5: ("P* to the paper's form and the P^k and P* losses to plain MSE (the earlier P* is anchor mixture-scaled, the "
+        "earlier loss --align-distance relative), and SMU-Net's style-term weight", _touched_by_version_5),
 }
 """What each method version changed, and the test of whether the change touches a run's record (None: every run).
 Version 2 is nnalign 0.2.0: P*'s weights scale each modality's latents into the predictor, relative (scale-free) MSE
 anchors, a loss weight per anchor, and the sigmoid-head distillation terms at a bounded scale. Version 3: P*'s weights
 keep a floor of half their uniform share, and KD-Net's soft-label term adds nnU-Net's Dice to its cross-entropy.
 Version 4: ProtoKD's KL term is weighted 0.5 instead of its code's 10, the weight at which it pulls on a student's
-logits against nnU-Net's region loss as hard as the original does against its own (``benchmarks/kd_scale.py``)."""
+logits against nnU-Net's region loss as hard as the original does against its own (``benchmarks/kd_scale.py``).
+Version 5: anchor ``mixture`` is P* as the paper defines it (no scaling of the latents, plain softmax weights; the
+earlier form is ``mixture-scaled``), and the P^k and P* losses are the paper's plain MSE by default (the relative
+distance, now over the centred energy, is ``--align-distance relative``); SMU-Net's style term is its code's
+1e-4/(4·480²) ≈ 1.085e-10 x the mean over scales of mean((ΔG)²) instead of 1.0 x their sum (``kd_scale.py --smunet``)."""
 
 
 def _changes_since(record: dict) -> list[str]:

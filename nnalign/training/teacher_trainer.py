@@ -18,7 +18,8 @@ from torch._dynamo import OptimizedModule
 
 from nnalign import __version__
 from nnalign.errors import NnalignError
-from nnalign.networks.anchors import MixtureAnchor, ModalityAnchor, modality_gap
+from nnalign.networks.anchor_registry import MIXTURE_ANCHORS
+from nnalign.networks.anchors import LatentDistanceAnchor, MixtureAnchor, ModalityAnchor, modality_gap
 from nnalign.modalities import BRATS_MODALITIES
 from nnalign.networks.align_unet import nnAlignStudentUNet, nnAlignTeacherUNet
 from nnalign.training.common import (CollapseCheck, FiniteLoss, SafeCheckpoints, apply_plans_training,
@@ -63,7 +64,8 @@ class nnAlignTeacherTrainer(CollapseCheck, FiniteLoss, SafeCheckpoints, nnUNetTr
     ``align_weight`` x the anchor loss. Per epoch it logs ``align_losses``, ``modality_gap`` (mean pairwise distance of
     the modality centroids), ``modality_to_anchor`` (each modality centroid's distance to the anchor centroid),
     ``latent_rms`` (each modality's latent RMS: a shrinking latent space shows here), ``relative_gap`` (the gap over
-    the mean RMS: alignment that shrinking cannot fake) and, for the mixture anchor, ``mixture_weights``; plots them
+    the latents' centred RMS: alignment that neither shrinking nor a common offset can fake) and, for the mixture
+    anchors, ``mixture_weights``; plots them
     in ``alignment.png``; and rewrites the settings record ``nnalign_settings.json`` in the fold folder.
     """
 
@@ -80,7 +82,7 @@ class nnAlignTeacherTrainer(CollapseCheck, FiniteLoss, SafeCheckpoints, nnUNetTr
         if not self.spec.is_original:
             for key in ("align_losses", "modality_gap", "modality_to_anchor", "latent_rms", "relative_gap"):
                 log[key] = []
-        if self.spec.anchor_kind == "mixture":
+        if self.spec.anchor_kind in MIXTURE_ANCHORS:
             log["mixture_weights"] = []
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -107,8 +109,11 @@ class nnAlignTeacherTrainer(CollapseCheck, FiniteLoss, SafeCheckpoints, nnUNetTr
                                          configuration_manager.network_arch_init_kwargs_req_import,
                                          num_input_channels, num_output_channels, allow_init=True,
                                          deep_supervision=enable_deep_supervision)
-        if isinstance(getattr(network, "anchor", None), ModalityAnchor):
-            network.anchor.stop_gradient = spec.stop_gradient
+        anchor = getattr(network, "anchor", None)
+        if isinstance(anchor, ModalityAnchor):
+            anchor.stop_gradient = spec.stop_gradient
+        if isinstance(anchor, LatentDistanceAnchor):
+            anchor.distance = spec.align_distance
         return network
 
     def configure_optimizers(self):
@@ -203,12 +208,12 @@ class nnAlignTeacherTrainer(CollapseCheck, FiniteLoss, SafeCheckpoints, nnUNetTr
         if not self.spec.is_original:
             get = self.logger.get_value
             self.print_to_log_file("align_loss", np.round(get("align_losses", step=-1), decimals=4))
-            self.print_to_log_file("modality_gap", np.round(get("modality_gap", step=-1), decimals=4))
+            self.print_to_log_file("modality_gap", np.round(get("modality_gap", step=-1), decimals=4),
+                                   "relative gap", np.round(get("relative_gap", step=-1), decimals=4))
             self.print_to_log_file("modality to anchor",
                                    {k: round(v, 4) for k, v in get("modality_to_anchor", step=-1).items()})
-            self.print_to_log_file("latent RMS", {k: round(v, 4) for k, v in get("latent_rms", step=-1).items()},
-                                   "relative gap", np.round(get("relative_gap", step=-1), decimals=4))
-            if self.spec.anchor_kind == "mixture":
+            self.print_to_log_file("latent RMS", {k: round(v, 4) for k, v in get("latent_rms", step=-1).items()})
+            if self.spec.anchor_kind in MIXTURE_ANCHORS:
                 self.print_to_log_file("mixture weights",
                                        {k: round(v, 4) for k, v in get("mixture_weights", step=-1).items()})
         super().on_epoch_end()
@@ -246,6 +251,7 @@ class nnAlignTeacherTrainer(CollapseCheck, FiniteLoss, SafeCheckpoints, nnUNetTr
             "modality_dropout": s.modality_dropout,
             "subset_sampling": s.subset_sampling,
             "stop_gradient": s.stop_gradient,
+            "align_distance": s.align_distance,
             "epochs": self.num_epochs,
             "iters_per_epoch": self.num_iterations_per_epoch,
             "val_iters_per_epoch": self.num_val_iterations_per_epoch,
