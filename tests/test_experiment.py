@@ -23,6 +23,8 @@ from nnalign.experiments.spec import preset_names, read_spec
 from nnalign.experiments.state import StateStore, resolve_states
 from nnalign.runs import StudentSpec, TeacherSpec
 
+P_STAR = TeacherSpec("mixture").trainer_name()  # nnAlignTeacher_mixture_drop0p5: P*'s default dropout
+
 PRESETS = ("paper-table-I", "paper-table-III", "paper-table-IV", "paper-all", "cpu-evidence")
 RECIPE_PRESETS = tuple(f"{name}-recipe" for name in PRESETS[:4])
 
@@ -249,13 +251,13 @@ def test_state_lock_corrupt_file_and_a_result_removed_by_hand(paper_data):
     with store.lock():  # released
         (store.folder / "lock").write_text("pid 1 on another-host")
         assert store.runner_pid() is None  # never signal a process of another machine
-    key = "train.nnAlignTeacher_mixture.fold_0"
+    key = f"train.{P_STAR}.fold_0"
     store.write(key, {"key": key, "status": "done", "log": str(store.log(key))})
     states = resolve_states(grid, store, lambda record: None)
     assert states[key].state == "missing" and "removed by hand" in states[key].detail
     store.write(key, {"key": key, "status": "running", "executor": "local", "pid": 999999999, "host": None})
     assert resolve_states(grid, store, lambda record: None)[key].state == "failed"
-    evaluation = "evaluate.nnAlignTeacher_mixture.T1-T1ce-T2-FLAIR"
+    evaluation = f"evaluate.{P_STAR}.T1-T1ce-T2-FLAIR"
     assert resolve_states(grid, store, lambda record: None)[evaluation].state == "blocked"
     store.path(key).write_text("{half a")
     with pytest.raises(NnalignError, match="not a readable state file"):
@@ -277,7 +279,7 @@ def test_local_executor_runs_resumes_and_reruns_only_what_is_missing(tiny_data, 
     proc = experiment("run", str(spec), "--jobs", "2", env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = tmp_path / "results" / DATASET
-    teacher, student = "nnAlignTeacher_mixture", StudentSpec(("T1ce",), "kdnet", TeacherSpec("mixture")).trainer_name()
+    teacher, student = P_STAR, StudentSpec(("T1ce",), "kdnet", TeacherSpec("mixture")).trainer_name()
     for trainer in (teacher, student):
         assert (results / f"{trainer}__nnAlignPlans__3d_cpu" / "fold_0" / "checkpoint_final.pth").is_file()
     evaluations = results / "nnalign_evaluations"
@@ -317,7 +319,7 @@ def test_a_failed_run_blocks_its_dependents_and_is_retried(tiny_data, tmp_path, 
     assert "failed: teacher deep, fold 0: train exited with 1:" in status.stdout and "latent" in status.stdout
     assert "blocked: student T1ce kdnet of deep, fold 0" in status.stdout
     record = json.loads((tmp_path / "results" / DATASET / "nnalign_experiments" / "tiny" / "runs" /
-                         "train.nnAlignTeacher_mixture_lvl9.fold_0.json").read_text())
+                         f"train.{TeacherSpec('mixture', latent_level=9).trainer_name()}.fold_0.json").read_text())
     assert record["status"] == "failed" and record["attempts"] == 1
     again = experiment("run", str(spec), env=env)  # retries the failed run only (it fails again)
     assert again.returncode == 1 and again.stdout.count("] started:") == 1, again.stdout
@@ -331,7 +333,7 @@ def test_cancel_stops_a_local_run_before_it_starts_anything_more(tiny_data, tmp_
     spec.write_text(spec.read_text().replace("epochs = 2\n", "epochs = 1000\n"))  # the teacher is cancelled mid-way
     runner = start_experiment("run", str(spec), env=env)
     state = tmp_path / "results" / DATASET / "nnalign_experiments" / "tiny"
-    teacher_log = state / "logs" / "train.nnAlignTeacher_mixture.fold_0.log"
+    teacher_log = state / "logs" / f"train.{P_STAR}.fold_0.log"
     deadline = time.time() + 600
     while not (teacher_log.is_file() and "Epoch 1" in teacher_log.read_text()):
         assert runner.poll() is None and time.time() < deadline, runner.communicate()
