@@ -139,8 +139,8 @@ def planned(tmp_path_factory, plan_synthetic):
 def teacher(planned, run_train) -> Path:
     """The mixture teacher's model folder, trained by nnalign_train for 1 epoch x 2 iterations."""
     results = planned / "results"
-    proc = run_train(planned, results, str(DATASET_ID), CONFIG, "0", "--anchor", "mixture", "-device", "cpu",
-                     "--epochs", "1", "--iters-per-epoch", "2")
+    proc = run_train(planned, results, str(DATASET_ID), CONFIG, "0", "--anchor", "mixture", "--modality-dropout", "0",
+                     "-device", "cpu", "--epochs", "1", "--iters-per-epoch", "2")  # named nnAlignTeacher_mixture
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     model_dir = results / DATASET / f"{TEACHER}__{PLANS}__{CONFIG}"
     assert (model_dir / "fold_0" / "checkpoint_final.pth").is_file()
