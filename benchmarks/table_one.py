@@ -140,7 +140,7 @@ def run_seed(work: Path, seed: int, runs: int, methods: tuple[str, ...], modalit
              scores_csv: Path, demo: DemoOptions) -> None:
     """Train, predict and score every missing (run, teacher, modality, method) of one seed, appending each to
     ``scores_csv``."""
-    from nnalign.demo import CONFIGURATION, _subset_inputs, predict_command, reference_regions, score_row
+    from nnalign.demo import CONFIGURATION, subset_inputs, predict_command, reference_regions, score_row
     from nnalign.evaluation.evaluate import evaluate
     from nnalign.modalities import subset_tag
     from nnalign.model_folders import fold_folder, model_folder
@@ -165,7 +165,7 @@ def run_seed(work: Path, seed: int, runs: int, methods: tuple[str, ...], modalit
     raw = Path(env["nnUNet_raw"]) / results.name
     ending = json.loads((raw / "dataset.json").read_text())["file_ending"]
     regions = reference_regions(raw / "labelsTs", ending)
-    inputs = {m: _subset_inputs(raw, (m,), results / "nnalign_demo" / "inputs" / subset_tag((m,))) for m in modalities}
+    inputs = {m: subset_inputs(raw, (m,), results / "nnalign_demo" / "inputs" / subset_tag((m,))) for m in modalities}
     for run in range(1, runs + 1):
         run_results = results if run == 1 else seed_dir / f"run{run}" / results.name
         for teacher in teachers().values():  # a student loads its teacher from its own results folder

@@ -203,7 +203,7 @@ def hold_out(dataset_folder: Path, fraction: float) -> list[str]:
     return held
 
 
-def _subset_inputs(dataset_folder: Path, subset: tuple[str, ...], target: Path) -> Path:
+def subset_inputs(dataset_folder: Path, subset: tuple[str, ...], target: Path) -> Path:
     """A folder of the held-out cases with only ``subset``'s files (links), in nnU-Net naming."""
     ending = json.loads((dataset_folder / "dataset.json").read_text())["file_ending"]
     target.mkdir(parents=True, exist_ok=True)
@@ -284,7 +284,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoResul
         subsets = DEMO_SUBSETS if folder == teacher_dir else (opts.student_modalities,)
         for subset in subsets:
             tag = subset_tag(subset)
-            inputs = _subset_inputs(dataset_folder, subset, work / "inputs" / tag)
+            inputs = subset_inputs(dataset_folder, subset, work / "inputs" / tag)
             predictions = work / "predictions" / folder.name / tag
             say(f"predict {tag} held-out cases with {what}")
             _run(predict_command(inputs, predictions, folder, opts.device),

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from nnalign.data.synthetic import write_synthetic_dataset
-from nnalign.demo import (EpochLines, _subset_inputs, hold_out, parse_kd_methods, reference_regions, rows_markdown,
+from nnalign.demo import (EpochLines, subset_inputs, hold_out, parse_kd_methods, reference_regions, rows_markdown,
                           score_row)
 from nnalign.errors import NnalignError
 
@@ -20,9 +20,9 @@ def test_hold_out_moves_the_last_cases_with_all_their_files(tmp_path):
     assert json.loads((folder / "dataset.json").read_text())["numTraining"] == 3
 
 
-def test_subset_inputs_link_only_the_subset_channels(tmp_path):
+def testsubset_inputs_link_only_the_subset_channels(tmp_path):
     folder = write_synthetic_dataset(tmp_path / "raw", 3, num_cases=1, shape=(32, 32, 32), num_test=2)
-    inputs = _subset_inputs(folder, ("T1ce", "FLAIR"), tmp_path / "in")
+    inputs = subset_inputs(folder, ("T1ce", "FLAIR"), tmp_path / "in")
     names = sorted(p.name for p in inputs.iterdir())
     assert names == ["SYNTS_0000_0001.nii.gz", "SYNTS_0000_0003.nii.gz", "SYNTS_0001_0001.nii.gz",
                      "SYNTS_0001_0003.nii.gz"]
