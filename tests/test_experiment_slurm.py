@@ -19,8 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from nnalign.runs import StudentSpec, TeacherSpec
+
 DATASET = "Dataset983_SyntheticBraTS"
 """``tiny_data``'s dataset (conftest.py)."""
+TEACHER = TeacherSpec("mixture").trainer_name()
+STUDENT = StudentSpec(("T1ce",), "none", TeacherSpec("mixture")).trainer_name()
+"""The grid's teacher (``write_spec``) and its T1ce student without distillation."""
 SLURM_COMMANDS = ("sbatch", "squeue", "scancel", "scontrol", "sinfo", "srun")
 DAEMONS = {"munged": "/usr/sbin/munged", "slurmctld": "/usr/sbin/slurmctld", "slurmd": "/usr/sbin/slurmd"}
 SLURM_CONF = Path("/etc/slurm/slurm.conf")
@@ -115,8 +120,8 @@ def test_slurm_grid_with_a_requeued_teacher(slurm_cluster, tiny_data, tmp_path, 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("submitted ") == 5 and "after" in proc.stdout, proc.stdout
     results = tmp_path / "results"
-    teacher_key = "train.nnAlignTeacher_mixture.fold_0"
-    fold = results / DATASET / "nnAlignTeacher_mixture__nnAlignPlans__3d_cpu" / "fold_0"
+    teacher_key = f"train.{TEACHER}.fold_0"
+    fold = results / DATASET / f"{TEACHER}__nnAlignPlans__3d_cpu" / "fold_0"
     job = _record(results, teacher_key)["job_id"]
     twice = experiment("run", str(spec), "--executor", "slurm", env=env, timeout=120)
     assert twice.returncode == 0 and "0 job(s) submitted" in twice.stdout, twice.stdout  # nothing submitted twice
@@ -139,10 +144,9 @@ def test_slurm_grid_with_a_requeued_teacher(slurm_cluster, tiny_data, tmp_path, 
     log = Path(record["log"]).read_text()
     assert log.count("== attempt") == 2 and "--c" in log.split("== attempt 2")[1], log[-3000:]
     assert (fold / "checkpoint_final.pth").is_file()
-    student = results / DATASET / "nnAlignStudent_T1ce_none_Teacher-mixture__nnAlignPlans__3d_cpu" / "fold_0"
+    student = results / DATASET / f"{STUDENT}__nnAlignPlans__3d_cpu" / "fold_0"
     assert (student / "checkpoint_final.pth").is_file()
-    for model, tag in (("nnAlignTeacher_mixture", "T1-T1ce-T2-FLAIR"), ("nnAlignStudent_T1ce_none_Teacher-mixture",
-                                                                        "T1ce")):
+    for model, tag in ((TEACHER, "T1-T1ce-T2-FLAIR"), (STUDENT, "T1ce")):
         assert (results / DATASET / "nnalign_evaluations" / f"{model}__nnAlignPlans__3d_cpu" / tag /
                 "metrics.json").is_file()
     assert (results / DATASET / "nnalign_experiments" / "tiny" / "report" / "report.md").is_file()
@@ -160,7 +164,7 @@ def test_cancel_stops_the_submitted_jobs(slurm_cluster, tiny_data, tmp_path, fol
     status = experiment("status", str(spec), env=env)
     assert "running" not in status.stdout and "queued" not in status.stdout, status.stdout
     queue = subprocess.run(["squeue", "--me", "-h"], capture_output=True, text=True).stdout
-    assert not any(_record(tmp_path / "results", "train.nnAlignTeacher_mixture.fold_0").get("job_id") == line.split()[0]
+    assert not any(_record(tmp_path / "results", f"train.{TEACHER}.fold_0").get("job_id") == line.split()[0]
                    for line in queue.splitlines())
 
 

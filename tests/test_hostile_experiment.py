@@ -14,6 +14,7 @@ from nnalign.errors import NnalignError
 from nnalign.experiments.grid import build_grid
 from nnalign.experiments.spec import read_spec
 from nnalign.experiments.state import StateStore, resolve_states
+from nnalign.runs import TeacherSpec
 
 DATASET = "Dataset018_BraTS2018"
 """``fake_dataset``'s dataset (conftest.py)."""
@@ -214,7 +215,7 @@ def test_a_state_field_of_the_wrong_type_is_one_line_naming_the_state_file(data,
     spec = write_spec(data)
     grid = build_grid(read_spec(str(spec)))
     store = StateStore(grid.state_dir)
-    key = "train.nnAlignTeacher_mixture.fold_0"
+    key = f"train.{TeacherSpec('mixture').trainer_name()}.fold_0"
     store.write(key, {"key": key, "status": "running", "executor": "local", "log": str(store.log(key))})
     record = json.loads(store.path(key).read_text())
     store.path(key).write_text(json.dumps({**record, field: value}))

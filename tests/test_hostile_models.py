@@ -20,14 +20,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nnalign.runs import StudentSpec, TeacherSpec
+
 pytestmark = pytest.mark.slow
 
 DATASET_ID = 963
 DATASET = "Dataset963_SyntheticBraTS"
 CONFIG = "3d_cpu"
-TEACHER = "nnAlignTeacher_mixture__nnAlignPlans__3d_cpu"
+TEACHER = f"{TeacherSpec('mixture').trainer_name()}__nnAlignPlans__{CONFIG}"
 STUDENT_ARGS = ("--role", "student", "--modalities", "T1ce", "--kd", "kdnet")
-STUDENT_PREFIX = "nnAlignStudent_T1ce_kdnet_Teacher-mixture"
+STUDENT_PREFIX = StudentSpec(("T1ce",), "kdnet", TeacherSpec("mixture")).trainer_name()
 SHORT = ("-device", "cpu", "--epochs", "1", "--iters-per-epoch", "2")
 
 
@@ -416,7 +418,7 @@ def test_a_training_killed_at_a_random_step_continues_with_c(trained, tmp_path, 
     epochs = 20
     if role == "teacher":
         args = [str(DATASET_ID), CONFIG, "0", "--anchor", "mixture", "-device", "cpu"]
-        fold_dir = results / DATASET / "nnAlignTeacher_mixture__nnAlignPlans__3d_cpu" / "fold_1"
+        fold_dir = results / DATASET / TEACHER / "fold_1"
         args[2] = "1"
     else:
         args = [str(DATASET_ID), CONFIG, "0", *STUDENT_ARGS, "--teacher", str(results / DATASET / TEACHER),

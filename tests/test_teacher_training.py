@@ -503,7 +503,7 @@ def test_a_configuration_inheriting_from_the_plans_sets_other_latent_channels(pl
     proc = run_train(root, results, DATASET, "3d_cpu_latent2", "0", "--anchor", "mixture", "--epochs", "1",
                      "--iters-per-epoch", "2", "-device", "cpu")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    fold = results / DATASET / "nnAlignTeacher_mixture__nnAlignPlans__3d_cpu_latent2" / "fold_0"
+    fold = results / DATASET / f"{TeacherSpec('mixture').trainer_name()}__nnAlignPlans__3d_cpu_latent2" / "fold_0"
     assert json.loads((fold / "nnalign_settings.json").read_text())["latent"]["channels"] == 2
     weights = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
     assert weights["unet.encoder.stages.0.0.convs.0.conv.weight"].shape[1] == 4 * 2  # 4 modalities x 2 channels
