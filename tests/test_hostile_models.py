@@ -157,15 +157,21 @@ def test_a_truncated_teacher_is_one_line_and_leaves_no_run_folder(trained, resul
     assert not student_folders(results)
 
 
+def report(run_module, trained: Path, results: Path, out: Path) -> subprocess.CompletedProcess:
+    """``nnalign_report`` of ``results`` into ``out``, which must succeed without a traceback."""
+    proc = run_module("report", results / DATASET, "-o", out,
+                      env={"nnUNet_preprocessed": str(trained / "pre"), "nnUNet_results": str(results),
+                           "nnUNet_raw": str(trained / "raw")})
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc
+
+
 def test_report_refuses_a_crafted_checkpoint(trained, results, tmp_path, write_crafted_checkpoint, run_module):
     marker = tmp_path / "created_by_the_checkpoint"
     path = teacher_checkpoint(results)
     write_crafted_checkpoint(path, marker, like=path)
     out = tmp_path / "report"
-    proc = run_module("report", results / DATASET, "-o", out,
-                      env={"nnUNet_preprocessed": str(trained / "pre"), "nnUNet_results": str(results),
-                           "nnUNet_raw": str(trained / "raw")})
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    proc = report(run_module, trained, results, out)
     assert not marker.exists()
     notes = [line for line in proc.stderr.splitlines() if "refused" in line]
     assert notes and all("it holds io.open" in line and "checkpoint_final.pth" in line for line in notes), \
@@ -214,10 +220,7 @@ def test_report_refuses_plans_that_name_a_command(trained, results, tmp_path, ru
     marker = tmp_path / "created_by_the_plans"
     plant_command(results / DATASET / TEACHER / "plans.json", marker)
     out = tmp_path / "report"
-    proc = run_module("report", results / DATASET, "-o", out,
-                      env={"nnUNet_preprocessed": str(trained / "pre"), "nnUNet_results": str(results),
-                           "nnUNet_raw": str(trained / "raw")})
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    report(run_module, trained, results, out)
     assert not marker.exists()
     assert "plans.json: refused: dropout_op 'os.system' (configuration 3d_cpu)" in (out / "report.md").read_text()
 
