@@ -7,9 +7,9 @@ preprocessor, the resampling functions, the normalisation schemes, the label man
 file from a shared model folder could therefore run code the moment a network is built from it.
 
 nnalign checks every such name against the allow-lists below before nnU-Net sees the file, and refuses anything else
-with one line naming the file and the key. The lists hold exactly the classes and functions nnunetv2 2.8.1,
-dynamic_network_architectures and nnalign ship for these places; a test resolves every entry. Nothing here imports
-torch or nnU-Net.
+with one line naming the file and the key. The lists hold the classes and functions nnunetv2 2.8.1,
+dynamic_network_architectures and nnalign use in these places (and torch.nn layers of the same kinds); a test
+resolves every entry. Nothing here imports torch or nnU-Net.
 """
 from __future__ import annotations
 
