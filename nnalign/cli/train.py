@@ -232,27 +232,19 @@ def existing_runs(results_root: Path, dataset: str, configuration: str, fold) ->
     return runs
 
 
-#: Folds nnU-Net's trainer writes into a new splits_final.json when the dataset has none.
-NNUNET_DEFAULT_FOLDS = 5
-
-
 def check_fold_in_split(dataset_folder: Path, fold: int | str) -> None:
     """One-line error for a fold that ``splits_final.json`` lacks (nnU-Net would train on a random 80:20 split)."""
+    from nnalign.data.splits import NNUNET_FOLDS, read_splits_file
+
     if fold == "all":
         return
     splits_file = dataset_folder / "splits_final.json"
     if not splits_file.is_file():
-        if fold >= NNUNET_DEFAULT_FOLDS:
+        if fold >= NNUNET_FOLDS:
             raise NnalignError(f"fold {fold}: {dataset_folder.name} has no splits_final.json yet, and nnU-Net makes "
-                               f"{NNUNET_DEFAULT_FOLDS} folds (0-{NNUNET_DEFAULT_FOLDS - 1}) or 'all'")
+                               f"{NNUNET_FOLDS} folds (0-{NNUNET_FOLDS - 1}) or 'all'")
         return
-    try:
-        splits = json.loads(splits_file.read_text())
-        if not isinstance(splits, list) or not all(isinstance(s, dict) and "train" in s and "val" in s
-                                                   for s in splits):
-            raise ValueError("expected a list of {'train': [...], 'val': [...]}")
-    except (OSError, ValueError) as e:
-        raise NnalignError(f"{splits_file}: cannot read the split ({e})") from None
+    splits = read_splits_file(splits_file)
     if fold >= len(splits):
         folds = f"0-{len(splits) - 1}" if len(splits) > 1 else ("0" if splits else "none")
         raise NnalignError(f"fold {fold} is not in {splits_file} (its folds: {folds}; or 'all')")
