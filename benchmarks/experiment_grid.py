@@ -86,12 +86,12 @@ def main() -> None:
             os.environ[var] = env[var]
         grid = build_grid(read_spec(str(root / "bench.toml")))
         store = StateStore(grid.state_dir)
-        for key in list(grid.runs)[::2]:
+        for key in list(grid.steps)[::2]:
             store.write(key, {"key": key, "status": "failed", "error": "stand-in", "log": str(store.log(key))})
         print(f"| command | runs | wall time (s), {args.rounds} rounds | median |\n|---|---|---|---|")
         for sub in ("plan", "status"):
             times = [timed([*command, sub, str(root / "bench.toml")], env)[0] for _ in range(args.rounds)]
-            print(f"| nnalign_experiment {sub} | {len(grid.runs)} | {', '.join(f'{t:.2f}' for t in times)} | "
+            print(f"| nnalign_experiment {sub} | {len(grid.steps)} | {', '.join(f'{t:.2f}' for t in times)} | "
                   f"{statistics.median(times):.2f} |")
     if args.state is not None:
         gaps = idle_gaps(args.state, args.jobs)

@@ -46,9 +46,9 @@ def test_every_preset_is_shipped_and_plans(paper_data):
     sizes = {}
     for preset in PRESETS[:4]:
         grid = build_grid(read_spec(preset))
-        sizes[preset] = sum(r.kind == "train" for r in grid.runs.values())
-        assert all(d in grid.runs and list(grid.runs).index(d) < list(grid.runs).index(k)
-                   for k, r in grid.runs.items() for d in r.deps)  # dependency order
+        sizes[preset] = sum(r.kind == "train" for r in grid.steps.values())
+        assert all(d in grid.steps and list(grid.steps).index(d) < list(grid.steps).index(k)
+                   for k, r in grid.steps.items() for d in r.deps)  # dependency order
     # 5 teachers; 4 singles x 5 KD settings x 5 teachers; 15 subsets x 2 teachers; the union shares 8 students
     assert sizes == {"paper-table-IV": 5, "paper-table-I": 105, "paper-table-III": 32, "paper-all": 127}
 
@@ -58,7 +58,7 @@ def test_paper_table_III_distils_pmkl_students(paper_data):
     single_kd = {"paper-table-III": {"pmkl"}, "paper-all": {"none", "kdnet", "pmkl", "protokd", "smunet"}}
     for preset, kd in single_kd.items():
         grid = build_grid(read_spec(preset))
-        students = {StudentSpec.parse(r.key.split(".")[1]) for r in grid.runs.values()
+        students = {StudentSpec.parse(r.key.split(".")[1]) for r in grid.steps.values()
                     if r.kind == "train" and r.key.split(".")[1].startswith("nnAlignStudent")}
         subsets = {s for s in students if len(s.modalities) > 1}
         assert len(subsets) == 11 * 2 and {s.kd for s in subsets} == {"pmkl"}
@@ -85,8 +85,8 @@ def test_recipe_presets_are_their_table_with_the_papers_configuration(paper_data
     assert (spec.name, spec.configuration, table.configuration) == (preset, "paper", "3d_fullres")
     assert dataclasses.replace(spec, name=table.name, source=table.source, configuration=table.configuration) == table
     grid, table_grid = build_grid(spec), build_grid(table)
-    trainings = [r.commands[0] for r in grid.runs.values() if r.kind == "train"]
-    assert len(trainings) == sum(r.kind == "train" for r in table_grid.runs.values())
+    trainings = [r.commands[0] for r in grid.steps.values() if r.kind == "train"]
+    assert len(trainings) == sum(r.kind == "train" for r in table_grid.steps.values())
     assert {c[2] for c in trainings} == {"paper"}
     assert grid.state_dir.name == preset  # its own state and runs: the model folders are the configuration's
 
@@ -107,16 +107,16 @@ def test_cpu_evidence_preset_is_the_real_data_protocol(tmp_path, monkeypatch, fo
     brats = tmp_path / "work" / ".." / "shared" / "data" / "brats" / "BraTS2018"
     brats.mkdir(parents=True)
     grid = build_grid(read_spec("cpu-evidence", cwd=tmp_path / "work"))
-    kinds = [r.kind for r in grid.runs.values()]
+    kinds = [r.kind for r in grid.steps.values()]
     assert kinds[:2] == ["convert", "preprocess"] and kinds[-1] == "report"
-    trainers = {r.key.split(".")[1] for r in grid.runs.values() if r.kind == "train"}
+    trainers = {r.key.split(".")[1] for r in grid.steps.values() if r.kind == "train"}
     students = {StudentSpec((m,), kd, TeacherSpec("mixture")).trainer_name() for m in ("FLAIR", "T1ce")
                 for kd in ("none", "kdnet", "protokd")}
     # Table I's Original column: the same KD students of the original teacher (kd none does not use its teacher)
     students |= {StudentSpec((m,), kd, TeacherSpec("original")).trainer_name() for m in ("FLAIR", "T1ce")
                  for kd in ("kdnet", "protokd")}
     assert trainers == {"nnAlignOriginal", "nnAlignTeacher_none", TeacherSpec("mixture").trainer_name()} | students
-    train = grid.runs[f"train.{TeacherSpec('mixture').trainer_name()}.fold_0"].commands[0]
+    train = grid.steps[f"train.{TeacherSpec('mixture').trainer_name()}.fold_0"].commands[0]
     assert train[:4] == ("nnalign.cli.train", "Dataset218_BraTS2018", "3d_cpu", "0")
     assert "--epochs" in train and train[train.index("--epochs") + 1] == "15"
     assert grid.state_dir == tmp_path / "results" / "Dataset218_BraTS2018" / "nnalign_experiments" / "cpu-evidence"

@@ -181,7 +181,7 @@ def test_preprocessing_is_done_only_when_every_training_case_is_preprocessed(dat
     store.write("preprocess", {"key": "preprocess", "status": "done"})  # an earlier attempt that said it was done
     states = resolve_states(grid, store, lambda record: None)
     assert states["preprocess"].state == "missing"  # so `run` starts it again
-    assert grid.runs["preprocess"].done_file is None  # and the job does not skip it for a file that exists
+    assert grid.steps["preprocess"].done_file is None  # and the job does not skip it for a file that exists
     data_folder = data / "pre" / DATASET / "nnAlignPlans_3d_fullres"
     (data_folder / "case2.pkl").touch()
     assert resolve_states(grid, store, lambda record: None)["preprocess"].state == "done"

@@ -120,16 +120,16 @@ def plan(spec: str) -> int:
     from nnalign.experiments.grid import ESTIMATE_BASIS
 
     grid, _, states = _load(spec)
-    index = {key: i for i, key in enumerate(grid.runs, 1)}
+    index = {key: i for i, key in enumerate(grid.steps, 1)}
     rows = []
-    for key, run in grid.runs.items():
-        needs = _ranges([index[d] for d in run.deps])
-        hours = "" if run.gpu_hours is None else f"{run.gpu_hours:.1f}"
-        rows.append([str(index[key]), run.title, needs, states[key].state, hours])
+    for key, step in grid.steps.items():
+        needs = _ranges([index[d] for d in step.deps])
+        hours = "" if step.gpu_hours is None else f"{step.gpu_hours:.1f}"
+        rows.append([str(index[key]), step.title, needs, states[key].state, hours])
     print(_heading(grid))
     print(_table(["#", "run", "needs", "state", "GPU-h"], rows))
     print(_summary(states))
-    todo = [r for k, r in grid.runs.items() if r.kind == "train" and states[k].state != "done"]
+    todo = [r for k, r in grid.steps.items() if r.kind == "train" and states[k].state != "done"]
     if any(r.gpu_hours is None for r in todo):
         print(f"estimate: unknown until {grid.dataset} is planned ({len(todo)} trainings to run)")
     else:
@@ -141,12 +141,12 @@ def plan(spec: str) -> int:
 def status(spec: str) -> int:
     grid, _, states = _load(spec)
     rows, problems = [], []
-    for key, run in grid.runs.items():
+    for key, step in grid.steps.items():
         s = states[key]
         log = str(s.log) if s.log and s.state != "done" else ""
-        rows.append([run.title, s.state, "" if s.epoch is None else str(s.epoch), s.job_id or "", log])
+        rows.append([step.title, s.state, "" if s.epoch is None else str(s.epoch), s.job_id or "", log])
         if s.state in ("failed", "cancelled", "blocked"):
-            problems.append(f"{s.state}: {run.title}: {s.detail or 'see its log'}" + (f" (log: {s.log})" if log else ""))
+            problems.append(f"{s.state}: {step.title}: {s.detail or 'see its log'}" + (f" (log: {s.log})" if log else ""))
     print(_heading(grid))
     print(_table(["run", "state", "epoch", "job", "log"], rows))
     print("\n".join(problems + [_summary(states)]))
@@ -172,7 +172,7 @@ def _wait(spec: str, poll: int) -> list[str]:
             last = line
         if not any(s.state in ("queued", "running") for s in states.values()):
             print("" if not sys.stdout.isatty() else "\n", end="")
-            return [grid.runs[k].title for k, s in states.items() if s.state != "done"]
+            return [grid.steps[k].title for k, s in states.items() if s.state != "done"]
         time.sleep(poll)
 
 
@@ -197,10 +197,10 @@ def run(args) -> int:
 
         failed = run_local(grid, store, args.jobs, alive_checker)
         if failed:
-            first = grid.runs[failed[0]]
+            first = grid.steps[failed[0]]
             raise NnalignError(f"{len(failed)} run(s) failed, first {first.title} (log: {store.log(first.key)}); "
                                f"nnalign_experiment status {args.spec} lists them, run retries them")
-        print(f"all {len(grid.runs)} runs done")
+        print(f"all {len(grid.steps)} runs done")
         return 0
     from nnalign.experiments.slurm import merge_options, require_slurm, submit_slurm
 
@@ -234,7 +234,7 @@ def cancel(spec: str) -> int:
     time.sleep(1.0 if active else 0)  # let the jobs record that they stopped before marking them cancelled
     for key in active:
         store.update(key, status="cancelled", error="cancelled by nnalign_experiment cancel")
-    print(f"cancelled {len(active)} run(s)" + (": " + ", ".join(grid.runs[k].title for k in active) if active else ""))
+    print(f"cancelled {len(active)} run(s)" + (": " + ", ".join(grid.steps[k].title for k in active) if active else ""))
     return 0
 
 

@@ -1,10 +1,10 @@
-"""The runs an experiment SPEC needs, in dependency order: convert -> plan and preprocess -> teachers -> their
-students -> evaluation of held-out cases -> report.
+"""The steps an experiment SPEC needs (the "runs" that ``nnalign_experiment`` lists and keeps state for), in dependency
+order: convert -> plan and preprocess -> teachers -> their students -> evaluation of held-out cases -> report.
 
-Each run is a list of the commands a user would type (``python -m nnalign.cli.train ...``, ``nnalign.cli.predict``,
-``nnalign.cli.evaluate``, ``nnalign.cli.report``); run names, model folders and fold folders come from
-:mod:`nnalign.runs` and :mod:`nnalign.model_folders` only. A run is *done* when its result is on disk (a final
-checkpoint, an evaluation's ``metrics.json``, ...), whoever made it, so runs of earlier commands are reused.
+Each step is a list of the commands a user would type (``python -m nnalign.cli.train ...``, ``nnalign.cli.predict``,
+``nnalign.cli.evaluate``, ``nnalign.cli.report``); model names, model folders and fold folders come from
+:mod:`nnalign.runs` and :mod:`nnalign.model_folders` only. A step is *done* when its result is on disk (a final
+checkpoint, an evaluation's ``metrics.json``, ...), whoever made it, so results of earlier commands are reused.
 Nothing here imports torch or nnU-Net.
 """
 from __future__ import annotations
@@ -40,10 +40,10 @@ ESTIMATE_BASIS = ("H100 step times of documentation/benchmarks.md (teacher 0.079
 
 
 @dataclass(frozen=True)
-class Run:
-    """One unit of work: ``commands`` (module and arguments, run as ``python -m``) after the runs ``deps``.
+class Step:
+    """One unit of work: ``commands`` (module and arguments, run as ``python -m``) after the steps ``deps``.
 
-    ``done_file`` exists when the run's result does (None for the report, whose state file says it, and for
+    ``done_file`` exists when the step's result does (None for the report, whose state file says it, and for
     preprocessing, done when ``complete()`` says every training case is preprocessed); ``folder`` is a training's
     fold folder (where ``--c`` continues from); ``gpu_hours`` the estimate for trainings.
     """
@@ -59,7 +59,7 @@ class Run:
     complete: Callable[[], bool] | None = None
 
     def is_done(self) -> bool | None:
-        """Whether the run's result is there; None for a run whose state file says it (the report)."""
+        """Whether the step's result is there; None for a step whose state file says it (the report)."""
         if self.complete is not None:
             return self.complete()
         return self.done_file.is_file() if self.done_file is not None else None
@@ -67,13 +67,13 @@ class Run:
 
 @dataclass
 class Grid:
-    """Every run of an experiment (in dependency order), its dataset, nnU-Net folders and state folder."""
+    """Every step of an experiment (in dependency order), its dataset, nnU-Net folders and state folder."""
 
     spec: ExperimentSpec
     dataset: str
     folders: dict[str, str]
     state_dir: Path
-    runs: dict[str, Run]
+    steps: dict[str, Step]
 
     @property
     def results(self) -> Path:
@@ -185,7 +185,7 @@ def _resolve_dataset(spec: ExperimentSpec, folders: dict[str, str]) -> tuple[str
 
 
 def build_grid(spec: ExperimentSpec) -> Grid:
-    """Every run ``spec`` needs, keyed and in dependency order; one-line errors for a dataset that cannot be found
+    """Every step ``spec`` needs, keyed and in dependency order; one-line errors for a dataset that cannot be found
     or is not preprocessed (unless the SPEC makes it)."""
     from nnalign.reporting.collect import EVALUATION_FILE, EVALUATIONS_DIR
 
@@ -195,15 +195,15 @@ def build_grid(spec: ExperimentSpec) -> Grid:
     check_folds(spec, dataset, raw, pre)
     results = Path(folders["nnUNet_results"]) / dataset
     grid = Grid(spec, dataset, folders, results / EXPERIMENTS_DIR / spec.name, {})
-    add = lambda run: grid.runs.setdefault(run.key, run)  # noqa: E731 - the first description of a run wins
+    add = lambda step: grid.steps.setdefault(step.key, step)  # noqa: E731 - the first description of a step wins
     prepare: tuple[str, ...] = ()
     if spec.convert is not None:
-        add(Run("convert", "convert", f"convert {spec.convert}",
+        add(Step("convert", "convert", f"convert {spec.convert}",
                 (("nnalign.cli.convert_brats", "-i", str(spec.convert), "-d", str(spec.dataset_id), "-n",
                   spec.dataset_name, "--split", spec.split),), done_file=raw / "dataset.json"))
         prepare = ("convert",)
     if spec.preprocess:
-        add(Run("preprocess", "preprocess", f"plan and preprocess {spec.configuration}",
+        add(Step("preprocess", "preprocess", f"plan and preprocess {spec.configuration}",
                 (("nnalign.cli.plan_and_preprocess", "-d", str(spec.dataset_id), "-c", spec.configuration, "-np",
                   str(spec.processes)),), prepare,
                 complete=functools.partial(_preprocessed, raw, pre, spec.configuration)))
@@ -214,7 +214,7 @@ def build_grid(spec: ExperimentSpec) -> Grid:
 
     def add_training(trainer: str, fold, flags: list[str], deps: tuple[str, ...], title: str, hours) -> str:
         folder = fold_folder(model_folder(results, trainer, spec.configuration), fold)
-        return add(Run(f"train.{trainer}.fold_{fold}", "train", f"{title}, fold {fold}",
+        return add(Step(f"train.{trainer}.fold_{fold}", "train", f"{title}, fold {fold}",
                        ((*train, str(fold), *device, *flags),), deps, folder / FINAL_CHECKPOINT, folder, hours)).key
 
     models: dict[str, tuple[tuple[str, ...], list[str]]] = {}  # trainer -> (subsets to evaluate, training keys)
@@ -240,7 +240,7 @@ def build_grid(spec: ExperimentSpec) -> Grid:
                     keys = [add_training(trainer, fold, flags, (teacher_keys[(label, fold)],),
                                          f"student {'+'.join(subset)} {kd} of {label}", hours) for fold in spec.folds]
                     models.setdefault(trainer, ((subset,), keys))
-    final = [key for key, run in grid.runs.items() if run.kind == "train"]
+    final = [key for key, step in grid.steps.items() if step.kind == "train"]
     if spec.evaluate.held_out:
         final = _add_evaluations(grid, models, raw, EVALUATIONS_DIR, EVALUATION_FILE)
     if spec.report.enabled:
@@ -248,12 +248,12 @@ def build_grid(spec: ExperimentSpec) -> Grid:
                    "-p", PLANS_NAME]
         command += [] if spec.report.tsne else ["--no-tsne"]
         command += ["--kd", spec.report.kd] if spec.report.kd else []
-        add(Run("report", "report", "nnalign_report", (tuple(command),), tuple(final)))
+        add(Step("report", "report", "nnalign_report", (tuple(command),), tuple(final)))
     return grid
 
 
 def _add_evaluations(grid: Grid, models: dict, raw: Path, evaluations_dir: str, evaluation_file: str) -> list[str]:
-    """An evaluation run per model and subset (predict the held-out cases with only that subset, then score them);
+    """An evaluation step per model and subset (predict the held-out cases with only that subset, then score them);
     returns their keys."""
     spec = grid.spec
     images, labels = spec.evaluate.images or raw / "imagesTs", spec.evaluate.labels or raw / "labelsTs"
@@ -272,7 +272,7 @@ def _add_evaluations(grid: Grid, models: dict, raw: Path, evaluations_dir: str, 
                        *convention, *(() if spec.evaluate.tta else ("--disable-tta",)))
             evaluate = ("nnalign.cli.evaluate", "-r", str(labels), "-p", str(out / "predictions"), *convention, "-o",
                         str((out / evaluation_file).with_suffix(".csv")))
-            run = Run(f"evaluate.{trainer}.{tag}", "evaluate", f"evaluate {trainer} on {'+'.join(subset)}",
+            step = Step(f"evaluate.{trainer}.{tag}", "evaluate", f"evaluate {trainer} on {'+'.join(subset)}",
                       (predict, evaluate), tuple(train_keys), out / evaluation_file)
-            keys.append(grid.runs.setdefault(run.key, run).key)
+            keys.append(grid.steps.setdefault(step.key, step).key)
     return keys

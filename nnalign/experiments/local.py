@@ -62,7 +62,7 @@ def run_local(grid: Grid, store: StateStore, jobs: int, alive: Callable[[], Call
     with store.lock():
         states = resolve_states(grid, store, alive())
         status = {k: s.state for k, s in states.items()}
-        todo = [k for k in grid.runs if status[k] in (*RETRY, "blocked")]
+        todo = [k for k in grid.steps if status[k] in (*RETRY, "blocked")]
         status.update({k: "missing" for k in todo})  # to be run here; a failure now blocks what needs it
         active: dict[str, tuple[subprocess.Popen, int]] = {}
         failed: list[str] = []
@@ -78,30 +78,30 @@ def run_local(grid: Grid, store: StateStore, jobs: int, alive: Callable[[], Call
                                    "cancelled" if record.get("status") == "cancelled" else "failed")
                     finished += 1
                     if status[key] == "cancelled":
-                        say(f"[{finished}/{total}] cancelled: {grid.runs[key].title}")
+                        say(f"[{finished}/{total}] cancelled: {grid.steps[key].title}")
                     elif status[key] == "failed":
                         failed.append(key)
-                        say(f"[{finished}/{total}] failed: {grid.runs[key].title}: {record.get('error') or 'see log'} "
+                        say(f"[{finished}/{total}] failed: {grid.steps[key].title}: {record.get('error') or 'see log'} "
                             f"(log: {store.log(key)})")
                     else:
-                        say(f"[{finished}/{total}] done: {grid.runs[key].title}")
+                        say(f"[{finished}/{total}] done: {grid.steps[key].title}")
                 if time.time() - checked > EXTERNAL_POLL_S:
                     _refresh_external(grid, store, status, active, alive())
                     checked = time.time()
                 for key in list(todo):
-                    deps = [status[d] for d in grid.runs[key].deps]
+                    deps = [status[d] for d in grid.steps[key].deps]
                     if any(s in ("failed", "cancelled", "blocked") for s in deps):
                         status[key] = "blocked"
                         todo.remove(key)
                         finished += 1
-                        say(f"[{finished}/{total}] not started: {grid.runs[key].title} (a run it needs failed or "
+                        say(f"[{finished}/{total}] not started: {grid.steps[key].title} (a run it needs failed or "
                             f"was cancelled)")
                     elif all(s == "done" for s in deps) and len(active) < jobs:
                         slot = min(set(range(jobs)) - {s for _, s in active.values()})
                         active[key] = (_start(grid, store, key, slot), slot)
                         status[key] = "running"
                         todo.remove(key)
-                        say(f"[{finished}/{total}] started: {grid.runs[key].title} (log: {store.log(key)})")
+                        say(f"[{finished}/{total}] started: {grid.steps[key].title} (log: {store.log(key)})")
                 time.sleep(POLL_S)
         except BaseException:
             for proc, _ in active.values():
@@ -123,7 +123,7 @@ def _refresh_external(grid: Grid, store: StateStore, status: dict[str, str], act
 
 def _start(grid: Grid, store: StateStore, key: str, slot: int) -> subprocess.Popen:
     """Write the run's state and start its job process (``slot``: the GPU it may use)."""
-    record = new_record(grid, store, grid.runs[key], "local", run_env(grid))
+    record = new_record(grid, store, grid.steps[key], "local", run_env(grid))
     store.write(key, record)
     env = dict(os.environ)
     if grid.spec.device == "cuda":

@@ -135,33 +135,33 @@ def submit_slurm(grid: Grid, store: StateStore, options: SlurmOptions, say: Call
         executor.update_parameters(**sbatch_parameters(options, grid.spec.device))
         job_ids: dict[str, str] = {}
         submitted = []
-        for key, run in grid.runs.items():
+        for key, step in grid.steps.items():
             state = states[key]
             if state.state == "done":
                 continue
             record = store.read(key) or {}
             if state.state in ("queued", "running"):
                 if record.get("executor") != "slurm":
-                    raise NnalignError(f"{run.title} is {state.state} under the local executor (pid "
+                    raise NnalignError(f"{step.title} is {state.state} under the local executor (pid "
                                        f"{record.get('pid')}); wait for it, or nnalign_experiment cancel")
                 job_ids[key] = str(record["job_id"])
                 continue
-            waits = [job_ids[d] for d in run.deps if d in job_ids]
+            waits = [job_ids[d] for d in step.deps if d in job_ids]
             extra = {**extra_lines(options), "requeue": True, "kill-on-invalid-dep": "yes"}
             if waits:
                 extra["dependency"] = "afterok:" + ":".join(waits)
             executor.update_parameters(job_name=f"nnalign.{grid.spec.name}.{key}"[:200], additional_parameters=extra)
-            store.write(key, {**new_record(grid, store, run, "slurm", run_env(grid)), "status": "submitted"})
+            store.write(key, {**new_record(grid, store, step, "slurm", run_env(grid)), "status": "submitted"})
             try:
                 with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's errors; they go in ours
                     job = executor.submit(SlurmJob(str(store.folder), key))
             except Exception as e:  # submitit raises its own errors with sbatch's message
                 store.update(key, status="failed", error=f"sbatch refused it: {' '.join(str(e).split())[:200]}")
-                raise NnalignError(f"sbatch refused {run.title}: {' '.join(str(e).split())}") from None
+                raise NnalignError(f"sbatch refused {step.title}: {' '.join(str(e).split())}") from None
             store.update(key, job_id=str(job.job_id))
             job_ids[key] = str(job.job_id)
             submitted.append(key)
-            say(f"submitted {run.title}: job {job.job_id}" + (f" after {', '.join(waits)}" if waits else ""))
+            say(f"submitted {step.title}: job {job.job_id}" + (f" after {', '.join(waits)}" if waits else ""))
     return submitted
 
 

@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 from nnalign.atomic import write_json_atomic
 from nnalign.errors import NnalignError
-from nnalign.experiments.grid import Grid, Run
+from nnalign.experiments.grid import Grid, Step
 
 ACTIVE = ("submitted", "running", "interrupted")
 """Statuses a state file holds while its job may still be alive (``interrupted``: requeued after a signal)."""
@@ -43,7 +43,7 @@ _EPOCH = re.compile(rb": Epoch (\d+)\s*$", re.MULTILINE)
 
 
 @dataclass
-class RunState:
+class StepState:
     """What ``status`` shows of a run."""
 
     key: str
@@ -147,12 +147,12 @@ class StateStore:
         return None
 
 
-def new_record(grid: Grid, store: StateStore, run: Run, executor: str, env: dict[str, str]) -> dict:
+def new_record(grid: Grid, store: StateStore, step: Step, executor: str, env: dict[str, str]) -> dict:
     """The state a run starts with: everything its job needs (commands, environment, files), status submitted."""
-    previous = store.read(run.key) or {}
-    return {"key": run.key, "kind": run.kind, "title": run.title, "commands": [list(c) for c in run.commands],
-            "env": env, "log": str(store.log(run.key)), "done_file": str(run.done_file) if run.done_file else None,
-            "folder": str(run.folder) if run.folder else None, "executor": executor, "status": "submitted",
+    previous = store.read(step.key) or {}
+    return {"key": step.key, "kind": step.kind, "title": step.title, "commands": [list(c) for c in step.commands],
+            "env": env, "log": str(store.log(step.key)), "done_file": str(step.done_file) if step.done_file else None,
+            "folder": str(step.folder) if step.folder else None, "executor": executor, "status": "submitted",
             "job_id": None, "attempts": previous.get("attempts", 0), "submitted": time.time()}
 
 
@@ -181,19 +181,19 @@ def last_epoch(folder: Path | None) -> int | None:
     return int(epochs[-1]) + 1 if epochs else None
 
 
-def resolve_states(grid: Grid, store: StateStore, alive: Callable[[dict], str | None]) -> dict[str, RunState]:
+def resolve_states(grid: Grid, store: StateStore, alive: Callable[[dict], str | None]) -> dict[str, StepState]:
     """The state of every run of the grid, in its order. ``alive(record)`` says whether the job of a state file in
     an active status is ``queued``, ``running`` or gone (None)."""
-    records = store.read_all(grid.runs)
-    states: dict[str, RunState] = {}
+    records = store.read_all(grid.steps)
+    states: dict[str, StepState] = {}
     report_md = grid.state_dir / "report" / "report.md"
-    for key, run in grid.runs.items():
+    for key, step in grid.steps.items():
         record = records.get(key, {})
         status = record.get("status")
-        out = RunState(key, "missing", record.get("job_id"), Path(record["log"]) if record.get("log") else None)
-        stuck = [d for d in run.deps if states[d].state in ("failed", "cancelled", "blocked")]
-        done = run.is_done()
-        if done if done is not None else _report_current(grid, run, record, states, report_md):
+        out = StepState(key, "missing", record.get("job_id"), Path(record["log"]) if record.get("log") else None)
+        stuck = [d for d in step.deps if states[d].state in ("failed", "cancelled", "blocked")]
+        done = step.is_done()
+        if done if done is not None else _report_current(grid, step, record, states, report_md):
             out.state = "done"
         elif status in ACTIVE and (live := alive(record)):
             out.state = live
@@ -206,23 +206,23 @@ def resolve_states(grid: Grid, store: StateStore, alive: Callable[[dict], str | 
             out.state, out.detail = status, record.get("error", "")
         elif status == "done":
             out.detail = "done before, but its result is gone (removed by hand?): it runs again"
-        if run.kind == "train" and out.state != "done" and status is not None:
-            out.epoch = last_epoch(run.folder)
+        if step.kind == "train" and out.state != "done" and status is not None:
+            out.epoch = last_epoch(step.folder)
         states[key] = out
     return states
 
 
-def _report_current(grid: Grid, run: Run, record: dict, states: dict[str, RunState], report_md: Path) -> bool:
+def _report_current(grid: Grid, step: Step, record: dict, states: dict[str, StepState], report_md: Path) -> bool:
     """The report was made (by this experiment) after every result it reads."""
     if record.get("status") != "done" or not report_md.is_file():
         return False
-    if any(states[d].state != "done" for d in run.deps):
+    if any(states[d].state != "done" for d in step.deps):
         return False
     made = record.get("updated", 0)
-    return all(grid.runs[d].done_file.stat().st_mtime <= made for d in run.deps if grid.runs[d].done_file)
+    return all(grid.steps[d].done_file.stat().st_mtime <= made for d in step.deps if grid.steps[d].done_file)
 
 
-def counts(states: dict[str, RunState]) -> dict[str, int]:
+def counts(states: dict[str, StepState]) -> dict[str, int]:
     """How many runs are in each state."""
     found: dict[str, int] = {}
     for s in states.values():
