@@ -21,12 +21,11 @@ from typing import Sequence
 from nnalign.errors import NnalignError
 from nnalign.evaluation.validation import read_validation_summary
 from nnalign.modalities import modalities_from_dataset_json, subset_tag
-from nnalign.model_folders import FINAL_CHECKPOINT, FOLD_RE, fold_folder, folds_in, model_folder_parts, parse_fold
+from nnalign.model_folders import (FINAL_CHECKPOINT, FOLD_RE, ORIGINAL, STUDENT, TEACHER, ModelFolder, fold_folder,
+                                    model_folder_parts, parse_fold)
 from nnalign.plans_check import PlansError, check_model_folder
 from nnalign.training.record import check_method_version
-from nnalign.runs import StudentSpec, TeacherSpec, parse_trainer_name
 
-STUDENT, TEACHER, ORIGINAL, NNUNET = "student", "teacher", "original", "nnunet"
 FALLBACK_LABEL_CONVENTION = "brats2018"
 
 
@@ -39,14 +38,10 @@ class NoModelError(NnalignError):
 
 
 @dataclass(frozen=True)
-class Model:
-    """A usable trained model: its folder, what its trainer name says, the folds to ensemble and their Dice."""
+class Model(ModelFolder):
+    """A usable trained model: its folder and what its trainer name says (:class:`ModelFolder`, ``kind`` one of
+    STUDENT, TEACHER, ORIGINAL or NNUNET), the folds to ensemble and their Dice."""
 
-    folder: Path
-    trainer: str
-    plans: str
-    configuration: str
-    kind: str  # STUDENT, TEACHER, ORIGINAL or NNUNET
     modalities: tuple[str, ...]  # the dataset's channels, in channel order (dataset.json)
     subset: tuple[str, ...]  # the channels it reads: a student's subset, else all of ``modalities``
     modality_dropout: float
@@ -54,10 +49,6 @@ class Model:
     mean_dice: float | None  # nnU-Net's validation foreground-mean Dice averaged over ``folds``; None if none found
     checkpoint: str = FINAL_CHECKPOINT
     dataset_json: dict = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def name(self) -> str:
-        return self.folder.name
 
     @property
     def any_subset(self) -> bool:
@@ -91,19 +82,6 @@ class Model:
         return convention if convention in ("brats2018", "brats2023") else FALLBACK_LABEL_CONVENTION
 
 
-def _classify(trainer: str) -> tuple[str, "TeacherSpec | StudentSpec | None"]:
-    """(kind, spec or None) from a trainer name; ModelError for a name that starts like nnalign's but is not one."""
-    try:
-        spec = parse_trainer_name(trainer)
-    except ValueError as e:
-        raise ModelError(str(e)) from None
-    if spec is None:
-        return NNUNET, None
-    if isinstance(spec, StudentSpec):
-        return STUDENT, spec
-    return (ORIGINAL if spec.is_original else TEACHER), spec
-
-
 def validation_dice(folder: Path, folds: Sequence[int | str]) -> float | None:
     """Mean over ``folds`` of nnU-Net's validation ``foreground_mean`` Dice (folds without a finite one left out)."""
     summaries = [read_validation_summary(fold_folder(folder, f)) for f in folds]
@@ -119,14 +97,13 @@ def load_model(folder: Path, folds: Sequence[int | str] | None = None,
     when it is the only one); given folds must all have it.
     """
     folder = Path(folder)
-    parts = model_folder_parts(folder)
-    if parts is None:
-        raise ModelError(f"{folder}: not a model folder (expected a name like <Trainer>__<plans>__<configuration>)")
-    trainer, plans, configuration = parts
     try:
-        kind, spec = _classify(trainer)
-    except ModelError as e:
+        found = ModelFolder.read(folder)
+    except ValueError as e:
         raise ModelError(f"{folder}: unknown nnalign trainer name: {e}") from None
+    if found is None:
+        raise ModelError(f"{folder}: not a model folder (expected a name like <Trainer>__<plans>__<configuration>)")
+    kind, spec = found.kind, found.spec
     for required in ("dataset.json", "plans.json"):
         if not (folder / required).is_file():
             raise ModelError(f"{folder}: no {required} (not a finished nnU-Net training output)")
@@ -139,7 +116,7 @@ def load_model(folder: Path, folds: Sequence[int | str] | None = None,
         check_model_folder(folder)  # nnU-Net builds the network from names in plans.json
     except PlansError as e:
         raise ModelError(str(e)) from None
-    available = folds_in(folder, checkpoint)
+    available = found.list_folds(checkpoint)
     if folds is None:
         use = [f for f in available if f != "all"] or available
         if not use:
@@ -151,7 +128,7 @@ def load_model(folder: Path, folds: Sequence[int | str] | None = None,
             raise ModelError(f"{folder}: fold_{missing[0]} has no {checkpoint}"
                              + (f" (folds with it: {', '.join(map(str, available))})" if available else ""))
     # Every model: a settings record that cannot be read, or one from a newer nnalign, makes it unusable. The P*
-    # forward scales the latents by the weights since method version 2: an older P* teacher would predict
+    # forward differs between method versions (CHANGELOG.md): a P* teacher of an older version would predict
     # differently from how it was trained (the other models compute what they did).
     for fold in use:
         try:
@@ -166,8 +143,7 @@ def load_model(folder: Path, folds: Sequence[int | str] | None = None,
         raise ModelError(f"{folder}: student subset {subset_tag(student_subset)} is not among the dataset's "
                          f"modalities {', '.join(modalities)}")
     subset = tuple(m for m in modalities if m in student_subset) if student_subset is not None else modalities
-    return Model(folder=folder, trainer=trainer, plans=plans, configuration=configuration, kind=kind,
-                 modalities=modalities, subset=subset, modality_dropout=dropout, folds=tuple(use),
+    return Model(**vars(found), modalities=modalities, subset=subset, modality_dropout=dropout, folds=tuple(use),
                  mean_dice=validation_dice(folder, use), checkpoint=checkpoint, dataset_json=dataset_json)
 
 

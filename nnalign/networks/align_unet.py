@@ -74,7 +74,7 @@ class PointwiseConv(nn.Module):
 
     Same parameters (``conv``'s weight and bias, initialised like any conv) and the same result as calling ``conv``,
     but several times faster for the few channels of a latent head: oneDNN's convolution kernels are slow for a 1x1x1
-    kernel on 4 channels (8x slower than this matmul on a CPU, forward plus backward).
+    kernel on a few channels (timings in documentation/benchmarks.md).
     """
 
     def __init__(self, conv_op: type[nn.Module], in_channels: int, out_channels: int) -> None:
@@ -98,8 +98,8 @@ class _ModalityFoldedConv:
     (N, C_in, *S)), run one dense convolution over (B, M*C_in, *S) with a block-diagonal kernel instead.
 
     The result is the same as the plain convolution of each modality's image; the dense form is faster because
-    kernels for a few input channels are slow (oneDNN, forward plus backward: 1.6x for the 1 -> 4 channel stem of 4
-    modalities, 2.6x for a 4 -> 4 channel convolution). Other inputs fall back to the plain convolution.
+    oneDNN's kernels for a few input channels are slow, forward and backward (timings in
+    documentation/benchmarks.md). Other inputs fall back to the plain convolution.
     """
 
     num_modalities: int = 1

@@ -387,8 +387,7 @@ class ScaledMixtureAnchor(MixtureAnchor):
     Two more inventions make that work: the logits are ``WEIGHT_GAIN`` x ``raw_weights`` (four scalars would hardly
     move against the predictor's first convolution, which can rescale a modality through thousands of weights), and
     each weight keeps the floor f / n (``WEIGHT_FLOOR``), so each s_j stays in [f, f + M (1 - f)] and no modality is
-    switched off by the feedback of the scaling. documentation/training.md ("nnalign's scaled P*") gives the
-    measurements behind both.
+    switched off by the feedback of the scaling. documentation/training.md ("nnalign's scaled P*") explains both.
     """
 
     WEIGHT_GAIN: float = 5.0

@@ -116,16 +116,8 @@ VERSION_CHANGES: dict[int, tuple[str, Callable[[dict], bool] | None]] = {
     5: ("P* to the paper's form and the P^k and P* losses to plain MSE (the earlier P* is anchor mixture-scaled, the "
         "earlier loss --align-distance relative), and SMU-Net's style-term weight", _touched_by_version_5),
 }
-"""What each method version changed, and the test of whether the change touches a run's record (None: every run).
-Version 2 is nnalign 0.2.0: P*'s weights scale each modality's latents into the predictor, relative (scale-free) MSE
-anchors, a loss weight per anchor, and the sigmoid-head distillation terms at a bounded scale. Version 3: P*'s weights
-keep a floor of half their uniform share, and KD-Net's soft-label term adds nnU-Net's Dice to its cross-entropy.
-Version 4: ProtoKD's KL term is weighted 0.5 instead of its code's 10, the weight at which it pulls on a student's
-logits against nnU-Net's region loss as hard as the original does against its own (``benchmarks/kd_scale.py``).
-Version 5: anchor ``mixture`` is P* as the paper defines it (no scaling of the latents, plain softmax weights; the
-earlier form is ``mixture-scaled``), and the P^k and P* losses are the paper's plain MSE by default (the relative
-distance, now over the centred energy, is ``--align-distance relative``); SMU-Net's style term is its code's
-1e-4/(4·480²) ≈ 1.085e-10 x the mean over scales of mean((ΔG)²) instead of 1.0 x their sum (``kd_scale.py --smunet``)."""
+"""What each method version changed (the phrase a refusal names) and the test of whether the change touches a run's
+record (None: every run). CHANGELOG.md describes each version's changes in full."""
 
 
 def _changes_since(record: dict) -> list[str]:

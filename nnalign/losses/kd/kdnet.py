@@ -8,12 +8,12 @@ generalized distillation framework where the student network is trained on a sub
 inputs". Generalized distillation (D. Lopez-Paz, L. Bottou, B. Schölkopf, V. Vapnik, "Unifying distillation and
 privileged information", ICLR 2016): learn the teacher, compute its soft labels s = σ(f_t(x*)/T) at temperature T,
 then train the student on ``(1−λ)·ℓ(y, σ(f_s(x))) + λ·ℓ(s, σ(f_s(x)))`` with the imitation parameter λ ∈ [0, 1] and
-the *same* loss ℓ on the hard and the soft labels; the student's output is not softened and there is no T² factor. KD-Net adds a KL term on intermediate features; the
-feature term follows the third-party reimplementation ``CityU-AIM-Group/MultiModal-learning``,
-``MIA 2022/distiller_zoo/feats_KL.py``. No official code was found, and the KD-Net paper's method and experiments
-sections could not be retrieved from any stored copy, so **its λ, β and T are unverified**: λ = 0.75 and β = 0.1 are
-kept from an unverified recollection of "λ large, β small", and T = 1. Treat all three as hyperparameters and
-report them.
+the *same* loss ℓ on the hard and the soft labels; the student's output is not softened and there is no T² factor.
+KD-Net adds a KL term on intermediate features; the feature term follows the third-party reimplementation
+``CityU-AIM-Group/MultiModal-learning``, ``MIA 2022/distiller_zoo/feats_KL.py``. No official code was found, and the
+KD-Net paper's method and experiments sections could not be retrieved from any stored copy, so **its λ, β and T are
+unverified**: λ = 0.75 and β = 0.1 are kept from an unverified recollection of "λ large, β small", and T = 1.
+Treat all three as hyperparameters and report them.
 
 Formula (softmax original, as generalized distillation)
 --------------------------------------------------------
@@ -32,23 +32,20 @@ distribution:
   ``MemoryEfficientSoftDiceLoss`` with the soft labels as its target): the other half of nnU-Net's segmentation
   loss, so that ℓ is the same on both labels, as generalized distillation has it. Without it the soft labels are
   learnt through a cross-entropy alone, a mean over every voxel of the patch, while the Dice term, normalised by the
-  region's size, that makes nnU-Net segment small regions is weighted by 1 − λ = 0.25: on the demo (section 4 of
-  documentation/results.md) KD-Net students stayed at validation Dice 0 for their first 15 epochs or more and one
-  of three ended at 0.75x the no-distillation student's WT.
+  region's size, that makes nnU-Net segment small regions is weighted by 1 − λ = 0.25 only.
 - ``feature_kl = β·mean_{b, i} Σ_c p_t,c(i)·(log p_t,c(i) − log p_s,c(i))`` with ``p = softmax_c(h)`` over the
   channels of the bottleneck h = ``skips[-1]`` (B, C, *S_bottleneck), per voxel: KL summed over channels, averaged
   over voxels and batch. (feats_KL.py sums over voxels and divides by the batch size; the voxel mean used here keeps
   β independent of the patch size. This term needs no adaptation: it never involved the output head.)
 - ``seg_weight = 1 − λ``: the trainer scales the student's own segmentation loss by it.
 
-Why not Hinton's form, λ·T²·KL(Bern(σ(z_t/T)) ‖ Bern(σ(z_s/T))) at T = 10, which nnalign used before 0.2: a
-sigmoid region head's logits are unbounded and confident (a trained teacher's background sits at −10 to −20), and at
-high T that term is a logit regression with gradient λ·T·(σ(z_s/T) − σ(z_t/T)) per element, up to 7.5 where BCE's is
-at most 1. Measured on the demo's T1ce student (``benchmarks/kd_gradients.py``, 2026-12-02): its gradient at the
-logits was 8 to 18 times the segmentation loss's in every region over the first 30 iterations, pushed every logit to
-about −7 and the training Dice to 0, the collapse to background seen in the demo. Under the student's ambiguity
+Why not Hinton's form, λ·T²·KL(Bern(σ(z_t/T)) ‖ Bern(σ(z_s/T))) at a high T such as 10: a sigmoid region head's
+logits are unbounded and confident (a trained teacher's background sits at −10 to −20), and at high T that term is a
+logit regression with gradient λ·T·(σ(z_s/T) − σ(z_t/T)) per element, up to λ·T = 7.5 where BCE's is at most 1, so it
+outweighs the segmentation loss and pushes the student's logits towards background. Under the student's ambiguity
 (one modality) a logit regression also aims at the teacher's mean logit, which the confident background drags below
-0; the soft-label form aims at the teacher's mean probability instead.
+0; the soft-label form aims at the teacher's mean probability instead. ``benchmarks/kd_gradients.py`` measures each
+term's gradient at the student's logits against the segmentation loss's.
 
 The teacher is frozen; its tensors are detached. Computed in float32; finite for any finite inputs.
 """

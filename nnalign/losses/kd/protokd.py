@@ -17,12 +17,12 @@ Sigmoid-region adaptation (what this module computes)
 - ``kd = kd_weight·mean_{b, r, i} KL(Bern(σ(z_t/T)) ‖ Bern(σ(z_s/T)))`` on the full-resolution logits (B, R, *S),
   no T² (as ProtoKD's code). Each region is one Bernoulli distribution where the original had one C-way softmax;
   the mean over (B, R, voxels) replaces the original's mean over (N, C, voxels).
-- ``kd_weight`` is 0.5, not the code's 10 (method version 4). The original balances its KL against a class-weighted
-  cross-entropy + Dice whose gradient at a fresh student's logits is 16-25x the KL's (tumour 4-14 % of the patch);
-  against nnU-Net's unweighted region BCE + Dice, deep-supervised, the same weight 10 makes the KL's gradient
-  0.85-1.1x the segmentation loss's, and the weight that restores the original's ratio is 0.37-0.72
-  (``benchmarks/kd_scale.py``). At weight 10 the KL pulled a T1ce student's logits about 2 below the
-  no-distillation student's over its first 40 iterations (``benchmarks/kd_gradients.py``).
+- ``kd_weight`` is 0.5, not the code's 10: the weight is set so that the KL pulls on a fresh student's logits
+  against nnalign's segmentation loss as hard as the original's does against its own. The original balances its KL
+  against a class-weighted cross-entropy + Dice whose gradient at a fresh student's logits is 16-25x the KL's
+  (tumour 4-14 % of the patch); against nnU-Net's unweighted region BCE + Dice, deep-supervised, the same weight 10
+  would make the KL's gradient 0.85-1.1x the segmentation loss's, and the weight that restores the original's ratio
+  is 0.37-0.72 (``benchmarks/kd_scale.py`` computes both ratios on ProtoKD's code and on this module).
 - Prototypes are per *class*, so the nested region target (B, R, *S) is first turned back into nnU-Net labels:
   0 background, 1 edema = WT∖TC, 2 necrosis = TC∖ET, 3 ET; in general the label is the index (1-based) of the
   deepest region a voxel belongs to, so classes = R + 1. If the target's spatial size differs from the features',

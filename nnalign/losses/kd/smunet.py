@@ -25,15 +25,15 @@ What this module computes (teacher t = "full", student s = "missing")
   features are a 1×1-conv fusion of three encoder scales, which a plain nnU-Net encoder does not have, so the Gram
   matrices are matched per scale instead, and averaged so that the term is one style map's worth, as the original's.
   ``F Fᵀ/(C·N)`` is a per-voxel average of channel products: the same value for any patch or batch size.
-- ``style_weight`` = :data:`ORIGINAL_STYLE_WEIGHT` = 1e-4/(4·480²) ≈ 1.085e-10, the original's own scale (method
-  version 5; before, weight 1 on the sum over the three scales, about 3·9.2e9 times the original's). At batch 1 (the
-  original's) its Gram is this ``G`` and Σ(ΔG)² = C²·mean(ΔG²), so ``L_style = 1e-4·mean(ΔG²)/(4·(H·W)²)``: C
-  cancels, and on its style map, (1, 128, 20, 24, 16), the 160×192×128 crop after three stride-2 stages, H·W = 480.
-  Only H·W enters, so the original's factor depends on its crop (2.5e-9 for an 80³ crop); nnalign keeps the factor
-  of the original's map for every configuration (``benchmarks/kd_scale.py --smunet``: value and gradient factor
-  1.085e-10 on that map). On N(0, 1) features of that map the term's gradient is 7e-17 of the content term's, in
-  the original as here: the original's style matching is carried by its adversarial term.
-  ``--kd-set style_weight=3`` gives the earlier term (with three or more skips).
+- ``style_weight`` = :data:`ORIGINAL_STYLE_WEIGHT` = 1e-4/(4·480²) ≈ 1.085e-10, the original's own scale. At
+  batch 1 (the original's) its Gram is this ``G`` and Σ(ΔG)² = C²·mean(ΔG²), so
+  ``L_style = 1e-4·mean(ΔG²)/(4·(H·W)²)``: C cancels, and on its style map, (1, 128, 20, 24, 16), the 160×192×128
+  crop after three stride-2 stages, H·W = 480. Only H·W enters, so the original's factor depends on its crop
+  (2.5e-9 for an 80³ crop); nnalign keeps the factor of the original's map for every configuration
+  (``benchmarks/kd_scale.py --smunet``: value and gradient factor 1.085e-10 on that map). On N(0, 1) features of
+  that map the term's gradient is 7e-17 of the content term's, in the original as here: the original's style
+  matching is carried by its adversarial term. ``--kd-set style_weight=3`` gives the sum over three scales at
+  weight 1 (with three or more skips).
 - ``adversarial = adversarial_weight·BCEwithLogits(D(F_s), 0)`` on the second-deepest skip (the only skip if there
   is one); weight 2e-4. D = Conv3d(C, 32, 3, stride 2, pad 1) – LeakyReLU(0.2) – Conv3d(32, 64, 3, 2, 1) –
   LeakyReLU(0.2) – global average pool – Linear(64, 1) (smaller than the original's 4 k4s2 convs 64/128/256/1, and
