@@ -15,7 +15,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["nnalign", "nnalign.*"]),
-    package_data={"nnalign.data": ["splits/*.txt"], "nnalign.experiments": ["presets/*.toml"]},
+    package_data={"nnalign.data": ["splits/*.txt"], "nnalign.experiments": ["presets/*.toml", "iteration_times.toml"]},
     install_requires=[
         "nnunetv2==2.8.1",
         "dynamic-network-architectures>=0.4,<0.5",

@@ -21,7 +21,7 @@ from nnalign.errors import NnalignError
 from nnalign.experiments.grid import build_grid
 from nnalign.experiments.spec import preset_names, read_spec
 from nnalign.experiments.state import StateStore, resolve_states
-from nnalign.runs import StudentSpec, TeacherSpec
+from nnalign.runs import BaselineSpec, StudentSpec, TeacherSpec
 
 P_STAR = TeacherSpec("mixture").trainer_name()  # nnAlignTeacher_mixture_drop0p5: P*'s default dropout
 
@@ -104,16 +104,21 @@ def test_plan_names_the_recipe_of_every_run(paper_data, capsys):
 def test_cpu_evidence_preset_is_the_real_data_protocol(tmp_path, monkeypatch, folders_env):
     for var, value in folders_env(tmp_path).items():
         monkeypatch.setenv(var, value)
-    brats = tmp_path / "work" / ".." / "shared" / "data" / "brats" / "BraTS2018"
-    brats.mkdir(parents=True)
-    grid = build_grid(read_spec("cpu-evidence", cwd=tmp_path / "work"))
+    with pytest.raises(NnalignError, match='dataset 218 is in neither .* of a SPEC with extends = "cpu-evidence"'):
+        build_grid(read_spec("cpu-evidence"))  # opt-in: the release is the user's to name
+    spec = tmp_path / "mine.toml"
+    spec.write_text('name = "cpu-evidence"\nextends = "cpu-evidence"\n[dataset]\nconvert = "BraTS2018"\n')
+    with pytest.raises(NnalignError, match=r"mine.toml: \[dataset\] convert: .*BraTS2018 is not a folder"):
+        build_grid(read_spec(str(spec)))
+    (tmp_path / "BraTS2018").mkdir()
+    grid = build_grid(read_spec(str(spec)))
     kinds = [r.kind for r in grid.steps.values()]
     assert kinds[:2] == ["convert", "preprocess"] and kinds[-1] == "report"
     trainers = {r.key.split(".")[1] for r in grid.steps.values() if r.kind == "train"}
     students = {StudentSpec((m,), kd, TeacherSpec("mixture")).trainer_name() for m in ("FLAIR", "T1ce")
                 for kd in ("none", "kdnet", "protokd")}
     # Table I's Original column: the same KD students of the original teacher (kd none does not use its teacher)
-    students |= {StudentSpec((m,), kd, TeacherSpec("original")).trainer_name() for m in ("FLAIR", "T1ce")
+    students |= {StudentSpec((m,), kd, BaselineSpec()).trainer_name() for m in ("FLAIR", "T1ce")
                  for kd in ("kdnet", "protokd")}
     assert trainers == {"nnAlignOriginal", "nnAlignTeacher_none", TeacherSpec("mixture").trainer_name()} | students
     train = grid.steps[f"train.{TeacherSpec('mixture').trainer_name()}.fold_0"].commands[0]
@@ -125,7 +130,7 @@ def test_cpu_evidence_preset_is_the_real_data_protocol(tmp_path, monkeypatch, fo
 @pytest.mark.parametrize("spec", [
     TeacherSpec("mixture"), TeacherSpec("modality:T1ce", align_weight=0.5, shared_encoder=False,
                                         modality_dropout=0.3, stop_gradient=False),
-    TeacherSpec("normal", latent_level=2), TeacherSpec("original", modality_dropout=0.25), TeacherSpec("none"),
+    TeacherSpec("normal", latent_level=2), BaselineSpec(modality_dropout=0.25), TeacherSpec("none"),
     TeacherSpec("mixture", modality_dropout=0.5, subset_sampling="balanced"),
     TeacherSpec("mixture", modality_dropout=0.0), TeacherSpec("mixture-scaled", align_distance="relative"),
     TeacherSpec("modality:T1ce", align_distance="relative", stop_gradient=False),
@@ -231,7 +236,27 @@ def test_plan_imports_no_torch_and_lists_state_and_estimate(tmp_path, fake_datas
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.rstrip().endswith("no torch")
     assert "255 runs: 0 done, 255 missing" in proc.stdout
-    assert "GPU-hours for the 127 trainings not done (basis: H100 step times" in proc.stdout
+    assert "GPU-hours for the 127 trainings not done (basis: H100 times per iteration of iteration_times.toml" \
+        in proc.stdout
+
+
+def test_gpu_hours_scale_the_measured_iteration_times_by_the_plans_voxels():
+    """A plan of half the reference patch on each axis and the same batch: an eighth of the reference's time; a
+    distilling student's iteration is a plain one's times the factor; nnU-Net's length (1000 x 250) when the SPEC gives
+    none."""
+    from nnalign.experiments.grid import gpu_hours, iteration_times, step_scale
+    from nnalign.runs import TrainingLength
+
+    times = iteration_times()
+    assert times.source.startswith("documentation/benchmarks.md") and times.teacher_s > times.plain_s > 0
+    half = [size // 2 for size in times.patch]
+    plans = {"configurations": {"c": {"patch_size": half, "batch_size": times.batch}}}
+    scale = step_scale(plans, "c")
+    assert scale == pytest.approx(1 / 8)
+    assert step_scale(None, "c") is None and gpu_hours(TrainingLength(10, 10), True, False, None) is None
+    assert gpu_hours(TrainingLength(), True, False, scale) == pytest.approx(times.teacher_s * 1000 * 250 / 8 / 3600)
+    assert gpu_hours(TrainingLength(100, 20), False, True, 1.0) == pytest.approx(
+        times.plain_s * times.distilling_factor * 100 * 20 / 3600)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

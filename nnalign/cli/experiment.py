@@ -117,7 +117,7 @@ def _heading(grid) -> str:
 
 
 def plan(spec: str) -> int:
-    from nnalign.experiments.grid import ESTIMATE_BASIS
+    from nnalign.experiments.grid import iteration_times
 
     grid, _, states = _load(spec)
     index = {key: i for i, key in enumerate(grid.steps, 1)}
@@ -134,7 +134,7 @@ def plan(spec: str) -> int:
         print(f"estimate: unknown until {grid.dataset} is planned ({len(todo)} trainings to run)")
     else:
         print(f"estimate: {sum(r.gpu_hours for r in todo):.1f} GPU-hours for the {len(todo)} trainings not done "
-              f"(basis: {ESTIMATE_BASIS})")
+              f"(basis: {iteration_times().basis()})")
     return 0
 
 

@@ -10,9 +10,11 @@ Nothing here imports torch or nnU-Net.
 from __future__ import annotations
 
 import functools
+import math
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from nnalign.errors import NnalignError
 from nnalign.experiments.spec import ExperimentSpec
@@ -27,16 +29,45 @@ EXPERIMENTS_DIR = "nnalign_experiments"
 """Experiments keep their state in ``{nnUNet_results}/DatasetXXX_NAME/nnalign_experiments/<name>/``."""
 NNUNET_LENGTH = TrainingLength(1000, 250)
 """nnU-Net's default training length, for runs whose SPEC gives none."""
-REFERENCE_STEP_S = {"teacher": 0.079, "plain": 0.059}
-"""Seconds per training iteration measured on an H100 (documentation/benchmarks.md, GPU section: ``3d_fullres``,
-patch 112x128x112, batch 2, fp16): an nnalign teacher, and stock nnU-Net (for ``original`` and students without
-distillation)."""
-REFERENCE_VOXELS = 112 * 128 * 112 * 2
-KD_STEP_FACTOR = 1.5
-"""A distilling student's step against a plain one (1.45-1.55x measured on the CPU, 1.38x on the H100)."""
-ESTIMATE_BASIS = ("H100 step times of documentation/benchmarks.md (teacher 0.079 s, plain nnU-Net 0.059 s, "
-                  f"distilling student x{KD_STEP_FACTOR}) at 3d_fullres 112x128x112 x 2, scaled by this plan's patch "
-                  "voxels x batch size, times epochs x iterations; validation and prediction not counted")
+ITERATION_TIMES = Path(__file__).resolve().parent / "iteration_times.toml"
+"""The measured seconds per training iteration behind the GPU-hour estimate, with their GPU, reference plan and
+source."""
+
+
+@dataclass(frozen=True)
+class IterationTimes:
+    """Seconds per training iteration of a reference plan (``configuration``, ``patch`` x ``batch``) on ``gpu``: a
+    teacher, a plain nnU-Net (the original teacher, students without distillation), and a distilling student's factor
+    over a plain one; ``source`` names the measurement."""
+
+    source: str
+    gpu: str
+    configuration: str
+    patch: tuple[int, ...]
+    batch: int
+    teacher_s: float
+    plain_s: float
+    distilling_factor: float
+
+    @property
+    def voxels(self) -> int:
+        """Patch voxels x batch size of the reference plan."""
+        return math.prod(self.patch) * self.batch
+
+    def basis(self) -> str:
+        """The estimate's basis in words, for ``nnalign_experiment plan``."""
+        return (f"{self.gpu} times per iteration of {ITERATION_TIMES.name} (teacher {self.teacher_s:g} s, plain "
+                f"nnU-Net {self.plain_s:g} s, distilling student x{self.distilling_factor:g}; {self.source}) at "
+                f"{self.configuration} {'x'.join(map(str, self.patch))} x {self.batch}, scaled by this plan's patch "
+                "voxels x batch size, times epochs x iterations; validation and prediction not counted")
+
+
+@functools.cache
+def iteration_times() -> IterationTimes:
+    """:data:`ITERATION_TIMES`, read once."""
+    with open(ITERATION_TIMES, "rb") as f:
+        data = tomllib.load(f)
+    return IterationTimes(**{**data, "patch": tuple(data["patch"])})
 
 
 @dataclass(frozen=True)
@@ -85,6 +116,27 @@ def length_flags(length: TrainingLength) -> list[str]:
     """``--epochs`` / ``--iters-per-epoch`` where the SPEC sets them."""
     flags = ["--epochs", str(length.epochs)] if length.epochs else []
     return flags + (["--iters-per-epoch", str(length.iters_per_epoch)] if length.iters_per_epoch else [])
+
+
+def train_command(dataset: str, configuration: str, fold: int | str, device: str,
+                  flags: Sequence[str]) -> tuple[str, ...]:
+    """``nnalign_train`` of one fold (module and arguments); ``flags``: the role's and the length's."""
+    return ("nnalign.cli.train", dataset, configuration, str(fold), "-device", device, *flags)
+
+
+def student_flags(subset: Sequence[str], kd: str, teacher_folder: Path) -> list[str]:
+    """The ``nnalign_train`` flags of a student that sees ``subset`` and learns from ``teacher_folder`` by ``kd``."""
+    return ["--role", "student", "--modalities", ",".join(subset), "--kd", kd, "--teacher", str(teacher_folder)]
+
+
+def predict_command(images: Path, predictions: Path, model: Path, device: str, label_convention: str, tta: bool,
+                    folds: Sequence[int | str] = (), subset: Sequence[str] = ()) -> tuple[str, ...]:
+    """``nnalign_predict`` (module and arguments) of the cases in ``images`` with the model folder ``model``:
+    ``folds`` (default: every fold it has), only ``subset``'s modalities (default: those the files hold)."""
+    return ("nnalign.cli.predict", "-i", str(images), "-o", str(predictions), "-m", str(model),
+            *(("-f", *map(str, folds)) if folds else ()), "-device", device,
+            *(("--modalities", ",".join(subset)) if subset else ()), "--labels", label_convention,
+            *(() if tta else ("--disable-tta",)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -138,26 +190,25 @@ def _preprocessed(raw: Path, preprocessed: Path, configuration: str) -> bool:
 
 
 def step_scale(plans: dict | None, configuration: str) -> float | None:
-    """This plan's patch voxels x batch size against the reference of :data:`REFERENCE_STEP_S`; None unplanned."""
+    """This plan's patch voxels x batch size against the reference plan of :func:`iteration_times`; None unplanned."""
     if plans is None:
         return None
     patch, batch = (configuration_value(plans, configuration, k) for k in ("patch_size", "batch_size"))
     if not patch or not batch:
         return None
-    voxels = batch
-    for size in patch:
-        voxels *= size
-    return voxels / REFERENCE_VOXELS
+    return math.prod(patch) * batch / iteration_times().voxels
 
 
-def gpu_hours(length: TrainingLength, step: str, distils: bool, scale: float | None) -> float | None:
-    """The estimate of one training (:data:`ESTIMATE_BASIS`)."""
+def gpu_hours(length: TrainingLength, teacher: bool, distils: bool, scale: float | None) -> float | None:
+    """The estimate of one training (:meth:`IterationTimes.basis`): a teacher of the method, or a plain nnU-Net
+    (distilling or not)."""
     if scale is None:
         return None
+    times = iteration_times()
     epochs = length.epochs or NNUNET_LENGTH.epochs
     iters = length.iters_per_epoch or NNUNET_LENGTH.iters_per_epoch
-    seconds = REFERENCE_STEP_S[step] * (KD_STEP_FACTOR if distils else 1.0) * scale * epochs * iters
-    return seconds / 3600
+    seconds = (times.teacher_s if teacher else times.plain_s) * (times.distilling_factor if distils else 1.0)
+    return seconds * scale * epochs * iters / 3600
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -171,8 +222,13 @@ def _resolve_dataset(spec: ExperimentSpec, folders: dict[str, str]) -> tuple[str
     if name is None and spec.convert is not None:
         name = dataset_name(spec.dataset_id, spec.dataset_name)
     if name is None:
+        where = (f'a SPEC with extends = "{spec.source.removeprefix("preset:")}"' if spec.source.startswith("preset:")
+                 else spec.source)
         raise NnalignError(f"dataset {spec.dataset_id} is in neither {pre} nor {raw}: convert it (nnalign_convert_brats, "
-                           f"or convert = PATH in [dataset] of {spec.source})")
+                           f"or convert = PATH in [dataset] of {where})")
+    if not (raw / name / "dataset.json").is_file() and spec.convert is not None and not spec.convert.is_dir():
+        raise NnalignError(f"{spec.source}: [dataset] convert: {spec.convert} is not a folder (the BraTS release to "
+                           f"convert into {name})")
     missing = missing_preprocessed(raw / name, pre / name, spec.configuration)
     if missing != [] and not spec.preprocess:
         cases = training_cases(raw / name)
@@ -209,19 +265,18 @@ def build_grid(spec: ExperimentSpec) -> Grid:
                 complete=functools.partial(_preprocessed, raw, pre, spec.configuration)))
         prepare = ("preprocess",)
     scale = step_scale(plans, spec.configuration)
-    train = ("nnalign.cli.train", dataset, spec.configuration)
-    device = ("-device", spec.device)
 
     def add_training(trainer: str, fold, flags: list[str], deps: tuple[str, ...], title: str, hours) -> str:
         folder = fold_folder(model_folder(results, trainer, spec.configuration), fold)
-        return add(Step(f"train.{trainer}.fold_{fold}", "train", f"{title}, fold {fold}",
-                       ((*train, str(fold), *device, *flags),), deps, folder / FINAL_CHECKPOINT, folder, hours)).key
+        command = train_command(dataset, spec.configuration, fold, spec.device, flags)
+        return add(Step(f"train.{trainer}.fold_{fold}", "train", f"{title}, fold {fold}", (command,), deps,
+                        folder / FINAL_CHECKPOINT, folder, hours)).key
 
     models: dict[str, tuple[tuple[str, ...], list[str]]] = {}  # trainer -> (subsets to evaluate, training keys)
     teacher_keys: dict[tuple[str, object], str] = {}
     for teacher in spec.teachers:
         trainer = teacher.spec.trainer_name()
-        hours = gpu_hours(spec.teacher_length, "plain" if teacher.spec.is_original else "teacher", False, scale)
+        hours = gpu_hours(spec.teacher_length, not teacher.spec.is_original, False, scale)
         keys = [add_training(trainer, fold, teacher.spec.train_flags() + length_flags(spec.teacher_length), prepare,
                              f"teacher {teacher.label}", hours) for fold in spec.folds]
         teacher_keys.update({(teacher.label, fold): key for fold, key in zip(spec.folds, keys)})
@@ -234,9 +289,8 @@ def build_grid(spec: ExperimentSpec) -> Grid:
             for subset in block.subsets:
                 for kd in block.kd:
                     trainer = StudentSpec(subset, kd, teacher.spec).trainer_name()
-                    flags = ["--role", "student", "--modalities", ",".join(subset), "--kd", kd, "--teacher",
-                             str(teacher_folder), *length_flags(spec.student_length)]
-                    hours = gpu_hours(spec.student_length, "plain", kd != "none", scale)
+                    flags = student_flags(subset, kd, teacher_folder) + length_flags(spec.student_length)
+                    hours = gpu_hours(spec.student_length, False, kd != "none", scale)
                     keys = [add_training(trainer, fold, flags, (teacher_keys[(label, fold)],),
                                          f"student {'+'.join(subset)} {kd} of {label}", hours) for fold in spec.folds]
                     models.setdefault(trainer, ((subset,), keys))
@@ -267,9 +321,8 @@ def _add_evaluations(grid: Grid, models: dict, raw: Path, evaluations_dir: str, 
         for subset in subsets:
             tag = subset_tag(subset, BRATS_MODALITIES)
             out = grid.results / evaluations_dir / folder.name / tag
-            predict = ("nnalign.cli.predict", "-i", str(images), "-o", str(out / "predictions"), "-m", str(folder),
-                       "-f", *map(str, spec.folds), "-device", spec.device, "--modalities", ",".join(subset),
-                       *convention, *(() if spec.evaluate.tta else ("--disable-tta",)))
+            predict = predict_command(images, out / "predictions", folder, spec.device, spec.evaluate.label_convention,
+                                      spec.evaluate.tta, spec.folds, subset)
             evaluate = ("nnalign.cli.evaluate", "-r", str(labels), "-p", str(out / "predictions"), *convention, "-o",
                         str((out / evaluation_file).with_suffix(".csv")))
             step = Step(f"evaluate.{trainer}.{tag}", "evaluate", f"evaluate {trainer} on {'+'.join(subset)}",
