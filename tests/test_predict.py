@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 from nnalign.errors import NnalignError
-from nnalign.inference.models import (NNUNET, ORIGINAL, STUDENT, TEACHER, NoModelError, discover_models, load_model,
-                                      select_model)
+from nnalign.inference.models import NoModelError, discover_models, load_model, select_model
 from nnalign.inference.predict import LOG_COLUMNS, input_cases
 from nnalign.modalities import BRATS_MODALITIES, all_subsets
+from nnalign.model_folders import NNUNET, ORIGINAL, STUDENT, TEACHER
 
 ALL = BRATS_MODALITIES
 PLANS = "nnAlignPlans"

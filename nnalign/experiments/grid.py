@@ -243,7 +243,7 @@ def _resolve_dataset(spec: ExperimentSpec, folders: dict[str, str]) -> tuple[str
 def build_grid(spec: ExperimentSpec) -> Grid:
     """Every step ``spec`` needs, keyed and in dependency order; one-line errors for a dataset that cannot be found
     or is not preprocessed (unless the SPEC makes it)."""
-    from nnalign.reporting.collect import EVALUATION_FILE, EVALUATIONS_DIR
+    from nnalign.model_folders import EVALUATION_FILE, EVALUATIONS_DIR
 
     folders = {var: str(spec.folders.get(var) or path) for var, path in resolve_folders().items()}
     dataset, plans = _resolve_dataset(spec, folders)

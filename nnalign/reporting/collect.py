@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -33,15 +34,14 @@ from nnalign.evaluation.validation import (Metrics, is_scored, read_evaluation, 
                                            score_validation_fold, validation_predictions)
 from nnalign.losses.kd.registry import KD_METHODS
 from nnalign.modalities import BRATS_MODALITIES, subset_tag
-from nnalign.model_folders import CHECKPOINTS, fold_folder, folds_in, model_folder_parts
-from nnalign.runs import TEACHER_ANCHORS, StudentSpec, TeacherSpec, parse_trainer_name
+from nnalign.model_folders import (EVALUATION_FILE, NNUNET, STUDENT, TEACHER, ModelFolder, evaluation_folder,
+                                    fold_checkpoint, fold_folder, model_folder_parts)
+from nnalign.paths import dataset_id_of, resolve_folders
+from nnalign.runs import TEACHER_ANCHORS
 from nnalign.training.record import check_method_version
 
-TEACHER, STUDENT = "teacher", "student"
 STANDARD_ANCHORS: tuple[str, ...] = ("none", "normal", "modality:T1ce", "mixture")
 """The teacher anchors of the paper's tables: N(0,1), one modality (T1ce), the learned mixture P*, and no anchor."""
-EVALUATIONS_DIR = "nnalign_evaluations"
-EVALUATION_FILE = "metrics.json"
 FULL_SUBSET: tuple[str, ...] = BRATS_MODALITIES
 
 
@@ -61,30 +61,40 @@ def kd_order_key(kd: str | None) -> tuple:
     return (KD_METHODS.index(kd), "") if kd in KD_METHODS else (len(KD_METHODS), kd or "")
 
 
-@dataclass(frozen=True)
-class Run:
-    """One trained model folder, classified by its trainer name.
+class Run(ModelFolder):
+    """The model folder of an nnalign teacher, student or baseline, as the report reads it.
 
-    ``teacher``: a teacher's own spec, or the spec of a student's teacher; ``anchor``: its anchor. ``variant``: the
-    trainer-name tokens beyond the defaults (``w0p5_sep`` for a teacher; the teacher's variant plus
-    ``tf1`` / ``x<hash>`` for a student), empty for the standard run. ``folds``: the ``fold_*`` folder names' suffixes.
+    ``role``: :data:`STUDENT`, else :data:`TEACHER` (the baseline too, with anchor ``original``). ``teacher``: a
+    teacher's own spec, or the spec of a student's teacher; ``anchor``: its anchor. ``variant``: the trainer-name
+    tokens beyond the defaults (``w0p5_sep`` for a teacher; the teacher's variant plus ``tf1`` / ``x<hash>`` for a
+    student), empty for the standard run. ``folds``: the ``fold_*`` folder names' suffixes, as first listed.
     """
 
-    folder: Path
-    trainer: str
-    plans: str
-    configuration: str
-    role: str
-    anchor: str
-    subset: tuple[str, ...]
-    teacher: TeacherSpec
-    kd: str | None = None
-    variant: str = ""
-    folds: tuple[str, ...] = ()
+    @property
+    def role(self) -> str:
+        return STUDENT if self.kind == STUDENT else TEACHER
 
     @property
-    def name(self) -> str:
-        return self.folder.name
+    def subset(self) -> tuple[str, ...]:
+        """The modalities it reads: a student's subset, else all of them."""
+        return self.spec.modalities if self.kind == STUDENT else FULL_SUBSET
+
+    @property
+    def kd(self) -> str | None:
+        """A student's KD method; None for a teacher."""
+        return self.spec.kd if self.kind == STUDENT else None
+
+    @property
+    def variant(self) -> str:
+        if self.kind != STUDENT:
+            return self.spec.variant
+        extra = (f"tf{self.spec.teacher_fold}" if self.spec.teacher_fold is not None else "",
+                 f"x{self.spec.overrides_digest}" if self.spec.overrides_digest else "")
+        return "_".join(v for v in (self.teacher.variant, *extra) if v)
+
+    @cached_property
+    def folds(self) -> tuple[str, ...]:
+        return tuple(str(f) for f in self.list_folds())
 
     @property
     def is_default(self) -> bool:
@@ -104,8 +114,8 @@ class Run:
         return [fold_folder(self.folder, f) for f in (numbered or list(self.folds))]
 
     def checkpoint(self, fold_dir: Path) -> Path | None:
-        """The fold's final checkpoint, else its latest (training in progress), else its best; None if it has none."""
-        return next((fold_dir / c for c in CHECKPOINTS if (fold_dir / c).is_file()), None)
+        """:func:`~nnalign.model_folders.fold_checkpoint` of one of its fold folders."""
+        return fold_checkpoint(fold_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -117,21 +127,8 @@ def classify(folder: Path) -> Run | None:
 
     Raises ValueError (one line) for a folder whose name starts like nnalign's but cannot be read.
     """
-    parts = model_folder_parts(folder)
-    if parts is None:
-        return None
-    trainer, plans, configuration = parts
-    spec = parse_trainer_name(trainer)
-    if spec is None:
-        return None
-    common = dict(folder=folder, trainer=trainer, plans=plans, configuration=configuration,
-                  folds=tuple(str(f) for f in folds_in(folder)))
-    if isinstance(spec, StudentSpec):
-        extra = (f"tf{spec.teacher_fold}" if spec.teacher_fold is not None else "",
-                 f"x{spec.overrides_digest}" if spec.overrides_digest else "")
-        return Run(role=STUDENT, anchor=spec.teacher.anchor, subset=spec.modalities, kd=spec.kd,
-                   teacher=spec.teacher, variant="_".join(v for v in (spec.teacher.variant, *extra) if v), **common)
-    return Run(role=TEACHER, anchor=spec.anchor, subset=FULL_SUBSET, teacher=spec, variant=spec.variant, **common)
+    run = Run.read(folder)
+    return run if run is not None and run.kind != NNUNET else None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -141,8 +138,6 @@ def classify(folder: Path) -> Run | None:
 def _default_preprocessed(results: Path) -> list[Path]:
     """Where ``{nnUNet_preprocessed}`` may be: the environment (nnalign's defaults filled in), then the
     ``nnalign_preprocessed`` folder beside ``results``' parent (the layout ``nnalign.paths`` creates)."""
-    from nnalign.paths import resolve_folders
-
     user_set = bool(os.environ.get("nnUNet_preprocessed"))
     candidates = [Path(resolve_folders()["nnUNet_preprocessed"])]
     if not user_set:
@@ -200,7 +195,7 @@ class Results:
         if others:
             notes.append(f"not nnalign models, not reported: {', '.join(others)}")
         if not runs:
-            datasets = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.startswith("Dataset"))
+            datasets = sorted(p.name for p in folder.iterdir() if p.is_dir() and dataset_id_of(p.name) is not None)
             hint = (f"; it holds dataset folders ({', '.join(datasets[:3])}), give one of them" if datasets else
                     " (expected <Trainer>__<plans>__<configuration> folders of nnalign teachers and students)")
             raise NnalignError(f"{folder}: no nnalign models found{hint}")
@@ -265,7 +260,8 @@ class Results:
     # -- metrics -------------------------------------------------------------------------------------------------------
 
     def evaluation_path(self, run: Run, subset: Sequence[str]) -> Path:
-        return self.folder / EVALUATIONS_DIR / run.name / subset_tag(subset) / EVALUATION_FILE
+        """Where ``nnalign_evaluate`` scored ``run``'s held-out predictions from ``subset`` alone."""
+        return evaluation_folder(self.folder, run.name, subset) / EVALUATION_FILE
 
     def metrics(self, run: Run | None, subset: Sequence[str] | None = None) -> Metrics | None:
         """The model's metrics on ``subset`` (default: its own); None when there are none.
