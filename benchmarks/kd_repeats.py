@@ -105,6 +105,7 @@ def run_seed(work: Path, seed: int, runs: int, methods: tuple[str, ...], subset:
     from nnalign.evaluation.evaluate import evaluate
     from nnalign.model_folders import FINAL_CHECKPOINT, fold_folder, model_folder
     from nnalign.modalities import subset_tag
+    from nnalign.paths import dataset_folders
     from nnalign.runs import StudentSpec
     from nnalign.training.record import read_settings_record
 
@@ -118,7 +119,7 @@ def run_seed(work: Path, seed: int, runs: int, methods: tuple[str, ...], subset:
     if not all((seed, 1, kd) in done for kd in kds):
         print(f"seed {seed}: the demo (data, teacher, run 1 of every student)", flush=True)
         _call(demo_command(seed, methods, subset, demo), env, seed_dir / "demo.log")
-    results = next(Path(env["nnUNet_results"]).glob(f"Dataset{demo.dataset_id:03d}_*"))
+    results = dataset_folders(env["nnUNet_results"], demo.dataset_id)[0]
     raw = Path(env["nnUNet_raw"]) / results.name
     ending = json.loads((raw / "dataset.json").read_text())["file_ending"]
     regions = reference_regions(raw / "labelsTs", ending)

@@ -12,6 +12,8 @@ import os
 import re
 from pathlib import Path
 
+from nnalign.errors import NnalignError
+
 DEFAULT_FOLDERS = {
     "nnUNet_raw": "nnalign_raw_data",
     "nnUNet_preprocessed": "nnalign_preprocessed",
@@ -51,13 +53,46 @@ def dataset_name(dataset_id: int, name: str) -> str:
     return f"Dataset{int(dataset_id):03d}_{name}"
 
 
+def dataset_glob(name: str = "*", dataset_id: int | None = None) -> str:
+    """A glob for the dataset folders named ``name`` (a glob itself) with ``dataset_id``, or with any ID if None."""
+    return dataset_name(dataset_id, name) if dataset_id is not None else f"Dataset[0-9][0-9][0-9]_{name}"
+
+
 def dataset_id_of(folder_name: str) -> int | None:
     """The ID in an nnU-Net dataset folder name (``Dataset018_BraTS2018`` -> 18), None for any other name."""
     found = DATASET_NAME_RE.fullmatch(folder_name)
     return int(found.group(1)) if found else None
 
 
+def _folders(root: str | os.PathLike, pattern: str) -> list[Path]:
+    """The folders under ``root`` that match the glob ``pattern``, sorted (none when ``root`` is not a folder)."""
+    root = Path(root)
+    return sorted(p for p in root.glob(pattern) if p.is_dir()) if root.is_dir() else []
+
+
 def dataset_folders(root: str | os.PathLike, dataset_id: int) -> list[Path]:
     """The folders ``Dataset{id:03d}_*`` under ``root``, sorted (none when ``root`` is not a folder)."""
-    root = Path(root)
-    return sorted(p for p in root.glob(dataset_name(dataset_id, "*")) if p.is_dir()) if root.is_dir() else []
+    return _folders(root, dataset_glob("*", dataset_id))
+
+
+def resolve_dataset(spec: str, preprocessed_root: Path, raw_root: Path) -> str:
+    """The preprocessed dataset folder name for an ID (``18``) or name (``Dataset018_BraTS2018``, ``BraTS2018``), or a
+    one-line NnalignError saying what to run: several matches, a raw dataset not preprocessed yet, or none at all."""
+    spec = spec.strip()
+    if re.fullmatch(r"\d+", spec):
+        dataset_id, pattern = int(spec), dataset_glob("*", int(spec))
+    else:
+        dataset_id = dataset_id_of(spec)
+        pattern = spec if dataset_id is not None else dataset_glob(spec)
+    found = [p.name for p in _folders(preprocessed_root, pattern)]
+    if len(found) > 1:
+        raise NnalignError(f"dataset {spec!r} matches several folders in {preprocessed_root}: {', '.join(found)}")
+    if found:
+        return found[0]
+    raw = [p.name for p in _folders(raw_root, pattern)]
+    if raw:
+        raw_id = dataset_id if dataset_id is not None else dataset_id_of(raw[0])
+        raise NnalignError(f"dataset {raw[0]} is not preprocessed (nothing in {preprocessed_root}): run "
+                           f"nnalign_plan_and_preprocess -d {raw_id}")
+    raise NnalignError(f"no dataset {spec!r} in {preprocessed_root} or {raw_root} (make one with nnalign_synth or "
+                       f"nnalign_convert_brats, then run nnalign_plan_and_preprocess)")

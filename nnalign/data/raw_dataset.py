@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 from nnalign.data.labels import NNUNET_LABELS, REGIONS_CLASS_ORDER
 from nnalign.errors import NnalignError
 from nnalign.modalities import BRATS_MODALITIES
-from nnalign.paths import dataset_folders, dataset_name
+from nnalign.paths import DATASET_NAME_RE, dataset_folders, dataset_name
 
 FILE_ENDING = ".nii.gz"
 
@@ -29,7 +29,7 @@ def check_dataset_id(dataset_id: int) -> None:
         raise NnalignError(f"dataset ID {dataset_id} is out of range (nnU-Net uses 1-999)")
 
 
-STAGING_RE = re.compile(r"\.Dataset\d{3}_.+\.partial-(\d+)")
+STAGING_RE = re.compile(rf"\.{DATASET_NAME_RE.pattern}\.partial-(?P<pid>\d+)")
 
 
 def _process_alive(pid: int) -> bool:
@@ -48,7 +48,7 @@ def remove_stale_staging(raw_root: Path) -> list[Path]:
     removed = []
     for path in Path(raw_root).iterdir():
         m = STAGING_RE.fullmatch(path.name)
-        if m and path.is_dir() and int(m.group(1)) != os.getpid() and not _process_alive(int(m.group(1))):
+        if m and path.is_dir() and int(m["pid"]) != os.getpid() and not _process_alive(int(m["pid"])):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
