@@ -1,7 +1,8 @@
 """The end-to-end demo: data -> plan -> teacher -> students -> prediction with missing modalities -> evaluation ->
 report, on the CPU, each step skipped when its result already exists (so an interrupted demo resumes).
 
-Every step runs the same command a user would (``nnalign_train``, ``nnalign_predict``) or the function behind it.
+Every step runs the same command a user would (``nnalign_train``, ``nnalign_predict``), as the experiment grid
+(:mod:`nnalign.experiments.grid`) writes it, or the function behind it.
 """
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from pathlib import Path
 from typing import Callable
 
 from nnalign.errors import NnalignError
+from nnalign.experiments import grid
+from nnalign.experiments.grid import student_flags
 from nnalign.modalities import BRATS_MODALITIES, subset_tag
 from nnalign.model_folders import FINAL_CHECKPOINT, fold_folder, model_folder
-from nnalign.runs import TeacherSpec
+from nnalign.runs import TeacherSpec, TrainingLength
 from nnalign.training.record import read_settings_record
 
 DEMO_SUBSETS: tuple[tuple[str, ...], ...] = (BRATS_MODALITIES, ("T1ce",), ("FLAIR",))
@@ -219,21 +222,16 @@ def subset_inputs(dataset_folder: Path, subset: tuple[str, ...], target: Path) -
 
 
 def train_command(dataset: str, device: str, epochs: int, iters_per_epoch: int) -> list[str]:
-    """``nnalign_train`` (this interpreter) for ``dataset`` in the demo's configuration, fold 0, at the given length;
-    the role flags follow."""
-    return [sys.executable, "-m", "nnalign.cli.train", dataset, CONFIGURATION, "0", "-device", device,
-            "--epochs", str(epochs), "--iters-per-epoch", str(iters_per_epoch)]
-
-
-def student_flags(subset: tuple[str, ...], kd: str, teacher_dir: Path) -> list[str]:
-    """The ``nnalign_train`` flags of a demo student that sees ``subset`` and learns from ``teacher_dir`` by ``kd``."""
-    return ["--role", "student", "--modalities", ",".join(subset), "--kd", kd, "--teacher", str(teacher_dir)]
+    """The experiment grid's ``nnalign_train`` (this interpreter) of ``dataset`` in the demo's configuration, fold 0, at
+    the given length; the role's flags follow (:func:`nnalign.experiments.grid.student_flags` for a student)."""
+    flags = grid.length_flags(TrainingLength(epochs, iters_per_epoch))
+    return [sys.executable, "-m", *grid.train_command(dataset, CONFIGURATION, 0, device, flags)]
 
 
 def predict_command(inputs: Path, predictions: Path, model: Path, device: str) -> list[str]:
-    """``nnalign_predict`` (this interpreter) as the demo runs it: no test-time mirroring, nnU-Net's label values."""
-    return [sys.executable, "-m", "nnalign.cli.predict", "-i", str(inputs), "-o", str(predictions), "-m", str(model),
-            "-device", device, "--disable-tta", "--labels", "nnunet"]
+    """The experiment grid's ``nnalign_predict`` (this interpreter) as the demo runs it: every file of ``inputs``,
+    no test-time mirroring, nnU-Net's label values."""
+    return [sys.executable, "-m", *grid.predict_command(inputs, predictions, model, device, "nnunet", tta=False)]
 
 
 def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoResult:

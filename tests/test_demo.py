@@ -69,6 +69,24 @@ def test_reference_regions_reads_each_cases_labels(tmp_path):
     assert all("WT" in r for r in regions.values())  # every synthetic case has tumour
 
 
+def test_the_demos_commands_are_the_experiment_grids():
+    """One source for the command lines: the demo runs nnalign_train and nnalign_predict as the grid writes them, at
+    the demo's configuration and fold 0, with this interpreter."""
+    import sys
+
+    from nnalign.demo import CONFIGURATION, TEACHER, predict_command, student_flags, train_command
+    from nnalign.experiments import grid
+
+    teacher = train_command("Dataset900_X", "cpu", 90, 10) + TEACHER.train_flags()
+    assert teacher[:2] == [sys.executable, "-m"]
+    assert tuple(teacher[2:]) == grid.train_command("Dataset900_X", CONFIGURATION, 0, "cpu", [
+        "--epochs", "90", "--iters-per-epoch", "10", *TEACHER.train_flags()])
+    assert student_flags is grid.student_flags
+    predict = predict_command(Path("in"), Path("out"), Path("model"), "cpu")
+    assert predict[2:] == ["nnalign.cli.predict", "-i", "in", "-o", "out", "-m", "model", "-device", "cpu", "--labels",
+                           "nnunet", "--disable-tta"]  # every fold, and the modalities the input files hold
+
+
 def test_kd_methods_of_the_demo():
     assert parse_kd_methods("KDnet, pmkl,none,kdnet") == ("kdnet", "pmkl")
     with pytest.raises(NnalignError, match="unknown KD method 'fitnet'"):

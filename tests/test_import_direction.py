@@ -1,5 +1,6 @@
-"""Imports run one way: cli -> demo, experiments -> inference, reporting -> training -> runs, evaluation, planning -> losses ->
-networks -> data -> the foundation modules. Every import in the package is read, lazy ones inside functions too."""
+"""Imports run one way: cli -> demo -> experiments -> inference, reporting -> training -> runs, evaluation, planning ->
+losses -> networks -> data -> the foundation modules. Every import in the package is read, lazy ones inside functions
+too."""
 from __future__ import annotations
 
 import ast
@@ -18,7 +19,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("runs", "evaluation", "planning"),
     ("training",),
     ("inference", "reporting"),
-    ("demo", "experiments"),
+    ("experiments",),
+    ("demo",),  # runs the experiment grid's commands
     ("cli", "_ext"),
 )
 """Lowest first. A part may import from lower layers and from itself only; the foundation modules (layer 0) from
