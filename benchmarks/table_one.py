@@ -46,7 +46,7 @@ from kd_repeats import (PAPER_GAIN, _append_row, _call, _folders, _read_rows, de
 
 if TYPE_CHECKING:
     from nnalign.demo import DemoOptions
-    from nnalign.runs import TeacherSpec
+    from nnalign.runs import AnyTeacher, BaselineSpec, TeacherSpec
 
 FIELDS = ("seed", "run", "teacher", "modalities", "kd", "WT", "TC", "ET", "collapse_warning")
 REGIONS = ("WT", "TC", "ET")
@@ -57,23 +57,22 @@ P_STAR, ORIGINAL = "mixture", "original"
 COLUMN = {P_STAR: "P*", ORIGINAL: "Original"}
 
 
-def original_of(teacher: TeacherSpec) -> TeacherSpec:
+def original_of(teacher: TeacherSpec) -> BaselineSpec:
     """The Original (plain nnU-Net) teacher trained as ``teacher`` is: the same modality dropout and subset sampling
     (an Original teacher has no latents, encoder or alignment, so nothing else to match)."""
-    from nnalign.runs import TeacherSpec
+    from nnalign.runs import BaselineSpec
 
-    return TeacherSpec(anchor=ORIGINAL, modality_dropout=teacher.modality_dropout,
-                       subset_sampling=teacher.subset_sampling)
+    return BaselineSpec(modality_dropout=teacher.modality_dropout, subset_sampling=teacher.subset_sampling)
 
 
-def teachers() -> dict[str, TeacherSpec]:
+def teachers() -> dict[str, AnyTeacher]:
     """Table I's teachers by anchor: the demo's P* teacher and the Original teacher trained the same way."""
     from nnalign.demo import TEACHER
 
     return {P_STAR: TEACHER, ORIGINAL: original_of(TEACHER)}
 
 
-def teacher_command(dataset: str, teacher: TeacherSpec, demo: DemoOptions) -> list[str]:
+def teacher_command(dataset: str, teacher: AnyTeacher, demo: DemoOptions) -> list[str]:
     """``nnalign_train`` of one of Table I's teachers, as long as the demo's teacher."""
     from nnalign.demo import train_command
 
@@ -144,6 +143,7 @@ def run_seed(work: Path, seed: int, runs: int, methods: tuple[str, ...], modalit
     from nnalign.evaluation.evaluate import evaluate
     from nnalign.modalities import subset_tag
     from nnalign.model_folders import fold_folder, model_folder
+    from nnalign.paths import dataset_folders
     from nnalign.training.record import read_settings_record
 
     done = {(int(r["seed"]), int(r["run"]), r["teacher"], r["modalities"], r["kd"]) for r in _read_rows(scores_csv)}
@@ -154,11 +154,11 @@ def run_seed(work: Path, seed: int, runs: int, methods: tuple[str, ...], modalit
     seed_dir = work / f"seed{seed}"
     env = _folders(seed_dir)
     results_root = Path(env["nnUNet_results"])
-    results = next(results_root.glob(f"Dataset{demo.dataset_id:03d}_*"), None)
+    results = next(iter(dataset_folders(results_root, demo.dataset_id)), None)
     if not _demo_done(results, methods, modalities[0]):
         print(f"seed {seed}: the demo (data, P* teacher, run 1 of its {modalities[0]} students)", flush=True)
         _call(demo_command(seed, methods, (modalities[0],), demo), env, seed_dir / "demo.log")
-        results = next(results_root.glob(f"Dataset{demo.dataset_id:03d}_*"))
+        results = dataset_folders(results_root, demo.dataset_id)[0]
     original = teachers()[ORIGINAL]
     _train(f"seed {seed}: the Original teacher", model_folder(results, original.trainer_name(), CONFIGURATION),
            teacher_command(results.name, original, demo), env, results / "table_one_logs" / "train_original.log")

@@ -3,13 +3,15 @@
 nnU-Net names a run's folder after the trainer class (``{Trainer}__{plans}__{configuration}/fold_{f}``) and rebuilds
 the trainer, and so the network, from that name alone (``--c``, ``--val``, DDP ranks, the predictor). Hence:
 
-- **In the name**: everything that makes a model what it is. A teacher's :class:`TeacherSpec` (anchor, alignment
-  weight, encoders, latent level, modality dropout, stop-gradient, alignment distance); a student's
-  :class:`StudentSpec` (modality subset, KD method, teacher, teacher fold, and a hash of its loss-setting overrides).
-- **In the settings record** (``nnalign_settings.json`` in the fold folder, :data:`TRAINING_ONLY`): what only changes
-  how long or how a run trains. ``nnalign_train`` writes it before training starts; the trainer reads it in every DDP
-  rank and on ``--c``, and rewrites the record as the run goes. The overrides' values travel there too, checked
-  against their hash in the name.
+- **In the name**: everything that makes a model what it is. A teacher's :class:`TeacherSpec` (its anchor and every
+  setting of :data:`TEACHER_SETTINGS`), the baseline's :class:`BaselineSpec`, a student's :class:`StudentSpec`
+  (modality subset, KD method, teacher, teacher fold, and a hash of its loss-setting overrides).
+- **In the run's inputs** (``nnalign_inputs.json`` in the fold folder, :data:`TRAINING_ONLY`): what only changes
+  how long or how a run trains. ``nnalign_train`` writes them before training starts; the trainer reads them in every
+  DDP rank and on ``--c``. The overrides' values travel there too, checked against their hash in the name.
+
+Each teacher setting is declared once, as a :class:`Setting`; the command line, the SPEC reader, the name codec and
+the flags of a grid run are made from the declarations.
 
 Names::
 
@@ -36,26 +38,19 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable
 
 from nnalign.errors import NnalignError
 from nnalign.losses.kd.registry import KD
 from nnalign.modalities import BRATS_MODALITIES, parse_modalities, subset_tag
-from nnalign.networks.anchor_registry import ALIGN_DISTANCES, ANCHORS, MIXTURE_ANCHORS, canonical_anchor
+from nnalign.networks.anchor_registry import (ALIGN_DISTANCES, ANCHOR_KINDS, DEFAULT_ANCHOR, AnchorKind,
+                                              canonical_anchor)
 
-TEACHER_ANCHORS: tuple[str, ...] = (*ANCHORS.names, "original")
-"""A teacher run's anchor kinds: the network anchors, and ``original`` (plain nnU-Net on the stacked modalities)."""
-DEFAULT_ALIGN_WEIGHTS: dict[str, float] = {"none": 0.0, "normal": 0.1, "modality": 0.1, "mixture": 0.1,
-                                           "mixture-scaled": 0.1, "original": 0.0}
-"""lambda per anchor kind when none is given (documentation/training.md, "Alignment weights", says how they were
-chosen); the anchors without an alignment loss have 0."""
-DEFAULT_MODALITY_DROPOUT: dict[str, float] = {"none": 0.0, "normal": 0.0, "modality": 0.0, "mixture": 0.5,
-                                              "mixture-scaled": 0.0, "original": 0.0}
-"""The modality dropout per anchor kind when none is given. P*'s weights learn only through the fill of missing
-modalities (and the alignment term, which alone keeps them uniform), so P* trains with missing modalities by default
-(0.5, the demo's); ``mixture-scaled`` learns its weights through the scaling instead. The name always spells a dropout
-above 0 (``_drop0p5``), so a name means what it meant before this default existed."""
-DISTANCE_ANCHORS: tuple[str, ...] = ("modality", *MIXTURE_ANCHORS)
-"""The anchor kinds whose loss is a squared distance between latents (the ones ``align_distance`` applies to)."""
+BASELINE = "original"
+"""How a command or a SPEC asks for the plain nnU-Net baseline (``--anchor original``), the paper's "Original"
+teacher: nnU-Net on all modalities stacked, no latents, no anchor (:class:`BaselineSpec`)."""
+TEACHER_ANCHORS: tuple[str, ...] = (*ANCHOR_KINDS, BASELINE)
+"""What ``--anchor`` and a SPEC's ``anchor`` take: the anchor kinds, and the baseline."""
 SUBSET_SAMPLINGS: tuple[str, ...] = ("independent", "balanced")
 """How modality dropout draws a training sample's modalities (:func:`nnalign.training.presence.sample_presence`);
 the first is the default."""
@@ -63,14 +58,10 @@ TEACHER_PREFIX = "nnAlignTeacher"
 ORIGINAL_PREFIX = "nnAlignOriginal"
 STUDENT_PREFIX = "nnAlignStudent"
 TRAINING_ONLY: tuple[str, ...] = ("epochs", "iters_per_epoch", "kd_overrides")
-"""The settings record's keys that ``nnalign_train`` writes before training and the trainer reads: not in the name."""
+"""The training inputs that are not in the name (:func:`nnalign.training.record.write_training_inputs`)."""
 
 _NNALIGN = "nnAlign"
 _NAME_RE = re.compile(r"[A-Za-z0-9_]+")
-_TEACHER_TOKEN_ORDER = ("w", "sep", "lvl", "drop", "bal", "nosg", "rel")
-_ANCHOR_TOKENS = {kind.replace("-", ""): kind for kind in ANCHORS.names if kind != "modality"}
-"""The trainer-name token of each anchor kind but ``modality`` (``mixture-scaled`` -> ``mixturescaled``: a name
-holds letters, digits and ``_``, and a student's name writes its teacher's ``_`` as ``-``)."""
 
 
 def _encode_float(x: float) -> str:
@@ -87,6 +78,12 @@ def _decode_float(s: str) -> float:
     return float(s.replace("p", ".").replace("m", "-"))
 
 
+def _decode_int(s: str) -> int:
+    if not re.fullmatch(r"[0-9]+", s):
+        raise ValueError(s)
+    return int(s)
+
+
 def _positive_int_or_none(name: str, value) -> int | None:
     if value is None:
         return None
@@ -95,26 +92,219 @@ def _positive_int_or_none(name: str, value) -> int | None:
     return int(value)
 
 
-@dataclass(frozen=True)
-class TeacherSpec:
-    """A teacher (or the ``original`` nnU-Net baseline): every setting here is in its trainer name.
+# ----------------------------------------------------------------------------------------------------------------------
+# the settings of a teacher, each declared once
 
-    - ``anchor``: ``none | normal | modality:NAME | mixture | mixture-scaled | original`` (``modality`` alone means
-      ``modality:T1ce``; spellings are made canonical, ``modality:t1c`` -> ``modality:T1ce``).
-    - ``align_weight``: lambda, the weight of the anchor loss added to nnU-Net's segmentation loss; None (the default)
-      means the anchor's own (:data:`DEFAULT_ALIGN_WEIGHTS`).
-    - ``shared_encoder``: one latent encoder for all modalities (True) or one per modality.
-    - ``modality_dropout``: each modality of each training sample is dropped with this probability (never all); None
-      (the default) means the anchor's own (:data:`DEFAULT_MODALITY_DROPOUT`).
-    - ``subset_sampling``: ``independent`` (as above) or ``balanced``: with probability ``modality_dropout`` a
-      sample keeps a uniformly drawn proper subset of its modalities, else all of them.
-    - ``stop_gradient``: detach the anchor modality in its loss (``modality:NAME`` only).
-    - ``latent_level``: the U-Net stage at which the latents Z_j are taken; None means the plans' ``latent_level``.
-    - ``align_distance``: ``mse`` (the paper's plain MSE, the default) or ``relative`` (nnalign's: over the latents'
-      centred energy), for the distance anchors (:data:`DISTANCE_ANCHORS`).
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of a teacher run, declared once: its type, default, command-line flag, SPEC key, trainer-name
+    token, help text and checks. ``nnalign_train``'s options, the SPEC's ``[[teachers]]`` reader, the trainer-name
+    codec, the flags a grid run passes and the settings record are all made from :data:`TEACHER_SETTINGS`.
+
+    - ``name``: the spec's field and the settings record's key; ``kind``: ``float``, ``int``, ``bool`` or ``str``.
+    - ``default``: the value when none is given. With ``anchor_default`` an anchor's own default (the
+      :class:`~nnalign.networks.anchor_registry.AnchorKind` field of the same name) replaces it.
+    - ``flag`` (``--...``) and ``help``; a ``bool`` flag switches the setting away from its default. ``choices``
+      for a ``str``.
+    - ``spec_key``: the SPEC's key (default ``name``); ``spec_negates``: its ``true`` means ``not default``.
+    - The name: ``tokens`` maps a value to a fixed token (``{False: "sep"}``); ``prefix`` writes the value after a
+      prefix (``drop0p5``). A name without the token means ``unnamed`` (None: the default, the anchor's where it
+      has one).
+    - ``needs``: the :class:`AnchorKind` fact without which the setting has no effect (``lacks`` says what is then
+      missing, for the one-line error); ``baseline``: the plain nnU-Net baseline has it too.
+    - ``check``: a one-line error for a bad value (it receives the value and returns nothing).
     """
 
-    anchor: str = "mixture"
+    name: str
+    kind: type
+    flag: str
+    help: str
+    default: Any = None
+    anchor_default: bool = False
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    spec_key: str | None = None
+    spec_negates: bool = False
+    tokens: dict[Any, str] = field(default_factory=dict)
+    prefix: str | None = None
+    unnamed: Any = None
+    needs: str | None = None
+    lacks: str = ""
+    baseline: bool = False
+    check: Callable[[Any], None] | None = None
+
+    @property
+    def key(self) -> str:
+        """The SPEC's key."""
+        return self.spec_key or self.name
+
+    @property
+    def dest(self) -> str:
+        """The argparse destination of :attr:`flag`."""
+        return self.flag.lstrip("-").replace("-", "_")
+
+    def default_for(self, anchor: AnchorKind | None) -> Any:
+        """The value when none is given, for a teacher of ``anchor`` (None: the baseline)."""
+        return getattr(anchor, self.name) if self.anchor_default and anchor is not None else self.default
+
+    def name_value(self, anchor: AnchorKind | None) -> Any:
+        """The value a trainer name without this setting's token means."""
+        return self.default_for(anchor) if self.unnamed is None else self.unnamed
+
+    def encode(self, value: Any) -> str:
+        """The token of ``value``."""
+        if value in self.tokens:
+            return self.tokens[value]
+        return self.prefix + (_encode_float(value) if self.kind is float else str(value))
+
+    def decode(self, token: str) -> tuple[bool, Any]:
+        """(whether ``token`` is this setting's, the value it means)."""
+        for value, word in self.tokens.items():
+            if token == word:
+                return True, value
+        if self.prefix is not None and token.startswith(self.prefix):
+            try:
+                return True, (_decode_float if self.kind is float else _decode_int)(token[len(self.prefix):])
+            except ValueError:
+                return False, None
+        return False, None
+
+
+def _check_weight(value: float) -> None:
+    if not math.isfinite(value) or value < 0:
+        raise NnalignError(f"the alignment weight must be a finite number >= 0, got {value}")
+
+
+def _check_dropout(value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise NnalignError(f"the modality dropout must be in [0, 1), got {value}")
+
+
+def _check_level(value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or int(value) != value or value < 0):
+        raise NnalignError(f"the latent level must be a whole number >= 0, got {value}")
+
+
+def _one_of(what: str, choices: tuple[str, ...]) -> Callable[[str], None]:
+    def check(value: str) -> None:
+        if value not in choices:
+            raise NnalignError(f"unknown {what} {value!r} (one of {', '.join(choices)})")
+    return check
+
+
+TEACHER_SETTINGS: tuple[Setting, ...] = (
+    Setting("align_weight", float, "--align-weight", metavar="LAMBDA", anchor_default=True, default=0.0, prefix="w", needs="has_loss", lacks="alignment loss", check=_check_weight,
+            help="weight of the alignment loss (default: the anchor's, "
+                 + ", ".join(f"{k.name} {k.align_weight}" for k in ANCHOR_KINDS.values() if k.align_weight) + ")"),
+    Setting("shared_encoder", bool, "--separate-encoders", default=True, spec_key="separate_encoders",
+            spec_negates=True, tokens={False: "sep"}, lacks="modality encoders",
+            help="one latent encoder per modality instead of one shared encoder"),
+    Setting("latent_level", int, "--latent-level", metavar="L", prefix="lvl", lacks="latents", check=_check_level,
+            help="U-Net stage at which the per-modality latents are taken and aligned, 0 (the input resolution) to "
+                 "the plans' last stage (default: the plans' latent_level, 0)"),
+    Setting("modality_dropout", float, "--modality-dropout", metavar="P", anchor_default=True, default=0.0,
+            unnamed=0.0, prefix="drop", baseline=True, check=_check_dropout,
+            help="drop each modality of each training sample with probability P, never all (default: the anchor's, "
+                 + ", ".join(f"{k.name} {k.modality_dropout}" for k in ANCHOR_KINDS.values() if k.modality_dropout)
+                 + ", else 0)"),
+    Setting("subset_sampling", str, "--subset-sampling", default=SUBSET_SAMPLINGS[0], choices=SUBSET_SAMPLINGS,
+            tokens={"balanced": "bal"}, baseline=True, check=_one_of("subset sampling", SUBSET_SAMPLINGS),
+            help="with --modality-dropout: independent (each modality dropped with probability P) or balanced (with "
+                 "probability P a uniformly drawn proper subset, else every modality) (default: %(default)s)"),
+    Setting("stop_gradient", bool, "--no-stop-gradient", default=True, tokens={False: "nosg"},
+            needs="takes_modality", lacks="anchor modality",
+            help="modality anchor: let the alignment loss pull the anchor modality too"),
+    Setting("align_distance", str, "--align-distance", default=ALIGN_DISTANCES[0], choices=ALIGN_DISTANCES,
+            tokens={"relative": "rel"}, needs="distance", lacks="distance loss",
+            check=_one_of("alignment distance", ALIGN_DISTANCES),
+            help="modality and mixture anchors: mse (the paper's plain MSE) or relative (nnalign's: over the latents' "
+                 "centred energy, which neither shrinking nor a common offset can lower) (default: %(default)s)"),
+)
+"""Every setting of a teacher but its anchor, in the order of their trainer-name tokens."""
+BASELINE_SETTINGS: tuple[Setting, ...] = tuple(s for s in TEACHER_SETTINGS if s.baseline)
+"""The settings the plain nnU-Net baseline has."""
+
+
+def resolve_settings(settings: tuple[Setting, ...], given: dict, anchor: AnchorKind | None, what: str) -> dict:
+    """Every setting's value for a run of ``anchor`` (None: the baseline): ``given`` (None or absent: the default),
+    each checked; one-line NnalignError for a bad value or a setting this kind of run does not have."""
+    unknown = sorted(set(given) - {s.name for s in settings})
+    if unknown:
+        raise NnalignError(f"{what} has no setting {unknown[0]!r}")
+    values = {}
+    for s in settings:
+        value = given.get(s.name)
+        value = s.default_for(anchor) if value is None else value
+        if s.kind is float and not isinstance(value, bool) and isinstance(value, (int, float)):
+            value = float(value)
+        if s.check is not None:
+            s.check(value)
+        if s.kind is int and value is not None:
+            value = int(value)
+        values[s.name] = value
+    return values
+
+
+def encode_settings(settings: tuple[Setting, ...], values: dict, anchor: AnchorKind | None) -> list[str]:
+    """The trainer-name tokens of the settings whose value the name does not mean without them, in order."""
+    return [s.encode(values[s.name]) for s in settings if values[s.name] != s.name_value(anchor)]
+
+
+def decode_settings(settings: tuple[Setting, ...], tokens: list[str], anchor: AnchorKind | None) -> dict:
+    """The values a name's tokens (after its head) give; a setting without its token gets the value a name without
+    it means. ValueError for an unknown token or one out of order."""
+    values, last = {}, -1
+    for token in tokens:
+        for index, s in enumerate(settings):
+            matched, value = s.decode(token)
+            if matched:
+                break
+        else:
+            raise ValueError(token)
+        if index <= last:
+            raise ValueError(token)
+        values[s.name], last = value, index
+    return {s.name: values.get(s.name, s.name_value(anchor)) for s in settings}
+
+
+def settings_flags(settings: tuple[Setting, ...], values: dict, anchor: AnchorKind | None) -> list[str]:
+    """``nnalign_train`` flags for the settings that differ from what the command assumes without them."""
+    flags = []
+    for s in settings:
+        value = values[s.name]
+        if value == s.default_for(anchor):
+            continue
+        if s.kind is bool:
+            flags.append(s.flag)
+        else:
+            flags += [s.flag, repr(value) if s.kind is float else str(value)]
+    return flags
+
+
+def _check_sampling(values: dict) -> None:
+    if values["subset_sampling"] != SUBSET_SAMPLINGS[0] and values["modality_dropout"] == 0.0:
+        raise NnalignError(f"subset sampling {values['subset_sampling']!r} needs a modality dropout above 0")
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """An aligned teacher: its anchor and every :data:`TEACHER_SETTINGS` value, all of them in its trainer name.
+
+    - ``anchor``: ``none | normal | modality:NAME | mixture | mixture-scaled`` (``modality`` alone means
+      ``modality:T1ce``; spellings are made canonical, ``modality:t1c`` -> ``modality:T1ce``).
+    - ``align_weight``: lambda, the weight of the anchor loss added to nnU-Net's segmentation loss (None: the
+      anchor's); ``shared_encoder``: one latent encoder for all modalities, or one per modality;
+      ``modality_dropout``: each modality of each training sample is dropped with this probability, never all (None:
+      the anchor's); ``subset_sampling``: ``independent`` (as above) or ``balanced`` (with probability
+      ``modality_dropout`` a sample keeps a uniformly drawn proper subset, else all); ``stop_gradient``: detach the
+      anchor modality in its loss (``modality:NAME`` only); ``latent_level``: the U-Net stage of the latents (None:
+      the plans'); ``align_distance``: ``mse`` (the paper's) or ``relative`` (nnalign's) for the distance anchors.
+
+    The plain nnU-Net baseline is :class:`BaselineSpec`; :func:`teacher_spec` makes either from an anchor word.
+    """
+
+    anchor: str = DEFAULT_ANCHOR
     align_weight: float | None = None
     shared_encoder: bool = True
     modality_dropout: float | None = None
@@ -123,42 +313,26 @@ class TeacherSpec:
     subset_sampling: str = SUBSET_SAMPLINGS[0]
     align_distance: str = ALIGN_DISTANCES[0]
 
+    is_original = False
+
     def __post_init__(self) -> None:
-        object.__setattr__(self, "anchor", canonical_anchor(self.anchor, TEACHER_ANCHORS))
-        kind = self.anchor_kind
-        if self.align_weight is not None and float(self.align_weight) != 0 and kind in ("none", "original"):
-            raise NnalignError(f"anchor '{kind}' has no alignment loss, so an alignment weight has no effect")
-        weight = DEFAULT_ALIGN_WEIGHTS[kind] if self.align_weight is None else self.align_weight
-        object.__setattr__(self, "align_weight", float(weight))
-        dropout = DEFAULT_MODALITY_DROPOUT[kind] if self.modality_dropout is None else self.modality_dropout
-        object.__setattr__(self, "modality_dropout", float(dropout))
-        if not math.isfinite(self.align_weight) or self.align_weight < 0:
-            raise NnalignError(f"the alignment weight must be a finite number >= 0, got {self.align_weight}")
-        if not 0.0 <= self.modality_dropout < 1.0:
-            raise NnalignError(f"the modality dropout must be in [0, 1), got {self.modality_dropout}")
-        if self.subset_sampling not in SUBSET_SAMPLINGS:
-            raise NnalignError(f"unknown subset sampling {self.subset_sampling!r} (one of {', '.join(SUBSET_SAMPLINGS)})")
-        if self.subset_sampling != SUBSET_SAMPLINGS[0] and self.modality_dropout == 0.0:
-            raise NnalignError(f"subset sampling {self.subset_sampling!r} needs a modality dropout above 0")
-        if self.align_distance not in ALIGN_DISTANCES:
-            raise NnalignError(f"unknown alignment distance {self.align_distance!r} (one of "
-                               f"{', '.join(ALIGN_DISTANCES)})")
-        if self.align_distance != ALIGN_DISTANCES[0] and kind not in DISTANCE_ANCHORS:
-            raise NnalignError(f"anchor '{kind}' has no distance loss, so the alignment distance has no effect")
-        if not self.stop_gradient and kind != "modality":
-            raise NnalignError(f"stop-gradient only applies to the modality anchor, not to anchor '{self.anchor}'")
-        if not self.shared_encoder and kind == "original":
-            raise NnalignError("anchor 'original' has no modality encoders, so separate encoders have no effect")
-        if self.latent_level is not None:
-            if int(self.latent_level) != self.latent_level or self.latent_level < 0:
-                raise NnalignError(f"the latent level must be a whole number >= 0, got {self.latent_level}")
-            object.__setattr__(self, "latent_level", int(self.latent_level))
-            if kind == "original":
-                raise NnalignError("anchor 'original' has no latents, so a latent level has no effect")
+        object.__setattr__(self, "anchor", canonical_anchor(self.anchor))
+        given = {s.name: getattr(self, s.name) for s in TEACHER_SETTINGS}
+        values = resolve_settings(TEACHER_SETTINGS, given, self.kind, "a teacher")
+        for s in TEACHER_SETTINGS:
+            if s.needs and not getattr(self.kind, s.needs) and values[s.name] != s.default_for(self.kind):
+                raise NnalignError(f"anchor '{self.anchor_kind}' has no {s.lacks}, so {s.flag} has no effect")
+            object.__setattr__(self, s.name, values[s.name])
+        _check_sampling(values)
+
+    @property
+    def kind(self) -> AnchorKind:
+        """The anchor's facts."""
+        return ANCHOR_KINDS[self.anchor_kind]
 
     @property
     def anchor_kind(self) -> str:
-        """``none``, ``normal``, ``modality``, ``mixture``, ``mixture-scaled`` or ``original``."""
+        """``none``, ``normal``, ``modality``, ``mixture`` or ``mixture-scaled``."""
         return self.anchor.partition(":")[0]
 
     @property
@@ -166,10 +340,9 @@ class TeacherSpec:
         """The anchor modality's canonical name for ``modality:NAME``, else None."""
         return self.anchor.partition(":")[2] or None
 
-    @property
-    def is_original(self) -> bool:
-        """Plain nnU-Net on the stacked modalities: no latent encoders, no alignment."""
-        return self.anchor_kind == "original"
+    def settings(self) -> dict:
+        """Every :data:`TEACHER_SETTINGS` value."""
+        return {s.name: getattr(self, s.name) for s in TEACHER_SETTINGS}
 
     def model_settings(self) -> dict:
         """Every setting, as the settings record stores them."""
@@ -180,44 +353,13 @@ class TeacherSpec:
         return self.latent_level if self.latent_level is not None else int(arch_kwargs.get("latent_level", 0))
 
     def variant_tokens(self) -> list[str]:
-        """The name's tokens after the anchor, one per non-default setting, in this order: ``w<lambda>`` (not the
-        anchor's default), ``sep`` (one encoder per modality), ``lvl<L>``, ``drop<p>`` (not 0), ``bal`` (balanced subset
-        sampling), ``nosg``, ``rel`` (the relative alignment distance)."""
-        tokens = []
-        if self.align_weight != DEFAULT_ALIGN_WEIGHTS[self.anchor_kind]:
-            tokens.append(f"w{_encode_float(self.align_weight)}")
-        if not self.shared_encoder:
-            tokens.append("sep")
-        if self.latent_level is not None:
-            tokens.append(f"lvl{self.latent_level}")
-        if self.modality_dropout != 0.0:
-            tokens.append(f"drop{_encode_float(self.modality_dropout)}")
-        if self.subset_sampling == "balanced":
-            tokens.append("bal")
-        if not self.stop_gradient:
-            tokens.append("nosg")
-        if self.align_distance != ALIGN_DISTANCES[0]:
-            tokens.append("rel")
-        return tokens
+        """The name's tokens after the anchor, one per setting the name does not mean without it, in
+        :data:`TEACHER_SETTINGS` order: ``w<lambda>``, ``sep``, ``lvl<L>``, ``drop<p>``, ``bal``, ``nosg``, ``rel``."""
+        return encode_settings(TEACHER_SETTINGS, self.settings(), self.kind)
 
     def train_flags(self) -> list[str]:
         """``nnalign_train`` flags that train this teacher (defaults left out)."""
-        flags = ["--anchor", self.anchor]
-        if self.align_weight != DEFAULT_ALIGN_WEIGHTS[self.anchor_kind]:
-            flags += ["--align-weight", repr(self.align_weight)]
-        if not self.shared_encoder:
-            flags.append("--separate-encoders")
-        if self.latent_level is not None:
-            flags += ["--latent-level", str(self.latent_level)]
-        if self.modality_dropout != DEFAULT_MODALITY_DROPOUT[self.anchor_kind]:
-            flags += ["--modality-dropout", repr(self.modality_dropout)]
-        if self.subset_sampling != SUBSET_SAMPLINGS[0]:
-            flags += ["--subset-sampling", self.subset_sampling]
-        if not self.stop_gradient:
-            flags.append("--no-stop-gradient")
-        if self.align_distance != ALIGN_DISTANCES[0]:
-            flags += ["--align-distance", self.align_distance]
-        return flags
+        return ["--anchor", self.anchor, *settings_flags(TEACHER_SETTINGS, self.settings(), self.kind)]
 
     @property
     def variant(self) -> str:
@@ -225,64 +367,111 @@ class TeacherSpec:
         return "_".join(self.variant_tokens())
 
     def trainer_name(self) -> str:
-        """``nnAlignTeacher_<anchor>[_<variant>]`` (``nnAlignOriginal[_<variant>]``); floats written exactly, ``.``
-        as ``p`` and ``-`` as ``m``."""
-        if self.is_original:
-            head = [ORIGINAL_PREFIX]
-        else:
-            kind = self.anchor_kind
-            head = [TEACHER_PREFIX, f"modality{self.anchor_modality}" if kind == "modality" else kind.replace("-", "")]
-        name = "_".join(head + self.variant_tokens())
+        """``nnAlignTeacher_<anchor>[_<variant>]``; floats written exactly, ``.`` as ``p`` and ``-`` as ``m``."""
+        token = self.kind.token + (self.anchor_modality or "")
+        name = "_".join([TEACHER_PREFIX, token, *self.variant_tokens()])
         if not _NAME_RE.fullmatch(name):
             raise NnalignError(f"cannot name a trainer for anchor {self.anchor!r}")
         return name
 
     @classmethod
-    def parse(cls, name: str) -> "TeacherSpec":
-        """Invert :meth:`trainer_name`; ValueError (one line) for a name it did not make."""
+    def parse(cls, name: str) -> "TeacherSpec | BaselineSpec":
+        """Invert :meth:`trainer_name` (and :meth:`BaselineSpec.trainer_name`); ValueError (one line) for a name it
+        did not make."""
         parts = name.split("_")
         if parts[0] == ORIGINAL_PREFIX:
-            anchor, tokens = "original", parts[1:]
-        elif parts[0] == TEACHER_PREFIX and len(parts) > 1:
-            token, tokens = parts[1], parts[2:]
-            m = re.fullmatch(r"modality([A-Za-z0-9]+)", token)
-            if m:
-                anchor = f"modality:{m.group(1)}"
-            elif token in _ANCHOR_TOKENS:
-                anchor = _ANCHOR_TOKENS[token]
-            else:
-                raise ValueError(f"{name!r}: unknown anchor token {token!r}")
-        else:
+            return BaselineSpec.parse(name)
+        if parts[0] != TEACHER_PREFIX or len(parts) < 2:
             raise ValueError(f"{name!r} is not an nnalign teacher trainer name")
-        kwargs: dict = {"anchor": anchor, "modality_dropout": 0.0}  # no drop token: no dropout, whatever the default
-        last = -1
+        token, tokens = parts[1], parts[2:]
+        kind = next((k for k in ANCHOR_KINDS.values() if token == k.token
+                     or k.takes_modality and re.fullmatch(f"{k.token}[A-Za-z0-9]+", token)), None)
+        if kind is None:
+            raise ValueError(f"{name!r}: unknown anchor token {token!r}")
+        anchor = f"{kind.name}:{token[len(kind.token):]}" if kind.takes_modality else kind.name
         try:
-            for token in tokens:
-                if token == "sep":
-                    key, kwargs["shared_encoder"] = "sep", False
-                elif token == "nosg":
-                    key, kwargs["stop_gradient"] = "nosg", False
-                elif token == "rel":
-                    key, kwargs["align_distance"] = "rel", "relative"
-                elif token == "bal":
-                    key, kwargs["subset_sampling"] = "bal", "balanced"
-                elif re.fullmatch(r"lvl[0-9]+", token):
-                    key, kwargs["latent_level"] = "lvl", int(token[3:])
-                elif token.startswith("drop"):
-                    key, kwargs["modality_dropout"] = "drop", _decode_float(token[4:])
-                elif token.startswith("w"):
-                    key, kwargs["align_weight"] = "w", _decode_float(token[1:])
-                else:
-                    raise ValueError(token)
-                if _TEACHER_TOKEN_ORDER.index(key) <= last:
-                    raise ValueError(token)
-                last = _TEACHER_TOKEN_ORDER.index(key)
-            spec = cls(**kwargs)
+            spec = cls(anchor, **decode_settings(TEACHER_SETTINGS, tokens, kind))
         except (ValueError, NnalignError) as e:
             raise ValueError(f"{name!r} is not an nnalign teacher trainer name ({e})") from None
         if spec.trainer_name() != name:  # e.g. a default written out ("w0p1"), or a non-canonical spelling
             raise ValueError(f"{name!r} is not canonical (the same settings are named {spec.trainer_name()!r})")
         return spec
+
+
+@dataclass(frozen=True)
+class BaselineSpec:
+    """The plain nnU-Net baseline (the paper's "Original" teacher): nnU-Net's U-Net on all modalities stacked, trained
+    with the :data:`BASELINE_SETTINGS` (modality dropout zeroes dropped channels), named ``nnAlignOriginal[_...]``."""
+
+    modality_dropout: float | None = None
+    subset_sampling: str = SUBSET_SAMPLINGS[0]
+
+    is_original = True
+    anchor = BASELINE
+    anchor_kind = BASELINE
+    anchor_modality = None
+
+    def __post_init__(self) -> None:
+        given = {s.name: getattr(self, s.name) for s in BASELINE_SETTINGS}
+        values = resolve_settings(BASELINE_SETTINGS, given, None, "the baseline")
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+        _check_sampling(values)
+
+    def settings(self) -> dict:
+        """Every :data:`BASELINE_SETTINGS` value."""
+        return {s.name: getattr(self, s.name) for s in BASELINE_SETTINGS}
+
+    def model_settings(self) -> dict:
+        """Every setting, as the settings record stores them (with ``anchor``: ``original``)."""
+        return {"anchor": BASELINE, **asdict(self)}
+
+    def variant_tokens(self) -> list[str]:
+        """The name's tokens after ``nnAlignOriginal``: ``drop<p>``, ``bal``."""
+        return encode_settings(BASELINE_SETTINGS, self.settings(), None)
+
+    @property
+    def variant(self) -> str:
+        return "_".join(self.variant_tokens())
+
+    def train_flags(self) -> list[str]:
+        """``nnalign_train`` flags that train this baseline (defaults left out)."""
+        return ["--anchor", BASELINE, *settings_flags(BASELINE_SETTINGS, self.settings(), None)]
+
+    def trainer_name(self) -> str:
+        """``nnAlignOriginal[_<variant>]``."""
+        return "_".join([ORIGINAL_PREFIX, *self.variant_tokens()])
+
+    @classmethod
+    def parse(cls, name: str) -> "BaselineSpec":
+        """Invert :meth:`trainer_name`; ValueError (one line) for a name it did not make."""
+        parts = name.split("_")
+        if parts[0] != ORIGINAL_PREFIX:
+            raise ValueError(f"{name!r} is not an nnalign baseline trainer name")
+        try:
+            spec = cls(**decode_settings(BASELINE_SETTINGS, parts[1:], None))
+        except (ValueError, NnalignError) as e:
+            raise ValueError(f"{name!r} is not an nnalign teacher trainer name ({e})") from None
+        if spec.trainer_name() != name:
+            raise ValueError(f"{name!r} is not canonical (the same settings are named {spec.trainer_name()!r})")
+        return spec
+
+
+AnyTeacher = TeacherSpec | BaselineSpec
+"""What a student learns from: an aligned teacher or the plain baseline."""
+
+
+def teacher_spec(anchor: str = DEFAULT_ANCHOR, **settings) -> AnyTeacher:
+    """The teacher an anchor word and settings describe (None values: defaults): a :class:`TeacherSpec`, or for
+    ``original`` a :class:`BaselineSpec`; one-line NnalignError for a setting the baseline does not have."""
+    if str(anchor).strip().lower() != BASELINE:
+        canonical_anchor(anchor, TEACHER_ANCHORS)  # lists the baseline among the choices of an unknown word
+        return TeacherSpec(anchor, **settings)
+    own = {s.name for s in BASELINE_SETTINGS}
+    for s in TEACHER_SETTINGS:
+        if s.name not in own and settings.get(s.name) is not None and settings[s.name] != s.default:
+            raise NnalignError(f"anchor '{BASELINE}' has no {s.lacks}, so {s.flag} has no effect")
+    return BaselineSpec(**{k: v for k, v in settings.items() if k in own})
 
 
 def overrides_hash(overrides: dict) -> str:
@@ -301,7 +490,7 @@ class StudentSpec:
 
     modalities: tuple[str, ...]
     kd: str
-    teacher: TeacherSpec
+    teacher: AnyTeacher
     teacher_fold: str | None = None
     overrides: dict | None = field(default_factory=dict)
     overrides_digest: str | None = None

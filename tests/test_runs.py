@@ -10,9 +10,9 @@ import pytest
 from nnalign.errors import NnalignError
 from nnalign.losses.kd.registry import KD_METHODS
 from nnalign.modalities import BRATS_MODALITIES, all_subsets
-from nnalign.networks.anchor_registry import ALIGN_DISTANCES, ANCHORS
-from nnalign.runs import (DEFAULT_MODALITY_DROPOUT, SUBSET_SAMPLINGS, TEACHER_ANCHORS, StudentSpec, TeacherSpec,
-                          TrainingLength, overrides_hash, parse_trainer_name)
+from nnalign.networks.anchor_registry import ALIGN_DISTANCES, ANCHOR_KINDS, ANCHORS
+from nnalign.runs import (SUBSET_SAMPLINGS, TEACHER_ANCHORS, BaselineSpec, StudentSpec, TeacherSpec, TrainingLength,
+                          overrides_hash, parse_trainer_name, teacher_spec)
 
 P_STAR = TeacherSpec("mixture", modality_dropout=0.0)  # named nnAlignTeacher_mixture
 
@@ -35,8 +35,8 @@ P_STAR = TeacherSpec("mixture", modality_dropout=0.0)  # named nnAlignTeacher_mi
     (TeacherSpec("modality"), "nnAlignTeacher_modalityT1ce"),
     (TeacherSpec("modality:t2f", 0.5, False, 0.3, False), "nnAlignTeacher_modalityFLAIR_w0p5_sep_drop0p3_nosg"),
     (TeacherSpec("mixture", 2.0, True, 0.25), "nnAlignTeacher_mixture_w2_drop0p25"),
-    (TeacherSpec("original"), "nnAlignOriginal"),
-    (TeacherSpec("original", modality_dropout=0.5), "nnAlignOriginal_drop0p5"),
+    (BaselineSpec(), "nnAlignOriginal"),
+    (BaselineSpec(modality_dropout=0.5), "nnAlignOriginal_drop0p5"),
     (TeacherSpec("mixture", 0.0), "nnAlignTeacher_mixture_w0_drop0p5"),
     (TeacherSpec("normal", latent_level=2), "nnAlignTeacher_normal_lvl2"),
     (TeacherSpec("none", latent_level=0), "nnAlignTeacher_none_lvl0"),  # given explicitly: not the plans' level
@@ -45,7 +45,7 @@ P_STAR = TeacherSpec("mixture", modality_dropout=0.0)  # named nnAlignTeacher_mi
     (TeacherSpec("mixture", modality_dropout=0.5, subset_sampling="balanced"), "nnAlignTeacher_mixture_drop0p5_bal"),
     (TeacherSpec("modality", modality_dropout=0.5, subset_sampling="balanced", stop_gradient=False),
      "nnAlignTeacher_modalityT1ce_drop0p5_bal_nosg"),
-    (TeacherSpec("original", modality_dropout=0.5, subset_sampling="balanced"), "nnAlignOriginal_drop0p5_bal"),
+    (BaselineSpec(modality_dropout=0.5, subset_sampling="balanced"), "nnAlignOriginal_drop0p5_bal"),
 ])
 def test_teacher_name_encodes_the_spec_and_inverts_exactly(spec, name):
     assert spec.trainer_name() == name
@@ -61,7 +61,8 @@ def test_every_anchor_and_option_round_trips_and_every_name_is_distinct():
             anchors, (None, 0.0, 0.123456789, 10.0), (True, False), (None, 0.0, 0.5, 1 / 3), (True, False),
             (None, 0, 2), SUBSET_SAMPLINGS, ALIGN_DISTANCES):
         try:
-            spec = TeacherSpec(anchor, w, shared, p, sg, level, sampling, distance)
+            spec = teacher_spec(anchor, align_weight=w, shared_encoder=shared, modality_dropout=p, stop_gradient=sg,
+                                latent_level=level, subset_sampling=sampling, align_distance=distance)
         except NnalignError:
             continue
         name = spec.trainer_name()
@@ -103,7 +104,8 @@ def test_teacher_names_not_made_by_trainer_name_are_refused(name):
     ({"align_weight": -1.0}, ">= 0"),
     ({"align_weight": float("nan")}, "finite"),
     ({"modality_dropout": 1.0}, "[0, 1)"),
-    ({"anchor": "mixture", "stop_gradient": False}, "only applies to the modality anchor"),
+    ({"anchor": "mixture", "stop_gradient": False}, "anchor 'mixture' has no anchor modality, so --no-stop-gradient "
+                                                    "has no effect"),
     ({"anchor": "none", "align_weight": 0.5}, "no effect"),
     ({"anchor": "original", "shared_encoder": False}, "no effect"),
     ({"latent_level": -1}, "whole number >= 0"),
@@ -112,30 +114,36 @@ def test_teacher_names_not_made_by_trainer_name_are_refused(name):
     ({"anchor": "normal", "align_distance": "relative"}, "no distance loss"),
     ({"anchor": "original", "align_distance": "relative"}, "no distance loss"),
     ({"align_distance": "cosine"}, "unknown alignment distance 'cosine' (one of mse, relative)"),
-    ({"anchor": "mixture-scaled", "stop_gradient": False}, "only applies to the modality anchor"),
+    ({"anchor": "mixture-scaled", "stop_gradient": False}, "has no anchor modality"),
+    ({"anchor": "original", "stop_gradient": False}, "anchor 'original' has no anchor modality"),
+    ({"anchor": "original", "align_weight": 0.5}, "anchor 'original' has no alignment loss, so --align-weight has no "
+                                                  "effect"),
 ])
 def test_bad_teacher_settings_are_one_line_errors(kwargs, message):
     with pytest.raises(NnalignError, match=re.escape(message)) as info:
-        TeacherSpec(**kwargs)
+        teacher_spec(**kwargs)
     assert "\n" not in str(info.value)
 
 
 def test_the_unknown_anchor_message_lists_every_run_anchor():
     with pytest.raises(NnalignError) as info:
-        TeacherSpec("bogus")
+        teacher_spec("bogus")
     assert str(info.value) == ("unknown anchor 'bogus' (choose from none, normal, modality:NAME, mixture, "
                                "mixture-scaled, original)")
+    with pytest.raises(NnalignError, match="unknown anchor 'original'"):
+        TeacherSpec("original")  # the baseline is not an anchor: teacher_spec makes it
 
 
 def test_the_default_modality_dropout_is_the_anchors_and_names_always_spell_it():
     """P*'s weights learn only through the fill of missing modalities, so P* trains with dropout by default; a name
     without ``_drop`` still means no dropout, for every anchor, as it did before that default."""
-    assert DEFAULT_MODALITY_DROPOUT == {"none": 0.0, "normal": 0.0, "modality": 0.0, "mixture": 0.5,
-                                        "mixture-scaled": 0.0, "original": 0.0}
-    for kind, p in DEFAULT_MODALITY_DROPOUT.items():
-        anchor = "modality:T1ce" if kind == "modality" else kind
-        assert TeacherSpec(anchor).modality_dropout == p
-        assert TeacherSpec.parse(TeacherSpec(anchor, modality_dropout=0.0).trainer_name()).modality_dropout == 0.0
+    dropout = {kind.name: kind.modality_dropout for kind in ANCHOR_KINDS.values()}
+    assert dropout == {"none": 0.0, "normal": 0.0, "modality": 0.0, "mixture": 0.5, "mixture-scaled": 0.0}
+    assert BaselineSpec().modality_dropout == 0.0
+    for anchor in [*TEACHER_ANCHORS]:
+        spec = teacher_spec(anchor)
+        assert spec.modality_dropout == dropout.get(spec.anchor_kind, 0.0)
+        assert TeacherSpec.parse(teacher_spec(anchor, modality_dropout=0.0).trainer_name()).modality_dropout == 0.0
     assert TeacherSpec("mixture").train_flags() == ["--anchor", "mixture"]
     assert TeacherSpec("mixture", modality_dropout=0.0).train_flags() == ["--anchor", "mixture", "--modality-dropout",
                                                                           "0.0"]
@@ -161,7 +169,7 @@ def test_the_alignment_distance_is_named_and_flagged_only_when_not_the_papers():
     (StudentSpec(("T2", "t1"), "none", P_STAR), "nnAlignStudent_T1-T2_none_Teacher-mixture"),
     (StudentSpec(("T1ce", "T2", "FLAIR"), "ProtoKD", TeacherSpec("modality", 0.5), "1"),
      "nnAlignStudent_T1ce-T2-FLAIR_protokd_Teacher-modalityT1ce-w0p5_tf1"),
-    (StudentSpec(("FLAIR",), "smunet", TeacherSpec("original"), "all"), "nnAlignStudent_FLAIR_smunet_Original_tfall"),
+    (StudentSpec(("FLAIR",), "smunet", BaselineSpec(), "all"), "nnAlignStudent_FLAIR_smunet_Original_tfall"),
 ])
 def test_student_name_encodes_subset_method_and_teacher(spec, name):
     assert spec.trainer_name() == name
@@ -174,7 +182,7 @@ def test_student_name_encodes_subset_method_and_teacher(spec, name):
 
 
 def test_every_subset_method_teacher_fold_and_override_round_trips():
-    teachers = (P_STAR, TeacherSpec("modality:FLAIR", 0.5, False, 0.3, False), TeacherSpec("original"))
+    teachers = (P_STAR, TeacherSpec("modality:FLAIR", 0.5, False, 0.3, False), BaselineSpec())
     names = set()
     for subset, kd, teacher, fold, overrides in itertools.product(
             all_subsets(BRATS_MODALITIES), KD_METHODS, teachers, (None, "0", "3", "all"), ({}, {"temperature": 4.0})):

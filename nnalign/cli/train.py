@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nnalign.cli.parsing import CommandParser, non_negative_int, positive_int
+from nnalign.cli.parsing import CommandParser, add_setting_arguments, positive_int, setting_values
 from nnalign.atomic import check_writable
 from nnalign.errors import NnalignError, cli_entry
 from nnalign.model_folders import (CHECKPOINTS, FINAL_CHECKPOINT, PLANS_NAME, fold_folder, model_folder,
                                     model_folder_parts, parse_fold)
 from nnalign.losses.kd.registry import KD_METHODS
+from nnalign.paths import dataset_id_of, resolve_dataset
 from nnalign.plans_check import check_dataset_json, check_plans
-from nnalign.networks.anchor_registry import ALIGN_DISTANCES
-from nnalign.runs import (DEFAULT_ALIGN_WEIGHTS, DEFAULT_MODALITY_DROPOUT, SUBSET_SAMPLINGS, TEACHER_ANCHORS,
-                          TeacherSpec)
+from nnalign.networks.anchor_registry import DEFAULT_ANCHOR
+from nnalign.runs import BASELINE, TEACHER_ANCHORS, TEACHER_SETTINGS, TeacherSpec, teacher_spec as make_teacher
 
 if TYPE_CHECKING:
-    from nnalign.runs import StudentSpec
+    from nnalign.runs import AnyTeacher, StudentSpec
 
 PROG = "nnalign_train"
 
@@ -39,31 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("configuration", help="configuration from the plans: 3d_fullres, 3d_cpu, paper, 2d")
     p.add_argument("fold", help="cross-validation fold (0-4, or fewer for small datasets) or 'all'")
     p.add_argument("--role", choices=("teacher", "student"), default="teacher", help="what to train (default: teacher)")
-    p.add_argument("--anchor", default="mixture", metavar="ANCHOR",
+    p.add_argument("--anchor", default=DEFAULT_ANCHOR, metavar="ANCHOR",
                    help=f"{' | '.join('modality:NAME' if a == 'modality' else a for a in TEACHER_ANCHORS)} "
-                        "(original: plain nnU-Net on all modalities) (default: %(default)s)")
-    p.add_argument("--align-weight", type=float, default=None, metavar="LAMBDA",
-                   help="weight of the alignment loss (default: the anchor's, "
-                        f"{', '.join(f'{k} {v}' for k, v in DEFAULT_ALIGN_WEIGHTS.items() if v)})")
-    p.add_argument("--separate-encoders", action="store_true",
-                   help="one latent encoder per modality instead of one shared encoder")
-    p.add_argument("--latent-level", type=non_negative_int, default=None, metavar="L",
-                   help="U-Net stage at which the per-modality latents are taken and aligned, 0 (the input "
-                        "resolution) to the plans' last stage (default: the plans' latent_level, 0)")
-    p.add_argument("--modality-dropout", type=float, default=None, metavar="P",
-                   help="drop each modality of each training sample with probability P, never all (default: the "
-                        f"anchor's, {', '.join(f'{k} {v}' for k, v in DEFAULT_MODALITY_DROPOUT.items() if v)}, "
-                        "else 0)")
-    p.add_argument("--subset-sampling", choices=SUBSET_SAMPLINGS, default=SUBSET_SAMPLINGS[0],
-                   help="with --modality-dropout: independent (each modality dropped with probability P) or "
-                        "balanced (with probability P a uniformly drawn proper subset, else every modality) "
-                        "(default: %(default)s)")
-    p.add_argument("--no-stop-gradient", action="store_true",
-                   help="modality anchor: let the alignment loss pull the anchor modality too")
-    p.add_argument("--align-distance", choices=ALIGN_DISTANCES, default=ALIGN_DISTANCES[0],
-                   help="modality and mixture anchors: mse (the paper's plain MSE) or relative (nnalign's: over the "
-                        "latents' centred energy, which neither shrinking nor a common offset can lower) "
-                        "(default: %(default)s)")
+                        f"({BASELINE}: plain nnU-Net on all modalities, the paper's Original) (default: %(default)s)")
+    add_setting_arguments(p, TEACHER_SETTINGS)
     student = p.add_argument_group("student (--role student)")
     student.add_argument("--modalities", metavar="LIST",
                          help="the modalities the student sees, comma-separated (e.g. T1ce or T1,T2)")
@@ -98,29 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
 # checks before training
 
 
-def resolve_dataset(spec: str, preprocessed_root: Path, raw_root: Path) -> str:
-    """The preprocessed dataset folder name for an ID or name, or a one-line error saying what to run."""
-    spec = spec.strip()
-    if re.fullmatch(r"\d+", spec):
-        dataset_id, pattern = int(spec), f"Dataset{int(spec):03d}_*"
-    else:
-        m = re.fullmatch(r"Dataset(\d{3})_.+", spec)
-        dataset_id = int(m.group(1)) if m else None
-        pattern = spec if m else f"Dataset[0-9][0-9][0-9]_{spec}"
-    found = sorted(p.name for p in preprocessed_root.glob(pattern) if p.is_dir()) if preprocessed_root.is_dir() else []
-    if len(found) > 1:
-        raise NnalignError(f"dataset {spec!r} matches several folders in {preprocessed_root}: {', '.join(found)}")
-    if found:
-        return found[0]
-    raw = sorted(p.name for p in raw_root.glob(pattern) if p.is_dir()) if raw_root.is_dir() else []
-    if raw:
-        raw_id = dataset_id if dataset_id is not None else int(raw[0][7:10])
-        raise NnalignError(f"dataset {raw[0]} is not preprocessed (nothing in {preprocessed_root}): run "
-                           f"nnalign_plan_and_preprocess -d {raw_id}")
-    raise NnalignError(f"no dataset {spec!r} in {preprocessed_root} or {raw_root} (make one with nnalign_synth or "
-                       f"nnalign_convert_brats, then run nnalign_plan_and_preprocess)")
-
-
 def _data_identifier(configurations: dict, name: str) -> str | None:
     seen = set()
     while name in configurations and name not in seen:
@@ -134,7 +89,7 @@ def _data_identifier(configurations: dict, name: str) -> str | None:
 
 def check_preprocessed(dataset_folder: Path, configuration: str) -> tuple[dict, dict]:
     """(plans, dataset.json) of a preprocessed dataset, checked for ``configuration``; one-line errors otherwise."""
-    dataset_id = int(dataset_folder.name[7:10])
+    dataset_id = dataset_id_of(dataset_folder.name)
     plans_file = dataset_folder / f"{PLANS_NAME}.json"
     how = f"run nnalign_plan_and_preprocess -d {dataset_id} -c {configuration}"
     if not plans_file.is_file():
@@ -161,17 +116,14 @@ def check_preprocessed(dataset_folder: Path, configuration: str) -> tuple[dict, 
     return plans, dataset_json
 
 
-TEACHER_OPTIONS = ("anchor", "align_weight", "separate_encoders", "latent_level", "modality_dropout",
-                   "subset_sampling", "no_stop_gradient", "align_distance")
+TEACHER_OPTIONS = ("anchor", *(s.dest for s in TEACHER_SETTINGS))
 STUDENT_OPTIONS = ("modalities", "kd", "teacher", "teacher_fold", "temperature", "kd_set")
 
 
-def teacher_spec(args: argparse.Namespace) -> TeacherSpec:
-    """The teacher that parsed ``nnalign_train`` arguments describe (one-line NnalignError for bad settings)."""
-    return TeacherSpec(anchor=args.anchor, align_weight=args.align_weight, shared_encoder=not args.separate_encoders,
-                       latent_level=args.latent_level, modality_dropout=args.modality_dropout,
-                       subset_sampling=args.subset_sampling, stop_gradient=not args.no_stop_gradient,
-                       align_distance=args.align_distance)
+def teacher_spec(args: argparse.Namespace) -> AnyTeacher:
+    """The teacher (or baseline) that parsed ``nnalign_train`` arguments describe (one-line NnalignError for bad
+    settings)."""
+    return make_teacher(args.anchor, **setting_values(args, TEACHER_SETTINGS))
 
 
 def check_role_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -287,15 +239,18 @@ def remove_failed_start(created: list[Path]) -> None:
         shutil.rmtree(model_dir, ignore_errors=True)  # only nnU-Net's copies of the plans and dataset.json left
 
 
-def check_run_state(folder: Path, settings, trainer: str, args, results_root: Path, dataset: str):
-    """One-line errors for ``--c`` / ``--val`` that cannot work; returns the run's settings record, if any."""
-    from nnalign.training.record import check_method_version, read_settings_record
+def check_run_state(folder: Path, settings, trainer: str, args, results_root: Path, dataset: str) -> dict:
+    """One-line errors for ``--c`` / ``--val`` that cannot work; returns what the run was told before (its inputs),
+    {} for a new run."""
+    from nnalign.training.record import check_method_version, read_settings_record, read_training_inputs
 
     if args.continue_training and args.validation_only:
         raise NnalignError("--c and --val cannot be combined (--c also runs the final validation)")
-    # a new run replaces whatever record the folder holds; --c and --val refuse one they cannot read
-    record = read_settings_record(folder) if args.continue_training or args.validation_only else None
-    if args.continue_training or args.validation_only:
+    # a new run replaces whatever the folder holds; --c and --val refuse a record or inputs they cannot read
+    continuing = args.continue_training or args.validation_only
+    record = read_settings_record(folder) if continuing else None
+    told = read_training_inputs(folder) if continuing else {}
+    if continuing:
         check_method_version(folder, "it cannot be continued or validated with this version; train it again "
                                      "(--overwrite) or use the nnalign version that made it")
     if args.continue_training and not any((folder / c).is_file() for c in CHECKPOINTS):
@@ -305,14 +260,15 @@ def check_run_state(folder: Path, settings, trainer: str, args, results_root: Pa
                            f"{args.configuration} fold {args.fold}: {listing}")
     if args.validation_only and not (folder / FINAL_CHECKPOINT).is_file():
         raise NnalignError(f"--val: {folder} has no checkpoint_final.pth (train it first, or finish it with --c)")
-    if settings is not None and (args.continue_training or args.validation_only) and record is not None:
-        # a setting newer than the record's run (e.g. align_distance) counts as what that run did: its default
-        recorded = {k: (record.get("settings") or {}).get(k, v) for k, v in settings.model_settings().items()}
+    then = told.get("settings") or (record or {}).get("settings")
+    if settings is not None and then is not None:
+        # a setting newer than the run (e.g. align_distance) counts as what that run did: its default
+        recorded = {k: then.get(k, v) for k, v in settings.model_settings().items()}
         if recorded != settings.model_settings():
             diff = ", ".join(f"{k} {recorded[k]!r} != {v!r}" for k, v in settings.model_settings().items()
                              if recorded[k] != v)
-            raise NnalignError(f"{folder / 'nnalign_settings.json'} was trained with other settings ({diff})")
-    return record
+            raise NnalignError(f"{folder} was trained with other settings ({diff})")
+    return told
 
 
 def parse_kd_overrides(method: str, assignments: list[str], temperature: float | None) -> dict:
@@ -339,7 +295,7 @@ def parse_kd_overrides(method: str, assignments: list[str], temperature: float |
     return {k: int(v) if k.endswith("epochs") else v for k, v in overrides.items()}
 
 
-def check_teacher(teacher_dir: str, dataset: str, configuration: str, results_root: Path) -> TeacherSpec:
+def check_teacher(teacher_dir: str, dataset: str, configuration: str, results_root: Path) -> AnyTeacher:
     """The spec of a teacher model folder; one-line errors for one that cannot serve.
 
     The student trainer loads its teacher from ``results_root/dataset`` by name, so the folder must lie there.
@@ -428,23 +384,24 @@ def main() -> int:
         if not spec.is_original:
             check_latent_settings(plans, preprocessed / dataset / f"{PLANS_NAME}.json", args.configuration,
                                   spec.latent_level)
-        inputs = {}
+        inputs = {"settings": spec.model_settings()}
     else:
         spec = student_spec(args, dataset, modalities, results)
         check_kd_settings(spec.kd, spec.overrides, plans, args.configuration)
         inputs = {"kd_overrides": spec.overrides}
     trainer = spec.trainer_name()
+    inputs["trainer"] = trainer
     folder = run_folder(results, dataset, trainer, args.configuration, args.fold)
-    record = check_run_state(folder, spec if args.role == "teacher" else None, trainer, args, results, dataset)
+    told = check_run_state(folder, spec if args.role == "teacher" else None, trainer, args, results, dataset)
     check_checkpoint_to_load(folder, args)
     continuing = args.continue_training or args.validation_only
     if not (continuing or args.overwrite) and (folder / FINAL_CHECKPOINT).is_file():
         raise NnalignError(f"{folder} holds a finished run: --c --epochs N continues it, --val validates it, "
                            f"--overwrite trains it again from scratch")
-    # The training length travels in the settings record (read by every DDP rank); a continued run keeps its own.
+    # The training length travels in the run's inputs (read by every DDP rank); a continued run keeps its own.
     length = TrainingLength(args.epochs, args.iters_per_epoch)
-    if record is not None and continuing:
-        recorded = TrainingLength.from_record(record)
+    if continuing:
+        recorded = TrainingLength.from_record(told)
         length = TrainingLength(length.epochs or recorded.epochs, length.iters_per_epoch or recorded.iters_per_epoch)
     inputs.update(epochs=length.epochs, iters_per_epoch=length.iters_per_epoch)
 

@@ -30,8 +30,8 @@ from typing import Any, Callable, Iterable
 from nnalign.errors import NnalignError
 from nnalign.losses.kd.registry import KD
 from nnalign.modalities import BRATS_MODALITIES, all_subsets, parse_modalities
-from nnalign.networks.anchor_registry import ALIGN_DISTANCES
-from nnalign.runs import SUBSET_SAMPLINGS, TeacherSpec, TrainingLength
+from nnalign.networks.anchor_registry import DEFAULT_ANCHOR
+from nnalign.runs import TEACHER_SETTINGS, AnyTeacher, Setting, TrainingLength, teacher_spec
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 SUBSET_WORDS: dict[str, Callable[[], list[tuple[str, ...]]]] = {
@@ -47,7 +47,7 @@ class Teacher:
     """A teacher of the grid: the label students use to name it, and its run description."""
 
     label: str
-    spec: TeacherSpec
+    spec: AnyTeacher
 
 
 @dataclass(frozen=True)
@@ -273,17 +273,26 @@ def _positive(table: _Table, key: str, default: int | None = None) -> int | None
     return value
 
 
+_SPEC_TYPES: dict[type, tuple[type, ...]] = {float: (int, float), int: (int,), bool: (bool,), str: (str,)}
+"""The TOML types a declared setting of each kind accepts."""
+
+
+def teacher_setting_values(table: _Table, settings: tuple[Setting, ...] = TEACHER_SETTINGS) -> dict:
+    """The declared settings' values of a ``[[teachers]]`` table (None: not given)."""
+    values = {}
+    for s in settings:
+        value = table.get(s.key, _SPEC_TYPES[s.kind])
+        values[s.name] = (not value) if s.spec_negates and value is not None else value
+    return values
+
+
 def _teacher(data: Any, index: int, source: str) -> Teacher:
     t = _Table(data, f"{source}: teachers[{index}]")
-    anchor = t.get("anchor", str, "mixture")
-    kwargs = dict(anchor=anchor, align_weight=t.get("align_weight", (int, float)),
-                  shared_encoder=not t.get("separate_encoders", bool, False),
-                  latent_level=t.get("latent_level", int), modality_dropout=t.get("modality_dropout", (int, float)),
-                  subset_sampling=t.get("subset_sampling", str, SUBSET_SAMPLINGS[0]), stop_gradient=t.get("stop_gradient", bool, True),
-                  align_distance=t.get("align_distance", str, ALIGN_DISTANCES[0]))
+    anchor = t.get("anchor", str, DEFAULT_ANCHOR)
+    values = teacher_setting_values(t)
     label = t.get("name", str, anchor)
     t.done()
-    return Teacher(label, t.wrap("settings", lambda: TeacherSpec(**kwargs)))
+    return Teacher(label, t.wrap("settings", lambda: teacher_spec(anchor, **values)))
 
 
 def _students(data: Any, index: int, source: str, labels: list[str]) -> Students:
