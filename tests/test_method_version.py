@@ -1,9 +1,6 @@
-"""A model trained under an older method version whose meaning differs (before version 2: the P* forward, alignment
-and distillation losses; version 2: P* runs, whose weights had no floor, and KD-Net students) is refused with one line by the commands
-whose meaning would change: nnalign_predict (P* teachers), nnalign_train --c / --val and nnalign_report; a model of
-this version, or of version 2 without P* in it, is used as before. Version 5 (P* as the paper defines it, plain MSE
-anchors): a P* teacher of version 4 is refused the same way by nnalign_predict, a student's --teacher, --c and the
-report."""
+"""One rule for a model of another method version: nnalign_predict, nnalign_train --c / --val, a student's --teacher
+and nnalign_report refuse it with one line that names its version, what changed since, and what to do; a model of
+this version is used as before."""
 from __future__ import annotations
 
 import json
@@ -28,45 +25,27 @@ def _student(teacher: str) -> dict:
 
 
 @pytest.mark.parametrize("record, current", [
-    ({"method_version": METHOD_VERSION, "anchor": "mixture"}, True),
-    ({"method_version": 2, "role": "teacher", "anchor": "none"}, True),  # version 3 changed P* only
-    ({"method_version": 2, "role": "teacher", "anchor": "original"}, True),
-    ({"method_version": 2, "role": "teacher", "anchor": "modality:T1ce"}, False),  # version 5: plain MSE
-    ({"method_version": 2, "role": "teacher", "anchor": "mixture"}, False),
-    ({"method_version": 2, **_student("nnAlignTeacher_none_drop0p25")}, True),
-    ({"method_version": 2, **_student("nnAlignTeacher_mixture")}, False),  # distilled from an unfloored P*
-    ({"method_version": 2, **_student("not a trainer")}, False),
-    ({"method_version": 2, **_student("nnAlignTeacher_none"), "kd": "kdnet"}, False),  # KD-Net's loss changed too
-    ({"method_version": 3, **_student("nnAlignTeacher_none"), "kd": "protokd"}, False),  # ProtoKD's weight (4)
-    ({"method_version": 3, **_student("nnAlignTeacher_none"), "kd": "protokd",
-      "kd_overrides": {"kd_weight": 10.0}}, True),  # it set the weight itself: the same loss
-    ({"method_version": 3, **_student("nnAlignTeacher_none")}, True),  # version 4 changed ProtoKD only, 5 P*, P^k
-    ({"method_version": 3, **_student("nnAlignTeacher_mixture")}, False),  # version 5: P* is the paper's
-    ({"method_version": 4, "role": "teacher", "anchor": "mixture"}, False),
-    ({"method_version": 4, "role": "teacher", "anchor": "modality:T1ce"}, False),  # its loss is plain MSE now
-    ({"method_version": 4, **_student("nnAlignTeacher_modalityT1ce_drop0p5")}, False),
-    ({"method_version": 4, **_student("nnAlignTeacher_mixture_drop0p5_bal")}, False),
-    ({"method_version": 4, "role": "teacher", "anchor": "none"}, True),
-    ({"method_version": 4, "role": "teacher", "anchor": "normal"}, True),
-    ({"method_version": 4, "role": "teacher", "anchor": "original"}, True),
-    ({"method_version": 4, **_student("nnAlignTeacher_normal")}, True),
-    ({"method_version": 2, **_student("nnAlignTeacher_none"), "kd": "protokd",
-      "kd_overrides": {"kd_weight": 10.0}}, True),
-    ({"method_version": 6, "role": "teacher", "anchor": "none"}, False),  # from a newer nnalign
-    ({"role": "teacher", "anchor": "none"}, False),  # no key: version 1, whose losses all differ
-    ({"method_version": 1, "role": "teacher", "anchor": "original"}, False),
+    ({"method_version": METHOD_VERSION, "settings": {"anchor": "mixture"}}, True),
+    ({"method_version": METHOD_VERSION, "role": "teacher", "anchor": "original"}, True),
+    ({"method_version": METHOD_VERSION - 1, "role": "teacher", "anchor": "none"}, False),  # one rule: every model
+    ({"method_version": 2, **_student("nnAlignTeacher_none_drop0p25")}, False),
+    ({"method_version": METHOD_VERSION + 1, "role": "teacher", "anchor": "none"}, False),  # from a newer nnalign
+    ({"role": "teacher", "anchor": "none"}, False),  # no key: version 1
 ])
-def test_which_older_runs_still_mean_what_they_did(record, current):
+def test_only_this_method_versions_runs_are_current(record, current):
     assert METHOD_VERSION == 5
     assert is_current_method(record) is current
 
 
 @pytest.mark.parametrize("record, says", [
     ({"method_version": 3, "nnalign_version": "0.2.1", **_student("nnAlignTeacher_none"), "kd": "protokd"},
-     "(method version 3; this nnalign trains version 5, which changed ProtoKD's logit-term weight): train it again"),
+     "(method version 3; this nnalign trains version 5, which changed ProtoKD's logit-term weight; P* to the paper's "
+     "form"),
     ({"method_version": 2, **_student("nnAlignTeacher_mixture"), "kd": "protokd"},
      "which changed P*'s weights (their floor) and KD-Net's loss; ProtoKD's logit-term weight; P* to the paper's "
      "form"),
+    ({"method_version": 4, "nnalign_version": "0.2.2", "role": "teacher", "anchor": "original"},
+     "(method version 4; this nnalign trains version 5, which changed P* to the paper's form"),
     ({"method_version": 4, "nnalign_version": "0.2.2", "role": "teacher", "anchor": "mixture"},
      "(method version 4; this nnalign trains version 5, which changed P* to the paper's form and the P^k and P* losses "
      "to plain MSE (the earlier P* is anchor mixture-scaled, the earlier loss --align-distance relative)"),

@@ -19,7 +19,7 @@ import torch
 from nnalign.errors import NnalignError
 from nnalign.training.presence import sample_presence, zero_absent
 from nnalign.training.record import METHOD_VERSION
-from nnalign.runs import TeacherSpec
+from nnalign.runs import TeacherSpec, teacher_spec
 
 DATASET_ID = 990
 DATASET = "Dataset990_SyntheticBraTS"
@@ -154,7 +154,7 @@ def _trainer(anchor: str, length: tuple[int, int] | None = None, **settings):
     pre = Path(os.environ["nnUNet_preprocessed"]) / DATASET
     plans = json.loads((pre / "nnAlignPlans.json").read_text())
     plans["continue_training"] = False
-    cls = teacher_trainer_class(TeacherSpec(anchor, **settings))
+    cls = teacher_trainer_class(teacher_spec(anchor, **settings))
     if length is not None:
         folder = fold_folder(model_folder(Path(os.environ["nnUNet_results"]) / DATASET, cls.__name__, CONFIG), 0)
         write_training_inputs(folder, {"epochs": length[0], "iters_per_epoch": length[1]}, continuing=False)
@@ -244,10 +244,10 @@ def test_one_epoch_per_anchor_logs_plots_and_records(env, anchor):
     assert (folder / "checkpoint_final.pth").is_file() and (folder / "progress.png").is_file()
     log = trainer.logger.local_logger.my_fantastic_logging
     record = json.loads((folder / "nnalign_settings.json").read_text())
-    assert record["anchor"] == anchor and record["epochs_completed"] == 1 and record["epochs"] == 1
+    assert record["settings"]["anchor"] == anchor and record["epochs_completed"] == 1 and record["epochs"] == 1
     assert record["dataset"] == DATASET and record["configuration"] == CONFIG and record["fold"] == 0
     if anchor == "original":
-        assert "align_losses" not in log and not (folder / "alignment.png").exists() and record["latent"] is None
+        assert "align_losses" not in log and not (folder / "alignment.png").exists() and "latent" not in record
     else:
         assert len(log["align_losses"]) == len(log["modality_gap"]) == len(log["train_losses"]) == 1
         assert (folder / "alignment.png").is_file()
@@ -335,7 +335,7 @@ def test_cli_trains_a_teacher_that_learns(trained):
     assert sum(log["mixture_weights"][-1].values()) == pytest.approx(1.0)
     assert "anchor.raw_weights" in ckpt["network_weights"]
     record = json.loads((fold_dir / "nnalign_settings.json").read_text())
-    assert record["trainer"] == "nnAlignTeacher_mixture_drop0p5" and record["modality_dropout"] == 0.5
+    assert record["trainer"] == "nnAlignTeacher_mixture_drop0p5" and record["settings"]["modality_dropout"] == 0.5
     assert record["epochs"] == 2 and record["iters_per_epoch"] == 8 and record["epochs_completed"] == 2
     weights = record["mixture_weights"]
     from nnalign.networks.anchors import MixtureAnchor
@@ -346,7 +346,7 @@ def test_cli_trains_a_teacher_that_learns(trained):
     norm = [weights[m]["normalised"] for m in ("T1", "T1ce", "T2", "FLAIR")]
     assert norm == pytest.approx(torch.softmax(torch.tensor(logits), 0).tolist())
     assert norm != pytest.approx([0.25] * 4, abs=1e-6)  # they learnt through the fill of the dropped modalities
-    assert record["align_distance"] == "mse" and record["settings"]["align_distance"] == "mse"
+    assert record["settings"]["align_distance"] == "mse" and "align_distance" not in record  # settings stored once
     assert record["method_version"] == METHOD_VERSION and "collapse_warning" in record
     assert len(record["alignment_log"]["relative_gap"]) == len(record["alignment_log"]["latent_rms"]) == 2
 
@@ -444,7 +444,7 @@ def test_a_run_recorded_before_the_record_was_an_input_continues_and_predicts(tr
 @pytest.mark.parametrize("args, fragments", [
     (["--anchor", "bogus"], ["unknown anchor 'bogus'"]),
     (["--anchor", "modality:T5"], ["unknown modality 'T5'"]),
-    (["--anchor", "mixture", "--no-stop-gradient"], ["only applies to the modality anchor"]),
+    (["--anchor", "mixture", "--no-stop-gradient"], ["anchor 'mixture' has no anchor modality"]),
     (["--modality-dropout", "1"], ["[0, 1)"]),
     (["--val"], ["no checkpoint_final.pth"]),
     (["--c", "--val"], ["cannot be combined"]),

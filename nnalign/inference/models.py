@@ -127,14 +127,11 @@ def load_model(folder: Path, folds: Sequence[int | str] | None = None,
         if missing:
             raise ModelError(f"{folder}: fold_{missing[0]} has no {checkpoint}"
                              + (f" (folds with it: {', '.join(map(str, available))})" if available else ""))
-    # Every model: a settings record that cannot be read, or one from a newer nnalign, makes it unusable. The P*
-    # forward differs between method versions (CHANGELOG.md): a P* teacher of an older version would predict
-    # differently from how it was trained (the other models compute what they did).
+    # A settings record that cannot be read, or one of another method version, makes a model unusable
     for fold in use:
         try:
             check_method_version(fold_folder(folder, fold), "its predictions would change meaning; train it again, "
-                                                             "or predict with the version that made it",
-                                 older=kind == TEACHER and spec.anchor_kind == "mixture")
+                                                             "or predict with the version that made it")
         except NnalignError as e:
             raise ModelError(str(e)) from None
     student_subset = spec.modalities if kind == STUDENT else None

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nnalign.networks.anchor_registry import ALIGN_DISTANCES
 from nnalign.networks.anchors import build_anchor
 from nnalign.networks.normal_latents import kl_to_standard_normal, mean_and_logvar, sample_normal_latents
 from nnalign.modalities import BRATS_MODALITIES
@@ -157,8 +158,9 @@ class nnAlignTeacherUNet(_PartsNetwork):
     Extra keywords beyond PlainConvUNet's: ``modalities`` (names, channel order), ``latent_channels`` C_z,
     ``latent_convs`` (conv blocks of the modality encoder at full resolution), ``latent_level`` (the U-Net stage whose
     resolution Z_j has, 0 to n_stages - 1), ``shared_encoder`` (one encoder for all modalities, else
-    one each), ``anchor`` (``none|normal|modality:NAME|mixture|mixture-scaled``), ``input_scale`` (optional (a, b):
-    x -> a*x + b on present channels, e.g. (2, -1) maps [0, 1] to [-1, 1]).
+    one each), ``anchor`` (``none|normal|modality:NAME|mixture|mixture-scaled``), ``stop_gradient`` and
+    ``align_distance`` (the run's, for :func:`~nnalign.networks.anchors.build_anchor`), ``input_scale`` (optional
+    (a, b): x -> a*x + b on present channels, e.g. (2, -1) maps [0, 1] to [-1, 1]).
 
     ``present_modalities`` (indices) says which channels are real when ``forward`` gets no mask; nnalign_predict sets
     it for cases with missing modalities.
@@ -169,8 +171,8 @@ class nnAlignTeacherUNet(_PartsNetwork):
                  latent_channels: int = LATENT_DEFAULTS["latent_channels"],
                  latent_convs: int = LATENT_DEFAULTS["latent_convs"],
                  latent_level: int = LATENT_DEFAULTS["latent_level"],
-                 shared_encoder: bool = True, anchor: str = "none",
-                 input_scale: Sequence[float] | None = None,
+                 shared_encoder: bool = True, anchor: str = "none", stop_gradient: bool = True,
+                 align_distance: str = ALIGN_DISTANCES[0], input_scale: Sequence[float] | None = None,
                  **unet_kwargs) -> None:
         super().__init__()
         from dynamic_network_architectures.building_blocks.helper import get_matching_convtransp
@@ -185,7 +187,7 @@ class nnAlignTeacherUNet(_PartsNetwork):
         self.modalities = tuple(modalities)
         self.latent_channels = latent_channels
         self.latent_level = latent_level
-        self.anchor = build_anchor(anchor, self.modalities)
+        self.anchor = build_anchor(anchor, self.modalities, stop_gradient, align_distance)
         self.gaussian = self.anchor.uses_gaussian_latents
         self.input_scale = tuple(input_scale) if input_scale else None
         self.present_modalities: tuple[int, ...] = tuple(range(input_channels))

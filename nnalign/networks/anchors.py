@@ -154,7 +154,7 @@ class LatentDistanceAnchor(AnchorAlignment):
     """An anchor whose loss is a distance between the latents themselves (none, modality, mixture)."""
 
     distance: str = ALIGN_DISTANCES[0]
-    """``mse`` (the paper's) or ``relative`` (nnalign's, over the centred energy); the trainer sets it from the run."""
+    """``mse`` (the paper's) or ``relative`` (nnalign's, over the centred energy); :func:`build_anchor` sets it."""
 
     def _distance(self, dist: torch.Tensor, z_energy: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """(B, M) squared distances as :attr:`distance` says: unchanged, or over the centred energy of ``z_energy``."""
@@ -415,14 +415,23 @@ def _canonical_or_same(name: str) -> str:
         return name
 
 
-def build_anchor(spec: str, modalities: Sequence[str]) -> AnchorAlignment:
+def build_anchor(spec: str, modalities: Sequence[str], stop_gradient: bool = True,
+                 distance: str = ALIGN_DISTANCES[0]) -> AnchorAlignment:
     """The anchor named by ``spec`` (``none | normal | modality[:NAME] | mixture | mixture-scaled``, case-insensitive,
-    read by
-    :func:`~nnalign.networks.anchor_registry.canonical_anchor`) for a model whose latents follow ``modalities``
-    (channel order). One-line NnalignError for an unknown spec, an unknown modality, or one the model does not have.
+    read by :func:`~nnalign.networks.anchor_registry.canonical_anchor`) for a model whose latents follow
+    ``modalities`` (channel order), with the run's ``stop_gradient`` (the modality anchor) and alignment
+    ``distance`` (the distance anchors). One-line NnalignError for an unknown spec, an unknown modality, or one the
+    model does not have.
     """
     kind, _, modality = canonical_anchor(spec).partition(":")
-    return ANCHORS.get(kind).for_model(modality or None, modalities)
+    anchor = ANCHORS.get(kind).for_model(modality or None, modalities)
+    if isinstance(anchor, ModalityAnchor):
+        anchor.stop_gradient = bool(stop_gradient)
+    if isinstance(anchor, LatentDistanceAnchor):
+        if distance not in ALIGN_DISTANCES:
+            raise NnalignError(f"unknown alignment distance {distance!r} (one of {', '.join(ALIGN_DISTANCES)})")
+        anchor.distance = distance
+    return anchor
 
 
 @torch.no_grad()

@@ -72,6 +72,14 @@ class Table:
         return buf.getvalue()
 
 
+def _learns_weights(anchor: str | None) -> bool:
+    """Whether a teacher of this anchor spec learns mixture weights (the anchor registry's fact)."""
+    from nnalign.networks.anchor_registry import ANCHOR_KINDS
+
+    kind = ANCHOR_KINDS.get((anchor or "").partition(":")[0])
+    return kind is not None and kind.learns_weights
+
+
 def _md_cell(value, kind: str) -> str:
     if value is None:
         return EMPTY if kind != MARK else ""
@@ -240,7 +248,7 @@ def table_iv(res: Results) -> Table:
                                f"differs in another setting than the anchor: not a like-for-like comparison.")
         rows.append((label, run))
     for r in res.teachers:
-        dropout = r.teacher.modality_dropout if r.anchor == "original" else 0
+        dropout = r.teacher.modality_dropout if r.teacher.is_original else 0
         if dropout and all(r is not run for _, run in rows):
             rows.append((f"original, modality dropout {dropout:g} (sparsified nnU-Net)", r))
     for label, run in rows:
@@ -252,7 +260,7 @@ def table_iv(res: Results) -> Table:
             table.notes.append(f"{label}: {run.name} has no validation predictions or evaluation yet.")
         if m is not None and m.hd95 is None:
             table.notes.append(f"{label}: no ground truth found, Dice from nnU-Net's summary.json, no HD95.")
-        weights = res.mixture_weights(run) if run is not None and run.anchor == "mixture" else None
+        weights = res.mixture_weights(run) if run is not None and _learns_weights(run.anchor) else None
         if weights:
             table.notes.append("Learned mixture weights (normalised): "
                                + ", ".join(f"{k} {v:.3f}" for k, v in weights.items()) + ".")

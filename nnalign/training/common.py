@@ -17,23 +17,22 @@ from torch import distributed as dist
 from nnalign.data.labels import REGION_NAMES
 from nnalign.errors import NnalignError
 from nnalign.runs import TrainingLength
-from nnalign.training.record import read_settings_record
+from nnalign.training.record import read_training_inputs
 
 PLANS_TRAINING_KEY = "nnalign_training"
 
 
 def apply_training_length(trainer) -> dict:
-    """Apply the length ``nnalign_train --epochs/--iters-per-epoch`` wrote into the fold's settings record to an
-    nnU-Net trainer (nnU-Net's own where the record has none, or there is no record); returns the record ({} if
-    none)."""
-    record = read_settings_record(trainer.output_folder) or {}
-    length = TrainingLength.from_record(record)
+    """Apply the length ``nnalign_train --epochs/--iters-per-epoch`` told the run (its inputs file) to an nnU-Net
+    trainer (nnU-Net's own where none was given); returns the run's inputs ({} if none)."""
+    inputs = read_training_inputs(trainer.output_folder)
+    length = TrainingLength.from_record(inputs)
     if length.epochs is not None:
         trainer.num_epochs = length.epochs
     if length.iters_per_epoch is not None:
         trainer.num_iterations_per_epoch = length.iters_per_epoch
         trainer.num_val_iterations_per_epoch = max(1, length.iters_per_epoch // 5)
-    return record
+    return inputs
 
 
 def apply_plans_training(trainer) -> dict | None:

@@ -1,17 +1,25 @@
-"""The settings record beside every trained model, ``nnalign_settings.json`` in the fold folder: the run's training-only
-inputs (written by ``nnalign_train`` before training) and, as training goes, how the model was made."""
+"""What a run is told and what it made, apart, in its fold folder:
+
+- ``nnalign_inputs.json`` (:data:`INPUTS_FILE`): what ``nnalign_train`` tells the run before training (its trainer
+  name and settings, its length, its distillation settings); read-only, read by the trainer in every DDP rank and on
+  ``--c``, rewritten only by ``nnalign_train`` (a continued run may be given a new length).
+- ``nnalign_settings.json`` (:data:`SETTINGS_RECORD`): how the model was made, written by the trainer as training
+  goes: the method version, the data, the optimizer, the epochs done, and what it measured (mixture weights, the
+  alignment series, warnings).
+"""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Callable
 
 from nnalign import __version__
 from nnalign.atomic import write_json_atomic
 from nnalign.errors import NnalignError
+from nnalign.runs import TRAINING_ONLY
 
 SETTINGS_RECORD = "nnalign_settings.json"
+INPUTS_FILE = "nnalign_inputs.json"
 
 METHOD_VERSION = 5
 """The version of the method's definition a run was trained with, written into every record (see
@@ -75,73 +83,29 @@ def method_version(record: dict) -> int:
     return record.get("method_version", 1)
 
 
-def involves_mixture(record: dict) -> bool:
-    """Whether a run's record names P*: a P* teacher, or a student of one (an unreadable teacher name counts)."""
-    from nnalign.runs import TeacherSpec
-
-    if record.get("role") != "student":
-        return record.get("anchor") == "mixture"
-    try:
-        return TeacherSpec.parse(str((record.get("teacher") or {}).get("trainer"))).anchor_kind == "mixture"
-    except ValueError:
-        return True
-
-
-def _student_of(record: dict, kd: str) -> bool:
-    """Whether a run's record is a student distilled with ``kd``."""
-    return record.get("role") == "student" and record.get("kd") == kd
-
-
-def _touched_by_version_3(record: dict) -> bool:
-    """Version 3 changed P* (its weights' floor) and KD-Net's loss (the soft-label Dice)."""
-    return involves_mixture(record) or _student_of(record, "kdnet")
-
-
-def _touched_by_version_4(record: dict) -> bool:
-    """Version 4 changed ProtoKD's default ``kd_weight`` (10 to 0.5): ProtoKD students that did not set it."""
-    return _student_of(record, "protokd") and "kd_weight" not in (record.get("kd_overrides") or {})
-
-
-def _touched_by_version_5(record: dict) -> bool:
-    """Version 5 made P* the paper's and the P^k and P* losses plain MSE: those teachers and their students."""
-    teacher = record.get("anchor") if record.get("role") != "student" else (record.get("teacher") or {}).get("trainer")
-    return (involves_mixture(record) or str(teacher).startswith(("modality", "nnAlignTeacher_modality"))
-            or _student_of(record, "smunet"))  # its style term: a mean over scales, at the original's weight
-
-
-VERSION_CHANGES: dict[int, tuple[str, Callable[[dict], bool] | None]] = {
-    2: ("the P* forward and the alignment and distillation losses", None),
-    3: ("P*'s weights (their floor) and KD-Net's loss", _touched_by_version_3),
-    4: ("ProtoKD's logit-term weight", _touched_by_version_4),
-    5: ("P* to the paper's form and the P^k and P* losses to plain MSE (the earlier P* is anchor mixture-scaled, the "
-        "earlier loss --align-distance relative), and SMU-Net's style-term weight", _touched_by_version_5),
+VERSION_CHANGES: dict[int, str] = {
+    2: "the P* forward and the alignment and distillation losses",
+    3: "P*'s weights (their floor) and KD-Net's loss",
+    4: "ProtoKD's logit-term weight",
+    5: "P* to the paper's form and the P^k and P* losses to plain MSE (the earlier P* is anchor mixture-scaled, the "
+       "earlier loss --align-distance relative), and SMU-Net's style-term weight",
 }
-"""What each method version changed (the phrase a refusal names) and the test of whether the change touches a run's
-record (None: every run). CHANGELOG.md describes each version's changes in full."""
-
-
-def _changes_since(record: dict) -> list[str]:
-    """The later versions' changes that touch the run of ``record``."""
-    later = range(max(method_version(record), 1) + 1, METHOD_VERSION + 1)
-    return [what for v in later for what, touched in [VERSION_CHANGES[v]] if touched is None or touched(record)]
+"""What each method version changed, as a refusal names it; CHANGELOG.md describes each version in full."""
 
 
 def is_current_method(record: dict) -> bool:
-    """Whether a run of this record computes what this version trains: the same method version, or an older one
-    that no later change (:data:`VERSION_CHANGES`) touches."""
-    return method_version(record) <= METHOD_VERSION and not _changes_since(record)
+    """Whether a run of this record was trained with this version's method (:data:`METHOD_VERSION`)."""
+    return method_version(record) == METHOD_VERSION
 
 
-def check_method_version(fold_folder: str | os.PathLike, what_to_do: str, older: bool = True) -> None:
-    """Raise a one-line :class:`NnalignError` when the fold's settings record cannot be read
-    (:func:`read_settings_record`), was written by a newer nnalign (a method version this one does not know), or,
-    with ``older``, by an older method version that computes otherwise (:func:`is_current_method`).
-
-    ``what_to_do`` ends the message of an older version (e.g. "train it again with this version"). A folder without
-    a record passes.
+def check_method_version(fold_folder: str | os.PathLike, what_to_do: str) -> None:
+    """The one rule for a trained model: a one-line :class:`NnalignError` unless the fold's settings record can be
+    read (:func:`read_settings_record`) and was written by this method version. A newer version's model asks for an
+    upgrade; an older one's names what changed since and ends with ``what_to_do`` (e.g. "train it again with this
+    version"). A folder without a record passes (nnU-Net's own models).
     """
     record = read_settings_record(fold_folder)
-    if record is None:
+    if record is None or is_current_method(record):
         return
     version = method_version(record)
     if version > METHOD_VERSION:
@@ -149,20 +113,33 @@ def check_method_version(fold_folder: str | os.PathLike, what_to_do: str, older:
         raise NnalignError(f"{fold_folder}: made by a newer nnalign{f' {made}' if isinstance(made, str) else ''} "
                            f"(method version {version}; this nnalign, {__version__}, knows versions up to "
                            f"{METHOD_VERSION}): upgrade nnalign to use it")
-    if not older or is_current_method(record):
-        return
+    changes = [VERSION_CHANGES[v] for v in range(max(version, 1) + 1, METHOD_VERSION + 1)]
     raise NnalignError(f"{fold_folder}: made by nnalign {record.get('nnalign_version', 'before 0.2')} (method version "
                        f"{version}; this nnalign trains version {METHOD_VERSION}, which changed "
-                       f"{'; '.join(_changes_since(record))}): {what_to_do}")
+                       f"{'; '.join(changes)}): {what_to_do}")
+
+
+def read_training_inputs(fold_folder: str | os.PathLike) -> dict:
+    """What the run of a fold folder was told (:data:`INPUTS_FILE`; {} for none); a one-line :class:`NnalignError`
+    naming the file for one that cannot be read or holds a bad length or settings. A run made before the inputs had
+    their own file keeps them in its settings record: they are read from there."""
+    path = Path(fold_folder) / INPUTS_FILE
+    if not path.is_file():
+        record = read_settings_record(fold_folder) or {}
+        return {k: record[k] for k in TRAINING_ONLY if k in record}
+    try:
+        inputs = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise NnalignError(f"{path}: not readable run inputs ({getattr(e, 'strerror', None) or e})") from None
+    check_settings_record(inputs, path)  # the same keys have the same types
+    return inputs
 
 
 def write_training_inputs(fold_folder: str | os.PathLike, inputs: dict, continuing: bool) -> None:
-    """Write the training-only settings (:data:`nnalign.runs.TRAINING_ONLY`) into the fold's record before training,
-    for the trainer to read in every DDP rank: merged into the record of a run being continued or validated, else a
-    new record of them alone (the trainer fills in the rest when training starts). Atomic."""
-    record = (read_settings_record(fold_folder) or {}) if continuing else {}
-    if not continuing:
-        record.update(nnalign_version=__version__, method_version=METHOD_VERSION)
-    record.update(inputs)
+    """Write what the run is told (``inputs``: trainer, settings and :data:`nnalign.runs.TRAINING_ONLY`) before
+    training, read-only: merged into what a continued or validated run was told, else new. Atomic."""
+    merged = {**(read_training_inputs(fold_folder) if continuing else {}), **inputs}
+    path = Path(fold_folder) / INPUTS_FILE
     Path(fold_folder).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(Path(fold_folder) / SETTINGS_RECORD, record)
+    write_json_atomic(path, merged)
+    path.chmod(0o444)

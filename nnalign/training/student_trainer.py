@@ -67,8 +67,8 @@ class nnAlignStudentTrainer(CollapseCheck, FiniteLoss, SafeCheckpoints, nnUNetTr
         fit_deep_supervision(self)
         if type(self).spec is None:
             raise NnalignError("use a generated student trainer (nnAlignStudent_<subset>_<kd>_<teacher>)")
-        record = apply_training_length(self)
-        self.spec = type(self).spec.with_overrides(record.get("kd_overrides") or {})
+        inputs = apply_training_length(self)
+        self.spec = type(self).spec.with_overrides(inputs.get("kd_overrides") or {})
         self.plans_training = apply_plans_training(self)
         self.kd = None
         self.teacher = None

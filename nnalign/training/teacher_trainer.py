@@ -1,9 +1,10 @@
-"""The teacher trainer: nnU-Net's training loop, the aligned teacher network and the anchor loss.
+"""The trainers of the multi-modal models: the plain nnU-Net baseline (the paper's Original teacher) and the aligned
+teacher, which adds the latents, the anchor and its loss to it.
 
 Everything else (data loading, augmentation, deep supervision, checkpoints, validation, DDP) is nnU-Net's own. The
-class used for a run is a subclass generated from its name (:func:`teacher_trainer_class`), whose ``spec`` says which
-anchor, loss weight, encoder mode and modality dropout to train with (:class:`nnalign.runs.TeacherSpec`); how long
-to train comes from the run's settings record (:func:`nnalign.training.common.apply_training_length`).
+class used for a run is a subclass generated from its name (:func:`teacher_trainer_class`), whose ``spec``
+(:class:`nnalign.runs.BaselineSpec` or :class:`nnalign.runs.TeacherSpec`) says what to train with; how long to
+train comes from the run's settings record (:func:`nnalign.training.common.apply_training_length`).
 """
 from __future__ import annotations
 
@@ -18,8 +19,7 @@ from torch._dynamo import OptimizedModule
 
 from nnalign import __version__
 from nnalign.errors import NnalignError
-from nnalign.networks.anchor_registry import MIXTURE_ANCHORS
-from nnalign.networks.anchors import LatentDistanceAnchor, MixtureAnchor, ModalityAnchor, modality_gap
+from nnalign.networks.anchors import MixtureAnchor, modality_gap
 from nnalign.modalities import BRATS_MODALITIES
 from nnalign.networks.align_unet import nnAlignStudentUNet, nnAlignTeacherUNet
 from nnalign.training.common import (CollapseCheck, FiniteLoss, SafeCheckpoints, apply_plans_training,
@@ -30,10 +30,10 @@ from nnalign.training.presence import sample_presence, zero_absent
 from nnalign.training.progress import plot_alignment_png
 from nnalign.atomic import write_json_atomic
 from nnalign.training.record import METHOD_VERSION, SETTINGS_RECORD
-from nnalign.runs import TeacherSpec
+from nnalign.runs import AnyTeacher, BaselineSpec, TeacherSpec
 
 TEACHER_NETWORK = f"{nnAlignTeacherUNet.__module__}.{nnAlignTeacherUNet.__name__}"
-ORIGINAL_NETWORK = f"{nnAlignStudentUNet.__module__}.{nnAlignStudentUNet.__name__}"
+BASELINE_NETWORK = f"{nnAlignStudentUNet.__module__}.{nnAlignStudentUNet.__name__}"
 
 
 def plans_modalities(arch_kwargs: dict, num_input_channels: int) -> tuple[str, ...]:
@@ -56,20 +56,16 @@ def unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return network
 
 
-class nnAlignTeacherTrainer(CollapseCheck, FiniteLoss, SafeCheckpoints, nnUNetTrainer):
-    """nnU-Net's trainer for the aligned multi-modal teacher (and the ``original`` all-modality nnU-Net baseline).
+class nnAlignBaselineTrainer(CollapseCheck, FiniteLoss, SafeCheckpoints, nnUNetTrainer):
+    """nnU-Net's trainer for the plain baseline on all modalities stacked, with nnalign's modality dropout (the
+    dropped input channels zeroed), training length, optimizer and settings record. The aligned teacher extends it.
 
     Per training step: draw each sample's present modalities (``spec.modality_dropout``), zero the absent input
     channels, run the network with the presence mask, and minimise nnU-Net's segmentation loss plus
-    ``align_weight`` x the anchor loss. Per epoch it logs ``align_losses``, ``modality_gap`` (mean pairwise distance of
-    the modality centroids), ``modality_to_anchor`` (each modality centroid's distance to the anchor centroid),
-    ``latent_rms`` (each modality's latent RMS: a shrinking latent space shows here), ``relative_gap`` (the gap over
-    the latents' centred RMS: alignment that neither shrinking nor a common offset can fake) and, for the mixture
-    anchors, ``mixture_weights``; plots them
-    in ``alignment.png``; and rewrites the settings record ``nnalign_settings.json`` in the fold folder.
+    :meth:`alignment_loss` (none here).
     """
 
-    spec: TeacherSpec = TeacherSpec()
+    spec: AnyTeacher = BaselineSpec()
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -78,43 +74,30 @@ class nnAlignTeacherTrainer(CollapseCheck, FiniteLoss, SafeCheckpoints, nnUNetTr
         self.spec = type(self).spec
         apply_training_length(self)
         self.plans_training = apply_plans_training(self)
-        log = self.logger.local_logger.my_fantastic_logging
-        if not self.spec.is_original:
-            for key in ("align_losses", "modality_gap", "modality_to_anchor", "latent_rms", "relative_gap"):
-                log[key] = []
-        if self.spec.anchor_kind in MIXTURE_ANCHORS:
-            log["mixture_weights"] = []
 
     # ------------------------------------------------------------------------------------------------------------------
     # network and optimizer
 
     @classmethod
+    def network_class_and_kwargs(cls, arch_kwargs: dict, modalities: tuple[str, ...]) -> tuple[str, dict]:
+        """The network class (as nnU-Net's plans name one) and the keyword arguments nnalign adds to the plans'."""
+        return BASELINE_NETWORK, {"student_modalities": None}
+
+    @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
-        """The teacher (or, for ``original``, the plain U-Net on every channel) from the plans and ``cls.spec``.
+        """The network from the plans and ``cls.spec`` (:meth:`network_class_and_kwargs`).
 
         A classmethod with nnU-Net's parameter names: nnU-Net's predictor calls it on the class.
         """
-        spec = cls.spec
         kwargs = dict(configuration_manager.network_arch_init_kwargs)
         modalities = plans_modalities(kwargs, num_input_channels)
         kwargs.pop("modalities", None)
-        if spec.is_original:
-            arch, extra = ORIGINAL_NETWORK, {"student_modalities": None}
-        else:
-            arch, extra = TEACHER_NETWORK, {"modalities": list(modalities), "anchor": spec.anchor,
-                                            "shared_encoder": spec.shared_encoder,
-                                            "latent_level": spec.latent_level_for(kwargs)}
-        network = get_network_from_plans(arch, {**kwargs, **extra},
-                                         configuration_manager.network_arch_init_kwargs_req_import,
-                                         num_input_channels, num_output_channels, allow_init=True,
-                                         deep_supervision=enable_deep_supervision)
-        anchor = getattr(network, "anchor", None)
-        if isinstance(anchor, ModalityAnchor):
-            anchor.stop_gradient = spec.stop_gradient
-        if isinstance(anchor, LatentDistanceAnchor):
-            anchor.distance = spec.align_distance
-        return network
+        arch, extra = cls.network_class_and_kwargs(kwargs, modalities)
+        return get_network_from_plans(arch, {**kwargs, **extra},
+                                      configuration_manager.network_arch_init_kwargs_req_import,
+                                      num_input_channels, num_output_channels, allow_init=True,
+                                      deep_supervision=enable_deep_supervision)
 
     def configure_optimizers(self):
         """nnU-Net's SGD + poly, or the plans' ``nnalign_training`` (the paper configuration: Adam, poly to a floor)."""
@@ -124,11 +107,20 @@ class nnAlignTeacherTrainer(CollapseCheck, FiniteLoss, SafeCheckpoints, nnUNetTr
 
     @property
     def net(self) -> torch.nn.Module:
-        """The network out of its DDP / torch.compile wrappers (for the anchor and its weights)."""
+        """The network out of its DDP / torch.compile wrappers."""
         return unwrap(self.network)
 
     # ------------------------------------------------------------------------------------------------------------------
     # training step
+
+    def alignment_loss(self, parts: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(the term added to the segmentation loss, the alignment loss itself) of a step's network outputs; None
+        for the baseline, which has no alignment."""
+        return None
+
+    def alignment_log(self, parts: dict, present: torch.Tensor) -> dict:
+        """What a step logs of the alignment besides its loss; nothing for the baseline."""
+        return {}
 
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
@@ -149,23 +141,101 @@ class nnAlignTeacherTrainer(CollapseCheck, FiniteLoss, SafeCheckpoints, nnUNetTr
             parts = self.network(data, present if self.spec.modality_dropout > 0 else None, return_parts=True)
             logits = parts["logits"] if self.enable_deep_supervision else parts["logits"][0]
             loss = self.loss(logits, target)
-            align = None
-            if not self.spec.is_original:
-                align = self.net.anchor.alignment_loss(parts)
-                loss = loss + self.spec.align_weight * align
+            align = self.alignment_loss(parts)
+            if align is not None:
+                loss = loss + align[0]
 
         optimizer_step(loss, self.optimizer, self.grad_scaler, self.network.parameters())
 
         out = {"loss": loss.detach().cpu().numpy()}
         if align is not None:
-            out["align_loss"] = align.detach().cpu().numpy()
-            gap = modality_gap(parts["latents"], present, self.net.anchor)
-            out["modality_gap"] = float(gap["pairwise_mean"])
-            out["relative_gap"] = float(gap["relative_gap"])
-            # NaN for a modality absent from the whole batch; averaged over the steps that saw it
-            out["modality_to_anchor"] = np.array([gap["to_anchor"].get(j, np.nan) for j in range(present.shape[1])])
-            out["latent_rms"] = np.array([gap["rms"].get(j, np.nan) for j in range(present.shape[1])])
+            out["align_loss"] = align[1].detach().cpu().numpy()
+            out.update(self.alignment_log(parts, present))
         return out
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # settings record
+
+    def on_epoch_end(self) -> None:
+        super().on_epoch_end()
+        if self.local_rank == 0:
+            self.write_settings_record()
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.local_rank == 0:
+            self.write_settings_record()
+
+    def settings_record(self) -> dict:
+        """What ``nnalign_settings.json`` holds: how this model was made."""
+        arch = self.configuration_manager.network_arch_init_kwargs
+        net = self.net if self.network is not None else None
+        modalities = list(getattr(net, "modalities", None)
+                          or plans_modalities(arch, len(self.dataset_json["channel_names"])))
+        return {
+            "nnalign_version": __version__,
+            "method_version": METHOD_VERSION,
+            "role": "teacher",
+            "collapse_warning": self.collapse_warning,
+            "trainer": type(self).__name__,
+            "dataset": self.plans_manager.dataset_name,
+            "plans": self.plans_manager.plans_name,
+            "configuration": self.configuration_name,
+            "fold": self.fold,
+            "modalities": modalities,
+            "epochs": self.num_epochs,
+            "iters_per_epoch": self.num_iterations_per_epoch,
+            "val_iters_per_epoch": self.num_val_iterations_per_epoch,
+            "epochs_completed": self.current_epoch,
+            "optimizer": dict(self.plans_training) if self.plans_training else
+            {"optimizer": "sgd", "initial_lr": self.initial_lr, "weight_decay": self.weight_decay},
+            "settings": self.spec.model_settings(),
+        }
+
+    def write_settings_record(self) -> None:
+        """Rewrite ``nnalign_settings.json`` in the fold folder (atomically)."""
+        write_json_atomic(f"{self.output_folder}/{SETTINGS_RECORD}", self.settings_record())
+
+
+class nnAlignTeacherTrainer(nnAlignBaselineTrainer):
+    """The aligned multi-modal teacher: the baseline's training with per-modality latents, the anchor's fill of
+    absent modalities and ``align_weight`` x the anchor loss added.
+
+    Per epoch it logs ``align_losses``, ``modality_gap`` (mean pairwise distance of the modality centroids),
+    ``modality_to_anchor`` (each modality centroid's distance to the anchor centroid), ``latent_rms`` (each modality's
+    latent RMS: a shrinking latent space shows here), ``relative_gap`` (the gap over the latents' centred RMS:
+    alignment that neither shrinking nor a common offset can lower) and, for the anchors that learn weights,
+    ``mixture_weights``; plots them in ``alignment.png``; and rewrites the settings record with them.
+    """
+
+    spec: TeacherSpec = TeacherSpec()
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        log = self.logger.local_logger.my_fantastic_logging
+        for key in ("align_losses", "modality_gap", "modality_to_anchor", "latent_rms", "relative_gap"):
+            log[key] = []
+        if self.spec.kind.learns_weights:
+            log["mixture_weights"] = []
+
+    @classmethod
+    def network_class_and_kwargs(cls, arch_kwargs: dict, modalities: tuple[str, ...]) -> tuple[str, dict]:
+        spec = cls.spec
+        return TEACHER_NETWORK, {"modalities": list(modalities), "anchor": spec.anchor,
+                                 "shared_encoder": spec.shared_encoder, "latent_level": spec.latent_level_for(arch_kwargs),
+                                 "stop_gradient": spec.stop_gradient, "align_distance": spec.align_distance}
+
+    def alignment_loss(self, parts: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        align = self.net.anchor.alignment_loss(parts)
+        return self.spec.align_weight * align, align
+
+    def alignment_log(self, parts: dict, present: torch.Tensor) -> dict:
+        gap = modality_gap(parts["latents"], present, self.net.anchor)
+        # NaN for a modality absent from the whole batch; averaged over the steps that saw it
+        return {"modality_gap": float(gap["pairwise_mean"]), "relative_gap": float(gap["relative_gap"]),
+                "modality_to_anchor": np.array([gap["to_anchor"].get(j, np.nan) for j in range(present.shape[1])]),
+                "latent_rms": np.array([gap["rms"].get(j, np.nan) for j in range(present.shape[1])])}
 
     # ------------------------------------------------------------------------------------------------------------------
     # per-epoch logging, plot and settings record
@@ -191,8 +261,6 @@ class nnAlignTeacherTrainer(CollapseCheck, FiniteLoss, SafeCheckpoints, nnUNetTr
 
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
         super().on_train_epoch_end(train_outputs)
-        if self.spec.is_original:
-            return
         outputs = collate_outputs(train_outputs)
         epoch = self.current_epoch
         self.logger.log("align_losses", self._epoch_mean(outputs["align_loss"]), epoch)
@@ -205,77 +273,36 @@ class nnAlignTeacherTrainer(CollapseCheck, FiniteLoss, SafeCheckpoints, nnUNetTr
             self.logger.log("mixture_weights", {k: v["normalised"] for k, v in weights.items()}, epoch)
 
     def on_epoch_end(self) -> None:
-        if not self.spec.is_original:
-            get = self.logger.get_value
-            self.print_to_log_file("align_loss", np.round(get("align_losses", step=-1), decimals=4))
-            self.print_to_log_file("modality_gap", np.round(get("modality_gap", step=-1), decimals=4),
-                                   "relative gap", np.round(get("relative_gap", step=-1), decimals=4))
-            self.print_to_log_file("modality to anchor",
-                                   {k: round(v, 4) for k, v in get("modality_to_anchor", step=-1).items()})
-            self.print_to_log_file("latent RMS", {k: round(v, 4) for k, v in get("latent_rms", step=-1).items()})
-            if self.spec.anchor_kind in MIXTURE_ANCHORS:
-                self.print_to_log_file("mixture weights",
-                                       {k: round(v, 4) for k, v in get("mixture_weights", step=-1).items()})
+        get = self.logger.get_value
+        self.print_to_log_file("align_loss", np.round(get("align_losses", step=-1), decimals=4))
+        self.print_to_log_file("modality_gap", np.round(get("modality_gap", step=-1), decimals=4),
+                               "relative gap", np.round(get("relative_gap", step=-1), decimals=4))
+        self.print_to_log_file("modality to anchor",
+                               {k: round(v, 4) for k, v in get("modality_to_anchor", step=-1).items()})
+        self.print_to_log_file("latent RMS", {k: round(v, 4) for k, v in get("latent_rms", step=-1).items()})
+        if self.spec.kind.learns_weights:
+            self.print_to_log_file("mixture weights",
+                                   {k: round(v, 4) for k, v in get("mixture_weights", step=-1).items()})
+        if self.local_rank == 0:
+            plot_alignment_png(self.logger.local_logger.my_fantastic_logging, self.output_folder)
         super().on_epoch_end()
-        if self.local_rank == 0:
-            if not self.spec.is_original:
-                plot_alignment_png(self.logger.local_logger.my_fantastic_logging, self.output_folder)
-            self.write_settings_record()
-
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        if self.local_rank == 0:
-            self.write_settings_record()
 
     def settings_record(self) -> dict:
-        """What ``nnalign_settings.json`` holds: how this model was made."""
+        """The baseline's record with the teacher's: its encoders, latents, mixture weights and alignment series."""
         arch = self.configuration_manager.network_arch_init_kwargs
         s = self.spec
-        net = self.net if self.network is not None else None
-        modalities = list(getattr(net, "modalities", None)
-                          or plans_modalities(arch, len(self.dataset_json["channel_names"])))
-        record = {
-            "nnalign_version": __version__,
-            "method_version": METHOD_VERSION,
-            "role": "teacher",
-            "collapse_warning": self.collapse_warning,
-            "trainer": type(self).__name__,
-            "dataset": self.plans_manager.dataset_name,
-            "plans": self.plans_manager.plans_name,
-            "configuration": self.configuration_name,
-            "fold": self.fold,
-            "modalities": modalities,
-            "anchor": s.anchor,
-            "align_weight": s.align_weight,
-            "encoder": "shared" if s.shared_encoder else "separate",
-            "modality_dropout": s.modality_dropout,
-            "subset_sampling": s.subset_sampling,
-            "stop_gradient": s.stop_gradient,
-            "align_distance": s.align_distance,
-            "epochs": self.num_epochs,
-            "iters_per_epoch": self.num_iterations_per_epoch,
-            "val_iters_per_epoch": self.num_val_iterations_per_epoch,
-            "epochs_completed": self.current_epoch,
-            "optimizer": dict(self.plans_training) if self.plans_training else
-            {"optimizer": "sgd", "initial_lr": self.initial_lr, "weight_decay": self.weight_decay},
-            "settings": s.model_settings(),
-            # the latent is the per-modality encoders' output at U-Net stage "level" (0: the input resolution)
-            "latent": None if s.is_original else {"level": s.latent_level_for(arch),
-                                                  "channels": arch.get("latent_channels"),
-                                                  "convs": arch.get("latent_convs")},
-        }
-        weights = self.mixture_weights() if net is not None else None
+        record = super().settings_record()
+        # the latent is the per-modality encoders' output at U-Net stage "level" (0: the input resolution)
+        record["latent"] = {"level": s.latent_level_for(arch), "channels": arch.get("latent_channels"),
+                            "convs": arch.get("latent_convs")}
+        weights = self.mixture_weights() if self.network is not None else None
         if weights is not None:
             record["mixture_weights"] = weights
-        if not s.is_original:  # per epoch: alignment (relative gap) apart from the latent space's size (RMS)
-            log = self.logger.local_logger.my_fantastic_logging
-            record["alignment_log"] = {key: list(log.get(key, [])) for key in ("relative_gap", "latent_rms",
-                                                                                "modality_gap", "align_losses")}
+        # per epoch: alignment (relative gap) apart from the latent space's size (RMS)
+        log = self.logger.local_logger.my_fantastic_logging
+        record["alignment_log"] = {key: list(log.get(key, [])) for key in ("relative_gap", "latent_rms",
+                                                                            "modality_gap", "align_losses")}
         return record
-
-    def write_settings_record(self) -> None:
-        """Rewrite ``nnalign_settings.json`` in the fold folder (atomically)."""
-        write_json_atomic(f"{self.output_folder}/{SETTINGS_RECORD}", self.settings_record())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -284,8 +311,9 @@ class nnAlignTeacherTrainer(CollapseCheck, FiniteLoss, SafeCheckpoints, nnUNetTr
 _GENERATED: dict[str, type] = {}
 
 
-def teacher_trainer_class(spec_or_name: TeacherSpec | str) -> type:
-    """The trainer subclass for a spec (or a name :meth:`TeacherSpec.trainer_name` made).
+def teacher_trainer_class(spec_or_name: AnyTeacher | str) -> type:
+    """The trainer subclass for a teacher's or the baseline's spec (or a name :meth:`TeacherSpec.trainer_name` or
+    :meth:`BaselineSpec.trainer_name` made).
 
     The same name always gives the same class object. Raises ValueError for a name that is not a teacher name.
     """
@@ -293,7 +321,8 @@ def teacher_trainer_class(spec_or_name: TeacherSpec | str) -> type:
     name = spec.trainer_name()
     cls = _GENERATED.get(name)
     if cls is None:
-        cls = type(name, (nnAlignTeacherTrainer,), {
+        base = nnAlignBaselineTrainer if spec.is_original else nnAlignTeacherTrainer
+        cls = type(name, (base,), {
             "spec": spec, "__module__": __name__, "__qualname__": name,
             "__doc__": f"nnalign teacher trainer with {spec.model_settings()}."})
         _GENERATED[name] = cls
