@@ -37,7 +37,7 @@ from nnalign.modalities import BRATS_MODALITIES, subset_tag
 from nnalign.model_folders import (EVALUATION_FILE, NNUNET, STUDENT, TEACHER, ModelFolder, evaluation_folder,
                                     fold_checkpoint, fold_folder, model_folder_parts)
 from nnalign.paths import dataset_id_of, resolve_folders
-from nnalign.runs import TEACHER_ANCHORS
+from nnalign.runs import BASELINE, TEACHER_ANCHORS
 from nnalign.training.record import check_method_version
 
 STANDARD_ANCHORS: tuple[str, ...] = ("none", "normal", "modality:T1ce", "mixture")
@@ -335,7 +335,7 @@ class Results:
     def has_teacher_settings(cls, run: Run, variant: str) -> bool:
         """Whether the run's teacher has the settings ``variant`` besides its anchor; for the ``original`` teacher,
         which has no encoder, alignment or latents, only the modality dropout and its sampling are compared."""
-        if run.anchor == "original":
+        if run.anchor == BASELINE:
             variant = "_".join(t for t in variant.split("_") if t.startswith("drop") or t == "bal")
         return cls.teacher_variant(run) == variant
 
@@ -344,7 +344,7 @@ class Results:
         compare anchors hold fixed."""
         anchors: dict[str, set] = {}
         for r in runs:
-            if r.anchor and r.anchor != "original":
+            if r.anchor and r.anchor != BASELINE:
                 anchors.setdefault(self.teacher_variant(r), set()).add(r.anchor)
         if not anchors:
             return ""

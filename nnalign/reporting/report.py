@@ -23,6 +23,7 @@ from nnalign.losses.kd.registry import KD
 from nnalign.reporting.collect import FULL_SUBSET, TEACHER, Results, Run, anchor_order_key, kd_order_key
 from nnalign.reporting.figures import FigureResult, OverlayModel
 from nnalign.reporting.tables import Table, runs_table, subset_label, table_i, table_iii, table_iv, table_v
+from nnalign.runs import BASELINE
 
 REPORT_DIR = "nnalign_report"
 TABLE_ORDER = ("III", "I", "IV", "V")
@@ -107,7 +108,7 @@ def tsne_figure(res: Results, path: Path, cases: int, samples: int) -> FigureRes
     from nnalign.reporting.figures import plot_latent_tsne, teacher_latents
 
     by_anchor: dict[str, Run] = {}
-    for anchor in sorted({r.anchor for r in res.teachers if r.anchor != "original"}, key=anchor_order_key):
+    for anchor in sorted({r.anchor for r in res.teachers if r.anchor != BASELINE}, key=anchor_order_key):
         candidates = [r for r in res.teachers if r.anchor == anchor and any(r.checkpoint(d) for d in r.fold_dirs())]
         if candidates:
             by_anchor[anchor] = min(candidates, key=lambda r: (not r.is_default, r.name))

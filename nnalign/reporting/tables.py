@@ -25,6 +25,7 @@ from nnalign.evaluation.validation import Metrics
 from nnalign.modalities import BRATS_MODALITIES, all_subsets, subset_tag
 from nnalign.losses.kd.registry import KD_METHODS
 from nnalign.reporting.collect import FULL_SUBSET, STANDARD_ANCHORS, Results, Run, anchor_order_key
+from nnalign.runs import BASELINE
 
 EMPTY = "–"
 TEXT, PCT, DELTA, MM, INT, MARK = "text", "pct", "delta", "mm", "int", "mark"
@@ -171,7 +172,7 @@ def table_iii(res: Results, kd: str | None) -> Table:
 
 
 def _anchor_columns(res: Results) -> list[str]:
-    found = {r.anchor for r in res.runs if r.anchor and r.anchor != "original"}
+    found = {r.anchor for r in res.runs if r.anchor and r.anchor != BASELINE}
     return sorted(set(STANDARD_ANCHORS) | found, key=anchor_order_key)
 
 
@@ -182,12 +183,12 @@ def _settings(variant: str) -> str:
 def table_i(res: Results) -> Table:
     """Single-modality students: KD method x teacher anchor, average Dice (%), each anchor's gain over none, and the
     paper's improvement, P* over the plain nnU-Net teacher ("Original Method")."""
-    anchors = ["original", *_anchor_columns(res)]
+    anchors = [BASELINE, *_anchor_columns(res)]
     columns, kinds = ["Student", "KD"], [TEXT, TEXT]
     for a in anchors:
         columns.append(a)
         kinds.append(PCT)
-        if a not in ("none", "original"):
+        if a not in ("none", BASELINE):
             columns.append(f"Δ {a}")
             kinds.append(DELTA)
     columns.append("P* − original")
@@ -214,9 +215,9 @@ def table_i(res: Results) -> Table:
                 m = res.metrics(run)
                 values[a] = None if m is None else 100.0 * m.dice_avg
                 row.append(values[a])
-                if a not in ("none", "original"):
+                if a not in ("none", BASELINE):
                     row.append(_sub(values[a], values["none"]))
-            row.append(_sub(values.get("mixture"), values["original"]))
+            row.append(_sub(values.get("mixture"), values[BASELINE]))
             table.rows.append(row)
     table.notes.append(f"Students of teachers with {_settings(variant)} besides the anchor (each anchor's default "
                        f"λ), so that the columns differ only in the anchor.")
@@ -242,7 +243,7 @@ def table_iv(res: Results) -> Table:
     rows: list[tuple[str, Run | None]] = []
     for anchor in anchors:
         run = res.teacher(anchor, variant)
-        label = "original (nnU-Net)" if anchor == "original" else anchor
+        label = "original (nnU-Net)" if anchor == BASELINE else anchor
         if run is None and (run := res.teacher(anchor)) is not None:
             table.notes.append(f"{label}: no teacher with {_settings(variant)}; shown instead {run.name}, which "
                                f"differs in another setting than the anchor: not a like-for-like comparison.")

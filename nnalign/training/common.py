@@ -17,7 +17,9 @@ from torch import distributed as dist
 from nnalign.data.labels import REGION_NAMES
 from nnalign.errors import NnalignError
 from nnalign.runs import TrainingLength
-from nnalign.training.record import read_training_inputs
+from nnalign import __version__
+from nnalign.atomic import write_json_atomic
+from nnalign.training.record import METHOD_VERSION, SETTINGS_RECORD, read_training_inputs
 
 PLANS_TRAINING_KEY = "nnalign_training"
 
@@ -122,11 +124,48 @@ def collapsed_regions(dice_per_epoch: Sequence[Sequence[float]], names: Sequence
     return collapsed
 
 
-class CollapseCheck:
+class SettingsRecord:
+    """Trainer mixin: the settings record (:data:`~nnalign.training.record.SETTINGS_RECORD`), rewritten atomically by
+    rank 0 when training starts and after every epoch. A trainer adds its own keys to :meth:`settings_record`."""
+
+    role: str = ""
+    collapse_warning: str | None = None
+
+    def settings_record(self) -> dict:
+        """What every record holds: versions, role, data, fold, length and a collapse warning."""
+        return {
+            "nnalign_version": __version__,
+            "method_version": METHOD_VERSION,
+            "role": self.role,
+            "collapse_warning": self.collapse_warning,
+            "trainer": type(self).__name__,
+            "dataset": self.plans_manager.dataset_name,
+            "plans": self.plans_manager.plans_name,
+            "configuration": self.configuration_name,
+            "fold": self.fold,
+            "epochs": self.num_epochs,
+            "iters_per_epoch": self.num_iterations_per_epoch,
+            "epochs_completed": self.current_epoch,
+        }
+
+    def write_settings_record(self) -> None:
+        """Rewrite the record in the fold folder (atomically)."""
+        write_json_atomic(f"{self.output_folder}/{SETTINGS_RECORD}", self.settings_record())
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.local_rank == 0:
+            self.write_settings_record()
+
+    def on_epoch_end(self) -> None:
+        super().on_epoch_end()
+        if self.local_rank == 0:
+            self.write_settings_record()
+
+
+class CollapseCheck(SettingsRecord):
     """Trainer mixin: at the end of training, warn (log, stderr, settings record) when a region's validation
     pseudo-Dice stayed 0 for the last third of training, i.e. the model learned to predict background there."""
-
-    collapse_warning: str | None = None
 
     def on_train_end(self) -> None:
         super().on_train_end()

@@ -20,7 +20,6 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
-from nnalign import __version__
 from nnalign.checkpoints import load_checkpoint_safely
 from nnalign.errors import NnalignError
 from nnalign.losses.kd import build_kd
@@ -31,8 +30,6 @@ from nnalign.training.common import (CollapseCheck, FiniteLoss, SafeCheckpoints,
                                      apply_training_length, checkpoint_write, fit_deep_supervision,
                                      average_gradients_over_ranks, gathered_over_ranks, optimizer_step)
 from nnalign.training.optim import optimizer_from_plans
-from nnalign.atomic import write_json_atomic
-from nnalign.training.record import METHOD_VERSION, SETTINGS_RECORD
 from nnalign.runs import StudentSpec
 from nnalign.training.teacher_trainer import plans_modalities, teacher_trainer_class, unwrap
 
@@ -58,6 +55,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 class nnAlignStudentTrainer(CollapseCheck, FiniteLoss, SafeCheckpoints, nnUNetTrainer):
     """nnU-Net's trainer for a student distilled from a frozen nnalign teacher (see the module docstring)."""
+
+    role = "student"
 
     spec: StudentSpec | None = None
 
@@ -177,13 +176,6 @@ class nnAlignStudentTrainer(CollapseCheck, FiniteLoss, SafeCheckpoints, nnUNetTr
     def on_epoch_end(self) -> None:
         self.print_to_log_file("kd_loss", np.round(self.logger.get_value("kd_losses", step=-1), decimals=4))
         super().on_epoch_end()
-        if self.local_rank == 0:
-            self.write_settings_record()
-
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        if self.local_rank == 0:
-            self.write_settings_record()
 
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint, plus the distillation loss's own state (heads, discriminator) beside it."""
@@ -210,29 +202,14 @@ class nnAlignStudentTrainer(CollapseCheck, FiniteLoss, SafeCheckpoints, nnUNetTr
     def settings_record(self) -> dict:
         """What ``nnalign_settings.json`` holds: how this student was made."""
         return {
-            "nnalign_version": __version__,
-            "method_version": METHOD_VERSION,
-            "role": "student",
-            "collapse_warning": self.collapse_warning,
-            "trainer": type(self).__name__,
-            "dataset": self.plans_manager.dataset_name,
-            "plans": self.plans_manager.plans_name,
-            "configuration": self.configuration_name,
-            "fold": self.fold,
+            **super().settings_record(),
             "modalities": list(self.spec.modalities),
             "kd": self.spec.kd,
             "kd_settings": self.kd.settings() if self.kd is not None else None,
             "seg_weight": self.kd.seg_weight if self.kd is not None else None,
             "kd_overrides": self.spec.overrides,
             "teacher": {"trainer": self.spec.teacher_trainer, **(self.teacher_checkpoint or {})},
-            "epochs": self.num_epochs,
-            "iters_per_epoch": self.num_iterations_per_epoch,
-            "epochs_completed": self.current_epoch,
         }
-
-    def write_settings_record(self) -> None:
-        """Rewrite ``nnalign_settings.json`` in the fold folder (atomically)."""
-        write_json_atomic(Path(self.output_folder) / SETTINGS_RECORD, self.settings_record())
 
     @property
     def net(self) -> torch.nn.Module:

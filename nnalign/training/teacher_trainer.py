@@ -17,7 +17,6 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 from torch._dynamo import OptimizedModule
 
-from nnalign import __version__
 from nnalign.errors import NnalignError
 from nnalign.networks.anchors import MixtureAnchor, modality_gap
 from nnalign.modalities import BRATS_MODALITIES
@@ -28,8 +27,6 @@ from nnalign.training.common import (CollapseCheck, FiniteLoss, SafeCheckpoints,
 from nnalign.training.optim import optimizer_from_plans
 from nnalign.training.presence import sample_presence, zero_absent
 from nnalign.training.progress import plot_alignment_png
-from nnalign.atomic import write_json_atomic
-from nnalign.training.record import METHOD_VERSION, SETTINGS_RECORD
 from nnalign.runs import AnyTeacher, BaselineSpec, TeacherSpec
 
 TEACHER_NETWORK = f"{nnAlignTeacherUNet.__module__}.{nnAlignTeacherUNet.__name__}"
@@ -66,6 +63,7 @@ class nnAlignBaselineTrainer(CollapseCheck, FiniteLoss, SafeCheckpoints, nnUNetT
     """
 
     spec: AnyTeacher = BaselineSpec()
+    role = "teacher"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -156,45 +154,19 @@ class nnAlignBaselineTrainer(CollapseCheck, FiniteLoss, SafeCheckpoints, nnUNetT
     # ------------------------------------------------------------------------------------------------------------------
     # settings record
 
-    def on_epoch_end(self) -> None:
-        super().on_epoch_end()
-        if self.local_rank == 0:
-            self.write_settings_record()
-
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        if self.local_rank == 0:
-            self.write_settings_record()
-
     def settings_record(self) -> dict:
         """What ``nnalign_settings.json`` holds: how this model was made."""
         arch = self.configuration_manager.network_arch_init_kwargs
         net = self.net if self.network is not None else None
-        modalities = list(getattr(net, "modalities", None)
-                          or plans_modalities(arch, len(self.dataset_json["channel_names"])))
         return {
-            "nnalign_version": __version__,
-            "method_version": METHOD_VERSION,
-            "role": "teacher",
-            "collapse_warning": self.collapse_warning,
-            "trainer": type(self).__name__,
-            "dataset": self.plans_manager.dataset_name,
-            "plans": self.plans_manager.plans_name,
-            "configuration": self.configuration_name,
-            "fold": self.fold,
-            "modalities": modalities,
-            "epochs": self.num_epochs,
-            "iters_per_epoch": self.num_iterations_per_epoch,
+            **super().settings_record(),
+            "modalities": list(getattr(net, "modalities", None)
+                               or plans_modalities(arch, len(self.dataset_json["channel_names"]))),
             "val_iters_per_epoch": self.num_val_iterations_per_epoch,
-            "epochs_completed": self.current_epoch,
             "optimizer": dict(self.plans_training) if self.plans_training else
             {"optimizer": "sgd", "initial_lr": self.initial_lr, "weight_decay": self.weight_decay},
             "settings": self.spec.model_settings(),
         }
-
-    def write_settings_record(self) -> None:
-        """Rewrite ``nnalign_settings.json`` in the fold folder (atomically)."""
-        write_json_atomic(f"{self.output_folder}/{SETTINGS_RECORD}", self.settings_record())
 
 
 class nnAlignTeacherTrainer(nnAlignBaselineTrainer):
