@@ -31,7 +31,8 @@ setup(
         "medpy>=0.5",
         "submitit>=1.5",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    # openvino: nnalign_predict --backend openvino (tested with 2026.4.0); the tests check it against torch.
+    extras_require={"openvino": ["openvino>=2026.4"], "test": ["pytest>=7", "openvino>=2026.4"]},
     entry_points={
         "console_scripts": [
             "nnalign_convert_brats=nnalign.cli.convert_brats:main",

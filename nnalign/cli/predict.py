@@ -7,6 +7,7 @@ import sys
 from nnalign.cli.parsing import CommandParser
 from nnalign.device import setup_device
 from nnalign.errors import cli_entry
+from nnalign.inference import BACKENDS
 from nnalign.model_folders import FINAL_CHECKPOINT, parse_fold
 
 PROG = "nnalign_predict"
@@ -35,8 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "fold_all only when it is the only one)")
     p.add_argument("-chk", dest="checkpoint", default=FINAL_CHECKPOINT,
                    help="checkpoint file name in each fold folder (default: %(default)s)")
-    p.add_argument("-device", choices=("cpu", "cuda", "mps"), default="cuda",
-                   help="device to predict on (default: %(default)s)")
+    p.add_argument("-device", choices=("cpu", "cuda", "mps"), default=None,
+                   help="device to predict on (default: cuda; cpu with --backend openvino)")
+    p.add_argument("--backend", choices=BACKENDS, default="torch",
+                   help="what runs the networks inside nnU-Net's predictor: torch, or openvino (CPU only; each fold's "
+                        "network is converted once and cached as OpenVINO IR beside its checkpoint; an optional "
+                        "extra: pip install nnalign[openvino]) (default: %(default)s)")
     p.add_argument("--disable-tta", action="store_true",
                    help="no mirroring test-time augmentation (about 8x faster, slightly less accurate)")
     p.add_argument("--modalities", default=None, metavar="LIST",
@@ -59,7 +64,8 @@ def main() -> int:
     folds = None
     if args.folds is not None:
         folds = list(dict.fromkeys(parse_fold(f) for f in args.folds))
-    setup_device(args.device)
+    device = args.device or ("cpu" if args.backend == "openvino" else "cuda")
+    setup_device(device)
     from tqdm import tqdm
 
     from nnalign.inference.predict import predict
@@ -67,9 +73,12 @@ def main() -> int:
     def on_error(message: str) -> None:
         tqdm.write(f"{PROG}: error: {message}", file=sys.stderr)  # above the progress bar, if there is one
 
+    def on_note(message: str) -> None:
+        tqdm.write(f"{PROG}: note: {message}", file=sys.stderr)
+
     report = predict(args.input, args.output, args.models, folds=folds, checkpoint=args.checkpoint,
-                     device=args.device, disable_tta=args.disable_tta, modalities=modalities, labels=args.labels,
-                     overwrite=args.overwrite, on_error=on_error)
+                     device=device, disable_tta=args.disable_tta, modalities=modalities, labels=args.labels,
+                     overwrite=args.overwrite, on_error=on_error, backend=args.backend, on_note=on_note)
     unusable = f", {len(report.model_problems)} model folder(s) unusable" if report.model_problems else ""
     print(f"{len(report.records)} cases: {report.count('ok')} predicted, {report.count('skipped')} skipped "
           f"(output exists), {report.count('failed')} failed{unusable}. Log: {report.log_csv}")

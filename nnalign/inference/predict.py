@@ -164,11 +164,15 @@ class PredictionLog:
 
 
 class Predictors:
-    """One initialised ``nnUNetPredictor`` per model folder (all its folds), made on first use."""
+    """One initialised ``nnUNetPredictor`` per model folder (all its folds), made on first use; with ``backend``
+    ``openvino`` its network runs in OpenVINO (``openvino_backend``; ``note`` gets its one-line notes)."""
 
-    def __init__(self, device: str = "cpu", disable_tta: bool = False) -> None:
+    def __init__(self, device: str = "cpu", disable_tta: bool = False, backend: str = "torch",
+                 note: Callable[[str], None] = lambda message: None) -> None:
         self.device = device
         self.disable_tta = disable_tta
+        self.backend = backend
+        self.note = note
         self._cache: dict[Path, object] = {}
 
     def get(self, model: Model):
@@ -194,6 +198,10 @@ class Predictors:
                                             device=torch.device(self.device), verbose=False,
                                             verbose_preprocessing=False, allow_tqdm=False)
                 predictor.initialize_from_trained_model_folder(str(model.folder), model.folds, model.checkpoint)
+            if self.backend == "openvino":
+                from nnalign.inference.openvino_backend import openvino_network
+
+                predictor.network = openvino_network(predictor, model, self.note)
         except CheckpointError as e:
             error = ModelError(f"model {model.name} could not be loaded: {e}")
             self._cache[model.folder] = error
@@ -367,18 +375,30 @@ def _write_log(log: PredictionLog, record: CaseRecord | None = None) -> None:
 def predict(source: Path, output: Path, models: Path, folds: Sequence[int | str] | None = None,
             checkpoint: str = FINAL_CHECKPOINT, device: str = "cpu", disable_tta: bool = False,
             modalities: Sequence[str] | None = None, labels: str = "source", overwrite: bool = False,
-            on_error: Callable[[str], None] | None = None, progress: bool = True) -> PredictionReport:
+            on_error: Callable[[str], None] | None = None, progress: bool = True, backend: str = "torch",
+            on_note: Callable[[str], None] | None = None) -> PredictionReport:
     """Predict every case of ``source`` into ``output/<case>.nii.gz`` and write the log; see the module docstring.
 
-    ``on_error`` gets each unusable model folder's and each failed case's one-line message as it happens. Raises
-    NnalignError only for problems that stop the whole run (no input, no usable model).
+    ``on_error`` gets each unusable model folder's and each failed case's one-line message as it happens, ``on_note``
+    the backend's notes (OpenVINO's version and precision, a cache it cannot write). Raises NnalignError only for
+    problems that stop the whole run (no input, no usable model, a backend that cannot run).
     """
     from tqdm import tqdm
 
+    from nnalign.inference import BACKENDS
     from nnalign.paths import setup_env
 
     if labels not in LABEL_OPTIONS:
         raise NnalignError(f"unknown label convention '{labels}' (choose from {', '.join(LABEL_OPTIONS)})")
+    if backend not in BACKENDS:
+        raise NnalignError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
+    on_note = on_note or (lambda message: None)
+    if backend == "openvino":
+        from nnalign.inference.openvino_backend import PRECISION, openvino_version
+
+        if device != "cpu":
+            raise NnalignError(f"--backend openvino runs on the CPU, not -device {device} (use -device cpu)")
+        on_note(f"backend openvino: OpenVINO {openvino_version()}, {PRECISION} precision")
     setup_env()  # registers nnalign's trainer shim, so nnU-Net's predictor finds nnalign's trainers by name
     on_error = on_error or (lambda message: None)
     found = discover_models(Path(models), folds, checkpoint)
@@ -390,7 +410,7 @@ def predict(source: Path, output: Path, models: Path, folds: Sequence[int | str]
         raise NnalignError(f"{output}: exists and is not a folder")
     check_writable(output, "predictions")
     log = PredictionLog(output)
-    predictors = Predictors(device, disable_tta)
+    predictors = Predictors(device, disable_tta, backend, on_note)
     records = []
     # disable=None: a bar only on a terminal, so that a failing run's stderr is its error lines.
     for case in tqdm(cases, desc="Predicting", unit="case", disable=None if progress else True):
