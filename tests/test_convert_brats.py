@@ -262,7 +262,7 @@ def test_brats_labels_round_trip_through_nnunet_labels(convention):
     values = [0, 1, 2, ET_LABEL[convention]]
     seg = np.random.default_rng(1).choice(values, size=(6, 7, 8)).astype(np.int16)
     assert set(np.unique(seg).tolist()) == set(values)
-    nnunet = brats_to_nnunet(seg)
+    nnunet = brats_to_nnunet(seg, convention)
     np.testing.assert_array_equal(nnunet, expected_nnunet(seg))
     np.testing.assert_array_equal(nnunet_to_brats(nnunet, convention), seg)
     other = "brats2023" if convention == "brats2018" else "brats2018"
@@ -361,7 +361,7 @@ def _labels_3_and_4(src):
     seg = make_seg(4, 0)
     seg[seg == 1] = 3
     write_case(src, BAD, seg=seg)
-    return BAD, f"{BAD}_seg.nii.gz", "3", "4"
+    return BAD, "has both", "3 and 4", "2018-2021 file names", "--labels brats2024"  # 2024 labels under 2018 names
 
 
 def _non_integer_float_labels(src):
@@ -466,7 +466,7 @@ def test_release_mixing_et_labels_3_and_4_fails(tmp_path):
     source, raw = tmp_path / "release", tmp_path / "raw"
     write_case(source, "Brats18_GOOD_1", seg=make_seg(4, 0))
     write_case(source, "Brats18_GOOD_2", seg=make_seg(3, 1))
-    assert_clean_failure(run_cli(raw, "-i", source, "-d", 22, "-np", 1), raw, "release", "labels 3 (Brats18_GOOD_2) and 4 (Brats18_GOOD_1)")
+    assert_clean_failure(run_cli(raw, "-i", source, "-d", 22, "-np", 1), raw, "release", "Brats18_GOOD_2 has label 3, Brats18_GOOD_1 has label 4")
 
 
 @pytest.mark.slow

@@ -7,19 +7,29 @@ import os
 from nnalign.cli.parsing import CommandParser, positive_int
 from nnalign.errors import cli_entry
 
+# Kept equal to nnalign.data.convert_brats.LABEL_CHOICES (a test checks), so that --help needs no numpy.
+LABEL_CHOICES = ("auto", "brats2018", "brats2023", "brats2024")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = CommandParser(
         prog="nnalign_convert_brats",
-        description="Convert a BraTS release (2018/2019 HGG/LGG or flat, 2020/2021, 2023+ naming) into the nnU-Net raw "
-                    "dataset DatasetXXX_NAME under $nnUNet_raw (default ./nnalign_raw_data). Channels T1, T1ce, T2, "
-                    "FLAIR and labels as nnU-Net's own BraTS conversion.")
+        description="Convert a BraTS release (2018/2019 HGG/LGG or flat, 2020/2021, 2023+ naming, 2024+ GLI labels "
+                    "with the resection cavity) into the nnU-Net raw dataset DatasetXXX_NAME under $nnUNet_raw "
+                    "(default ./nnalign_raw_data). Channels T1, T1ce, T2, FLAIR and labels as nnU-Net's own BraTS "
+                    "conversion.")
     p.add_argument("-i", dest="source", required=True, help="BraTS release folder")
     p.add_argument("-d", dest="dataset_id", type=int, required=True, help="dataset ID (1-999)")
     p.add_argument("-n", dest="name", default=None, help="dataset name (default: the source folder's name)")
     p.add_argument("--split", choices=("5fold", "protokd"), default="5fold",
                    help="5fold: nnU-Net's default cross-validation; protokd: the ProtoKD BraTS 2018 "
                         "train/val/test split (test cases go to imagesTs/labelsTs)")
+    p.add_argument("--labels", choices=LABEL_CHOICES, default="auto",
+                   help="label convention of the release: brats2018 (2017-2021: 1 necrosis, 2 edema, 4 ET), "
+                        "brats2023 (1, 2, 3 ET), brats2024 (2024+ GLI: 1, 2, 3 ET, 4 resection cavity, trained as "
+                        "the region RC). auto: from all segmentations together: 2023+ file names give brats2024 if "
+                        "any case has label 4, else brats2023; 2018-2021 names give brats2018, or brats2023 if label "
+                        "3 occurs and 4 does not (default: %(default)s)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip cases with bad files and list them, instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset with the same ID")
@@ -43,7 +53,8 @@ def main() -> int:
     raw = setup_env()["nnUNet_raw"]
     try:
         report = convert_brats(args.source, args.dataset_id, raw, name=args.name, split=args.split,
-                               skip_bad=args.skip_bad, overwrite=args.overwrite, num_processes=args.num_processes)
+                               skip_bad=args.skip_bad, overwrite=args.overwrite, num_processes=args.num_processes,
+                               labels=args.labels)
     except NothingConverted as e:
         print_skipped(e.skipped)
         raise

@@ -12,7 +12,7 @@ from nnalign.model_folders import FINAL_CHECKPOINT, parse_fold
 
 PROG = "nnalign_predict"
 # Kept equal to nnalign.inference.predict.LABEL_OPTIONS (a test checks), so that --help imports nothing heavy.
-LABEL_OPTIONS = ("source", "brats2018", "brats2023", "nnunet")
+LABEL_OPTIONS = ("source", "brats2018", "brats2023", "brats2024", "nnunet")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", choices=LABEL_OPTIONS, default="source",
                    help="label convention of the output: source (that of the data the model was trained on, recorded "
                         "in its dataset.json; brats2018 if unknown), brats2018 (1 necrosis, 2 edema, 4 ET), brats2023 "
-                        "(1 necrosis, 2 edema, 3 ET), nnunet (1 edema, 2 necrosis, 3 ET) (default: %(default)s)")
+                        "(1 necrosis, 2 edema, 3 ET), brats2024 (as brats2023, and 4 the resection cavity of a model "
+                        "trained with it), nnunet (1 edema, 2 necrosis, 3 ET, 4 resection cavity); a model's resection "
+                        "cavity has no label in brats2018 and brats2023, and such a case fails (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists again")
     return p
 

@@ -3,7 +3,9 @@
 The result is interchangeable with nnU-Net's own ``Dataset137_BraTS21``-style conversion. Every case is checked
 (all four modalities present and readable, one geometry across modalities and segmentation, BraTS label values)
 and the dataset is built in a staging folder that replaces the target in one rename, so a failed conversion
-leaves nothing behind.
+leaves nothing behind. The label convention is the release's, detected from all its segmentations together
+(:func:`nnalign.data.labels.detect_convention`) unless given; a BraTS 2024+ release with the resection cavity trains
+it as a fourth region, RC.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import numpy as np
 
 from nnalign.data.brats_layout import NAMING_2023, BratsCase, find_cases
 from nnalign.data.case_checks import check_case_images, check_written
-from nnalign.data.labels import brats_to_nnunet, detect_convention
+from nnalign.data.labels import (BRATS_CONVENTIONS, CAVITY, CONVENTIONS, brats_to_nnunet, check_brats_values,
+                                 detect_convention, label_values)
 from nnalign.data.raw_dataset import FILE_ENDING, build_dataset_folder, image_filename, write_dataset_json
 from nnalign.data.splits import protokd_split, write_splits_file
 from nnalign.errors import NnalignError
@@ -27,6 +30,7 @@ from nnalign.modalities import BRATS_MODALITIES
 from nnalign.paths import dataset_name
 
 SPLITS = ("5fold", "protokd")
+LABEL_CHOICES = ("auto", *BRATS_CONVENTIONS)
 CITATION = ("Menze et al., IEEE TMI 2015; Bakas et al., Sci Data 2017; Bakas et al., arXiv:1811.02629; "
             "Baid et al., arXiv:2107.02314")
 
@@ -44,12 +48,11 @@ class NothingConverted(NnalignError):
 
 @dataclass
 class CaseResult:
-    """What converting one case produced: its source label counts and implied label convention."""
+    """What converting one case produced: its source label counts."""
 
     case_id: str
     labelled: bool
     source_label_counts: dict[int, int] = field(default_factory=dict)
-    convention: str | None = None
 
 
 @dataclass
@@ -65,8 +68,32 @@ class ConversionReport:
     cases: dict[str, CaseResult] = field(default_factory=dict)
 
 
-def convert_case(case: BratsCase, images_dir: Path, labels_dir: Path | None) -> CaseResult:
-    """Check one case and write it into nnU-Net naming; raises NnalignError naming the case, file and problem."""
+def read_seg(case: BratsCase):
+    """The case's segmentation as a SimpleITK image; NnalignError naming the case and file if it cannot be read."""
+    import SimpleITK as sitk
+
+    try:
+        return sitk.ReadImage(str(case.seg))
+    except RuntimeError:
+        raise NnalignError(f"{case.case_id}: {case.seg.name}: not a readable NIfTI image") from None
+
+
+def seg_values(case: BratsCase) -> set[int]:
+    """The label values of the case's segmentation; NnalignError naming the case and file for non-integer ones and
+    values of no BraTS convention."""
+    import SimpleITK as sitk
+
+    try:
+        values = label_values(sitk.GetArrayFromImage(read_seg(case)))
+        check_brats_values(values)
+        return values
+    except ValueError as e:
+        raise NnalignError(f"{case.case_id}: {case.seg.name}: {e}") from None
+
+
+def convert_case(case: BratsCase, images_dir: Path, labels_dir: Path | None, convention: str) -> CaseResult:
+    """Check one case and write it into nnU-Net naming, its labels read in ``convention``; raises NnalignError naming
+    the case, file and problem."""
     import SimpleITK as sitk
 
     missing = case.missing_modalities()
@@ -76,16 +103,11 @@ def convert_case(case: BratsCase, images_dir: Path, labels_dir: Path | None) -> 
     result = CaseResult(case.case_id, labelled=case.seg is not None and labels_dir is not None)
     check_case_images(case, BRATS_MODALITIES, seg=result.labelled, require_signal=True)
     if result.labelled:
-        try:
-            seg_image = sitk.ReadImage(str(case.seg))
-        except RuntimeError:
-            raise NnalignError(f"{case.case_id}: {case.seg.name}: not a readable NIfTI image") from None
+        seg_image = read_seg(case)
         seg = sitk.GetArrayViewFromImage(seg_image)
         values, counts = np.unique(seg, return_counts=True)
         try:
-            result.convention = detect_convention({int(v) for v in values} if seg.dtype.kind != "f" else
-                                                  {float(v) for v in values})
-            converted = brats_to_nnunet(seg)
+            converted = brats_to_nnunet(seg, convention)
         except ValueError as e:
             raise NnalignError(f"{case.case_id}: {case.seg.name}: {e}") from None
         result.source_label_counts = {int(v): int(c) for v, c in zip(values, counts)}
@@ -134,6 +156,13 @@ def _convert_job(args: tuple) -> CaseResult | NnalignError:
         return e
 
 
+def _values_job(case: BratsCase) -> set[int] | NnalignError:
+    try:
+        return seg_values(case)
+    except NnalignError as e:
+        return e
+
+
 def _assign_protokd(cases: list[BratsCase], notes: list[str]) -> dict[str, str]:
     split = protokd_split()
     where = {cid: part for part in split for cid in split[part]}
@@ -151,16 +180,19 @@ def _assign_protokd(cases: list[BratsCase], notes: list[str]) -> dict[str, str]:
 
 def convert_brats(source: Path, dataset_id: int, raw_root: Path, name: str | None = None, split: str = "5fold",
                   skip_bad: bool = False, overwrite: bool = False, num_processes: int = 2,
-                  progress: bool = True) -> ConversionReport:
+                  progress: bool = True, labels: str = "auto") -> ConversionReport:
     """Convert the BraTS release at ``source`` into ``raw_root/DatasetXXX_name`` and return a report.
 
     Labelled cases go to ``imagesTr``/``labelsTr``; cases without a segmentation (validation releases) go to
     ``imagesTs``. With ``split='protokd'`` the ProtoKD BraTS 2018 split is written as ``splits_final.json`` (fold 0)
     and its test cases go to ``imagesTs``/``labelsTs``. With ``skip_bad`` a bad case is skipped and reported
-    instead of stopping the conversion.
+    instead of stopping the conversion. ``labels``: the release's label convention (one of
+    :data:`~nnalign.data.labels.BRATS_CONVENTIONS`), or ``auto`` to detect it from all segmentations together.
     """
     if split not in SPLITS:
         raise NnalignError(f"unknown split '{split}' (choose from {', '.join(SPLITS)})")
+    if labels not in LABEL_CHOICES:
+        raise NnalignError(f"unknown label convention '{labels}' (choose from {', '.join(LABEL_CHOICES)})")
     source = Path(source)
     cases = find_cases(source)
     name = name or re.sub(r"[^A-Za-z0-9]+", "", source.resolve().name) or "BraTS"
@@ -169,6 +201,8 @@ def convert_brats(source: Path, dataset_id: int, raw_root: Path, name: str | Non
     notes: list[str] = []
     assignment = _assign_protokd(cases, notes) if split == "protokd" else {c.case_id: "train" for c in cases}
     skipped: dict[str, str] = {}
+    convention = _release_convention(source, cases, labels, skip_bad, skipped, num_processes, progress)
+    cases = [c for c in cases if c.case_id not in skipped]
     with build_dataset_folder(Path(raw_root), dataset_id, name, overwrite=overwrite) as staging:
         dirs = {d: staging / d for d in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")}
         for d in dirs.values():
@@ -177,10 +211,10 @@ def convert_brats(source: Path, dataset_id: int, raw_root: Path, name: str | Non
         for c in cases:
             test = assignment[c.case_id] == "test" or c.seg is None
             jobs.append((c, dirs["imagesTs" if test else "imagesTr"],
-                         (dirs["labelsTs"] if test else dirs["labelsTr"]) if c.seg is not None else None))
-        results = _run_jobs(jobs, num_processes, progress)
+                         (dirs["labelsTs"] if test else dirs["labelsTr"]) if c.seg is not None else None, convention))
+        results = _run_jobs(_convert_job, jobs, num_processes, progress, "Converting cases")
         ok: dict[str, CaseResult] = {}
-        for (case, _, _), res in zip(jobs, results):
+        for (case, _, _, _), res in zip(jobs, results):
             if isinstance(res, NnalignError):
                 if not skip_bad or isinstance(res, WriteError):
                     raise res
@@ -188,16 +222,10 @@ def convert_brats(source: Path, dataset_id: int, raw_root: Path, name: str | Non
                 _remove_case_files(staging, case.case_id)
             else:
                 ok[case.case_id] = res
+        skipped = dict(sorted(skipped.items()))
         if not ok:
             raise NothingConverted(f"{source}: no case could be converted ({len(skipped)} skipped as bad)", skipped)
-        conventions = {r.convention for r in ok.values() if r.convention}
-        if len(conventions) > 1:
-            by_convention = {r.convention: r.case_id for r in ok.values() if r.convention}
-            raise NnalignError(f"{source}: cases mix enhancing-tumour labels 3 ({by_convention['brats2023']}) and 4 "
-                               f"({by_convention['brats2018']}); convert them separately")
-        default = "brats2023" if any(c.naming == NAMING_2023 for c in cases) else "brats2018"
-        convention = conventions.pop() if conventions else default
-        train_ids = sorted(case.case_id for case, images_dir, _ in jobs
+        train_ids = sorted(case.case_id for case, images_dir, _, _ in jobs
                            if case.case_id in ok and images_dir == dirs["imagesTr"])
         for d in dirs.values():
             if not any(d.iterdir()):
@@ -205,6 +233,7 @@ def convert_brats(source: Path, dataset_id: int, raw_root: Path, name: str | Non
         write_dataset_json(staging, len(train_ids), name,
                            description=f"Converted by nnalign from {source.resolve().name}",
                            source_label_convention=convention, reference=CITATION,
+                           cavity=CAVITY in CONVENTIONS[convention],
                            extra={"source_naming": sorted({c.naming for c in cases if c.case_id in ok})})
         if split == "protokd":
             folds = [{"train": [c for c in train_ids if assignment[c] == "train"],
@@ -218,16 +247,38 @@ def convert_brats(source: Path, dataset_id: int, raw_root: Path, name: str | Non
     return ConversionReport(final, len(train_ids), len(ok) - len(train_ids), convention, skipped, notes, ok)
 
 
-def _run_jobs(jobs: list[tuple], num_processes: int, progress: bool) -> list:
+def _release_convention(source: Path, cases: list[BratsCase], labels: str, skip_bad: bool, skipped: dict[str, str],
+                        num_processes: int, progress: bool) -> str:
+    """``labels``, or the convention all labelled cases' values imply together (read first, in parallel); a case
+    whose segmentation cannot be read or holds a value of no convention stops the conversion, or with ``skip_bad``
+    goes into ``skipped``."""
+    if labels != "auto":
+        return labels
+    labelled = [c for c in cases if c.seg is not None]
+    values: dict[str, set[int]] = {}
+    for case, res in zip(labelled, _run_jobs(_values_job, labelled, num_processes, progress, "Reading labels")):
+        if isinstance(res, NnalignError):
+            if not skip_bad:
+                raise res
+            skipped[case.case_id] = str(res)
+        else:
+            values[case.case_id] = res
+    try:
+        return detect_convention(values, any(c.naming == NAMING_2023 for c in cases))
+    except ValueError as e:
+        raise NnalignError(f"{source}: {e}") from None
+
+
+def _run_jobs(function, jobs: list, num_processes: int, progress: bool, desc: str) -> list:
     from tqdm import tqdm
 
     # disable=None: a bar only on a terminal, so that a failing run's stderr is its one error line.
-    bar = dict(total=len(jobs), desc="Converting cases", unit="case", disable=None if progress else True)
-    if num_processes <= 1 or len(jobs) == 1:
-        return [_convert_job(j) for j in tqdm(jobs, **bar)]
+    bar = dict(total=len(jobs), desc=desc, unit="case", disable=None if progress else True)
+    if num_processes <= 1 or len(jobs) <= 1:
+        return [function(j) for j in tqdm(jobs, **bar)]
     with ProcessPoolExecutor(min(num_processes, len(jobs)), mp_context=get_context("spawn"),
                              initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
-        return list(tqdm(pool.map(_convert_job, jobs), **bar))
+        return list(tqdm(pool.map(function, jobs), **bar))
 
 
 def exit_with_parent(parent_pid: int, poll_seconds: float = 0.5) -> None:

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from nnalign.data.labels import NNUNET_LABELS, REGIONS_CLASS_ORDER
+from nnalign.data.labels import nnunet_dataset_labels
 from nnalign.errors import NnalignError
 from nnalign.modalities import BRATS_MODALITIES
 from nnalign.paths import DATASET_NAME_RE, dataset_folders, dataset_name
@@ -99,21 +99,23 @@ def build_dataset_folder(raw_root: Path, dataset_id: int, name: str, overwrite: 
 def write_dataset_json(folder: Path, num_training: int, dataset_name: str, *,
                        modalities: Sequence[str] = BRATS_MODALITIES, description: str = "",
                        source_label_convention: str | None = None, reference: str = "",
-                       extra: dict | None = None) -> dict:
+                       extra: dict | None = None, cavity: bool = False) -> dict:
     """Write nnU-Net's dataset.json for a BraTS-style region dataset and return it.
 
-    ``source_label_convention`` (``brats2018`` or ``brats2023``) is recorded under ``nnalign`` so that predictions
-    can be written back in the convention of the release the data came from.
+    ``source_label_convention`` (``brats2018``, ``brats2023`` or ``brats2024``) is recorded under ``nnalign`` so that
+    predictions can be written back in the convention of the release the data came from. ``cavity``: the labels hold
+    the resection cavity (4), trained as the region RC after WT, TC and ET.
     """
     info = {"modalities": list(modalities)}
     if source_label_convention:
         info["source_label_convention"] = source_label_convention
     if extra:
         info.update(extra)
+    labels, regions_class_order = nnunet_dataset_labels(cavity)
     dataset_json = {
         "channel_names": {str(i): m for i, m in enumerate(modalities)},
-        "labels": NNUNET_LABELS,
-        "regions_class_order": REGIONS_CLASS_ORDER,
+        "labels": labels,
+        "regions_class_order": regions_class_order,
         "numTraining": int(num_training),
         "file_ending": FILE_ENDING,
         "name": dataset_name,

@@ -79,7 +79,7 @@ class Model(ModelFolder):
         """The label convention of the data the model was trained on (dataset.json ``nnalign``), else brats2018."""
         info = self.dataset_json.get("nnalign") or {}
         convention = info.get("source_label_convention") if isinstance(info, dict) else None
-        return convention if convention in ("brats2018", "brats2023") else FALLBACK_LABEL_CONVENTION
+        return convention if convention in ("brats2018", "brats2023", "brats2024") else FALLBACK_LABEL_CONVENTION
 
 
 def validation_dice(folder: Path, folds: Sequence[int | str]) -> float | None:

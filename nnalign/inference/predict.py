@@ -30,7 +30,7 @@ from nnalign.inference.models import Model, ModelError, discover_models, select_
 from nnalign.modalities import BRATS_MODALITIES
 from nnalign.model_folders import FINAL_CHECKPOINT
 
-LABEL_OPTIONS = ("source", "brats2018", "brats2023", "nnunet")
+LABEL_OPTIONS = ("source", "brats2018", "brats2023", "brats2024", "nnunet")
 OUTPUT_ENDING = ".nii.gz"
 LOG_STEM = "nnalign_predict_log"
 LOG_COLUMNS = ("case", "status", "model", "folds", "modalities_present", "modalities_used", "labels", "message",
@@ -268,13 +268,17 @@ def check_signal(case_id: str, data, files: Sequence[str]) -> None:
 
 
 def convert_labels(seg, convention: str):
-    """Map an nnU-Net-labelled segmentation to ``convention`` (``nnunet`` leaves it as it is); uint8."""
+    """Map an nnU-Net-labelled segmentation to ``convention`` (``nnunet`` leaves it as it is); uint8. CaseError for
+    a resection cavity (RC) that ``convention`` has no label for."""
     import numpy as np
 
     from nnalign.data.labels import nnunet_to_brats
 
     seg = np.asarray(seg)
-    return seg.astype(np.uint8) if convention == "nnunet" else nnunet_to_brats(seg, convention)
+    try:
+        return seg.astype(np.uint8) if convention == "nnunet" else nnunet_to_brats(seg, convention)
+    except ValueError as e:
+        raise CaseError(f"cannot write the prediction with --labels {convention}: {e}") from None
 
 
 def write_segmentation(seg, reference_reader, target: Path) -> None:
