@@ -32,7 +32,12 @@ setup(
         "submitit>=1.5",
     ],
     # openvino: nnalign_predict --backend openvino (tested with 2026.4.0); the tests check it against torch.
-    extras_require={"openvino": ["openvino>=2026.4"], "test": ["pytest>=7", "openvino>=2026.4"]},
+    extras_require={
+        "openvino": ["openvino>=2026.4"],
+        # the official BraTS lesion-wise scores (nnalign_evaluate --lesionwise); it holds numpy below 2.3 (panoptica)
+        "lesionwise": ["brats-evaluation>=0.0.10,<0.1"],
+        "test": ["pytest>=7", "openvino>=2026.4", "brats-evaluation>=0.0.10,<0.1"],
+    },
     entry_points={
         "console_scripts": [
             "nnalign_convert_brats=nnalign.cli.convert_brats:main",

@@ -196,28 +196,45 @@ def test_same_tumour_in_three_conventions_scores_identically():
         assert case_metrics(lut[nn], lut[shifted], (1, 2, 3), convention).scores == reference, convention
 
 
-@pytest.mark.parametrize("requested, values, nnunet_naming, expected", [
-    ("auto", {0, 1, 2, 4}, True, "brats2018"),
-    ("auto", {0, 1, 2, 4}, False, "brats2018"),
-    ("auto", {0, 1, 2, 3}, True, "nnunet"),
-    ("auto", {0, 1, 2, 3}, False, "brats2023"),
-    ("auto", {0}, False, "brats2023"),
-    ("nnunet", {0, 1, 2, 4}, False, "nnunet"),  # explicit wins (check_labels then rejects 4)
-    ("brats2023", {0, 1}, True, "brats2023"),
+@pytest.mark.parametrize("values_by_case, naming, expected", [
+    ({"a": {0, 1, 2, 4}}, "nnunet", "brats2018"),  # flat: 4 without 3 is a BraTS 2018 ET
+    ({"a": {0, 1, 2, 4}, "b": {0, 1, 2, 3}}, "nnunet", "nnunet"),  # flat with 3: nnU-Net labels, 4 the cavity
+    ({"a": {0, 1, 2, 3}}, "nnunet", "nnunet"),
+    ({"a": {0, 1, 2, 4}}, "brats2018", "brats2018"),
+    ({"a": {0, 1, 2, 3}}, "brats2018", "brats2023"),
+    ({"a": {0}}, "brats2018", "brats2018"),
+    ({"a": {0, 1, 2, 3}}, "brats2023", "brats2023"),
+    ({"a": {0}}, "brats2023", "brats2023"),
+    ({"a": {0, 1, 2, 3}, "b": {0, 2, 4}}, "brats2023", "brats2024"),  # 2023+ names: 4 is the resection cavity
+    ({"a": {0, 1, 2, 4}}, "brats2023", "brats2024"),
 ])
-def test_resolve_convention(requested, values, nnunet_naming, expected):
-    assert resolve_convention(requested, values, nnunet_naming) == expected
+def test_resolve_convention_over_all_cases_of_one_naming(values_by_case, naming, expected):
+    assert resolve_convention(values_by_case, naming) == expected
+
+
+@pytest.mark.parametrize("values_by_case, naming, mentions", [
+    ({"ok": {0, 1}, "bad": {0, 5}}, "nnunet", ("bad", "[5]")),
+    ({"ok": {0, 1}, "bad": {0, 7}}, "brats2023", ("bad", "[7]")),
+    ({"a": {0, 1, 3}, "b": {0, 4}}, "brats2018", ("a has label 3", "b has label 4")),
+])
+def test_resolve_convention_names_the_case_that_fits_none(values_by_case, naming, mentions):
+    with pytest.raises(ValueError) as e:
+        resolve_convention(values_by_case, naming)
+    for m in mentions:
+        assert m in str(e.value)
 
 
 def test_labels_outside_the_convention_are_rejected():
     check_labels({0, 1, 2, 4}, "brats2018")
-    check_labels({0, 1, 2, 3}, "nnunet")
-    with pytest.raises(ValueError, match=r"\[4\].*nnunet"):
-        check_labels({0, 1, 4}, "nnunet")
+    check_labels({0, 1, 2, 3, 4}, "nnunet")  # 4: the resection cavity
+    with pytest.raises(ValueError, match=r"\[5\].*nnunet"):
+        check_labels({0, 1, 5}, "nnunet")
     with pytest.raises(ValueError, match=r"\[3\].*brats2018"):
         check_labels({0, 3}, "brats2018")
+    with pytest.raises(ValueError, match=r"\[4\].*brats2023"):
+        check_labels({0, 4}, "brats2023")
     with pytest.raises(ValueError, match=r"\[7\]"):
-        check_labels({0, 7}, "brats2023")
+        check_labels({0, 7}, "brats2024")
 
 
 def test_cli_label_choices_match_the_metrics_module():

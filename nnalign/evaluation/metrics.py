@@ -1,4 +1,4 @@
-"""Per-case Dice and HD95 on the BraTS regions WT, TC and ET, with the BraTS edge-case conventions.
+"""Per-case Dice and HD95 on the BraTS regions WT, TC, ET (and RC), with the BraTS edge-case conventions.
 
 Conventions (those of the BraTS 2017-2019 evaluation and of the missing-modality literature):
 
@@ -6,6 +6,9 @@ Conventions (those of the BraTS 2017-2019 evaluation and of the missing-modality
 - exactly one mask empty: Dice 0, HD95 :data:`HD95_EMPTY` = 373.13 mm, the diagonal of the 240 x 240 x 155 BraTS volume;
 - otherwise Dice = 2|P & R| / (|P| + |R|) and HD95 = the 95th percentile of the symmetric surface distances in mm,
   computed by MedPy (``medpy.metric.binary.hd95``, surfaces from a 6-connected erosion) with the image spacing.
+
+The regions of each label convention are :func:`nnalign.data.labels.region_labels`'s: WT, TC and ET, and the
+resection cavity RC in the conventions that have it (``nnunet``, ``brats2024``).
 
 Arrays are numpy arrays in any axis order; ``spacing`` gives the voxel size along the same axes (for a SimpleITK
 image read with ``GetArrayFromImage``, that is ``image.GetSpacing()[::-1]``). This module imports neither torch nor
@@ -18,67 +21,43 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from nnalign.data.labels import REGION_NAMES
+from nnalign.data.brats_layout import NAMING_2023, NAMING_NNUNET
+from nnalign.data.labels import CONVENTIONS, REGION_NAMES, check_labels, detect_convention, region_masks
 
 HD95_EMPTY = 373.13  # mm: sqrt(240^2 + 240^2 + 155^2), the BraTS penalty when exactly one mask is empty
-METRIC_COLUMNS: tuple[str, ...] = tuple(f"{m}_{r}" for m in ("Dice", "HD95") for r in REGION_NAMES)
 AGGREGATES: tuple[str, ...] = ("mean", "std", "median")
-
-# Region membership (WT, TC, ET) per label convention.
-LABEL_CONVENTIONS: dict[str, dict[str, tuple[int, ...]]] = {
-    # nnU-Net / nnalign datasets: 1 edema, 2 necrosis / non-enhancing core, 3 enhancing tumour.
-    "nnunet": {"WT": (1, 2, 3), "TC": (2, 3), "ET": (3,)},
-    # BraTS 2017-2021 releases: 1 necrosis / non-enhancing core, 2 edema, 4 enhancing tumour.
-    "brats2018": {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)},
-    # BraTS 2023+ releases: 1 necrosis (NETC), 2 edema (SNFH), 3 enhancing tumour.
-    "brats2023": {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)},
-}
-LABEL_CHOICES: tuple[str, ...] = ("auto", *LABEL_CONVENTIONS)
+LABEL_CHOICES: tuple[str, ...] = ("auto", *CONVENTIONS)
 
 
-def label_values(seg: np.ndarray) -> set[int]:
-    """The label values of a segmentation; ValueError if it holds non-integer values."""
-    values = np.unique(np.asarray(seg))
-    if values.dtype.kind == "f" and (not np.all(np.isfinite(values)) or not np.all(values == np.round(values))):
-        raise ValueError("segmentation holds non-integer values (is this an image rather than a label map?)")
-    if values.dtype.kind not in "biuf":
-        raise ValueError(f"segmentation has non-numeric type {values.dtype}")
-    return {int(v) for v in values}
+def metric_columns(regions: Iterable[str] = REGION_NAMES) -> tuple[str, ...]:
+    """``Dice_<region>`` for each region, then ``HD95_<region>``."""
+    regions = tuple(regions)
+    return tuple(f"{m}_{r}" for m in ("Dice", "HD95") for r in regions)
 
 
-def check_labels(values: Iterable[int], convention: str) -> None:
-    """ValueError if ``values`` holds a label the convention does not use (0 plus the labels of its regions)."""
-    allowed = {0}.union(*LABEL_CONVENTIONS[convention].values())
-    bad = sorted(set(values) - allowed)
-    if bad:
-        raise ValueError(f"label value(s) {bad} are not in the {convention} convention "
-                         f"(labels {sorted(allowed)}); pass the right --labels")
+METRIC_COLUMNS: tuple[str, ...] = metric_columns()  # the tumour regions' columns, in every evaluation
 
 
-def resolve_convention(requested: str, values: Iterable[int], nnunet_naming: bool) -> str:
-    """The label convention to score with.
+def resolve_convention(values_by_case: Mapping[str, Iterable[int]], naming: str) -> str:
+    """The label convention of references with one naming (:mod:`nnalign.data.brats_layout`'s NAMING_*), from the
+    label values of all of them and their predictions.
 
-    An explicit convention is returned unchanged. ``auto``: ``brats2018`` if label 4 occurs (``values`` should hold the
-    labels of both reference and prediction); otherwise ``nnunet`` when the reference file has nnU-Net naming (a flat
-    ``<case>.nii.gz``, as in labelsTr/labelsTs) and ``brats2023`` when it has BraTS naming (``<case>_seg.nii.gz`` or
-    ``<case>-seg.nii.gz``). Auto-detection cannot tell a flat BraTS 2018 file without enhancing tumour from an nnU-Net
-    one (they put necrosis and edema on different labels), which is why an explicit ``--labels`` is the reliable way.
+    Flat ``<case>.nii.gz`` references (``nnunet``, as labelsTr/labelsTs): ``brats2018`` if label 4 occurs and label 3
+    never does, else ``nnunet`` (4 is then the resection cavity). BraTS-named references (``<case>_seg``,
+    ``<case>-seg``): :func:`nnalign.data.labels.detect_convention`. Flat files cannot tell a BraTS 2018 release
+    without enhancing tumour from an nnU-Net one (necrosis and edema sit on different labels), which is why an
+    explicit ``--labels`` is the reliable way. ValueError naming a case whose values fit no convention.
     """
-    if requested != "auto":
-        if requested not in LABEL_CONVENTIONS:
-            raise ValueError(f"unknown label convention '{requested}' (known: {', '.join(LABEL_CHOICES)})")
-        return requested
-    if 4 in set(values):
-        return "brats2018"
-    return "nnunet" if nnunet_naming else "brats2023"
-
-
-def region_masks(seg: np.ndarray, convention: str) -> dict[str, np.ndarray]:
-    """Boolean WT, TC and ET masks of a label map in the given convention (``nnunet``, ``brats2018``, ``brats2023``)."""
-    if convention not in LABEL_CONVENTIONS:
-        raise ValueError(f"unknown label convention '{convention}' (known: {', '.join(LABEL_CONVENTIONS)})")
-    seg = np.asarray(seg)
-    return {name: np.isin(seg, labels) for name, labels in LABEL_CONVENTIONS[convention].items()}
+    if naming != NAMING_NNUNET:
+        return detect_convention(values_by_case, naming == NAMING_2023)
+    found = set()
+    for case, values in values_by_case.items():
+        try:
+            check_labels(values, "nnunet")
+        except ValueError as e:
+            raise ValueError(f"{case}: {e}") from None
+        found |= set(values)
+    return "brats2018" if 4 in found and 3 not in found else "nnunet"
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -143,34 +122,41 @@ def remove_small_et(pred_regions: Mapping[str, np.ndarray], et_min_voxels: int) 
 
 
 def case_metrics(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float] | None, convention: str,
-                 et_min_voxels: int = 0) -> CaseScores:
-    """Dice and HD95 on WT, TC and ET of a predicted label map against its reference, both in ``convention``."""
+                 et_min_voxels: int = 0, rc: bool = False) -> CaseScores:
+    """Dice and HD95 on WT, TC, ET (and RC with ``rc``, where ``convention`` has it) of a predicted label map against
+    its reference, both in ``convention``."""
     ref, pred = np.asarray(ref), np.asarray(pred)
     if ref.shape != pred.shape:
         raise ValueError(f"shapes differ: reference {ref.shape}, prediction {pred.shape}")
-    ref_regions = region_masks(ref, convention)
-    pred_regions, et_removed = remove_small_et(region_masks(pred, convention), et_min_voxels)
+    ref_regions = region_masks(ref, convention, rc=rc)
+    pred_regions, et_removed = remove_small_et(region_masks(pred, convention, rc=rc), et_min_voxels)
     scores = {}
-    for region in REGION_NAMES:
+    for region in ref_regions:
         scores[f"Dice_{region}"] = dice(pred_regions[region], ref_regions[region])
         scores[f"HD95_{region}"] = hd95(pred_regions[region], ref_regions[region], spacing)
-    return CaseScores({k: scores[k] for k in METRIC_COLUMNS}, et_removed)
+    return CaseScores({k: scores[k] for k in metric_columns(ref_regions)}, et_removed)
 
 
-def missing_prediction_scores() -> dict[str, float]:
+def both_empty_score(column: str) -> float:
+    """The score of a region that neither mask holds: Dice 1, HD95 0."""
+    return 1.0 if column.startswith("Dice") else 0.0
+
+
+def missing_prediction_scores(columns: Sequence[str] = METRIC_COLUMNS) -> dict[str, float]:
     """The penalty for a reference case without prediction: Dice 0 and HD95 :data:`HD95_EMPTY` on every region."""
-    return {k: (0.0 if k.startswith("Dice") else HD95_EMPTY) for k in METRIC_COLUMNS}
+    return {k: (0.0 if k.startswith("Dice") else HD95_EMPTY) for k in columns}
 
 
 def aggregate(rows: Sequence[Mapping[str, float]]) -> dict[str, dict[str, float]]:
-    """Mean, standard deviation and median over cases of every metric in :data:`METRIC_COLUMNS`.
+    """Mean, standard deviation and median over cases of every metric of the rows (all rows have the same keys).
 
     The standard deviation is the sample one (``ddof=1``, as pandas' and the BraTS metrics parser's), and 0 for a
     single case. Raises ValueError for no rows.
     """
     if not rows:
         raise ValueError("no cases to aggregate")
-    table = np.array([[float(r[k]) for k in METRIC_COLUMNS] for r in rows], dtype=np.float64)
-    std = table.std(axis=0, ddof=1) if len(rows) > 1 else np.zeros(len(METRIC_COLUMNS))
+    columns = list(rows[0])
+    table = np.array([[float(r[k]) for k in columns] for r in rows], dtype=np.float64)
+    std = table.std(axis=0, ddof=1) if len(rows) > 1 else np.zeros(len(columns))
     stats = {"mean": table.mean(axis=0), "std": std, "median": np.median(table, axis=0)}
-    return {name: {k: float(v) for k, v in zip(METRIC_COLUMNS, stats[name])} for name in AGGREGATES}
+    return {name: {k: float(v) for k, v in zip(columns, stats[name])} for name in AGGREGATES}

@@ -18,11 +18,16 @@ NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
 
 @dataclass(frozen=True)
 class ReferenceFile:
-    """A reference label map; ``nnunet_naming`` is True for a flat ``<case>.nii.gz`` (False for ``<case>_seg``)."""
+    """A reference label map and its naming: ``nnunet`` for a flat ``<case>.nii.gz``, ``brats2018`` for
+    ``<case>_seg``, ``brats2023`` for ``<case>-seg`` (:mod:`nnalign.data.brats_layout`'s NAMING_*)."""
 
     case_id: str
     path: Path
-    nnunet_naming: bool
+    naming: str
+
+    @property
+    def nnunet_naming(self) -> bool:
+        return self.naming == NAMING_NNUNET
 
 
 @dataclass
@@ -53,10 +58,10 @@ def _reference_from_file(path: Path, top_level: bool) -> ReferenceFile | None:
         return None
     parsed = parse_filename(path.name)
     if parsed is not None and parsed[2] != NAMING_NNUNET:
-        case_id, kind, _ = parsed
-        return ReferenceFile(case_id, path, nnunet_naming=False) if kind == "seg" else None
+        case_id, kind, naming = parsed
+        return ReferenceFile(case_id, path, naming) if kind == "seg" else None
     # Flat nnU-Net labels (SYN_0000.nii.gz looks like an image channel name, but in a labels folder it is a case).
-    return ReferenceFile(stem, path, nnunet_naming=True) if top_level else None
+    return ReferenceFile(stem, path, NAMING_NNUNET) if top_level else None
 
 
 def find_references(reference: Path) -> dict[str, ReferenceFile]:

@@ -107,7 +107,8 @@ def score_validation_fold(fold_dir: Path, gt_folder: Path, on_error: Callable[[s
     from nnalign.atomic import write_text_atomic
     from nnalign.errors import CaseError
     from nnalign.evaluation.evaluate import score_case
-    from nnalign.evaluation.metrics import HD95_EMPTY, aggregate
+    from nnalign.evaluation.metrics import HD95_EMPTY, METRIC_COLUMNS, aggregate
+    from nnalign.data.brats_layout import NAMING_NNUNET
     from nnalign.evaluation.pairing import ReferenceFile
 
     predictions = validation_predictions(fold_dir)
@@ -126,12 +127,13 @@ def score_validation_fold(fold_dir: Path, gt_folder: Path, on_error: Callable[[s
             errors[case] = f"case {case}: no reference {gt_folder / (case + '.nii.gz')} for {prediction}"
             continue
         try:
-            scores[case], convention, et_removed = score_case(ReferenceFile(case, ref, True), prediction, "nnunet")
+            scored = score_case(ReferenceFile(case, ref, NAMING_NNUNET), prediction, "nnunet")
         except CaseError as e:
             errors[case] = f"case {case}: {e}"
             continue
-        cases[case] = {"reference": str(ref), "prediction": str(prediction), "status": "ok", "labels": convention,
-                       "et_removed": et_removed, **scores[case]}
+        scores[case] = {k: scored.scores[k] for k in METRIC_COLUMNS}
+        cases[case] = {"reference": str(ref), "prediction": str(prediction), "status": "ok", "labels": "nnunet",
+                       "et_removed": scored.et_removed, **scores[case]}
     for message in errors.values():
         if on_error is not None:
             on_error(message)
