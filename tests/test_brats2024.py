@@ -285,6 +285,22 @@ def test_lesionwise_scores_come_from_brats_evaluation_and_whole_image_scores_agr
                                                            "metrics_lesionwise.csv"]
 
 
+def test_lesionwise_warns_that_the_package_measures_hd95_in_voxels_off_a_1mm_grid(tmp_path):
+    pytest.importorskip("brats_evaluation", reason="brats-evaluation is not installed (pip install nnalign[test])")
+    ref = np.zeros((20, 20, 20), np.uint8)
+    ref[5:10, 5:10, 5:10] = 3
+    pred = np.roll(ref, 1, axis=0)  # one voxel along z, 3 mm
+    for arr, path in ((ref, tmp_path / "ref" / "C" / "C-seg.nii.gz"), (pred, tmp_path / "pred" / "C.nii.gz")):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image = sitk.GetImageFromArray(arr)
+        image.SetSpacing((1.0, 1.0, 3.0))
+        sitk.WriteImage(image, str(path))
+    report = evaluate(tmp_path / "ref", tmp_path / "pred", progress=False, lesionwise=True)
+    assert report.scores["C"]["HD95_ET"] == pytest.approx(3.0)
+    assert report.lesionwise["C"]["HD95_ET"] == pytest.approx(1.0)
+    assert any("in voxels" in w and "C" in w for w in report.warnings)
+
+
 @pytest.mark.slow
 def test_cli_lesionwise_example_of_the_readme(tmp_path):
     pytest.importorskip("brats_evaluation", reason="brats-evaluation is not installed (pip install nnalign[test])")

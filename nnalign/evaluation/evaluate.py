@@ -212,6 +212,10 @@ def evaluate(reference: str | os.PathLike, prediction: str | os.PathLike, labels
             report.lesionwise = lesionwise_scores(table, has_rc)
             report.lesionwise_path = csv_path.with_name(f"{csv_path.stem}{LESIONWISE_SUFFIX}.csv")
             texts[report.lesionwise_path] = table
+            if scorer.not_1mm:
+                report.warnings.append(f"brats-evaluation measures HD95 in voxels, not mm, and {len(scorer.not_1mm)} "
+                                       f"case(s) do not have 1 mm voxels, so their lesion-wise HD95 is in voxels: "
+                                       f"{_listing(scorer.not_1mm)}")
         texts[report.json_path] = json.dumps(_json_payload(report, reference, prediction, labels, et_min_voxels,
                                                            scorer), indent=2) + "\n"
     finally:

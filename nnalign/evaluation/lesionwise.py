@@ -7,8 +7,9 @@ What brats-evaluation 0.0.10 computes, read from its source (``brats_evaluation/
 - Each case is scored by ``evaluate_single_exam`` with the bundled ``gli`` config, whose label groups are NETC 1,
   SNFH 2, ET 3, RC 4, TC = 1 + 3 and WT = 1 + 2 + 3 (the BraTS 2023+ values; nnalign relabels both files into them).
   Lesions are connected components (``ConnectedComponentsInstanceApproximator``) matched one to one by maximum
-  bipartite matching on Dice above 1e-6, i.e. any overlap. Distances are in mm: Panoptica reads the voxel spacing
-  from the NIfTI header.
+  bipartite matching on Dice above 1e-6, i.e. any overlap. Distances are in voxels: ``evaluate_single_exam`` passes
+  no spacing and Panoptica 2.1.7 does not take it from the file (a one-voxel shift along a 3 mm axis scores HD95 1),
+  so they are mm only on a 1 mm grid such as BraTS's; :attr:`LesionwiseScorer.not_1mm` lists the other cases.
 - ``parse_seg_results``, the parser the package prescribes for every task but metastases, writes per case and group
   the lesion-wise Dice and HD95 as Panoptica's segmentation quality: the mean over the *matched* lesion pairs
   (``sq_dsc``, ``sq_hd95``). Missed and false-positive lesions count in the detection columns it also writes (tp, fp,
@@ -63,12 +64,15 @@ class LesionwiseScorer:
             self.evaluator = Panoptica_Evaluator.load_from_config(str(brats_evaluation.config_path(CONFIG)))
         self.workdir = Path(workdir)
         self.results: list[dict] = []
+        self.not_1mm: list[str] = []  # cases whose HD95 the package measures in voxels of another size
 
     def score(self, case_id: str, ref_image, ref_arr, pred_arr, convention: str) -> None:
         """Score one case: reference and prediction are label maps in ``convention`` on ``ref_image``'s grid."""
         import SimpleITK as sitk
         from brats_evaluation import evaluate_single_exam
 
+        if any(abs(s - 1.0) > 1e-3 for s in ref_image.GetSpacing()):
+            self.not_1mm.append(case_id)
         files = {}
         for what, arr in (("reference", ref_arr), ("prediction", pred_arr)):
             image = sitk.GetImageFromArray(relabel(arr, convention, LABELS))
