@@ -18,8 +18,9 @@ from typing import Callable, Sequence
 
 from nnalign.errors import NnalignError
 from nnalign.experiments.spec import ExperimentSpec
-from nnalign.modalities import BRATS_MODALITIES, subset_tag
-from nnalign.model_folders import FINAL_CHECKPOINT, PLANS_NAME, fold_folder, model_folder
+from nnalign.modalities import subset_tag
+from nnalign.model_folders import (EVALUATION_FILE, FINAL_CHECKPOINT, PLANS_NAME, evaluation_folder, fold_folder,
+                                   model_folder)
 from nnalign.paths import dataset_folders, dataset_name, resolve_folders
 from nnalign.planning.status import (configuration_value, missing_preprocessed, read_plans,
                                      training_cases)
@@ -110,6 +111,11 @@ class Grid:
     def results(self) -> Path:
         """The dataset's results folder."""
         return Path(self.folders["nnUNet_results"]) / self.dataset
+
+    @property
+    def report_md(self) -> Path:
+        """The ``report.md`` of the report run (``nnalign_report -o`` its folder)."""
+        return self.state_dir / "report" / "report.md"
 
 
 def length_flags(length: TrainingLength) -> list[str]:
@@ -243,8 +249,6 @@ def _resolve_dataset(spec: ExperimentSpec, folders: dict[str, str]) -> tuple[str
 def build_grid(spec: ExperimentSpec) -> Grid:
     """Every step ``spec`` needs, keyed and in dependency order; one-line errors for a dataset that cannot be found
     or is not preprocessed (unless the SPEC makes it)."""
-    from nnalign.model_folders import EVALUATION_FILE, EVALUATIONS_DIR
-
     folders = {var: str(spec.folders.get(var) or path) for var, path in resolve_folders().items()}
     dataset, plans = _resolve_dataset(spec, folders)
     raw, pre = Path(folders["nnUNet_raw"]) / dataset, Path(folders["nnUNet_preprocessed"]) / dataset
@@ -296,17 +300,18 @@ def build_grid(spec: ExperimentSpec) -> Grid:
                     models.setdefault(trainer, ((subset,), keys))
     final = [key for key, step in grid.steps.items() if step.kind == "train"]
     if spec.evaluate.held_out:
-        final = _add_evaluations(grid, models, raw, EVALUATIONS_DIR, EVALUATION_FILE)
+        final = _add_evaluations(grid, models, raw)
     if spec.report.enabled:
-        command = ["nnalign.cli.report", str(results), "-o", str(grid.state_dir / "report"), "-c", spec.configuration,
+        command = ["nnalign.cli.report", str(results), "-o", str(grid.report_md.parent), "-c", spec.configuration,
                    "-p", PLANS_NAME]
         command += [] if spec.report.tsne else ["--no-tsne"]
+        command += [] if spec.report.tsne_cases is None else ["--tsne-cases", str(spec.report.tsne_cases)]
         command += ["--kd", spec.report.kd] if spec.report.kd else []
         add(Step("report", "report", "nnalign_report", (tuple(command),), tuple(final)))
     return grid
 
 
-def _add_evaluations(grid: Grid, models: dict, raw: Path, evaluations_dir: str, evaluation_file: str) -> list[str]:
+def _add_evaluations(grid: Grid, models: dict, raw: Path) -> list[str]:
     """An evaluation step per model and subset (predict the held-out cases with only that subset, then score them);
     returns their keys."""
     spec = grid.spec
@@ -319,13 +324,13 @@ def _add_evaluations(grid: Grid, models: dict, raw: Path, evaluations_dir: str, 
     for trainer, (subsets, train_keys) in models.items():
         folder = model_folder(grid.results, trainer, spec.configuration)
         for subset in subsets:
-            tag = subset_tag(subset, BRATS_MODALITIES)
-            out = grid.results / evaluations_dir / folder.name / tag
+            tag = subset_tag(subset)
+            out = evaluation_folder(grid.results, folder.name, subset)
             predict = predict_command(images, out / "predictions", folder, spec.device, spec.evaluate.label_convention,
                                       spec.evaluate.tta, spec.folds, subset)
             evaluate = ("nnalign.cli.evaluate", "-r", str(labels), "-p", str(out / "predictions"), *convention, "-o",
-                        str((out / evaluation_file).with_suffix(".csv")))
+                        str((out / EVALUATION_FILE).with_suffix(".csv")))
             step = Step(f"evaluate.{trainer}.{tag}", "evaluate", f"evaluate {trainer} on {'+'.join(subset)}",
-                      (predict, evaluate), tuple(train_keys), out / evaluation_file)
+                      (predict, evaluate), tuple(train_keys), out / EVALUATION_FILE)
             keys.append(grid.steps.setdefault(step.key, step).key)
     return keys

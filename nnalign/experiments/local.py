@@ -55,10 +55,12 @@ def stop_process(pid: int, timeout_s: float = 30.0) -> None:
 
 
 def run_local(grid: Grid, store: StateStore, jobs: int, alive: Callable[[], Callable[[dict], str | None]],
-              say: Callable[[str], None] = print) -> list[str]:
+              say: Callable[[str], None] = print, watch: Callable[[list[str]], None] | None = None) -> list[str]:
     """Run every missing, failed or cancelled run (and whatever depends on them), at most ``jobs`` at once; returns
     the keys of the runs that failed. Runs that another process (or Slurm) is running are waited for; ``alive()``
-    gives a fresh check of whether their jobs are alive (:func:`nnalign.experiments.slurm.alive_checker`)."""
+    gives a fresh check of whether their jobs are alive (:func:`nnalign.experiments.slurm.alive_checker`).
+    ``watch(keys)``, at every look, gets the runs started here that are going on or just ended (to follow their
+    logs: what a run wrote before it ended is in its log by then)."""
     with store.lock():
         states = resolve_states(grid, store, alive())
         status = {k: s.state for k, s in states.items()}
@@ -69,10 +71,11 @@ def run_local(grid: Grid, store: StateStore, jobs: int, alive: Callable[[], Call
         total, finished, checked = len(todo), 0, time.time()
         try:
             while todo or active or any(s in ("queued", "running") for s in status.values()):
-                for key, (proc, slot) in list(active.items()):
-                    if proc.poll() is None:
-                        continue
-                    del active[key]
+                ended = [key for key, (proc, _) in active.items() if proc.poll() is not None]
+                if watch is not None:
+                    watch(list(active))
+                for key in ended:
+                    proc, _ = active.pop(key)
                     record = store.read(key) or {}
                     status[key] = ("done" if proc.returncode == 0 and record.get("status") == "done" else
                                    "cancelled" if record.get("status") == "cancelled" else "failed")

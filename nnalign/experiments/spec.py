@@ -13,7 +13,7 @@ Layout (every table but ``[dataset]`` is optional; ``documentation/experiments.m
                    stop_gradient, align_distance
     [[students]]   modalities, kd, teachers
     [evaluate]     held_out, teacher_subsets, images, labels, label_convention, tta
-    [report]       enabled, tsne, kd
+    [report]       enabled, tsne, tsne_cases, kd
     [slurm]        partition, gpus, cpus, mem_gb, time_min, account, qos, sbatch, setup, signal_delay_s
 
 Subsets (``modalities``, ``teacher_subsets``) are lists of ``"T1ce"``, ``"T1,T2"`` or the words ``all-single`` (the
@@ -74,10 +74,11 @@ class EvaluateOptions:
 
 @dataclass(frozen=True)
 class ReportOptions:
-    """``nnalign_report`` at the end (``[report]``)."""
+    """``nnalign_report`` at the end (``[report]``); ``tsne_cases`` None: nnalign_report's default."""
 
     enabled: bool = True
     tsne: bool = True
+    tsne_cases: int | None = None
     kd: str | None = None
 
 
@@ -388,6 +389,7 @@ def parse_spec(data: dict, source: str, default_name: str, base: Path) -> Experi
     r = _Table(top.get("report", dict, {}, "a table"), f"{source}: [report]")
     kd_report = r.get("kd", str)
     report = ReportOptions(enabled=r.get("enabled", bool, True), tsne=r.get("tsne", bool, True),
+                           tsne_cases=_positive(r, "tsne_cases"),
                            kd=None if kd_report is None else r.wrap("kd", lambda: KD.check(kd_report)))
     r.done()
     slurm = _slurm(top.get("slurm", dict, {}, "a table"), source)

@@ -186,14 +186,13 @@ def resolve_states(grid: Grid, store: StateStore, alive: Callable[[dict], str | 
     an active status is ``queued``, ``running`` or gone (None)."""
     records = store.read_all(grid.steps)
     states: dict[str, StepState] = {}
-    report_md = grid.state_dir / "report" / "report.md"
     for key, step in grid.steps.items():
         record = records.get(key, {})
         status = record.get("status")
         out = StepState(key, "missing", record.get("job_id"), Path(record["log"]) if record.get("log") else None)
         stuck = [d for d in step.deps if states[d].state in ("failed", "cancelled", "blocked")]
         done = step.is_done()
-        if done if done is not None else _report_current(grid, step, record, states, report_md):
+        if done if done is not None else _report_current(grid, step, record, states):
             out.state = "done"
         elif status in ACTIVE and (live := alive(record)):
             out.state = live
@@ -212,9 +211,9 @@ def resolve_states(grid: Grid, store: StateStore, alive: Callable[[dict], str | 
     return states
 
 
-def _report_current(grid: Grid, step: Step, record: dict, states: dict[str, StepState], report_md: Path) -> bool:
+def _report_current(grid: Grid, step: Step, record: dict, states: dict[str, StepState]) -> bool:
     """The report was made (by this experiment) after every result it reads."""
-    if record.get("status") != "done" or not report_md.is_file():
+    if record.get("status") != "done" or not grid.report_md.is_file():
         return False
     if any(states[d].state != "done" for d in step.deps):
         return False
