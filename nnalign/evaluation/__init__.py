@@ -1,1 +1,2 @@
-"""Evaluation: per-case Dice and HD95 on WT, TC and ET with the BraTS conventions (``nnalign_evaluate``)."""
+"""Evaluation: per-case Dice and HD95 on WT, TC, ET (and RC) with the BraTS conventions (``nnalign_evaluate``), and
+the official package's lesion-wise scores (``--lesionwise``)."""
