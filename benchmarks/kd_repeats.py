@@ -96,15 +96,38 @@ def demo_command(seed: int, methods: tuple[str, ...], subset: tuple[str, ...], d
     return [*command, "--data", str(demo.data)]
 
 
+def train_command(dataset: str, device: str, epochs: int, iters_per_epoch: int, flags: list[str]) -> list[str]:
+    """The experiment grid's ``nnalign_train`` (this interpreter) of ``dataset``, fold 0, in the demo's configuration,
+    at the given length, with the role's ``flags`` (:func:`nnalign.experiments.grid.student_flags` for a student)."""
+    from nnalign.demo import demo_preset
+    from nnalign.experiments import grid
+    from nnalign.runs import TrainingLength
+
+    length = grid.length_flags(TrainingLength(epochs, iters_per_epoch))
+    return [sys.executable, "-m", *grid.train_command(dataset, demo_preset().configuration, 0, device,
+                                                      [*length, *flags])]
+
+
+def predict_command(raw: Path, subset: tuple[str, ...], predictions: Path, model: Path, device: str) -> list[str]:
+    """The experiment grid's ``nnalign_predict`` (this interpreter) of the held-out cases of the raw dataset folder
+    ``raw`` from ``subset`` alone, as the demo's evaluations run it."""
+    from nnalign.demo import demo_preset
+    from nnalign.experiments import grid
+
+    spec = demo_preset()
+    return [sys.executable, "-m", *grid.predict_command(raw / "imagesTs", predictions, model, device,
+                                                        spec.evaluate.label_convention, spec.evaluate.tta, spec.folds,
+                                                        subset)]
+
+
 def run_seed(work: Path, seed: int, runs: int, methods: tuple[str, ...], subset: tuple[str, ...],
              scores_csv: Path, demo: DemoOptions | None = None) -> None:
     """Train, predict and score every missing (run, method) of one seed, appending each to ``scores_csv``; ``demo``
     says the data (synthetic cases of the seed, or a BraTS release) and the training lengths (default: the demo's)."""
-    from nnalign.demo import (CONFIGURATION, TEACHER, DemoOptions, predict_command, reference_regions, score_row,
-                              student_flags, train_command)
+    from nnalign.demo import DemoOptions, demo_preset, evaluation_scores, reference_regions, score_row
     from nnalign.evaluation.evaluate import evaluate
+    from nnalign.experiments.grid import student_flags
     from nnalign.model_folders import FINAL_CHECKPOINT, fold_folder, model_folder
-    from nnalign.modalities import subset_tag
     from nnalign.paths import dataset_folders
     from nnalign.runs import StudentSpec
     from nnalign.training.record import read_settings_record
@@ -123,16 +146,16 @@ def run_seed(work: Path, seed: int, runs: int, methods: tuple[str, ...], subset:
     raw = Path(env["nnUNet_raw"]) / results.name
     ending = json.loads((raw / "dataset.json").read_text())["file_ending"]
     regions = reference_regions(raw / "labelsTs", ending)
-    teacher_dir = model_folder(results, TEACHER.trainer_name(), CONFIGURATION)
-    inputs = results / "nnalign_demo" / "inputs" / subset_tag(subset)
+    configuration, teacher = demo_preset().configuration, demo_preset().teachers[0].spec
+    teacher_dir = model_folder(results, teacher.trainer_name(), configuration)
     for run in range(1, runs + 1):
         run_results = results if run == 1 else seed_dir / f"run{run}" / results.name
         for kd in kds:
             if (seed, run, kd) in done:
                 continue
-            folder = model_folder(run_results, StudentSpec(subset, kd, TEACHER).trainer_name(), CONFIGURATION)
+            folder = model_folder(run_results, StudentSpec(subset, kd, teacher).trainer_name(), configuration)
             if run == 1:
-                predictions = results / "nnalign_demo" / "predictions" / folder.name / subset_tag(subset)
+                scores = evaluation_scores(results, folder, subset)  # the demo's evaluation
             else:
                 predictions = run_results / "predictions" / folder.name
                 logs = run_results / "logs"
@@ -142,13 +165,13 @@ def run_seed(work: Path, seed: int, runs: int, methods: tuple[str, ...], subset:
                 if not (fold_folder(folder, 0) / FINAL_CHECKPOINT).is_file():
                     print(f"seed {seed}, run {run}: train the {kd} student", flush=True)
                     resume = ["--c"] if (fold_folder(folder, 0) / "checkpoint_latest.pth").is_file() else []
-                    _call(train_command(results.name, "cpu", demo.student_epochs, demo.iters_per_epoch)
-                          + student_flags(subset, kd, run_teacher) + resume,
+                    _call(train_command(results.name, "cpu", demo.student_epochs, demo.iters_per_epoch,
+                                        student_flags(subset, kd, run_teacher) + resume),
                           {**env, "nnUNet_results": str(run_results.parent)}, logs / f"train_{kd}.log")
                 if not predictions.is_dir():
-                    _call(predict_command(inputs, predictions, folder, "cpu"), env, logs / f"predict_{kd}.log")
-            report = evaluate(raw / "labelsTs", predictions, labels="nnunet", output=None, progress=False)
-            row, _ = score_row(kd, subset, report.scores, regions)
+                    _call(predict_command(raw, subset, predictions, folder, "cpu"), env, logs / f"predict_{kd}.log")
+                scores = evaluate(raw / "labelsTs", predictions, labels="nnunet", output=None, progress=False).scores
+            row, _ = score_row(kd, subset, scores, regions)
             record = read_settings_record(fold_folder(folder, 0)) or {}
             _append_row(scores_csv, {"seed": seed, "run": run, "kd": kd,
                                      **{r: f"{row[f'Dice {r} with']:.4f}" for r in ("WT", "TC", "ET")},

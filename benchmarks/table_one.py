@@ -42,7 +42,8 @@ from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kd_repeats import (PAPER_GAIN, _append_row, _call, _folders, _read_rows, demo_command,  # noqa: E402
-                        paired_difference, run_spread, runs_needed, t_quantile, values_by_student)
+                        paired_difference, predict_command, run_spread, runs_needed, t_quantile, train_command,
+                        values_by_student)
 
 if TYPE_CHECKING:
     from nnalign.demo import DemoOptions
@@ -67,16 +68,15 @@ def original_of(teacher: TeacherSpec) -> BaselineSpec:
 
 def teachers() -> dict[str, AnyTeacher]:
     """Table I's teachers by anchor: the demo's P* teacher and the Original teacher trained the same way."""
-    from nnalign.demo import TEACHER
+    from nnalign.demo import demo_preset
 
-    return {P_STAR: TEACHER, ORIGINAL: original_of(TEACHER)}
+    teacher = demo_preset().teachers[0].spec
+    return {P_STAR: teacher, ORIGINAL: original_of(teacher)}
 
 
 def teacher_command(dataset: str, teacher: AnyTeacher, demo: DemoOptions) -> list[str]:
     """``nnalign_train`` of one of Table I's teachers, as long as the demo's teacher."""
-    from nnalign.demo import train_command
-
-    return train_command(dataset, demo.device, demo.teacher_epochs, demo.iters_per_epoch) + teacher.train_flags()
+    return train_command(dataset, demo.device, demo.teacher_epochs, demo.iters_per_epoch, teacher.train_flags())
 
 
 @dataclass(frozen=True)
@@ -95,18 +95,20 @@ def student_runs(run_results: Path, methods: tuple[str, ...], modalities: tuple[
                  demo: DemoOptions) -> list[StudentRun]:
     """Every student of one run whose models go to ``run_results`` (a dataset's results folder holding both teachers):
     per modality and method the P* teacher's student, then the Original teacher's."""
-    from nnalign.demo import CONFIGURATION, student_flags, train_command
+    from nnalign.demo import demo_preset
+    from nnalign.experiments.grid import student_flags
     from nnalign.model_folders import model_folder
     from nnalign.runs import StudentSpec
 
+    configuration = demo_preset().configuration
     runs = []
     for modality in modalities:
         for kd in methods:
             for anchor, teacher in teachers().items():
-                teacher_dir = model_folder(run_results, teacher.trainer_name(), CONFIGURATION)
-                folder = model_folder(run_results, StudentSpec((modality,), kd, teacher).trainer_name(), CONFIGURATION)
-                command = (train_command(run_results.name, demo.device, demo.student_epochs, demo.iters_per_epoch)
-                           + student_flags((modality,), kd, teacher_dir))
+                teacher_dir = model_folder(run_results, teacher.trainer_name(), configuration)
+                folder = model_folder(run_results, StudentSpec((modality,), kd, teacher).trainer_name(), configuration)
+                command = train_command(run_results.name, demo.device, demo.student_epochs, demo.iters_per_epoch,
+                                        student_flags((modality,), kd, teacher_dir))
                 runs.append(StudentRun(anchor, modality, kd, folder, command))
     return runs
 
@@ -125,23 +127,23 @@ def _train(what: str, folder: Path, command: list[str], env: dict[str, str], log
 
 def _demo_done(results: Path | None, methods: tuple[str, ...], first: str) -> bool:
     """Whether the demo of a seed trained its P* teacher and its run-1 students of modality ``first``."""
-    from nnalign.demo import CONFIGURATION, TEACHER
+    from nnalign.demo import demo_preset
     from nnalign.model_folders import FINAL_CHECKPOINT, fold_folder, model_folder
     from nnalign.runs import StudentSpec
 
     if results is None:
         return False
-    names = [TEACHER.trainer_name()] + [StudentSpec((first,), kd, TEACHER).trainer_name() for kd in (*methods, "none")]
-    return all((fold_folder(model_folder(results, n, CONFIGURATION), 0) / FINAL_CHECKPOINT).is_file() for n in names)
+    configuration, teacher = demo_preset().configuration, demo_preset().teachers[0].spec
+    names = [teacher.trainer_name()] + [StudentSpec((first,), kd, teacher).trainer_name() for kd in (*methods, "none")]
+    return all((fold_folder(model_folder(results, n, configuration), 0) / FINAL_CHECKPOINT).is_file() for n in names)
 
 
 def run_seed(work: Path, seed: int, runs: int, methods: tuple[str, ...], modalities: tuple[str, ...],
              scores_csv: Path, demo: DemoOptions) -> None:
     """Train, predict and score every missing (run, teacher, modality, method) of one seed, appending each to
     ``scores_csv``."""
-    from nnalign.demo import CONFIGURATION, subset_inputs, predict_command, reference_regions, score_row
+    from nnalign.demo import demo_preset, reference_regions, score_row
     from nnalign.evaluation.evaluate import evaluate
-    from nnalign.modalities import subset_tag
     from nnalign.model_folders import fold_folder, model_folder
     from nnalign.paths import dataset_folders
     from nnalign.training.record import read_settings_record
@@ -160,16 +162,16 @@ def run_seed(work: Path, seed: int, runs: int, methods: tuple[str, ...], modalit
         _call(demo_command(seed, methods, (modalities[0],), demo), env, seed_dir / "demo.log")
         results = dataset_folders(results_root, demo.dataset_id)[0]
     original = teachers()[ORIGINAL]
-    _train(f"seed {seed}: the Original teacher", model_folder(results, original.trainer_name(), CONFIGURATION),
+    configuration = demo_preset().configuration
+    _train(f"seed {seed}: the Original teacher", model_folder(results, original.trainer_name(), configuration),
            teacher_command(results.name, original, demo), env, results / "table_one_logs" / "train_original.log")
     raw = Path(env["nnUNet_raw"]) / results.name
     ending = json.loads((raw / "dataset.json").read_text())["file_ending"]
     regions = reference_regions(raw / "labelsTs", ending)
-    inputs = {m: subset_inputs(raw, (m,), results / "nnalign_demo" / "inputs" / subset_tag((m,))) for m in modalities}
     for run in range(1, runs + 1):
         run_results = results if run == 1 else seed_dir / f"run{run}" / results.name
         for teacher in teachers().values():  # a student loads its teacher from its own results folder
-            teacher_dir = model_folder(results, teacher.trainer_name(), CONFIGURATION)
+            teacher_dir = model_folder(results, teacher.trainer_name(), configuration)
             if not (run_results / teacher_dir.name).is_dir():
                 shutil.copytree(teacher_dir, run_results / teacher_dir.name)
         for student in student_runs(run_results, methods, modalities, demo):
@@ -181,7 +183,7 @@ def run_seed(work: Path, seed: int, runs: int, methods: tuple[str, ...], modalit
                    logs / f"train_{student.folder.name}.log")
             predictions = run_results / "table_one_predictions" / student.folder.name
             if len(list(predictions.glob(f"*{ending}"))) < len(regions):
-                _call(predict_command(inputs[student.modality], predictions, student.folder, demo.device), env,
+                _call(predict_command(raw, (student.modality,), predictions, student.folder, demo.device), env,
                       logs / f"predict_{student.folder.name}.log")
             report = evaluate(raw / "labelsTs", predictions, labels="nnunet", output=None, progress=False)
             row, _ = score_row(student.kd, (student.modality,), report.scores, regions)

@@ -1,46 +1,55 @@
-"""The end-to-end demo: data -> plan -> teacher -> students -> prediction with missing modalities -> evaluation ->
-report, on the CPU, each step skipped when its result already exists (so an interrupted demo resumes).
-
-Every step runs the same command a user would (``nnalign_train``, ``nnalign_predict``), as the experiment grid
-(:mod:`nnalign.experiments.grid`) writes it, or the function behind it.
+"""The end-to-end demo: its data (synthetic cases, or a BraTS release with some cases held out), then the shipped
+experiment preset ``demo`` (plan and preprocess -> teacher -> students -> prediction of the held-out cases with
+missing modalities -> evaluation -> report) run as ``nnalign_experiment run`` runs a grid (:mod:`nnalign.experiments`:
+the same commands, each run skipped when its result exists, so an interrupted demo resumes), then its summary: the
+held-out Dice per model and modality subset, and any model that collapsed.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from nnalign.errors import NnalignError
-from nnalign.experiments import grid
-from nnalign.experiments.grid import student_flags
-from nnalign.modalities import BRATS_MODALITIES, subset_tag
-from nnalign.model_folders import FINAL_CHECKPOINT, fold_folder, model_folder
-from nnalign.runs import TeacherSpec, TrainingLength
+from nnalign.experiments.spec import ExperimentSpec, Students, read_spec
+from nnalign.model_folders import EVALUATION_FILE, evaluation_folder, fold_folder, model_folder
+from nnalign.runs import StudentSpec, TrainingLength
 from nnalign.training.record import read_settings_record
 
-DEMO_SUBSETS: tuple[tuple[str, ...], ...] = (BRATS_MODALITIES, ("T1ce",), ("FLAIR",))
-CONFIGURATION = "3d_cpu"
+if TYPE_CHECKING:
+    from nnalign.experiments.grid import Grid
+    from nnalign.experiments.state import StateStore
+
+DEMO_PRESET = "demo"
+"""The preset the demo runs (``nnalign/experiments/presets/demo.toml``): dataset ID, configuration, teacher, students,
+training lengths, the subsets each model is evaluated on, the report."""
 HOLD_OUT_FRACTION = 0.2
-TEACHER = TeacherSpec(anchor="mixture", modality_dropout=0.5, subset_sampling="balanced")
-"""The demo's teacher: P*, and half of its samples missing a uniformly drawn proper subset of the modalities, so that
-the all-modality case (50 % of samples) and every single modality (3.6 % each) are both trained; independent dropout
-keeps all four in 1/15 of the samples at 0.5 (0.5^4 / (1 - 0.5^4)) and T1ce alone in 1.2 % at 0.25
-(0.25^3 x 0.75 / (1 - 0.25^4))."""
+
+
+@functools.cache
+def demo_preset() -> ExperimentSpec:
+    """The preset :data:`DEMO_PRESET`, read once."""
+    return read_spec(DEMO_PRESET)
+
+
+def _preset(value: Callable[[ExperimentSpec], Any]) -> Any:
+    """A DemoOptions field whose default is ``value`` of the demo's preset."""
+    return field(default_factory=lambda: value(demo_preset()))
 
 
 @dataclass
 class DemoOptions:
-    """What the demo trains and on which data (defaults: short runs that show the pipeline on 2 CPU cores; the
-    segmentation quality needs longer training, e.g. 50 epochs each, or a GPU)."""
+    """What the demo trains and on which data; dataset ID, lengths, students and device by default the preset's (short
+    runs that show the pipeline on 2 CPU cores; the segmentation quality needs longer training, e.g. 50 epochs each,
+    or a GPU)."""
 
-    dataset_id: int = 900
+    dataset_id: int = _preset(lambda p: p.dataset_id)
     data: Path | None = None
     cases: int = 8
     test_cases: int = 3
@@ -50,13 +59,55 @@ class DemoOptions:
     glioma_kinds: tuple[str, ...] = ("ring",)
     """Ring-enhancing gliomas only: 8 training cases are too few to learn the rarer solid and non-enhancing kinds, and
     a held-out glioma of a kind no training case shows would test the data, not the method."""
-    teacher_epochs: int = 90
-    student_epochs: int = 50
-    iters_per_epoch: int = 10
-    kd: tuple[str, ...] = ("pmkl",)
-    student_modalities: tuple[str, ...] = ("T1ce",)
-    device: str = "cpu"
-    workers: int = 2
+    teacher_epochs: int = _preset(lambda p: p.teacher_length.epochs)
+    student_epochs: int = _preset(lambda p: p.student_length.epochs)
+    iters_per_epoch: int = _preset(lambda p: p.teacher_length.iters_per_epoch)
+    kd: tuple[str, ...] = _preset(lambda p: tuple(k for k in p.students[0].kd if k != "none"))
+    student_modalities: tuple[str, ...] = _preset(lambda p: p.students[0].subsets[0])
+    device: str = _preset(lambda p: p.device)
+
+
+def demo_spec(opts: DemoOptions) -> ExperimentSpec:
+    """The demo's preset with ``opts``' dataset, device, training lengths and students (each KD method and ``none``,
+    of the preset's teacher); a ``nnUNet_n_proc_DA`` of the environment wins over the preset's data workers."""
+    preset = demo_preset()
+    students = Students((opts.student_modalities,), tuple(dict.fromkeys((*opts.kd, "none"))),
+                        (preset.teachers[0].label,))
+    return replace(preset, dataset_id=opts.dataset_id, device=opts.device, students=(students,),
+                   teacher_length=TrainingLength(opts.teacher_epochs, opts.iters_per_epoch),
+                   student_length=TrainingLength(opts.student_epochs, opts.iters_per_epoch),
+                   data_workers=None if "nnUNet_n_proc_DA" in os.environ else preset.data_workers)
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """A model of the demo: its folder, its name in the summary, the subsets it is evaluated on, its epochs."""
+
+    folder: Path
+    what: str
+    subsets: tuple[tuple[str, ...], ...]
+    epochs: int
+
+
+def demo_models(spec: ExperimentSpec, results: Path) -> list[DemoModel]:
+    """The teacher, then each student, of the demo's ``spec`` with model folders in ``results``."""
+    teacher = spec.teachers[0]
+    models = [DemoModel(model_folder(results, teacher.spec.trainer_name(), spec.configuration),
+                        f"teacher {teacher.label} (modality dropout {teacher.spec.modality_dropout:g}, "
+                        f"{teacher.spec.subset_sampling})", spec.evaluate.teacher_subsets, spec.teacher_length.epochs)]
+    for block in spec.students:
+        for subset in block.subsets:
+            for kd in block.kd:
+                name = StudentSpec(subset, kd, teacher.spec).trainer_name()
+                models.append(DemoModel(model_folder(results, name, spec.configuration),
+                                        f"student {'+'.join(subset)} ({kd})", (subset,), spec.student_length.epochs))
+    return models
+
+
+def evaluation_scores(results: Path, model: Path, subset: tuple[str, ...]) -> dict[str, dict]:
+    """``{case: scores}`` of the held-out evaluation of the model folder ``model`` from ``subset`` alone."""
+    path = evaluation_folder(results, model.name, subset) / EVALUATION_FILE
+    return json.loads(path.read_text())["cases"]
 
 
 @dataclass
@@ -142,22 +193,7 @@ class EpochLines:
                      f"{rest.split()[0]} s")
 
 
-def _run(command: list[str], log: Path, progress: EpochLines | None = None) -> None:
-    """Run one nnalign command, its output to ``log`` and, line by line, to ``progress``; a failure raises with the
-    log's last line."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                               env={**os.environ, "PYTHONUNBUFFERED": "1"}) as proc:
-        for line in proc.stdout:
-            f.write(line)
-            if progress is not None:
-                progress.feed(line)
-    if proc.returncode != 0:
-        lines = [line for line in log.read_text().splitlines() if line.strip()]
-        raise NnalignError(f"{' '.join(command[2:5])} failed: {lines[-1] if lines else 'no output'} (log: {log})")
-
-
-def _prepare_data(opts: DemoOptions, raw_root: Path, say) -> Path:
+def _prepare_data(opts: DemoOptions, raw_root: Path, processes: int, say: Callable[[str], None]) -> Path:
     from nnalign.data.raw_dataset import find_dataset_folder
 
     folder = find_dataset_folder(raw_root, opts.dataset_id)
@@ -182,7 +218,7 @@ def _prepare_data(opts: DemoOptions, raw_root: Path, say) -> Path:
     split = "protokd" if any(c.case_id in listed for c in find_cases(opts.data)) else "5fold"
     say(f"data: converting {opts.data} (split {split})")
     report = convert_brats(opts.data, opts.dataset_id, raw_root, name="DemoBraTS", split=split,
-                           num_processes=opts.workers)
+                           num_processes=processes)
     if not (report.dataset_folder / "labelsTs").is_dir():
         hold_out(report.dataset_folder, HOLD_OUT_FRACTION)
     return report.dataset_folder
@@ -207,97 +243,68 @@ def hold_out(dataset_folder: Path, fraction: float) -> list[str]:
     return held
 
 
-def subset_inputs(dataset_folder: Path, subset: tuple[str, ...], target: Path) -> Path:
-    """A folder of the held-out cases with only ``subset``'s files (links), in nnU-Net naming."""
-    ending = json.loads((dataset_folder / "dataset.json").read_text())["file_ending"]
-    target.mkdir(parents=True, exist_ok=True)
-    for channel, modality in enumerate(BRATS_MODALITIES):
-        if modality not in subset:
-            continue
-        for image in sorted((dataset_folder / "imagesTs").glob(f"*_{channel:04d}{ending}")):
-            link = target / image.name
-            if not link.exists():
-                os.symlink(image.resolve(), link)
-    return target
+class TrainingLogs:
+    """The logs of a grid's trainings followed while they run (``watch`` of :func:`nnalign.experiments.local.run_local`):
+    one line per epoch each (:class:`EpochLines`), from what the log holds beyond what earlier attempts wrote."""
 
+    def __init__(self, grid: Grid, store: StateStore, models: list[DemoModel], say: Callable[[str], None]):
+        epochs = {fold_folder(m.folder, fold): m.epochs for m in models for fold in grid.spec.folds}
+        self.store = store
+        self.lines = {k: EpochLines(epochs[s.folder], say) for k, s in grid.steps.items() if s.kind == "train"}
+        self.offsets = {k: store.log(k).stat().st_size if store.log(k).is_file() else 0 for k in self.lines}
 
-def train_command(dataset: str, device: str, epochs: int, iters_per_epoch: int) -> list[str]:
-    """The experiment grid's ``nnalign_train`` (this interpreter) of ``dataset`` in the demo's configuration, fold 0, at
-    the given length; the role's flags follow (:func:`nnalign.experiments.grid.student_flags` for a student)."""
-    flags = grid.length_flags(TrainingLength(epochs, iters_per_epoch))
-    return [sys.executable, "-m", *grid.train_command(dataset, CONFIGURATION, 0, device, flags)]
-
-
-def predict_command(inputs: Path, predictions: Path, model: Path, device: str) -> list[str]:
-    """The experiment grid's ``nnalign_predict`` (this interpreter) as the demo runs it: every file of ``inputs``,
-    no test-time mirroring, nnU-Net's label values."""
-    return [sys.executable, "-m", *grid.predict_command(inputs, predictions, model, device, "nnunet", tta=False)]
+    def __call__(self, keys: list[str]) -> None:
+        """Say the epochs that the trainings among ``keys`` finished since the last call."""
+        for key in (k for k in keys if k in self.lines):
+            with open(self.store.log(key), "rb") as f:
+                f.seek(self.offsets[key])
+                new = f.read()
+            new = new[: new.rfind(b"\n") + 1]  # whole lines; the rest is read once it ends
+            self.offsets[key] += len(new)
+            for line in new.decode(errors="replace").splitlines():
+                self.lines[key].feed(line)
 
 
 def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoResult:
-    """Run (or resume) the demo and return where its outputs are."""
-    from nnalign.evaluation.evaluate import evaluate
+    """Make the data if needed, run (or resume) the demo's grid and return where its outputs are, with the scores."""
+    from nnalign.experiments.grid import build_grid
+    from nnalign.experiments.local import run_local
+    from nnalign.experiments.slurm import alive_checker
+    from nnalign.experiments.state import StateStore, resolve_states
     from nnalign.paths import setup_env
-    from nnalign.planning.plan_and_preprocess import plan_and_preprocess
-    from nnalign.planning.status import missing_preprocessed
-    from nnalign.reporting.report import build_report
-    from nnalign.runs import StudentSpec
 
     folders = setup_env()
-    os.environ.setdefault("nnUNet_n_proc_DA", str(opts.workers))
-    raw_root, results_root = Path(folders["nnUNet_raw"]), Path(folders["nnUNet_results"])
     start = time.time()
-    dataset_folder = _prepare_data(opts, raw_root, say)
-    dataset = dataset_folder.name
-    work = results_root / dataset / "nnalign_demo"
-    preprocessed = Path(folders["nnUNet_preprocessed"]) / dataset
-    if missing_preprocessed(dataset_folder, preprocessed, CONFIGURATION) != []:
-        say(f"plan and preprocess ({CONFIGURATION})")
-        plan_and_preprocess(opts.dataset_id, [CONFIGURATION], num_processes=opts.workers, warn=lambda m: say(f"  {m}"))
-    teacher_dir = model_folder(results_root / dataset, TEACHER.trainer_name(), CONFIGURATION)
-    teacher_command = train_command(dataset, opts.device, opts.teacher_epochs, opts.iters_per_epoch)
-    models = [(teacher_dir, teacher_command + TEACHER.train_flags(),
-               f"teacher P* (modality dropout {TEACHER.modality_dropout:g}, {TEACHER.subset_sampling})",
-               opts.teacher_epochs)]
-    for kd in (*opts.kd, "none"):
-        name = StudentSpec(opts.student_modalities, kd, TEACHER).trainer_name()
-        models.append((model_folder(results_root / dataset, name, CONFIGURATION),
-                       train_command(dataset, opts.device, opts.student_epochs, opts.iters_per_epoch)
-                       + student_flags(opts.student_modalities, kd, teacher_dir),
-                       f"student {'+'.join(opts.student_modalities)} ({kd})", opts.student_epochs))
-    for folder, command, what, epochs in models:
-        if (fold_folder(folder, 0) / FINAL_CHECKPOINT).is_file():
-            say(f"train {what}: done before")
-            continue
-        log = work / "logs" / f"{folder.name}.log"
-        say(f"train {what}: {epochs} epochs x {opts.iters_per_epoch} iterations (log: {log})")
-        _run(command, log, EpochLines(epochs, say))
+    spec = demo_spec(opts)
+    dataset_folder = _prepare_data(opts, Path(folders["nnUNet_raw"]), spec.processes, say)
+    grid = build_grid(spec)
+    store = StateStore(grid.state_dir)
+    models = demo_models(spec, grid.results)
+    teacher, student = spec.teacher_length, spec.student_length
+    say(f"training: the teacher {teacher.epochs} epochs x {teacher.iters_per_epoch} iterations, each student "
+        f"{student.epochs} x {student.iters_per_epoch} (state and logs: {grid.state_dir})")
+    for key, state in resolve_states(grid, store, alive_checker()).items():
+        if state.state == "done":
+            say(f"{grid.steps[key].title}: done before")
+    failed = run_local(grid, store, 1, alive_checker, say, TrainingLogs(grid, store, models, say))
+    if failed:
+        error = (store.read(failed[0]) or {}).get("error") or "see its log"
+        raise NnalignError(f"{grid.steps[failed[0]].title} failed: {error} (log: {store.log(failed[0])}); run "
+                           f"nnalign_demo again to retry")
 
     rows, warnings = [], []
     ending = json.loads((dataset_folder / "dataset.json").read_text())["file_ending"]
     regions = reference_regions(dataset_folder / "labelsTs", ending)
-    for folder, _, what, _ in models:
-        record = read_settings_record(fold_folder(folder, 0)) or {}
+    for model in models:
+        record = read_settings_record(fold_folder(model.folder, spec.folds[0])) or {}
         if record.get("collapse_warning"):
-            warnings.append(f"{what}: {record['collapse_warning']}")
-        subsets = DEMO_SUBSETS if folder == teacher_dir else (opts.student_modalities,)
-        for subset in subsets:
-            tag = subset_tag(subset)
-            inputs = subset_inputs(dataset_folder, subset, work / "inputs" / tag)
-            predictions = work / "predictions" / folder.name / tag
-            say(f"predict {tag} held-out cases with {what}")
-            _run(predict_command(inputs, predictions, folder, opts.device),
-                 work / "logs" / f"predict_{folder.name}_{tag}.log")
-            metrics = results_root / dataset / "nnalign_evaluations" / folder.name / tag / "metrics.csv"
-            report = evaluate(dataset_folder / "labelsTs", predictions, labels="nnunet", output=metrics,
-                              progress=False)
-            row, missed = score_row(what, subset, report.scores, regions)
+            warnings.append(f"{model.what}: {record['collapse_warning']}")
+        for subset in model.subsets:
+            row, missed = score_row(model.what, subset, evaluation_scores(grid.results, model.folder, subset), regions)
             rows.append(row)
             warnings.extend(missed)
-    say("report")
-    report = build_report(results_root / dataset, tsne_cases=1)
     say(f"done in {(time.time() - start) / 60:.1f} min")
-    return DemoResult(dataset, results_root / dataset, report.report_md, rows, warnings)
+    return DemoResult(grid.dataset, grid.results, grid.report_md, rows, warnings)
 
 
 def parse_kd_methods(spec: str) -> tuple[str, ...]:

@@ -245,9 +245,10 @@ def test_table_one_imp_is_p_star_students_minus_original_students_with_students_
 def test_table_one_trains_the_original_teachers_students_like_the_p_star_teachers():
     """Every (modality, method) has a student of the P* teacher and one of the Original teacher, each told its own
     teacher's folder; the Original teacher trains with the P* teacher's modality dropout and subset sampling."""
-    from nnalign.demo import TEACHER, DemoOptions
+    from nnalign.demo import DemoOptions, demo_preset
 
     table_one = _benchmark_module("table_one")
+    p_star = demo_preset().teachers[0].spec
     results = Path("/w/seed1/run2/Dataset900_DemoSyntheticBraTS")
     demo = DemoOptions(student_epochs=4, teacher_epochs=6, iters_per_epoch=3)
     runs = table_one.student_runs(results, ("pmkl", "kdnet"), ("T1ce", "FLAIR"), demo)
@@ -265,8 +266,8 @@ def test_table_one_trains_the_original_teachers_students_like_the_p_star_teacher
     original = table_one.teacher_command(results.name, table_one.teachers()["original"], demo)
     flags = dict(zip(original[6::2], original[7::2]))
     assert flags["--anchor"] == "original" and flags["--epochs"] == "6"
-    assert float(flags["--modality-dropout"]) == TEACHER.modality_dropout
-    assert flags["--subset-sampling"] == TEACHER.subset_sampling
+    assert float(flags["--modality-dropout"]) == p_star.modality_dropout
+    assert flags["--subset-sampling"] == p_star.subset_sampling
 
 
 def test_table_one_series_trains_the_original_teacher_and_its_students_and_resumes(tmp_path, monkeypatch):
@@ -275,19 +276,20 @@ def test_table_one_series_trains_the_original_teacher_and_its_students_and_resum
     nothing."""
     import types
 
-    from nnalign.demo import CONFIGURATION, TEACHER, DemoOptions
+    from nnalign.demo import DemoOptions, demo_preset
     from nnalign.model_folders import FINAL_CHECKPOINT, fold_folder, model_folder
     from nnalign.runs import StudentSpec
 
     table_one = _benchmark_module("table_one")
+    configuration, teacher = demo_preset().configuration, demo_preset().teachers[0].spec
     results = tmp_path / "seed1" / "nnalign_results" / "Dataset900_DemoSyntheticBraTS"
     raw = tmp_path / "seed1" / "nnalign_raw_data" / results.name
     (raw / "labelsTs").mkdir(parents=True)
     (raw / "imagesTs").mkdir()
     (raw / "dataset.json").write_text('{"file_ending": ".nii.gz"}')
     original = table_one.teachers()["original"]
-    for spec in (TEACHER, StudentSpec(("T1ce",), "pmkl", TEACHER), StudentSpec(("T1ce",), "none", TEACHER)):
-        final = fold_folder(model_folder(results, spec.trainer_name(), CONFIGURATION), 0) / FINAL_CHECKPOINT
+    for spec in (teacher, StudentSpec(("T1ce",), "pmkl", teacher), StudentSpec(("T1ce",), "none", teacher)):
+        final = fold_folder(model_folder(results, spec.trainer_name(), configuration), 0) / FINAL_CHECKPOINT
         final.parent.mkdir(parents=True)
         final.touch()
     calls = []
@@ -295,7 +297,7 @@ def test_table_one_series_trains_the_original_teacher_and_its_students_and_resum
     def fake_call(command, env, log):
         calls.append(command)
         if "--anchor" in command:  # the Original teacher
-            final = fold_folder(model_folder(results, original.trainer_name(), CONFIGURATION), 0) / FINAL_CHECKPOINT
+            final = fold_folder(model_folder(results, original.trainer_name(), configuration), 0) / FINAL_CHECKPOINT
             final.parent.mkdir(parents=True)
             final.touch()
 
@@ -311,7 +313,7 @@ def test_table_one_series_trains_the_original_teacher_and_its_students_and_resum
     assert sorted(s["--modalities"] for s in of_original) == ["FLAIR", "FLAIR", "T1ce", "T1ce"]
     run2 = tmp_path / "seed1" / "run2" / results.name
     assert {Path(s["--teacher"]).parent for s in students} == {results, run2}
-    assert (run2 / model_folder(results, original.trainer_name(), CONFIGURATION).name).is_dir()
+    assert (run2 / model_folder(results, original.trainer_name(), configuration).name).is_dir()
     with open(tmp_path / "table_one.csv") as f:
         assert len(f.readlines()) == 1 + 8
     calls.clear()

@@ -25,7 +25,7 @@ from nnalign.runs import BaselineSpec, StudentSpec, TeacherSpec
 
 P_STAR = TeacherSpec("mixture").trainer_name()  # nnAlignTeacher_mixture_drop0p5: P*'s default dropout
 
-PRESETS = ("paper-table-I", "paper-table-III", "paper-table-IV", "paper-all", "cpu-evidence")
+PRESETS = ("paper-table-I", "paper-table-III", "paper-table-IV", "paper-all", "cpu-evidence", "demo")
 RECIPE_PRESETS = tuple(f"{name}-recipe" for name in PRESETS[:4])
 
 
@@ -47,6 +47,7 @@ def test_every_preset_is_shipped_and_plans(paper_data):
     for preset in PRESETS[:4]:
         grid = build_grid(read_spec(preset))
         sizes[preset] = sum(r.kind == "train" for r in grid.steps.values())
+        assert "--tsne-cases" not in grid.steps["report"].commands[0]  # nnalign_report's default: no [report] key
         assert all(d in grid.steps and list(grid.steps).index(d) < list(grid.steps).index(k)
                    for k, r in grid.steps.items() for d in r.deps)  # dependency order
     # 5 teachers; 4 singles x 5 KD settings x 5 teachers; 15 subsets x 2 teachers; the union shares 8 students
@@ -193,6 +194,7 @@ BAD_SPECS = [
     ("[dataset]\nid = 18\n[[teachers]]\n[slurm]\nsbatch = ['constraint=a100']\n", "not of the form --option"),
     ("[dataset]\nid = 18\n[[teachers]\n", "not valid TOML"),
     ("[dataset]\nid = 19\n[[teachers]]\n", "dataset 19 is in neither"),
+    ("[dataset]\nid = 18\n[[teachers]]\n[report]\ntsne_cases = 0\n", "tsne_cases must be 1 or more"),
 ]
 
 
@@ -287,6 +289,28 @@ def test_state_lock_corrupt_file_and_a_result_removed_by_hand(paper_data):
     store.path(key).write_text("{half a")
     with pytest.raises(NnalignError, match="not a readable state file"):
         resolve_states(grid, store, lambda record: None)
+
+
+def test_the_local_executor_shows_a_watcher_each_run_until_its_log_is_whole(tmp_path):
+    """``watch`` gets the runs going on at every look, the last time after the run ended, with all it wrote in its
+    log (what nnalign_demo's epoch lines rely on)."""
+    import types
+
+    from nnalign.experiments.grid import Grid, Step
+    from nnalign.experiments.local import run_local
+
+    (tmp_path / "in.json").write_text('{"written": "before the end"}')
+    done = tmp_path / "out.json"
+    step = Step("a", "train", "a run that prints", (("json.tool", str(tmp_path / "in.json")),
+                                                    ("json.tool", str(tmp_path / "in.json"), str(done))), done_file=done)
+    spec = types.SimpleNamespace(data_workers=None, device="cpu")
+    grid = Grid(spec, "Dataset001_X", {}, tmp_path / "state", {"a": step})
+    store = StateStore(grid.state_dir)
+    seen = []
+    failed = run_local(grid, store, 1, lambda: (lambda record: None), say=lambda m: None,
+                       watch=lambda keys: seen.append(store.log("a").read_text() if keys else None))
+    assert failed == [] and done.is_file()
+    assert seen[-1] == store.log("a").read_text() and '"written": "before the end"' in seen[-1]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

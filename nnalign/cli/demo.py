@@ -37,9 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Synthetic BraTS-like cases (or --data, a BraTS release) -> plan and preprocess (3d_cpu) -> "
                     "teacher with the learned mixture anchor P* -> a T1ce student distilled with one KD method and "
                     "its no-distillation baseline -> prediction of held-out cases with missing modalities -> "
-                    "evaluation -> report. Short runs by default (the pipeline, not the paper's numbers: raise the "
-                    "epochs, or use -device cuda, for real results); an interrupted demo resumes. Data and results "
-                    "go to nnU-Net's folders (default ./nnalign_*).")
+                    "evaluation -> report: the experiment preset demo with the options below, run as "
+                    "nnalign_experiment runs a grid. Short runs by default (the pipeline, not the paper's numbers: "
+                    "raise the epochs, or use -device cuda, for real results); an interrupted demo resumes, reusing "
+                    "every finished run. Data and results go to nnU-Net's folders (default ./nnalign_*).")
     p.add_argument("-d", dest="dataset_id", type=int, default=defaults.dataset_id,
                    help="dataset ID to use (default: %(default)s)")
     p.add_argument("--kd", default=",".join(defaults.kd), metavar="METHODS",

@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Turn an experiment SPEC (a TOML file, or a preset: paper-table-I, paper-table-III, "
                     "paper-table-IV, paper-all, each also as NAME-recipe with the paper's training recipe, "
-                    "cpu-evidence) into its runs: convert and preprocess, teachers, their "
+                    "cpu-evidence, demo) into its runs: convert and preprocess, teachers, their "
                     "students, evaluation of the held-out cases, the report; run them in dependency order on this "
                     "machine or on Slurm, resumably. Runs whose result exists are reused, whoever made them. State "
                     "lives in {nnUNet_results}/DATASET/nnalign_experiments/NAME (documentation/experiments.md).")
