@@ -92,7 +92,7 @@ def build_brats_sized_model(work: Path, case: Path) -> tuple[Path, Path]:
         manager, configuration, len(modalities), manager.get_label_manager(dataset_json).num_segmentation_heads,
         enable_deep_supervision=False)
     torch.save({"network_weights": network.state_dict(), "trainer_name": trainer,
-                "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset_json},
+                "init_args": {"configuration": "3d_fullres"},  # all nnU-Net's predictor reads of them
                 "inference_allowed_mirroring_axes": (0, 1, 2)}, model / "fold_0" / "checkpoint_final.pth")
     found, = find_cases(case)
     images = work / "brats_case"
@@ -183,18 +183,18 @@ def main() -> None:
             images = args.input
         else:
             model, images = build_model(work, env)
-        rows = [row for mirroring in MIRRORING[args.mirroring]
-                for row in compare(model.parent.name, model, images, work, env, args.device, mirroring, args.repeats)]
+        print(f"{args.device}, {os.cpu_count()} cores, median of {args.repeats} run(s) each, per case\n")
+        print("| model | mirroring | command | time per case (s) | vs nnUNetv2_predict | peak memory (MiB) | "
+              "agreement with torch (voxels / max Dice diff) |\n|---|---|---|---|---|---|---|", flush=True)
+        for mirroring in MIRRORING[args.mirroring]:
+            print("\n".join(compare(model.parent.name, model, images, work, env, args.device, mirroring,
+                                    args.repeats)), flush=True)
         if args.brats:
             big, big_images = build_brats_sized_model(work, args.brats)
             env = {**env, "nnUNet_results": str(work / "results")}
-            rows += [row for mirroring in MIRRORING[args.brats_mirroring]
-                     for row in compare("BraTS-sized, 3d_fullres", big, big_images, work, env, args.device,
-                                        mirroring, args.repeats)]
-    print(f"{args.device}, {os.cpu_count()} cores, median of {args.repeats} run(s) each, per case\n")
-    print("| model | mirroring | command | time per case (s) | vs nnUNetv2_predict | peak memory (MiB) | "
-          "agreement with torch (voxels / max Dice diff) |\n|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
+            for mirroring in MIRRORING[args.brats_mirroring]:
+                print("\n".join(compare("BraTS-sized, 3d_fullres", big, big_images, work, env, args.device,
+                                        mirroring, args.repeats)), flush=True)
 
 
 if __name__ == "__main__":
