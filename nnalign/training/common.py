@@ -129,15 +129,14 @@ class SettingsRecord:
     rank 0 when training starts and after every epoch. A trainer adds its own keys to :meth:`settings_record`."""
 
     role: str = ""
-    collapse_warning: str | None = None
 
     def settings_record(self) -> dict:
-        """What every record holds: versions, role, data, fold, length and a collapse warning."""
+        """What every record holds: versions, role, data, fold, length, and :class:`CollapseCheck`'s warning."""
         return {
             "nnalign_version": __version__,
             "method_version": METHOD_VERSION,
             "role": self.role,
-            "collapse_warning": self.collapse_warning,
+            "collapse_warning": getattr(self, "collapse_warning", None),
             "trainer": type(self).__name__,
             "dataset": self.plans_manager.dataset_name,
             "plans": self.plans_manager.plans_name,
@@ -163,9 +162,11 @@ class SettingsRecord:
             self.write_settings_record()
 
 
-class CollapseCheck(SettingsRecord):
+class CollapseCheck:
     """Trainer mixin: at the end of training, warn (log, stderr, settings record) when a region's validation
     pseudo-Dice stayed 0 for the last third of training, i.e. the model learned to predict background there."""
+
+    collapse_warning: str | None = None
 
     def on_train_end(self) -> None:
         super().on_train_end()

@@ -26,9 +26,9 @@ from nnalign.losses.kd import build_kd
 from nnalign.modalities import channel_indices
 from nnalign.model_folders import FINAL_CHECKPOINT, fold_folder, model_folder
 from nnalign.networks.align_unet import as_outputs, nnAlignStudentUNet
-from nnalign.training.common import (CollapseCheck, FiniteLoss, SafeCheckpoints, apply_plans_training,
-                                     apply_training_length, checkpoint_write, fit_deep_supervision,
-                                     average_gradients_over_ranks, gathered_over_ranks, optimizer_step)
+from nnalign.training.common import (CollapseCheck, FiniteLoss, SafeCheckpoints, SettingsRecord,
+                                     apply_plans_training, apply_training_length, checkpoint_write,
+                                     fit_deep_supervision, average_gradients_over_ranks, gathered_over_ranks, optimizer_step)
 from nnalign.training.optim import optimizer_from_plans
 from nnalign.runs import StudentSpec
 from nnalign.training.teacher_trainer import plans_modalities, teacher_trainer_class, unwrap
@@ -53,7 +53,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-class nnAlignStudentTrainer(CollapseCheck, FiniteLoss, SafeCheckpoints, nnUNetTrainer):
+class nnAlignStudentTrainer(CollapseCheck, SettingsRecord, FiniteLoss, SafeCheckpoints, nnUNetTrainer):
     """nnU-Net's trainer for a student distilled from a frozen nnalign teacher (see the module docstring)."""
 
     role = "student"

@@ -21,8 +21,8 @@ from nnalign.errors import NnalignError
 from nnalign.networks.anchors import MixtureAnchor, modality_gap
 from nnalign.modalities import BRATS_MODALITIES
 from nnalign.networks.align_unet import nnAlignStudentUNet, nnAlignTeacherUNet
-from nnalign.training.common import (CollapseCheck, FiniteLoss, SafeCheckpoints, apply_plans_training,
-                                     apply_training_length, fit_deep_supervision,
+from nnalign.training.common import (CollapseCheck, FiniteLoss, SafeCheckpoints, SettingsRecord,
+                                     apply_plans_training, apply_training_length, fit_deep_supervision,
                                      gathered_over_ranks, optimizer_step)
 from nnalign.training.optim import optimizer_from_plans
 from nnalign.training.presence import sample_presence, zero_absent
@@ -53,7 +53,7 @@ def unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return network
 
 
-class nnAlignBaselineTrainer(CollapseCheck, FiniteLoss, SafeCheckpoints, nnUNetTrainer):
+class nnAlignBaselineTrainer(CollapseCheck, SettingsRecord, FiniteLoss, SafeCheckpoints, nnUNetTrainer):
     """nnU-Net's trainer for the plain baseline on all modalities stacked, with nnalign's modality dropout (the
     dropped input channels zeroed), training length, optimizer and settings record. The aligned teacher extends it.
 
@@ -195,7 +195,8 @@ class nnAlignTeacherTrainer(nnAlignBaselineTrainer):
     def network_class_and_kwargs(cls, arch_kwargs: dict, modalities: tuple[str, ...]) -> tuple[str, dict]:
         spec = cls.spec
         return TEACHER_NETWORK, {"modalities": list(modalities), "anchor": spec.anchor,
-                                 "shared_encoder": spec.shared_encoder, "latent_level": spec.latent_level_for(arch_kwargs),
+                                 "shared_encoder": spec.shared_encoder,
+                                 "latent_level": spec.latent_level_for(arch_kwargs),
                                  "stop_gradient": spec.stop_gradient, "align_distance": spec.align_distance}
 
     def alignment_loss(self, parts: dict) -> tuple[torch.Tensor, torch.Tensor]:
