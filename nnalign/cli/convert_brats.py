@@ -6,6 +6,7 @@ import os
 
 from nnalign.cli.parsing import CommandParser, positive_int
 from nnalign.errors import cli_entry
+from nnalign.modalities import BRATS_MODALITIES
 
 # Kept equal to nnalign.data.convert_brats.LABEL_CHOICES (a test checks), so that --help needs no numpy.
 LABEL_CHOICES = ("auto", "brats2018", "brats2023", "brats2024")
@@ -32,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "3 occurs and 4 does not (default: %(default)s)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip cases with bad files and list them, instead of stopping")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="keep cases that have no file for some modalities (not for all): they are written without "
+                        "them and listed in dataset.json (nnalign.missing_modalities); teachers train on them with "
+                        "the absent modalities filled by the anchor. Without it such a case is a bad case")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset with the same ID")
     p.add_argument("-np", dest="num_processes", type=positive_int, default=min(4, os.cpu_count() or 1),
                    help="worker processes (default: %(default)s)")
@@ -54,13 +59,17 @@ def main() -> int:
     try:
         report = convert_brats(args.source, args.dataset_id, raw, name=args.name, split=args.split,
                                skip_bad=args.skip_bad, overwrite=args.overwrite, num_processes=args.num_processes,
-                               labels=args.labels)
+                               labels=args.labels, allow_missing=args.allow_missing)
     except NothingConverted as e:
         print_skipped(e.skipped)
         raise
     for note in report.split_notes:
         print(f"note: {note}")
     print_skipped(report.skipped)
+    if report.missing:
+        counts = {m: sum(m in absent for absent in report.missing.values()) for m in BRATS_MODALITIES}
+        print(f"{len(report.missing)} cases lack some modalities (recorded in dataset.json): "
+              + ", ".join(f"{m} {n}" for m, n in counts.items() if n))
     print(f"Wrote {report.dataset_folder}: {report.num_training} training cases, {report.num_test} test cases, "
           f"labels from {report.label_convention}" + (f", {len(report.skipped)} skipped" if report.skipped else ""))
     return 0

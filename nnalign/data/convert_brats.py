@@ -1,7 +1,9 @@
 """Convert a BraTS release folder into an nnU-Net raw dataset (channels T1, T1ce, T2, FLAIR; nnU-Net BraTS labels).
 
 The result is interchangeable with nnU-Net's own ``Dataset137_BraTS21``-style conversion. Every case is checked
-(all four modalities present and readable, one geometry across modalities and segmentation, BraTS label values)
+(all four modalities present and readable, one geometry across modalities and segmentation, BraTS label values;
+with ``allow_missing`` a case may lack some modalities' files, recorded in dataset.json by
+:mod:`nnalign.data.missing`)
 and the dataset is built in a staging folder that replaces the target in one rename, so a failed conversion
 leaves nothing behind. The label convention is the release's, detected from all its segmentations together
 (:func:`nnalign.data.labels.detect_convention`) unless given; a BraTS 2024+ release with the resection cavity trains
@@ -48,11 +50,12 @@ class NothingConverted(NnalignError):
 
 @dataclass
 class CaseResult:
-    """What converting one case produced: its source label counts."""
+    """What converting one case produced: its source label counts and the modalities it has no file for."""
 
     case_id: str
     labelled: bool
     source_label_counts: dict[int, int] = field(default_factory=dict)
+    missing: tuple[str, ...] = ()
 
 
 @dataclass
@@ -66,6 +69,11 @@ class ConversionReport:
     skipped: dict[str, str] = field(default_factory=dict)
     split_notes: list[str] = field(default_factory=list)
     cases: dict[str, CaseResult] = field(default_factory=dict)
+
+    @property
+    def missing(self) -> dict[str, tuple[str, ...]]:
+        """``{case: modalities without a file}`` of the converted cases that lack some."""
+        return {cid: res.missing for cid, res in self.cases.items() if res.missing}
 
 
 def read_seg(case: BratsCase):
@@ -91,17 +99,23 @@ def seg_values(case: BratsCase) -> set[int]:
         raise NnalignError(f"{case.case_id}: {case.seg.name}: {e}") from None
 
 
-def convert_case(case: BratsCase, images_dir: Path, labels_dir: Path | None, convention: str) -> CaseResult:
+def convert_case(case: BratsCase, images_dir: Path, labels_dir: Path | None, convention: str,
+                 allow_missing: bool = False) -> CaseResult:
     """Check one case and write it into nnU-Net naming, its labels read in ``convention``; raises NnalignError naming
-    the case, file and problem."""
+    the case, file and problem. With ``allow_missing`` a case without some modalities' files is written without
+    them (never without every one)."""
     import SimpleITK as sitk
 
-    missing = case.missing_modalities()
-    if missing:
+    missing = tuple(case.missing_modalities())
+    if len(missing) == len(BRATS_MODALITIES):
+        raise NnalignError(f"{case.case_id}: no image file (expected e.g. {case.expected_file(missing[0])} in "
+                           f"{case.folder})")
+    if missing and not allow_missing:
         raise NnalignError(f"{case.case_id}: missing {missing[0]} file (expected {case.expected_file(missing[0])} "
-                           f"in {case.folder})")
-    result = CaseResult(case.case_id, labelled=case.seg is not None and labels_dir is not None)
-    check_case_images(case, BRATS_MODALITIES, seg=result.labelled, require_signal=True)
+                           f"in {case.folder}; --allow-missing keeps such cases)")
+    present = [m for m in BRATS_MODALITIES if m not in missing]
+    result = CaseResult(case.case_id, labelled=case.seg is not None and labels_dir is not None, missing=missing)
+    check_case_images(case, present, seg=result.labelled, require_signal=True)
     if result.labelled:
         seg_image = read_seg(case)
         seg = sitk.GetArrayViewFromImage(seg_image)
@@ -115,6 +129,8 @@ def convert_case(case: BratsCase, images_dir: Path, labels_dir: Path | None, con
         out.CopyInformation(seg_image)
         _write(lambda dst: write_image(out, dst), labels_dir / f"{case.case_id}{FILE_ENDING}")
     for channel, m in enumerate(BRATS_MODALITIES):
+        if m in missing:
+            continue
         src, dst = case.images[m], images_dir / image_filename(case.case_id, channel)
         if src.name.lower().endswith(".nii.gz"):
             _write(lambda target: shutil.copyfile(src, target), dst)
@@ -180,7 +196,7 @@ def _assign_protokd(cases: list[BratsCase], notes: list[str]) -> dict[str, str]:
 
 def convert_brats(source: Path, dataset_id: int, raw_root: Path, name: str | None = None, split: str = "5fold",
                   skip_bad: bool = False, overwrite: bool = False, num_processes: int = 2,
-                  progress: bool = True, labels: str = "auto") -> ConversionReport:
+                  progress: bool = True, labels: str = "auto", allow_missing: bool = False) -> ConversionReport:
     """Convert the BraTS release at ``source`` into ``raw_root/DatasetXXX_name`` and return a report.
 
     Labelled cases go to ``imagesTr``/``labelsTr``; cases without a segmentation (validation releases) go to
@@ -188,6 +204,8 @@ def convert_brats(source: Path, dataset_id: int, raw_root: Path, name: str | Non
     and its test cases go to ``imagesTs``/``labelsTs``. With ``skip_bad`` a bad case is skipped and reported
     instead of stopping the conversion. ``labels``: the release's label convention (one of
     :data:`~nnalign.data.labels.BRATS_CONVENTIONS`), or ``auto`` to detect it from all segmentations together.
+    With ``allow_missing`` a case without some modalities' files is kept and recorded in dataset.json
+    (:mod:`nnalign.data.missing`); without, it is a bad case.
     """
     if split not in SPLITS:
         raise NnalignError(f"unknown split '{split}' (choose from {', '.join(SPLITS)})")
@@ -211,10 +229,11 @@ def convert_brats(source: Path, dataset_id: int, raw_root: Path, name: str | Non
         for c in cases:
             test = assignment[c.case_id] == "test" or c.seg is None
             jobs.append((c, dirs["imagesTs" if test else "imagesTr"],
-                         (dirs["labelsTs"] if test else dirs["labelsTr"]) if c.seg is not None else None, convention))
+                         (dirs["labelsTs"] if test else dirs["labelsTr"]) if c.seg is not None else None, convention,
+                         allow_missing))
         results = _run_jobs(_convert_job, jobs, num_processes, progress, "Converting cases")
         ok: dict[str, CaseResult] = {}
-        for (case, _, _, _), res in zip(jobs, results):
+        for (case, *_), res in zip(jobs, results):
             if isinstance(res, NnalignError):
                 if not skip_bad or isinstance(res, WriteError):
                     raise res
@@ -225,7 +244,7 @@ def convert_brats(source: Path, dataset_id: int, raw_root: Path, name: str | Non
         skipped = dict(sorted(skipped.items()))
         if not ok:
             raise NothingConverted(f"{source}: no case could be converted ({len(skipped)} skipped as bad)", skipped)
-        train_ids = sorted(case.case_id for case, images_dir, _, _ in jobs
+        train_ids = sorted(case.case_id for case, images_dir, *_ in jobs
                            if case.case_id in ok and images_dir == dirs["imagesTr"])
         for d in dirs.values():
             if not any(d.iterdir()):
@@ -234,6 +253,7 @@ def convert_brats(source: Path, dataset_id: int, raw_root: Path, name: str | Non
                            description=f"Converted by nnalign from {source.resolve().name}",
                            source_label_convention=convention, reference=CITATION,
                            cavity=CAVITY in CONVENTIONS[convention],
+                           missing={cid: res.missing for cid, res in ok.items() if res.missing},
                            extra={"source_naming": sorted({c.naming for c in cases if c.case_id in ok})})
         if split == "protokd":
             folds = [{"train": [c for c in train_ids if assignment[c] == "train"],

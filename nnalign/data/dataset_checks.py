@@ -58,11 +58,19 @@ def training_cases(folder: Path, dataset_json: dict) -> list[BratsCase]:
     """The training cases of a raw dataset (from ``imagesTr`` and ``labelsTr``, as nnU-Net finds them, or from
     dataset.json's ``dataset`` list), each with its channel files keyed by file name and its label map.
 
-    Raises NnalignError naming the case and the file when a channel file or a label map is missing.
+    Raises NnalignError naming the case and the file when a channel file or a label map is missing, unless
+    dataset.json records the modality as absent for that case (:mod:`nnalign.data.missing`, ``imagesTr`` datasets
+    only); then a file for it is an error.
     """
+    from nnalign.data.missing import MISSING_KEY, missing_modalities, present_channels
+
     folder = Path(folder)
     ending = dataset_json["file_ending"]
     channels = sorted(int(c) for c in dataset_json["channel_names"])
+    missing = missing_modalities(dataset_json, str(folder / "dataset.json"))
+    if "dataset" in dataset_json and missing:
+        raise NnalignError(f"{folder / 'dataset.json'}: nnalign.{MISSING_KEY} works with imagesTr's naming only, "
+                           f"not with a 'dataset' list")
     if "dataset" in dataset_json:
         cases = []
         for case_id, entry in sorted(dataset_json["dataset"].items()):
@@ -78,11 +86,17 @@ def training_cases(folder: Path, dataset_json: dict) -> list[BratsCase]:
     ids |= {p.name[: -len(ending)] for p in labels.glob(f"*{ending}")}
     cases = []
     for case_id in sorted(ids):
-        paths = [images / f"{case_id}_{c:04d}{ending}" for c in channels]
-        missing = [p.name for p in paths if not p.is_file()]
-        if missing:
-            raise NnalignError(f"{folder}: {case_id}: {missing[0]} is missing from imagesTr (dataset.json names "
+        present = present_channels(dataset_json, case_id)
+        paths = [images / f"{case_id}_{c:04d}{ending}" for c in channels if c in present]
+        lacking = [p.name for p in paths if not p.is_file()]
+        if lacking:
+            raise NnalignError(f"{folder}: {case_id}: {lacking[0]} is missing from imagesTr (dataset.json names "
                                f"{len(channels)} channels, {', '.join(dataset_json['channel_names'].values())})")
+        extra = [images / f"{case_id}_{c:04d}{ending}" for c in channels if c not in present]
+        extra = [p.name for p in extra if p.exists()]
+        if extra:
+            raise NnalignError(f"{folder}: {case_id}: {extra[0]} exists, but dataset.json's nnalign.{MISSING_KEY} "
+                               f"says the case lacks that modality")
         seg = labels / f"{case_id}{ending}"
         if not seg.is_file():
             raise NnalignError(f"{folder}: {case_id}: no label map {seg.name} in labelsTr")
@@ -130,9 +144,17 @@ def check_raw_dataset(folder: Path, dataset_json: dict, num_processes: int = 1) 
     ``num_processes`` workers and return how many there are; NnalignError naming the first bad case."""
     import multiprocessing
 
+    from nnalign.data.missing import missing_modalities
+    from nnalign.modalities import modalities_from_dataset_json
+
     cases = training_cases(folder, dataset_json)
     if not cases:
         raise NnalignError(f"{folder}: no training cases in imagesTr and labelsTr (nothing to plan from)")
+    missing = missing_modalities(dataset_json)
+    for m in modalities_from_dataset_json(dataset_json):
+        if all(m in missing.get(c.case_id, ()) for c in cases):
+            raise NnalignError(f"{folder}: no training case has {m} (dataset.json's nnalign.missing_modalities): "
+                               f"nothing to normalise it by")
     allowed = sorted(label_values(dataset_json))
     jobs = [(case, allowed) for case in cases]
     if num_processes <= 1 or len(jobs) == 1:

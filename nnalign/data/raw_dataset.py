@@ -7,9 +7,10 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from nnalign.data.labels import nnunet_dataset_labels
+from nnalign.data.missing import MISSING_KEY
 from nnalign.errors import NnalignError
 from nnalign.modalities import BRATS_MODALITIES
 from nnalign.paths import DATASET_NAME_RE, dataset_folders, dataset_name
@@ -99,16 +100,20 @@ def build_dataset_folder(raw_root: Path, dataset_id: int, name: str, overwrite: 
 def write_dataset_json(folder: Path, num_training: int, dataset_name: str, *,
                        modalities: Sequence[str] = BRATS_MODALITIES, description: str = "",
                        source_label_convention: str | None = None, reference: str = "",
-                       extra: dict | None = None, cavity: bool = False) -> dict:
+                       extra: dict | None = None, cavity: bool = False,
+                       missing: Mapping[str, Sequence[str]] | None = None) -> dict:
     """Write nnU-Net's dataset.json for a BraTS-style region dataset and return it.
 
     ``source_label_convention`` (``brats2018``, ``brats2023`` or ``brats2024``) is recorded under ``nnalign`` so that
     predictions can be written back in the convention of the release the data came from. ``cavity``: the labels hold
-    the resection cavity (4), trained as the region RC after WT, TC and ET.
+    the resection cavity (4), trained as the region RC after WT, TC and ET. ``missing``: ``{case: modalities}`` of
+    the cases that have no file for some modalities (:mod:`nnalign.data.missing`).
     """
     info = {"modalities": list(modalities)}
     if source_label_convention:
         info["source_label_convention"] = source_label_convention
+    if missing:
+        info[MISSING_KEY] = {case: list(names) for case, names in sorted(missing.items())}
     if extra:
         info.update(extra)
     labels, regions_class_order = nnunet_dataset_labels(cavity)

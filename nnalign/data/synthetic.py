@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
@@ -362,23 +362,26 @@ def _write_nifti(array: np.ndarray, path: Path) -> None:
 
 
 def _write_case(images_dir: Path, labels_dir: Path, case: str, shape: tuple[int, int, int], seed: int,
-                options: CaseOptions) -> None:
+                options: CaseOptions, absent: Sequence[str] = ()) -> None:
     images, seg = generate_case(shape, seed, options)
     for c, modality in enumerate(BRATS_MODALITIES):
-        _write_nifti(images[modality], images_dir / image_filename(case, c))
+        if modality not in absent:
+            _write_nifti(images[modality], images_dir / image_filename(case, c))
     _write_nifti(seg, labels_dir / f"{case}.nii.gz")
 
 
 def write_synthetic_dataset(raw_root: str | Path, dataset_id: int, num_cases: int,
                             shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0, num_test: int = 0,
                             name: str = "SyntheticBraTS", overwrite: bool = False,
-                            options: CaseOptions = CaseOptions()) -> Path:
+                            options: CaseOptions = CaseOptions(),
+                            missing: Mapping[str, Sequence[str]] | None = None) -> Path:
     """Write ``num_cases`` training cases (``SYN_0000``, ...) and ``num_test`` held-out cases (``SYNTS_0000``, ...,
     images in ``imagesTs``, references in ``labelsTs``) as the nnU-Net raw dataset ``raw_root/DatasetXXX_name``.
 
     Images are 1 mm isotropic NIfTI with identity direction and origin 0. The folder appears only when complete; an
     existing dataset with the same ID is an error unless ``overwrite``. ``options``: what the cases look like
-    (:class:`CaseOptions`). Returns the dataset folder.
+    (:class:`CaseOptions`). ``missing``: ``{case: modalities}`` written without those modalities' files and
+    recorded in dataset.json (:mod:`nnalign.data.missing`). Returns the dataset folder.
     """
     from tqdm import tqdm
 
@@ -399,12 +402,13 @@ def write_synthetic_dataset(raw_root: str | Path, dataset_id: int, num_cases: in
             (staging / f"images{split}").mkdir()
             (staging / f"labels{split}").mkdir()
         for split, case, s in tqdm(jobs, desc="synthetic cases", unit="case", disable=len(jobs) < 10):
-            _write_case(staging / f"images{split}", staging / f"labels{split}", case, size, s, options)
+            _write_case(staging / f"images{split}", staging / f"labels{split}", case, size, s, options,
+                        (missing or {}).get(case, ()))
         write_dataset_json(
             staging, int(num_cases), name,
             description=f"Synthetic BraTS-like cases made by nnalign_synth (seed {seed}, "
                         f"shape {'x'.join(map(str, size))})",
-            source_label_convention="brats2023",
+            source_label_convention="brats2023", missing=missing,
             extra={"synthetic": {"seed": int(seed), "shape": list(size), "num_test": int(num_test),
                                  "generator_version": GENERATOR_VERSION, **options.record()}})
     return raw_root / dataset_name(dataset_id, name)

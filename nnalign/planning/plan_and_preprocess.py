@@ -11,6 +11,7 @@ from typing import Callable, Iterator, Sequence
 
 from nnalign.atomic import check_writable
 from nnalign.data.dataset_checks import check_raw_dataset, read_dataset_json
+from nnalign.data.missing import missing_modalities
 from nnalign.data.raw_dataset import find_dataset_folder
 from nnalign.errors import NnalignError, one_line
 from nnalign.paths import setup_env
@@ -80,6 +81,11 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = DEFAULT
     check_writable(preprocessed_root, "preprocessed data")
     with workers_ignore_sigint():
         check_raw_dataset(raw_folder, dataset_json, num_processes)
+    incomplete = missing_modalities(dataset_json)
+    if verify and incomplete:
+        warn(f"nnU-Net's integrity check (--verify) skipped: it needs every channel file, and {len(incomplete)} "
+             f"cases lack some modalities (dataset.json); nnalign's checks of their files ran")
+        verify = False
     os.environ.setdefault("nnUNet_n_proc_DA", str(num_processes))
     preprocessed = preprocessed_root / raw_folder.name
     with preprocessed_folder(preprocessed), tempfile.TemporaryFile("w+") as log:
@@ -103,6 +109,7 @@ def _run_nnunet(dataset_id: int, raw_folder: Path, preprocessed: Path, configura
 
     from nnalign.planning.fingerprint import nnAlignFingerprintExtractor
     from nnalign.planning.planner import nnAlignPlanner
+    from nnalign.planning.preprocessor import nnAlignPreprocessor
 
     bars = sys.stderr.isatty()
     with workers_ignore_sigint():
@@ -121,8 +128,14 @@ def _run_nnunet(dataset_id: int, raw_folder: Path, preprocessed: Path, configura
         ensure_small_dataset_split(raw_folder, preprocessed, warn)
         if not plan_only:
             with captured_stdout(log):
-                preprocess_dataset(dataset_id, plans_id, tuple(configurations),
-                                   [num_processes] * len(configurations), verbose=False, show_progress_bar=bars)
+                # nnU-Net's preprocessing loop finds its preprocessor by name inside nnunetv2: nnalign's (zero
+                # channels for absent modalities) runs each configuration, and nnU-Net's loop, given none, copies the
+                # label maps into gt_segmentations.
+                for configuration in (c for c in configurations if c in plans["configurations"]):
+                    preprocessor = nnAlignPreprocessor(verbose=False)
+                    preprocessor.show_progress_bar = bars
+                    preprocessor.run(dataset_id, configuration, plans_id, num_processes)
+                preprocess_dataset(dataset_id, plans_id, (), [], verbose=False, show_progress_bar=bars)
     return plans
 
 

@@ -1,4 +1,4 @@
-"""Per-sample modality presence for training with modality dropout."""
+"""Per-sample modality presence for training with modality dropout and with cases that lack modalities."""
 from __future__ import annotations
 
 import torch
@@ -7,7 +7,8 @@ MAX_RESAMPLES = 100
 
 
 def sample_presence(batch_size: int, num_modalities: int, dropout: float, device: torch.device | str = "cpu",
-                    generator: torch.Generator | None = None, sampling: str = "independent") -> torch.Tensor:
+                    generator: torch.Generator | None = None, sampling: str = "independent",
+                    available: torch.Tensor | None = None) -> torch.Tensor:
     """A (B, M) bool mask of the modalities each training sample keeps; never none. ``dropout = 0`` gives all True.
 
     ``sampling`` (:data:`nnalign.runs.SUBSET_SAMPLINGS`):
@@ -19,24 +20,38 @@ def sample_presence(batch_size: int, num_modalities: int, dropout: float, device
       uniformly, else all M. All modalities stay frequent and every subset, a single modality too, gets the same
       share (at dropout 0.5 and M = 4: all four 50 %, each single modality 3.6 %, against 32 % and 1.2 % of
       ``independent`` at dropout 0.25).
+
+    ``available`` (B, M) bool: the modalities each sample's case has (None: all). A sample keeps only available
+    ones: the draw is ANDed with it, and a row left empty is drawn again as above (conditioned on keeping at least
+    one available modality; the leftover fallback picks an available one). Without dropout the result is
+    ``available``. ValueError for a row with nothing available.
     """
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    if dropout == 0.0:
-        return torch.ones(batch_size, num_modalities, dtype=torch.bool, device=device)
-    if sampling == "balanced":
-        return _balanced_presence(batch_size, num_modalities, dropout, generator).to(device)
-    if sampling != "independent":
+    if sampling not in ("independent", "balanced"):
         raise ValueError(f"unknown subset sampling {sampling!r}")
-    present = torch.rand(batch_size, num_modalities, generator=generator) >= dropout
+    if available is None:
+        available = torch.ones(batch_size, num_modalities, dtype=torch.bool)
+    available = available.to("cpu", torch.bool)
+    if not bool(available.any(1).all()):
+        raise ValueError("a sample has no modality available")
+    if dropout == 0.0:
+        return available.to(device)
+
+    def draw(n: int) -> torch.Tensor:
+        if sampling == "balanced":
+            return _balanced_presence(n, num_modalities, dropout, generator)
+        return torch.rand(n, num_modalities, generator=generator) >= dropout
+
+    present = draw(batch_size) & available
     for _ in range(MAX_RESAMPLES):
         empty = ~present.any(1)
         if not bool(empty.any()):
             break
-        present[empty] = torch.rand(int(empty.sum()), num_modalities, generator=generator) >= dropout
+        present[empty] = draw(int(empty.sum())) & available[empty]
     empty = ~present.any(1)
     if bool(empty.any()):
-        keep = torch.randint(num_modalities, (int(empty.sum()),), generator=generator)
+        keep = torch.multinomial(available[empty].float(), 1, generator=generator)[:, 0]
         present[empty.nonzero()[:, 0], keep] = True
     return present.to(device)
 

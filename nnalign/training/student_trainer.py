@@ -21,6 +21,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
 from nnalign.checkpoints import load_checkpoint_safely
+from nnalign.data.missing import missing_modalities
 from nnalign.errors import NnalignError
 from nnalign.losses.kd import build_kd
 from nnalign.modalities import channel_indices
@@ -73,6 +74,7 @@ class nnAlignStudentTrainer(CollapseCheck, SettingsRecord, FiniteLoss, SafeCheck
         self.teacher = None
         self.adversary_optimizer = None
         self.teacher_checkpoint = None
+        self.subset_cases: dict[str, int] | None = None
         self.logger.local_logger.my_fantastic_logging["kd_losses"] = []
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -121,6 +123,27 @@ class nnAlignStudentTrainer(CollapseCheck, SettingsRecord, FiniteLoss, SafeCheck
         self.teacher_checkpoint = {"path": str(path), "fold": fold, "sha256": file_sha256(path)}
         teacher = teacher.to(self.device).eval().requires_grad_(False)
         return torch.compile(teacher) if self._do_i_compile() else teacher
+
+    def do_split(self) -> tuple[list[str], list[str]]:
+        """nnU-Net's split of the fold, each part kept to the cases that have every modality of the student's subset
+        (dataset.json's record of absent modalities); how many are kept and left out goes into the settings record.
+        A one-line NnalignError when no training or no validation case is left."""
+        train, val = super().do_split()
+        record = missing_modalities(self.dataset_json)
+
+        def keep(keys: list[str]) -> list[str]:
+            return [k for k in keys if not any(m in record.get(k, ()) for m in self.spec.modalities)]
+
+        kept_train, kept_val = keep(train), keep(val)
+        subset = "+".join(self.spec.modalities)
+        for part, kept, keys in (("training", kept_train, train), ("validation", kept_val, val)):
+            if not kept:
+                raise NnalignError(f"no {part} case of fold {self.fold} has {subset}: all {len(keys)} lack one of "
+                                   f"those modalities (dataset.json's nnalign.missing_modalities)")
+        self.subset_cases = {"train": len(kept_train), "val": len(kept_val),
+                             "train_without_subset": len(train) - len(kept_train),
+                             "val_without_subset": len(val) - len(kept_val)}
+        return kept_train, kept_val
 
     def configure_optimizers(self):
         """nnU-Net's optimizer (or the plans' Adam) over the student and the distillation loss's trainable parts."""
@@ -208,6 +231,7 @@ class nnAlignStudentTrainer(CollapseCheck, SettingsRecord, FiniteLoss, SafeCheck
             "kd_settings": self.kd.settings() if self.kd is not None else None,
             "seg_weight": self.kd.seg_weight if self.kd is not None else None,
             "kd_overrides": self.spec.overrides,
+            "cases": self.subset_cases,
             "teacher": {"trainer": self.spec.teacher_trainer, **(self.teacher_checkpoint or {})},
         }
 

@@ -17,6 +17,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 from torch._dynamo import OptimizedModule
 
+from nnalign.data.missing import missing_modalities, presence_by_case
 from nnalign.errors import NnalignError
 from nnalign.networks.anchors import MixtureAnchor, modality_gap
 from nnalign.modalities import BRATS_MODALITIES
@@ -57,9 +58,10 @@ class nnAlignBaselineTrainer(CollapseCheck, SettingsRecord, FiniteLoss, SafeChec
     """nnU-Net's trainer for the plain baseline on all modalities stacked, with nnalign's modality dropout (the
     dropped input channels zeroed), training length, optimizer and settings record. The aligned teacher extends it.
 
-    Per training step: draw each sample's present modalities (``spec.modality_dropout``), zero the absent input
-    channels, run the network with the presence mask, and minimise nnU-Net's segmentation loss plus
-    :meth:`alignment_loss` (none here).
+    Per training step: draw each sample's present modalities (``spec.modality_dropout``) among those its case has
+    (dataset.json's record of absent modalities, :mod:`nnalign.data.missing`), zero the absent input channels, run
+    the network with the presence mask, and minimise nnU-Net's segmentation loss plus :meth:`alignment_loss` (none
+    here). A case's absent modality is so treated exactly as a dropped one.
     """
 
     spec: AnyTeacher = BaselineSpec()
@@ -72,6 +74,15 @@ class nnAlignBaselineTrainer(CollapseCheck, SettingsRecord, FiniteLoss, SafeChec
         self.spec = type(self).spec
         apply_training_length(self)
         self.plans_training = apply_plans_training(self)
+        self.incomplete_cases = presence_by_case(dataset_json, list(missing_modalities(dataset_json)))
+
+    def case_presence(self, keys) -> torch.Tensor | None:
+        """(B, M) bool: the modalities the case of each sample (``keys``: the batch's case IDs) has; None when every
+        one has all."""
+        if not any(str(k) in self.incomplete_cases for k in keys):
+            return None
+        complete = (True,) * len(self.dataset_json["channel_names"])
+        return torch.tensor([self.incomplete_cases.get(str(k), complete) for k in keys], dtype=torch.bool)
 
     # ------------------------------------------------------------------------------------------------------------------
     # network and optimizer
@@ -127,16 +138,18 @@ class nnAlignBaselineTrainer(CollapseCheck, SettingsRecord, FiniteLoss, SafeChec
             target = [t.to(self.device, non_blocking=True) for t in target]
         else:
             target = target.to(self.device, non_blocking=True)
+        available = self.case_presence(batch["keys"])
         present = sample_presence(data.shape[0], data.shape[1], self.spec.modality_dropout, device=self.device,
-                                  sampling=self.spec.subset_sampling)
-        if self.spec.modality_dropout > 0:
+                                  sampling=self.spec.subset_sampling, available=available)
+        masked = self.spec.modality_dropout > 0 or available is not None
+        if masked:
             data = zero_absent(data, present)
 
         self.optimizer.zero_grad(set_to_none=True)
         # autocast on CUDA only, as nnU-Net (slow on CPU, unsupported on MPS)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            # without dropout every modality is present: None lets the network skip the (identity) anchor fill
-            parts = self.network(data, present if self.spec.modality_dropout > 0 else None, return_parts=True)
+            # every modality present: None lets the network skip the (identity) anchor fill
+            parts = self.network(data, present if masked else None, return_parts=True)
             logits = parts["logits"] if self.enable_deep_supervision else parts["logits"][0]
             loss = self.loss(logits, target)
             align = self.alignment_loss(parts)
