@@ -5,8 +5,10 @@
 
 The plan is nnalign's for a BraTS 2018-sized dataset (8 GB target). The step is what nnU-Net's trainer does:
 forward, region Dice+BCE with deep supervision (plus lambda * alignment for the teacher), backward, gradient clipping,
-SGD. Prints median step time and memory (peak CUDA memory on a GPU; saved activations on a CPU) and the ratio to
-stock nnU-Net. Target: teacher step <= 1.25x stock.
+SGD. A teacher trained with modality dropout (``--modality-dropout``, the default P* teacher's 0.5) draws each
+sample's modalities, zeroes the dropped channels and runs with the presence mask, so the anchor fills the dropped
+modalities' latents, as the trainer's step does. Prints median step time and memory (peak CUDA memory on a GPU; saved
+activations on a CPU) and the ratio to stock nnU-Net. Target: the default P* teacher's step <= 1.15x stock.
 """
 from __future__ import annotations
 
@@ -17,12 +19,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nnalign.networks.anchor_registry import ANCHOR_KINDS  # noqa: E402
 from common import (benchmark_configuration, benchmark_device, brats_like_plans,  # noqa: E402
                     interleaved_median_seconds, peak_cuda_bytes, region_loss, region_targets, saved_activation_bytes,
                     step_benchmark_parser)
 
 ANCHORS = ("none", "normal", "modality:T1ce", "mixture")
-TARGET_RATIO = 1.25
+TARGET_RATIO = 1.15
 
 
 def build(variant: str, arch: dict, req_import, deep_supervision: bool, **latent_settings):
@@ -39,8 +42,9 @@ def build(variant: str, arch: dict, req_import, deep_supervision: bool, **latent
                                   deep_supervision=deep_supervision)
 
 
-def make_step(net, cfg: dict, device: torch.device, amp: bool, align_weight: float):
+def make_step(net, cfg: dict, device: torch.device, amp: bool, align_weight: float, dropout: float = 0.0):
     from nnalign.training.common import optimizer_step
+    from nnalign.training.presence import sample_presence, zero_absent
 
     kw = cfg["architecture"]["arch_kwargs"]
     loss_fn = region_loss(len(kw["strides"]), cfg.get("batch_dice", False))
@@ -54,7 +58,11 @@ def make_step(net, cfg: dict, device: torch.device, amp: bool, align_weight: flo
         opt.zero_grad(set_to_none=True)
         ctx = torch.autocast("cuda", torch.float16) if amp else contextlib.nullcontext()
         with ctx:
-            if teacher:
+            if teacher and dropout > 0:
+                present = sample_presence(x.shape[0], x.shape[1], dropout, device=device)
+                parts = net(zero_absent(x, present), present, return_parts=True)
+                loss = loss_fn(parts["logits"], targets) + align_weight * net.anchor.alignment_loss(parts)
+            elif teacher:
                 parts = net(x, return_parts=True)
                 loss = loss_fn(parts["logits"], targets) + align_weight * net.anchor.alignment_loss(parts)
             else:
@@ -64,19 +72,22 @@ def make_step(net, cfg: dict, device: torch.device, amp: bool, align_weight: flo
     return step
 
 
-def variant_step(variant: str, cfg: dict, device: torch.device, args, **latent_settings):
-    """The training step of ``variant`` ("stock" or an anchor) built from the plan, seeded, compiled with --compile."""
+def variant_step(variant: str, cfg: dict, device: torch.device, args, dropout: float = 0.0, **latent_settings):
+    """The training step of ``variant`` ("stock" or an anchor) built from the plan, seeded, compiled with --compile,
+    with modality dropout ``dropout``."""
     arch = cfg["architecture"]
     torch.manual_seed(0)
     net = build(variant, arch, arch["_kw_requires_import"], True, **latent_settings).to(device)
     if args.compile:
         net = torch.compile(net)
-    return make_step(net, cfg, device, args.amp, args.align_weight)
+    return make_step(net, cfg, device, args.amp, args.align_weight, dropout)
 
 
 def main() -> None:
     p = step_benchmark_parser(__doc__)
     p.add_argument("--align-weight", type=float, default=0.1)
+    p.add_argument("--modality-dropout", type=float, default=ANCHOR_KINDS["mixture"].modality_dropout, metavar="P",
+                   help="the P* teacher's modality dropout (default: its default, %(default)s)")
     p.add_argument("--anchors", nargs="+", default=list(ANCHORS), choices=ANCHORS, metavar="ANCHOR",
                    help="teacher anchors to time, e.g. only mixture for a quicker --compile run (default: all; the "
                         "2-conv and stage-2 encoder rows come with mixture)")
@@ -92,10 +103,12 @@ def main() -> None:
         other_convs = 2 if planned_convs == 1 else 1
         variants = [("stock", "stock", {}), *((a, a, {}) for a in ANCHORS if a in args.anchors)]
         if "mixture" in args.anchors:
-            variants += [(f"mixture, {other_convs}-conv latent encoder", "mixture", {"latent_convs": other_convs}),
+            variants += [(f"mixture, modality dropout {args.modality_dropout:g} (the default P*)", "mixture",
+                          {"dropout": args.modality_dropout}),
+                         (f"mixture, {other_convs}-conv latent encoder", "mixture", {"latent_convs": other_convs}),
                          ("mixture, latents at stage 2", "mixture", {"latent_level": 2})]
-        steps = {name: variant_step(variant, cfg, device, args, **latent_settings)
-                 for name, variant, latent_settings in variants}
+        steps = {name: variant_step(variant, cfg, device, args, **settings)
+                 for name, variant, settings in variants}
         seconds = interleaved_median_seconds(steps, device, args.warmup, args.steps)
         rows = [(name, seconds[name], peak_cuda_bytes(step) if device.type == "cuda" else saved_activation_bytes(step))
                 for name, step in steps.items()]
@@ -106,8 +119,11 @@ def main() -> None:
         print(f"| {'stock nnU-Net' if name == 'stock' else 'teacher ' + name} | {s:.3f} | {s / stock_s:.2f} | "
               f"{m / 2**20:.0f} | {m / stock_m:.2f} |")
     worst = max(s / stock_s for name, s, _ in rows if name in ANCHORS)
-    print(f"\nslowest teacher step (planned encoder, {planned_convs} conv): {worst:.2f}x stock "
-          f"(target <= {TARGET_RATIO}x): {'met' if worst <= TARGET_RATIO else 'NOT met'}")
+    print(f"\nslowest teacher step (planned encoder, {planned_convs} conv, no dropout): {worst:.2f}x stock")
+    default = next((s / stock_s for name, s, _ in rows if "the default P*" in name), None)
+    if default is not None:
+        print(f"the default P* teacher's step: {default:.2f}x stock (target <= {TARGET_RATIO}x): "
+              f"{'met' if default <= TARGET_RATIO else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 @pytest.mark.slow
 @pytest.mark.parametrize("script, rows", [
     ("teacher_step.py", ["stock nnU-Net", "teacher none", "teacher normal", "teacher modality:T1ce", "teacher mixture",
+                         "teacher mixture, modality dropout 0.5 (the default P*)",
                          "teacher mixture, 2-conv latent encoder", "teacher mixture, latents at stage 2"]),
     ("student_step.py", ["stock nnU-Net (4 modalities)", "student, no distillation", "student + kdnet",
                          "student + pmkl", "student + protokd", "student + smunet", "frozen teacher forward alone"]),
