@@ -95,8 +95,7 @@ def test_detection_over_the_whole_release(values_by_case, new_naming, expected):
 def test_detection_names_the_case_that_fits_no_convention(values_by_case, new_naming, mentions):
     with pytest.raises(ValueError) as e:
         detect_convention(values_by_case, new_naming)
-    for m in mentions:
-        assert m in str(e.value)
+    assert all(m in str(e.value) for m in mentions), str(e.value)
 
 
 def test_prediction_labels_brats2024_writes_rc_as_4_and_brats2018_refuses_it_for_the_case():
