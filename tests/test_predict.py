@@ -394,6 +394,20 @@ def one_case(trained, tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_each_case_has_a_report_beside_its_segmentation(one_case):
+    from nnalign.inference.case_report import region_volumes_ml
+
+    out = one_case["out"]
+    report = json.loads((out / "SYNTS_0000.json").read_text())
+    seg, image = read_seg(one_case["nnunet"])
+    assert report["volumes_ml"] == pytest.approx(region_volumes_ml(seg, image.GetSpacing()))
+    assert report["modalities_present"] == list(ALL) and report["modalities_missing"] == []
+    assert report["reason"] == "all modalities present" and report["labels"] == "nnunet"
+    rows = list(csv.DictReader((out / "nnalign_predict_report.csv").open()))
+    assert [r["case"] for r in rows] == ["SYNTS_0000"] and rows[0]["model"] == report["model"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("labels", ["brats2018", "brats2023", "source"])
 def test_label_conventions(trained, one_case, tmp_path, labels):
     from nnalign.data.labels import nnunet_to_brats
@@ -555,7 +569,7 @@ def test_the_teacher_is_told_which_channels_are_real_and_the_absent_ones_are_zer
     net.forward = spy
     try:
         [case] = [c for c in find_cases(trained["images_ts"]) if c.case_id == "SYNTS_0000"]
-        seg = predict_array(predictor, teacher, case, ("T1ce", "FLAIR"))
+        seg, _ = predict_array(predictor, teacher, case, ("T1ce", "FLAIR"))
     finally:
         del net.forward
     assert seg.shape == (40, 40, 40)

@@ -1,5 +1,5 @@
 """``nnalign_predict``'s engine: per case, pick a model for the modalities present, zero-fill the absent channels,
-predict with nnU-Net's predictor and write the segmentation and a log.
+predict with nnU-Net's predictor and write the segmentation, its report (``case_report``) and a log.
 
 nnU-Net needs every trained input channel (issues #513, #1245), so a case's present modalities are read with
 nnU-Net's own ``SimpleITKIO`` and placed at their channel indices in an all-zero array of the model's channel count.
@@ -21,14 +21,17 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-from nnalign.atomic import check_writable, write_text_atomic
+from nnalign.atomic import check_writable, write_json_atomic, write_text_atomic
 from nnalign.data.brats_layout import BratsCase, find_cases, parse_filename
 from nnalign.errors import CaseError, NnalignError, one_line
 from nnalign.inference.models import Model, ModelError, discover_models, select_model
 from nnalign.modalities import BRATS_MODALITIES
 from nnalign.model_folders import FINAL_CHECKPOINT
+
+if TYPE_CHECKING:
+    from nnalign.inference.case_report import ReportTable
 
 LABEL_OPTIONS = ("source", "brats2018", "brats2023", "brats2024", "nnunet")
 OUTPUT_ENDING = ".nii.gz"
@@ -238,7 +241,8 @@ def present_channels(predictor, indices: Sequence[int]):
 
 
 def predict_array(predictor, model: Model, case: BratsCase, used: Sequence[str]):
-    """nnU-Net-labelled segmentation (z, y, x) of one case from the files of ``used``, absent channels zero."""
+    """nnU-Net-labelled segmentation (z, y, x) of one case from the files of ``used``, absent channels zero, and the
+    images read (``len(used)``, z, y, x)."""
     import numpy as np
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
@@ -254,7 +258,7 @@ def predict_array(predictor, model: Model, case: BratsCase, used: Sequence[str])
     full = np.zeros((len(model.modalities), *data.shape[1:]), dtype=np.float32)
     full[list(indices)] = data
     with present_channels(predictor, indices):
-        return predictor.predict_single_npy_array(full, props, None, None, False)
+        return predictor.predict_single_npy_array(full, props, None, None, False), data
 
 
 def check_signal(case_id: str, data, files: Sequence[str]) -> None:
@@ -281,6 +285,18 @@ def convert_labels(seg, convention: str):
         raise CaseError(f"cannot write the prediction with --labels {convention}: {e}") from None
 
 
+def label_image(seg, reference_reader):
+    """``seg`` (z, y, x) as a SimpleITK image with the geometry of ``reference_reader`` (a header reader of one of
+    the case's images)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(seg)
+    image.SetSpacing(reference_reader.GetSpacing())
+    image.SetOrigin(reference_reader.GetOrigin())
+    image.SetDirection(reference_reader.GetDirection())
+    return image
+
+
 def write_segmentation(seg, reference_reader, target: Path) -> None:
     """Write ``seg`` with the geometry of ``reference_reader`` (a header reader of one of the case's images),
     through a hidden temporary file renamed over ``target``."""
@@ -288,10 +304,7 @@ def write_segmentation(seg, reference_reader, target: Path) -> None:
 
     from nnalign.data.case_checks import check_written
 
-    image = sitk.GetImageFromArray(seg)
-    image.SetSpacing(reference_reader.GetSpacing())
-    image.SetOrigin(reference_reader.GetOrigin())
-    image.SetDirection(reference_reader.GetDirection())
+    image = label_image(seg, reference_reader)
     tmp = target.parent / f".{target.name[: -len(OUTPUT_ENDING)]}.tmp{OUTPUT_ENDING}"
     try:
         sitk.WriteImage(image, str(tmp), True)
@@ -315,11 +328,96 @@ def _write_reason(e: BaseException) -> str:
 # one case, all cases
 
 
-def predict_case(case: BratsCase, output: Path, models: Sequence[Model], predictors: Predictors,
-                 modalities: Sequence[str] | None, labels: str, overwrite: bool, log: PredictionLog) -> CaseRecord:
-    """Predict one case (or skip it if its output exists) and return its log record; never raises for bad input."""
-    from nnalign.data.case_checks import check_case_images
+@dataclass
+class Choice:
+    """How a case is segmented: the modalities it has and those used, their header readers, the model, why it was
+    chosen, and the label convention of the output."""
 
+    present: list[str]
+    used: list[str]
+    readers: dict
+    model: Model
+    reason: str
+    convention: str
+
+
+@dataclass
+class Segmentation:
+    """One segmented case: the label map (z, y, x) in the output convention, the header reader whose geometry it
+    has, and the case's report (``case_report``)."""
+
+    labels: object
+    reference: object
+    report: dict
+
+
+class Segmenter:
+    """The models under ``models`` and their predictors, segmenting one case at a time (``nnalign_predict`` runs
+    every case through :meth:`choose` and :meth:`run`)."""
+
+    def __init__(self, models: Path, device: str = "cuda", folds: Sequence[int | str] | None = None,
+                 checkpoint: str = FINAL_CHECKPOINT, disable_tta: bool = False, backend: str = "torch",
+                 labels: str = "source", on_note: Callable[[str], None] | None = None) -> None:
+        from nnalign.device import setup_device
+        from nnalign.inference import BACKENDS
+        from nnalign.paths import setup_env
+
+        if labels not in LABEL_OPTIONS:
+            raise NnalignError(f"unknown label convention '{labels}' (choose from {', '.join(LABEL_OPTIONS)})")
+        if backend not in BACKENDS:
+            raise NnalignError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
+        on_note = on_note or (lambda message: None)
+        if backend == "openvino":
+            from nnalign.inference.openvino_backend import PRECISION, openvino_version
+
+            if device != "cpu":
+                raise NnalignError(f"--backend openvino runs on the CPU, not -device {device} (use -device cpu)")
+            on_note(f"backend openvino: OpenVINO {openvino_version()}, {PRECISION} precision")
+        setup_device(device)
+        setup_env()  # registers nnalign's trainer shim, so nnU-Net's predictor finds nnalign's trainers by name
+        found = discover_models(Path(models), folds, checkpoint)
+        self.models, self.problems = found.models, found.problems
+        self.labels = labels
+        self.predictors = Predictors(device, disable_tta, backend, on_note)
+
+    def choose(self, case: BratsCase, modalities: Sequence[str] | None = None) -> Choice:
+        """Check the case's files and choose its model; NnalignError (one line naming the case) if it cannot be
+        segmented."""
+        from nnalign.data.case_checks import check_case_images
+
+        present = [m for m in BRATS_MODALITIES if m in case.images]
+        if not present:
+            found = f" (only the segmentation {case.seg.name})" if case.seg is not None else ""
+            raise CaseError(f"{case.case_id}: no image file{found} in {case.folder}")
+        used = list(present)
+        if modalities is not None:
+            absent = [m for m in modalities if m not in case.images]
+            if absent:
+                raise CaseError(f"{case.case_id}: --modalities names {absent[0]}, but the case has no {absent[0]} "
+                                f"file (it has {', '.join(present)})")
+            used = [m for m in present if m in modalities]
+        readers = check_case_images(case, used)
+        model, why = select_model(self.models, used)
+        convention = model.source_label_convention if self.labels == "source" else self.labels
+        return Choice(present, used, readers, model, why, convention)
+
+    def run(self, case: BratsCase, choice: Choice) -> Segmentation:
+        """Segment the case as chosen and write its report; NnalignError for a model that cannot be loaded or a
+        file that cannot be read, whatever the prediction raises otherwise."""
+        from nnalign.inference.case_report import case_report
+
+        predictor = self.predictors.get(choice.model)
+        seg, _ = predict_array(predictor, choice.model, case, choice.used)
+        reference = choice.readers[choice.used[-1]]
+        report = case_report(case.case_id, choice.present, choice.used, choice.model, choice.reason,
+                             choice.convention, seg, reference.GetSpacing())
+        return Segmentation(convert_labels(seg, choice.convention), reference, report)
+
+
+def predict_case(case: BratsCase, output: Path, segmenter: Segmenter, modalities: Sequence[str] | None,
+                 overwrite: bool, log: PredictionLog, table: ReportTable) -> CaseRecord:
+    """Predict one case (or skip it if its output exists), write its segmentation and report (``OUT/<case>.json``,
+    a row of the report table) and return its log record; never raises for bad input."""
     present = [m for m in BRATS_MODALITIES if m in case.images]
     record = CaseRecord(case.case_id, FAILED, modalities_present=present)
     target = output_file(output, case.case_id)
@@ -331,25 +429,16 @@ def predict_case(case: BratsCase, output: Path, models: Sequence[Model], predict
         record.message = "output exists (use --overwrite to predict it again)"
         return record
     try:
-        if not present:
-            found = f" (only the segmentation {case.seg.name})" if case.seg is not None else ""
-            raise CaseError(f"{case.case_id}: no image file{found} in {case.folder}")
-        used = list(present)
-        if modalities is not None:
-            absent = [m for m in modalities if m not in case.images]
-            if absent:
-                raise CaseError(f"{case.case_id}: --modalities names {absent[0]}, but the case has no {absent[0]} "
-                                f"file (it has {', '.join(present)})")
-            used = [m for m in present if m in modalities]
-        record.modalities_used = used
-        readers = check_case_images(case, used)
-        model, why = select_model(models, used)
+        choice = segmenter.choose(case, modalities)
+        record.modalities_used = choice.used
+        model = choice.model
         record.model, record.model_folder, record.folds = model.name, str(model.folder.resolve()), list(model.folds)
-        convention = model.source_label_convention if labels == "source" else labels
-        record.labels = convention
-        predictor = predictors.get(model)
-        seg = predict_array(predictor, model, case, used)
-        write_segmentation(convert_labels(seg, convention), readers[used[-1]], target)
+        record.labels = choice.convention
+        result = segmenter.run(case, choice)
+        # the report first: a case is finished once its segmentation exists, and a rerun skips it
+        _write_output(report_file(output, case.case_id), lambda path: write_json_atomic(path, result.report))
+        write_segmentation(result.labels, result.reference, target)
+        _write_output(table.path, lambda path: table.update(result.report))
     except OutputError:
         raise
     except NnalignError as e:  # the case's files, no model for it, a model that cannot be loaded
@@ -361,8 +450,20 @@ def predict_case(case: BratsCase, output: Path, models: Sequence[Model], predict
             raise
         record.message = f"{case.case_id}: prediction failed: {type(e).__name__}: {one_line(e)}"
         return record
-    record.status, record.message = OK, f"chosen: {why}"
+    record.status, record.message = OK, f"chosen: {choice.reason}"
     return record
+
+
+def report_file(output: Path, case_id: str) -> Path:
+    return Path(output) / f"{case_id}.json"
+
+
+def _write_output(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(path)``; OutputError (one line naming the file) if it cannot be written."""
+    try:
+        write(path)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write it ({_write_reason(e)})") from None
 
 
 def _write_log(log: PredictionLog, record: CaseRecord | None = None) -> None:
@@ -389,40 +490,27 @@ def predict(source: Path, output: Path, models: Path, folds: Sequence[int | str]
     """
     from tqdm import tqdm
 
-    from nnalign.inference import BACKENDS
-    from nnalign.paths import setup_env
+    from nnalign.inference.case_report import ReportTable
 
-    if labels not in LABEL_OPTIONS:
-        raise NnalignError(f"unknown label convention '{labels}' (choose from {', '.join(LABEL_OPTIONS)})")
-    if backend not in BACKENDS:
-        raise NnalignError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
-    on_note = on_note or (lambda message: None)
-    if backend == "openvino":
-        from nnalign.inference.openvino_backend import PRECISION, openvino_version
-
-        if device != "cpu":
-            raise NnalignError(f"--backend openvino runs on the CPU, not -device {device} (use -device cpu)")
-        on_note(f"backend openvino: OpenVINO {openvino_version()}, {PRECISION} precision")
-    setup_env()  # registers nnalign's trainer shim, so nnU-Net's predictor finds nnalign's trainers by name
+    segmenter = Segmenter(models, device, folds, checkpoint, disable_tta, backend, labels, on_note)
     on_error = on_error or (lambda message: None)
-    found = discover_models(Path(models), folds, checkpoint)
     output = Path(output)
     cases = input_cases(Path(source), modalities, exclude=output)
-    for problem in found.problems:
+    for problem in segmenter.problems:
         on_error(problem)
     if output.exists() and not output.is_dir():
         raise NnalignError(f"{output}: exists and is not a folder")
     check_writable(output, "predictions")
     log = PredictionLog(output)
-    predictors = Predictors(device, disable_tta, backend, on_note)
+    table = ReportTable(output)
     records = []
     # disable=None: a bar only on a terminal, so that a failing run's stderr is its error lines.
     for case in tqdm(cases, desc="Predicting", unit="case", disable=None if progress else True):
-        record = predict_case(case, output, found.models, predictors, modalities, labels, overwrite, log)
+        record = predict_case(case, output, segmenter, modalities, overwrite, log, table)
         _write_log(log, record)
         records.append(record)
         if record.status == FAILED:
             on_error(record.message)
     if not records:
         _write_log(log)
-    return PredictionReport(records, found.problems, log.csv_path, log.json_path)
+    return PredictionReport(records, segmenter.problems, log.csv_path, log.json_path)

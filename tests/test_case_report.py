@@ -1,0 +1,102 @@
+"""The per-case report of nnalign_predict: volumes worked out by hand on tiny label maps, each warning's trigger, the
+expected Dice from fake model folders' validation files, and the run's CSV table."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nnalign.inference.case_report import (CSV_COLUMNS, ReportTable, case_report, case_warnings, expected_dice,
+                                           region_volumes_ml)
+from nnalign.inference.models import load_model
+from nnalign.modalities import BRATS_MODALITIES
+
+PLANS_CONFIG = "nnAlignPlans__3d_cpu"
+TEACHER = "nnAlignTeacher_mixture_drop0p5"
+STUDENT = "nnAlignStudent_T1ce-T2_protokd_Teacher-mixture"
+
+
+def label_map() -> np.ndarray:
+    """4 x 4 x 4, nnU-Net labels: 10 edema (1), 5 necrosis (2), 3 enhancing (3), 2 resection cavity (4)."""
+    seg = np.zeros(64, dtype=np.uint8)
+    seg[:10], seg[10:15], seg[15:18], seg[18:20] = 1, 2, 3, 4
+    return seg.reshape(4, 4, 4)
+
+
+@pytest.mark.parametrize("spacing, rc, expected", [
+    ((10.0, 10.0, 10.0), False, {"WT": 18.0, "TC": 8.0, "ET": 3.0}),  # 1 mL per voxel
+    ((10.0, 10.0, 10.0), True, {"WT": 18.0, "TC": 8.0, "ET": 3.0, "RC": 2.0}),
+    ((1.0, 1.0, 2.5), False, {"WT": 0.045, "TC": 0.02, "ET": 0.0075}),  # 2.5 mm^3 = 0.0025 mL per voxel
+])
+def test_region_volumes_in_millilitres(spacing, rc, expected):
+    assert region_volumes_ml(label_map(), spacing, rc=rc) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("volumes, used, fragments", [
+    ({"WT": 5.0, "TC": 2.0, "ET": 1.0}, ("FLAIR", "T2"), ["predicted without T1ce"]),
+    ({"WT": 5.0, "TC": 2.0, "ET": 1.0}, ("T1ce", "FLAIR"), []),
+    ({"WT": 0.0, "TC": 0.0, "ET": 0.0}, ("FLAIR",), ["no tumour predicted"]),
+    ({"WT": 5.0, "TC": 0.0, "ET": 0.0}, ("T1ce",), ["TC is empty", "ET is empty"]),
+    ({"WT": 5.0, "TC": 2.0, "ET": 0.0}, ("T1ce",), ["ET is empty"]),
+])
+def test_each_warning_has_its_trigger(volumes, used, fragments):
+    found = case_warnings(volumes, used)
+    assert len(found) == len(fragments), found
+    for warning, fragment in zip(found, fragments):
+        assert fragment in warning
+
+
+def model_folder(root: Path, trainer: str, summaries: dict[int, tuple[dict, int]]) -> Path:
+    """A model folder with empty checkpoints and, per fold, nnU-Net's summary.json with region Dice and n cases."""
+    folder = root / f"{trainer}__{PLANS_CONFIG}"
+    folder.mkdir(parents=True)
+    (folder / "dataset.json").write_text(json.dumps(
+        {"channel_names": {str(i): m for i, m in enumerate(BRATS_MODALITIES)}, "labels": {"background": 0}}))
+    (folder / "plans.json").write_text("{}")
+    for fold, (dice, n) in summaries.items():
+        (folder / f"fold_{fold}" / "validation").mkdir(parents=True)
+        (folder / f"fold_{fold}" / "checkpoint_final.pth").touch()
+        means = {key: {"Dice": dice[r]} for key, r in (("(1, 2, 3)", "WT"), ("(2, 3)", "TC"), ("(3,)", "ET"))}
+        summary = {"foreground_mean": {"Dice": sum(dice.values()) / 3}, "mean": means,
+                   "metric_per_case": [{}] * n}
+        (folder / f"fold_{fold}" / "validation" / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def test_expected_dice_weights_the_folds_by_their_cases(tmp_path):
+    student = load_model(model_folder(tmp_path, STUDENT, {0: ({"WT": 0.9, "TC": 0.8, "ET": 0.7}, 2),
+                                                         1: ({"WT": 0.6, "TC": 0.5, "ET": 0.4}, 3)}))
+    dice, source = expected_dice(student, ("T1ce", "T2"))
+    assert dice == pytest.approx({"WT": 0.72, "TC": 0.62, "ET": 0.52, "n": 5})  # (2 * 0.9 + 3 * 0.6) / 5 ...
+    assert "fold(s) 0, 1" in source and "summary.json" in source
+
+
+def test_no_expected_dice_where_the_validation_saw_other_modalities(tmp_path):
+    teacher = load_model(model_folder(tmp_path, TEACHER, {0: ({"WT": 0.9, "TC": 0.8, "ET": 0.7}, 2)}))
+    assert expected_dice(teacher, BRATS_MODALITIES)[0] == pytest.approx({"WT": 0.9, "TC": 0.8, "ET": 0.7, "n": 2})
+    dice, source = expected_dice(teacher, ("FLAIR",))
+    assert dice is None and "saw T1+T1ce+T2+FLAIR, not FLAIR" in source
+
+
+def test_report_and_its_csv_row(tmp_path):
+    teacher = load_model(model_folder(tmp_path / "models", TEACHER, {0: ({"WT": 0.9, "TC": 0.8, "ET": 0.7}, 2)}))
+    report = case_report("c1", ["T2", "FLAIR"], ["T2", "FLAIR"], teacher, "missing-modality path", "brats2023",
+                         label_map(), (10.0, 10.0, 10.0))
+    assert report["modalities_missing"] == ["T1", "T1ce"]
+    assert report["volumes_ml"] == {"WT": 18.0, "TC": 8.0, "ET": 3.0}  # no RC: the model has no such label
+    assert report["expected_dice"] is None
+    assert len(report["warnings"]) == 1 and "without T1ce" in report["warnings"][0]
+    json.dumps(report)  # written as JSON as it is
+
+    out = tmp_path / "out"
+    out.mkdir()
+    ReportTable(out).update(report)
+    table = ReportTable(out)  # a later run reads the earlier rows back
+    table.update({**report, "case": "c0", "warnings": []})
+    rows = list(csv.DictReader((out / "nnalign_predict_report.csv").open()))
+    assert [r["case"] for r in rows] == ["c0", "c1"] and list(rows[0]) == list(CSV_COLUMNS)
+    assert rows[1]["volume_WT_ml"] == "18.0" and rows[1]["volume_RC_ml"] == "" and rows[1]["expected_dice_n"] == ""
+    assert rows[1]["modalities_missing"] == "T1,T1ce" and "without T1ce" in rows[1]["warnings"]
