@@ -8,14 +8,16 @@ import tempfile
 from pathlib import Path
 
 
-def _written_temp(path: Path, text: str) -> str:
-    """A temporary file beside ``path`` holding ``text``, flushed to disk; removed again if writing fails."""
+def _written_temp(path: Path, text: str | bytes) -> str:
+    """A temporary file beside ``path`` holding ``text`` (or bytes), flushed to disk; removed again if writing
+    fails."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        binary = isinstance(text, bytes)
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -31,7 +33,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_texts_atomic({path: text})
 
 
-def write_texts_atomic(files: dict[str | os.PathLike, str]) -> None:
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` (a PNG) as :func:`write_text_atomic` writes text."""
+    write_texts_atomic({path: data})
+
+
+def write_texts_atomic(files: dict[str | os.PathLike, str | bytes]) -> None:
     """Write several files that belong together (a CSV and its JSON): each to a temporary file beside it, and only
     once every one is written rename them all over their paths, so that a failed write (a full disk) leaves every
     old file in place and no temporary file behind."""

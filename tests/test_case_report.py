@@ -100,3 +100,71 @@ def test_report_and_its_csv_row(tmp_path):
     assert [r["case"] for r in rows] == ["c0", "c1"] and list(rows[0]) == list(CSV_COLUMNS)
     assert rows[1]["volume_WT_ml"] == "18.0" and rows[1]["volume_RC_ml"] == "" and rows[1]["expected_dice_n"] == ""
     assert rows[1]["modalities_missing"] == "T1,T1ce" and "without T1ce" in rows[1]["warnings"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the files of one case: predict_case with a segmenter that returns a fixed segmentation
+
+
+class FixedSegmenter:
+    """Chooses ``model`` and 'segments' every case as :func:`label_map` (brats2024 labels) on a 4^3 image."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def choose(self, case, modalities=None):
+        from nnalign.inference.predict import Choice
+
+        present = sorted(case.images, key=BRATS_MODALITIES.index)
+        return Choice(present, present, {}, self.model, "all modalities present", "brats2024")
+
+    def run(self, case, choice):
+        import SimpleITK as sitk
+
+        from nnalign.data.labels import nnunet_to_brats
+        from nnalign.inference.predict import Segmentation
+
+        reference = sitk.Image(4, 4, 4, sitk.sitkUInt8)
+        reference.SetSpacing((10.0, 10.0, 10.0))
+        report = case_report(case.case_id, choice.present, choice.used, self.model, choice.reason, "brats2024",
+                             label_map(), reference.GetSpacing())
+        images = {m: np.arange(64, dtype=np.float32).reshape(4, 4, 4) for m in choice.used}
+        return Segmentation(nnunet_to_brats(label_map(), "brats2024"), reference, report, images)
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+@pytest.mark.parametrize("qc_images", [False, True])
+def test_predict_case_writes_the_report_and_the_qc_image_only_when_asked(tmp_path, qc_images):
+    from nnalign.data.brats_layout import BratsCase
+    from nnalign.inference.predict import PredictionLog, predict_case
+    from nnalign.inference.qc_image import SIZE_PIXELS
+
+    model = load_model(model_folder(tmp_path / "models", TEACHER, {0: ({"WT": 0.9, "TC": 0.8, "ET": 0.7}, 2)}))
+    case = BratsCase("c1", tmp_path, "test", images={m: tmp_path / f"{m}.nii.gz" for m in BRATS_MODALITIES})
+    out = tmp_path / "out"
+    out.mkdir()
+    record = predict_case(case, out, FixedSegmenter(model), None, False, PredictionLog(out), ReportTable(out),
+                          qc_images=qc_images)
+    assert record.status == "ok", record.message
+    report = json.loads((out / "c1.json").read_text())
+    assert report["volumes_ml"] == {"WT": 18.0, "TC": 8.0, "ET": 3.0} and report["expected_dice"]["n"] == 2
+    assert (out / "c1.nii.gz").is_file() and (out / "nnalign_predict_report.csv").is_file()
+    if qc_images:
+        assert png_size(out / "c1.png") == SIZE_PIXELS
+    else:
+        assert not list(out.glob("*.png"))
+    assert not list(out.glob(".*"))  # no temporary file left
+
+
+def test_qc_picture_of_an_empty_segmentation():
+    from nnalign.inference.qc_image import qc_png, tumour_centre
+
+    assert tumour_centre(np.zeros((4, 6, 8), dtype=bool)) == (2, 3, 4)
+    png = qc_png({"FLAIR": np.zeros((4, 6, 8), dtype=np.float32)}, np.zeros((4, 6, 8), np.uint8), "brats2023",
+                 (1.0, 1.0, 3.0), "empty")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"

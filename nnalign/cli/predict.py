@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "present are read from the files, and a model is chosen from MODELS: a student trained on exactly "
                     "those modalities, else (all modalities present) a teacher or original nnU-Net model, else a "
                     "teacher trained with modality dropout. Among several, the best mean validation Dice wins. Writes "
-                    "OUT/<case>.nii.gz in the geometry of the case's images, and the log "
+                    "OUT/<case>.nii.gz in the geometry of the case's images, its report OUT/<case>.json (one row of "
+                    "OUT/nnalign_predict_report.csv), and the log "
                     "OUT/nnalign_predict_log.csv/.json. Finished cases are skipped unless --overwrite.")
     p.add_argument("-i", dest="input", required=True,
                    help="a folder of cases (BraTS 2018/2020/2023 naming in case folders, or nnU-Net <case>_0000.nii.gz "
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "trained with it), nnunet (1 edema, 2 necrosis, 3 ET, 4 resection cavity); a model's resection "
                         "cavity has no label in brats2018 and brats2023, and such a case fails (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists again")
+    p.add_argument("--qc-images", action="store_true",
+                   help="also write OUT/<case>.png: axial, coronal and sagittal slices through the tumour's centre "
+                        "with the WT, TC and ET contours")
     return p
 
 
@@ -80,7 +84,8 @@ def main() -> int:
 
     report = predict(args.input, args.output, args.models, folds=folds, checkpoint=args.checkpoint,
                      device=device, disable_tta=args.disable_tta, modalities=modalities, labels=args.labels,
-                     overwrite=args.overwrite, on_error=on_error, backend=args.backend, on_note=on_note)
+                     overwrite=args.overwrite, on_error=on_error, backend=args.backend, on_note=on_note,
+                     qc_images=args.qc_images)
     unusable = f", {len(report.model_problems)} model folder(s) unusable" if report.model_problems else ""
     print(f"{len(report.records)} cases: {report.count('ok')} predicted, {report.count('skipped')} skipped "
           f"(output exists), {report.count('failed')} failed{unusable}. Log: {report.log_csv}")

@@ -344,11 +344,12 @@ class Choice:
 @dataclass
 class Segmentation:
     """One segmented case: the label map (z, y, x) in the output convention, the header reader whose geometry it
-    has, and the case's report (``case_report``)."""
+    has, the case's report (``case_report``) and the images it was segmented from (modality -> (z, y, x))."""
 
     labels: object
     reference: object
     report: dict
+    images: dict
 
 
 class Segmenter:
@@ -407,17 +408,19 @@ class Segmenter:
         from nnalign.inference.case_report import case_report
 
         predictor = self.predictors.get(choice.model)
-        seg, _ = predict_array(predictor, choice.model, case, choice.used)
+        seg, data = predict_array(predictor, choice.model, case, choice.used)
         reference = choice.readers[choice.used[-1]]
         report = case_report(case.case_id, choice.present, choice.used, choice.model, choice.reason,
                              choice.convention, seg, reference.GetSpacing())
-        return Segmentation(convert_labels(seg, choice.convention), reference, report)
+        channels = [choice.model.modalities[i] for i in choice.model.channel_indices(choice.used)]
+        return Segmentation(convert_labels(seg, choice.convention), reference, report, dict(zip(channels, data)))
 
 
 def predict_case(case: BratsCase, output: Path, segmenter: Segmenter, modalities: Sequence[str] | None,
-                 overwrite: bool, log: PredictionLog, table: ReportTable) -> CaseRecord:
+                 overwrite: bool, log: PredictionLog, table: ReportTable, qc_images: bool = False) -> CaseRecord:
     """Predict one case (or skip it if its output exists), write its segmentation and report (``OUT/<case>.json``,
-    a row of the report table) and return its log record; never raises for bad input."""
+    a row of the report table; with ``qc_images`` the picture ``OUT/<case>.png``) and return its log record; never
+    raises for bad input."""
     present = [m for m in BRATS_MODALITIES if m in case.images]
     record = CaseRecord(case.case_id, FAILED, modalities_present=present)
     target = output_file(output, case.case_id)
@@ -437,6 +440,8 @@ def predict_case(case: BratsCase, output: Path, segmenter: Segmenter, modalities
         result = segmenter.run(case, choice)
         # the report first: a case is finished once its segmentation exists, and a rerun skips it
         _write_output(report_file(output, case.case_id), lambda path: write_json_atomic(path, result.report))
+        if qc_images:
+            _write_output(output / f"{case.case_id}.png", lambda path: _write_qc(path, result))
         write_segmentation(result.labels, result.reference, target)
         _write_output(table.path, lambda path: table.update(result.report))
     except OutputError:
@@ -456,6 +461,13 @@ def predict_case(case: BratsCase, output: Path, segmenter: Segmenter, modalities
 
 def report_file(output: Path, case_id: str) -> Path:
     return Path(output) / f"{case_id}.json"
+
+
+def _write_qc(path: Path, result: Segmentation) -> None:
+    from nnalign.inference.qc_image import write_qc_image
+
+    write_qc_image(path, result.images, result.labels, result.report["labels"], result.reference.GetSpacing(),
+                   f"{result.report['case']}: {result.report['model']}")
 
 
 def _write_output(path: Path, write: Callable[[Path], None]) -> None:
@@ -481,8 +493,9 @@ def predict(source: Path, output: Path, models: Path, folds: Sequence[int | str]
             checkpoint: str = FINAL_CHECKPOINT, device: str = "cpu", disable_tta: bool = False,
             modalities: Sequence[str] | None = None, labels: str = "source", overwrite: bool = False,
             on_error: Callable[[str], None] | None = None, progress: bool = True, backend: str = "torch",
-            on_note: Callable[[str], None] | None = None) -> PredictionReport:
-    """Predict every case of ``source`` into ``output/<case>.nii.gz`` and write the log; see the module docstring.
+            on_note: Callable[[str], None] | None = None, qc_images: bool = False) -> PredictionReport:
+    """Predict every case of ``source`` into ``output/<case>.nii.gz`` with its report ``output/<case>.json`` (and
+    with ``qc_images`` its picture ``output/<case>.png``) and write the log; see the module docstring.
 
     ``on_error`` gets each unusable model folder's and each failed case's one-line message as it happens, ``on_note``
     the backend's notes (OpenVINO's version and precision, a cache it cannot write). Raises NnalignError only for
@@ -506,7 +519,7 @@ def predict(source: Path, output: Path, models: Path, folds: Sequence[int | str]
     records = []
     # disable=None: a bar only on a terminal, so that a failing run's stderr is its error lines.
     for case in tqdm(cases, desc="Predicting", unit="case", disable=None if progress else True):
-        record = predict_case(case, output, segmenter, modalities, overwrite, log, table)
+        record = predict_case(case, output, segmenter, modalities, overwrite, log, table, qc_images)
         _write_log(log, record)
         records.append(record)
         if record.status == FAILED:
