@@ -408,6 +408,47 @@ def test_each_case_has_a_report_beside_its_segmentation(one_case):
 
 
 @pytest.mark.slow
+def test_the_segmenter_gives_what_the_command_writes(trained, one_case):
+    """Two modalities as paths and two as SimpleITK images: the label map the command wrote, in the given images'
+    geometry, and the same report, without a file written."""
+    import SimpleITK as sitk
+
+    import nnalign
+
+    files = {m: one_case["input"] / f"SYNTS_0000_{i:04d}.nii.gz" for i, m in enumerate(ALL)}
+    images = {"t1c": sitk.ReadImage(str(files["T1ce"])), "FLAIR": sitk.ReadImage(str(files["FLAIR"]))}
+    segmenter = nnalign.Segmenter(trained["results"], device="cpu", disable_tta=True, labels="nnunet")
+    before = set(one_case["out"].iterdir())
+    label_map, report = segmenter.segment({"T1": files["T1"], "T2": str(files["T2"]), **images}, case_id="SYNTS_0000")
+    expected, _ = read_seg(one_case["nnunet"])
+    assert np.array_equal(sitk.GetArrayFromImage(label_map), expected)
+    for get in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
+        assert getattr(label_map, get)() == getattr(images["FLAIR"], get)()
+    assert report == json.loads((one_case["out"] / "SYNTS_0000.json").read_text())
+    assert set(one_case["out"].iterdir()) == before
+
+
+def test_segmenter_input_errors_are_one_line(tmp_path):
+    import nnalign
+
+    fake_model(tmp_path, TEACHER_MODEL.split("__")[0])
+    segmenter = nnalign.Segmenter(tmp_path, device="cpu")
+    for images, fragment in (({"PD": "x.nii.gz"}, "c1: unknown modality 'PD'"),
+                             ({"T1ce": "a.nii.gz", "t1c": "b.nii.gz"}, "c1: t1c: T1ce is given twice"),
+                             ({"T1ce": 3}, "c1: T1ce: expected a file path or a SimpleITK image, got int"),
+                             ({"T1ce": tmp_path / "absent.nii.gz"}, "c1: absent.nii.gz")):
+        with pytest.raises(NnalignError, match="^" + fragment.replace("(", r"\(")) as info:
+            segmenter.segment(images, case_id="c1")
+        assert "\n" not in str(info.value)
+
+
+def test_import_nnalign_stays_light():
+    code = "import sys, nnalign; assert 'torch' not in sys.modules; from nnalign.inference.predict import Segmenter; " \
+           "assert nnalign.Segmenter is Segmenter"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("labels", ["brats2018", "brats2023", "source"])
 def test_label_conventions(trained, one_case, tmp_path, labels):
     from nnalign.data.labels import nnunet_to_brats

@@ -7,8 +7,8 @@ already holds (the label map, its spacing, the model), so a report costs millise
 
 The expected Dice is the model's validation over its folds, only where the validation saw exactly the modalities the
 case was segmented from (a student on its subset, any other model on all modalities): per fold, nnalign's scores of
-the validation predictions (``validation/nnalign_metrics.json``, written by ``nnalign_report``/``nnalign_evaluate``
-scoring) where they are up to date, else nnU-Net's ``validation/summary.json``; folds are weighted by their cases.
+the validation predictions (``validation/nnalign_metrics.json``, written when ``nnalign_report`` scores a fold)
+where they are up to date, else nnU-Net's ``validation/summary.json``; folds are weighted by their cases.
 """
 from __future__ import annotations
 

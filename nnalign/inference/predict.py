@@ -21,7 +21,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from nnalign.atomic import check_writable, write_json_atomic, write_text_atomic
 from nnalign.data.brats_layout import BratsCase, find_cases, parse_filename
@@ -353,8 +353,13 @@ class Segmentation:
 
 
 class Segmenter:
-    """The models under ``models`` and their predictors, segmenting one case at a time (``nnalign_predict`` runs
-    every case through :meth:`choose` and :meth:`run`)."""
+    """Segment cases in Python, one at a time, with the models under ``models`` (one model folder or a dataset
+    results folder; options as ``nnalign_predict``'s): ``Segmenter(models, device="cpu").segment({"T1ce": path,
+    "FLAIR": image})`` returns the label map and the case's report and writes nothing.
+
+    ``nnalign_predict`` runs every case through the same :meth:`choose` and :meth:`run`. Raises NnalignError (one
+    line) for options or models that cannot be used; :attr:`problems` lists the model folders left out.
+    """
 
     def __init__(self, models: Path, device: str = "cuda", folds: Sequence[int | str] | None = None,
                  checkpoint: str = FINAL_CHECKPOINT, disable_tta: bool = False, backend: str = "torch",
@@ -414,6 +419,49 @@ class Segmenter:
                              choice.convention, seg, reference.GetSpacing())
         channels = [choice.model.modalities[i] for i in choice.model.channel_indices(choice.used)]
         return Segmentation(convert_labels(seg, choice.convention), reference, report, dict(zip(channels, data)))
+
+    def segment(self, images: Mapping[str, str | os.PathLike | object], case_id: str = "case",
+                modalities: Sequence[str] | None = None) -> tuple[object, dict]:
+        """Segment one case: ``images`` maps modality names (any spelling ``nnalign_predict`` reads: ``T1ce``,
+        ``t1c``, ...) to NIfTI paths or SimpleITK images of one geometry. Returns the label map as a SimpleITK image
+        in that geometry (in the Segmenter's label convention) and the report (``case_report``). NnalignError (one
+        line naming the case and the image) for input that cannot be segmented.
+
+        SimpleITK images are written to a temporary folder and read back, so that they pass the checks and the
+        reading of files; the label map takes the geometry of the given image itself.
+        """
+        import tempfile
+
+        import SimpleITK as sitk
+
+        from nnalign.modalities import canonical_modality
+
+        given: dict[str, object] = {}
+        for name, value in images.items():
+            try:
+                modality = canonical_modality(str(name))
+            except NnalignError as e:
+                raise NnalignError(f"{case_id}: {e}") from None
+            if modality in given:
+                raise NnalignError(f"{case_id}: {name}: {modality} is given twice")
+            if not isinstance(value, (str, os.PathLike, sitk.Image)):
+                raise NnalignError(f"{case_id}: {name}: expected a file path or a SimpleITK image, got "
+                                   f"{type(value).__name__}")
+            given[modality] = value
+        with tempfile.TemporaryDirectory(prefix="nnalign_segment_") as tmp:
+            files = {}
+            for modality, value in given.items():
+                if isinstance(value, sitk.Image):
+                    files[modality] = Path(tmp) / f"{case_id}_{modality}.nii"
+                    sitk.WriteImage(value, str(files[modality]))
+                else:
+                    files[modality] = Path(value)
+            case = BratsCase(case_id, Path(tmp), "Segmenter", images=files)
+            choice = self.choose(case, modalities)
+            result = self.run(case, choice)
+        reference = given[choice.used[-1]]
+        return label_image(result.labels, reference if isinstance(reference, sitk.Image) else result.reference), \
+            result.report
 
 
 def predict_case(case: BratsCase, output: Path, segmenter: Segmenter, modalities: Sequence[str] | None,
