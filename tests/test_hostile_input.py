@@ -310,13 +310,15 @@ def test_a_killed_conversion_takes_its_workers_and_the_next_run_removes_its_stag
     proc = subprocess.Popen([sys.executable, "-m", "nnalign.cli.convert_brats", "-i", str(source), "-d", "40",
                              "-np", "2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers: list[int] = []
+    staging: list[Path] = []
     deadline = time.monotonic() + 120
-    while len(workers) < 2 and proc.poll() is None and time.monotonic() < deadline:
+    # the labels are read (by the workers) before the staging folder exists: wait for both
+    while (len(workers) < 2 or not staging) and proc.poll() is None and time.monotonic() < deadline:
         workers = [p for p in _children(proc.pid)
                    if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes() and
                    b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+        staging = list(raw.glob(f".Dataset040_release.partial-{proc.pid}"))
         time.sleep(0.05)
-    staging = list(raw.glob(f".Dataset040_release.partial-{proc.pid}"))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(workers) == 2 and staging, "the conversion finished before it could be killed"
