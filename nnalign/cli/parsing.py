@@ -57,8 +57,3 @@ def setting_values(args: argparse.Namespace, settings: Iterable[Setting]) -> dic
         given = getattr(args, s.dest)
         values[s.name] = (not s.default if given else None) if s.kind is bool else given
     return values
-
-
-def given_settings(args: argparse.Namespace, settings: Iterable[Setting]) -> list[str]:
-    """The flags of the declared settings that the command line gave (differing from their parser defaults)."""
-    return [s.flag for s in settings if getattr(args, s.dest) not in (None, False, s.default)]

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 from nnalign.errors import NnalignError
+from nnalign.training.record import INPUTS_FILE, SETTINGS_RECORD
 
 PRECISION = "f32"
 """OpenVINO's inference precision. Set explicitly: its CPU plugin would otherwise pick bf16 where the CPU has it."""
@@ -35,7 +36,7 @@ MAX_DICE_DIFFERENCE = 0.001
 CACHE_FOLDER = "openvino"
 """The cache folder inside each fold folder."""
 CONFIG_FILES = ("plans.json", "dataset.json")
-FOLD_CONFIG_FILES = ("nnalign_settings.json", "nnalign_inputs.json")
+FOLD_CONFIG_FILES = (SETTINGS_RECORD, INPUTS_FILE)
 """Files of the model folder and of each fold that nnU-Net and nnalign build the network from; hashed into the key."""
 
 
