@@ -62,7 +62,7 @@ def student(subset: str, kd: str = "protokd") -> str:
     ("nnAlignTeacher_mixture_drop0p5", TEACHER, ALL, True),
     ("nnAlignTeacher_modalityT1ce_w0p5_sep", TEACHER, ALL, False),
     ("nnAlignOriginal", ORIGINAL, ALL, False),
-    ("nnAlignOriginal_drop0p25", ORIGINAL, ALL, False),  # a plain U-Net on stacked channels: all modalities only
+    ("nnAlignOriginal_drop0p25", ORIGINAL, ALL, True),  # trained on zeroed channels: absent ones are zeroed
     ("nnUNetTrainer", NNUNET, ALL, False),
 ])
 def test_models_are_classified_by_trainer_name(tmp_path, trainer, kind, subset, any_subset):
@@ -147,6 +147,15 @@ def test_selection_prefers_the_student_of_the_subset_then_the_best_dice_then_the
     assert select_model(models, ALL)[0].trainer == "nnAlignOriginal"  # all modalities: best Dice of teacher/original
 
 
+def test_a_baseline_trained_with_modality_dropout_serves_a_subset_zeroed(tmp_path):
+    models = _models(tmp_path, {"nnAlignOriginal_drop0p5": 0.8, "nnAlignOriginal": 0.9})
+    model, why = select_model(models, ("T1",))
+    assert model.trainer == "nnAlignOriginal_drop0p5"
+    assert why == "baseline trained with modality dropout (absent modalities zeroed)"
+    with pytest.raises(NoModelError, match="no model for modalities T1"):
+        select_model(models[1:], ("T1",))
+
+
 def test_selection_for_all_modalities_and_ties(tmp_path):
     models = _models(tmp_path, {"nnAlignTeacher_mixture": 0.8, "nnAlignOriginal": 0.8, "nnAlignTeacher_none": None})
     assert select_model(models, ALL)[0].trainer == "nnAlignOriginal"  # tie: folder name order
@@ -160,7 +169,7 @@ def test_selection_for_all_modalities_and_ties(tmp_path):
 
 def test_without_a_serving_model_the_message_lists_what_there_is(tmp_path):
     models = _models(tmp_path, {student("T1ce"): None, "nnAlignTeacher_mixture": None,
-                                "nnAlignOriginal_drop0p25": None})
+                                "nnAlignOriginal": None})
     with pytest.raises(NoModelError) as info:
         select_model(models, ("T1", "T2"))
     message = str(info.value)

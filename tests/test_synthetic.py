@@ -14,7 +14,7 @@ from scipy.stats import rankdata
 
 from nnalign.data.raw_dataset import image_filename
 from nnalign.data.synthetic import (BG, CSF, GM, GLIOMA_KINDS, WM, CaseOptions, case_seed, generate_case,
-                                    synthesize_case, write_synthetic_dataset)
+                                    incomplete_cases, synthesize_case, write_synthetic_dataset)
 from nnalign.errors import NnalignError
 from nnalign.modalities import BRATS_MODALITIES
 
@@ -278,6 +278,37 @@ def test_cli_writes_a_dataset_and_refuses_to_clobber_it(tmp_path):
     assert json.loads((folder.parent / "Dataset007_SyntheticBraTS" / "dataset.json").read_text())["nnalign"][
         "synthetic"]["seed"] == 0
     assert not folder.exists()
+
+
+def test_incomplete_cases_are_a_random_share_and_a_site_block():
+    record = incomplete_cases(20, 0.4, seed=3, site_missing="T1ce")
+    assert len(record) == 8 and record == incomplete_cases(20, 0.4, seed=3, site_missing="T1ce")
+    assert [record[f"SYN_{i:04d}"] for i in range(16, 20)] == [("T1ce",)] * 4  # the last four: one site's block
+    scattered = {c: m for c, m in record.items() if int(c[4:]) < 16}
+    assert len(scattered) == 4 and all(0 < len(m) < 4 for m in scattered.values())
+    assert all(list(m) == [x for x in BRATS_MODALITIES if x in m] for m in scattered.values())  # channel order
+    assert incomplete_cases(20, 0.4, seed=4) != incomplete_cases(20, 0.4, seed=3)
+    assert incomplete_cases(20, 0.0) == {}
+    many = incomplete_cases(1000, 0.5, seed=0)
+    assert len(many) == 500 and len(set(many.values())) == 14  # every proper non-empty subset is drawn
+    for bad in (dict(fraction=1.0), dict(fraction=-0.1), dict(fraction=0.2, site_missing="T3")):
+        with pytest.raises(NnalignError):
+            incomplete_cases(10, **{"fraction": 0.2, **bad})
+
+
+@pytest.mark.slow
+def test_cli_writes_an_incomplete_dataset(tmp_path):
+    proc = _synth(tmp_path, "-d", "9", "-n", "5", "--shape", "32", "32", "32", "--missing-fraction", "0.4",
+                  "--site-missing", "t1ce")
+    assert proc.returncode == 0, proc.stderr
+    assert "2 training cases lack some sequences" in proc.stdout
+    folder = tmp_path / "raw" / "Dataset009_SyntheticBraTS"
+    record = json.loads((folder / "dataset.json").read_text())["nnalign"]["missing_modalities"]
+    assert record == {c: list(m) for c, m in incomplete_cases(5, 0.4, 0, "T1ce").items()}
+    assert record["SYN_0004"] == ["T1ce"] and not (folder / "imagesTr" / "SYN_0004_0001.nii.gz").exists()
+    assert len(list((folder / "imagesTr").glob("*.nii.gz"))) == 20 - sum(map(len, record.values()))
+    line = _assert_one_line_error(_synth(tmp_path, "-d", "10", "-n", "5", "--site-missing", "T1ce"))
+    assert "--site-missing needs --missing-fraction" in line
 
 
 @pytest.mark.slow

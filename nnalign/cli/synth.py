@@ -5,7 +5,7 @@ import argparse
 import os
 
 from nnalign.cli.parsing import CommandParser, non_negative_int, positive_int
-from nnalign.errors import cli_entry
+from nnalign.errors import NnalignError, cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only these kinds of glioma, comma-separated: ring (a necrotic core in an enhancing rim), "
                         "solid, non-enhancing; a kind drawn outside the list becomes the first listed "
                         "(default: all, 80 / 10 / 10 %%)")
+    p.add_argument("--missing-fraction", type=float, default=0.0, metavar="F",
+                   help="this fraction of the training cases lacks some sequences (no file, recorded in dataset.json "
+                        "as nnalign_convert_brats --allow-missing does), each a random one to three of them "
+                        "(default: %(default)s, every case complete)")
+    p.add_argument("--site-missing", metavar="MODALITY", default=None,
+                   help="with --missing-fraction: half of the incomplete cases are instead the last cases, a block "
+                        "that lacks MODALITY alone, as when one site never acquired it (e.g. T1ce)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset with the same ID")
     return p
 
@@ -40,19 +47,26 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry("nnalign_synth")
 def main() -> int:
     args = build_parser().parse_args()
-    from nnalign.data.synthetic import GLIOMA_KINDS, CaseOptions, write_synthetic_dataset
+    from nnalign.data.synthetic import GLIOMA_KINDS, CaseOptions, incomplete_cases, write_synthetic_dataset
     from nnalign.modalities import BRATS_MODALITIES, parse_modalities
     from nnalign.paths import setup_env
 
+    if args.site_missing and not args.missing_fraction:
+        raise NnalignError("--site-missing needs --missing-fraction")
     setup_env()
+    site = parse_modalities(args.site_missing)[0] if args.site_missing else None
+    missing = incomplete_cases(args.num_cases, args.missing_fraction, args.seed, site)
     shown = parse_modalities(args.tumour_modalities) if args.tumour_modalities else BRATS_MODALITIES
     options = CaseOptions(shown, args.min_rim_mm,
                           tuple(args.glioma_kinds.split(",")) if args.glioma_kinds else GLIOMA_KINDS)
     folder = write_synthetic_dataset(os.environ["nnUNet_raw"], args.dataset_id, args.num_cases, shape=args.shape,
                                      seed=args.seed, num_test=args.num_test, name=args.name,
-                                     overwrite=args.overwrite, options=options)
+                                     overwrite=args.overwrite, options=options,
+                                     missing=missing)
     print(f"Wrote {folder}: {args.num_cases} training cases, {args.num_test} test cases, "
-          f"shape {' x '.join(map(str, args.shape))}, seed {args.seed}")
+          f"shape {' x '.join(map(str, args.shape))}, seed {args.seed}"
+          + (f"; {len(missing)} training cases lack some sequences (dataset.json: nnalign.missing_modalities)"
+             if missing else ""))
     return 0
 
 

@@ -370,6 +370,32 @@ def _write_case(images_dir: Path, labels_dir: Path, case: str, shape: tuple[int,
     _write_nifti(seg, labels_dir / f"{case}.nii.gz")
 
 
+def incomplete_cases(num_cases: int, fraction: float, seed: int = 0,
+                     site_missing: str | None = None) -> dict[str, tuple[str, ...]]:
+    """Which training cases of a synthetic dataset lack which modalities: ``round(fraction x num_cases)`` cases, as
+    :func:`write_synthetic_dataset`'s ``missing`` takes them.
+
+    Without ``site_missing`` each incomplete case is drawn at random and lacks a random proper subset of the
+    modalities (one to three of four, each subset equally likely). With ``site_missing`` (a modality) half of them
+    (rounded up) are instead the last cases of the dataset, a contiguous block that lacks that modality alone, as when
+    one site never acquired it. The same arguments always give the same record.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise NnalignError(f"the fraction of incomplete cases must be in [0, 1) (got {fraction:g})")
+    if site_missing is not None and site_missing not in BRATS_MODALITIES:
+        raise NnalignError(f"{site_missing} is not a modality ({', '.join(BRATS_MODALITIES)})")
+    count = int(round(fraction * num_cases))
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 2]))
+    block = (count + 1) // 2 if site_missing else 0
+    cases = [f"SYN_{i:04d}" for i in range(int(num_cases))]
+    record = {case: (site_missing,) for case in cases[len(cases) - block:]}
+    subsets = [tuple(m for j, m in enumerate(BRATS_MODALITIES) if code >> j & 1)
+               for code in range(1, 2 ** len(BRATS_MODALITIES) - 1)]
+    for i in sorted(rng.choice(len(cases) - block, size=count - block, replace=False)):
+        record[cases[i]] = subsets[int(rng.integers(len(subsets)))]
+    return dict(sorted(record.items()))
+
+
 def write_synthetic_dataset(raw_root: str | Path, dataset_id: int, num_cases: int,
                             shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0, num_test: int = 0,
                             name: str = "SyntheticBraTS", overwrite: bool = False,

@@ -52,8 +52,10 @@ class Model(ModelFolder):
 
     @property
     def any_subset(self) -> bool:
-        """A teacher trained with modality dropout: it serves every non-empty subset of its modalities."""
-        return self.kind == TEACHER and self.modality_dropout > 0
+        """A teacher or a plain baseline trained with modality dropout: it serves every non-empty subset of its
+        modalities (the teacher fills the absent ones from its anchor, the baseline sees them zeroed, as it
+        trained)."""
+        return self.kind in (TEACHER, ORIGINAL) and self.modality_dropout > 0
 
     def serves(self, present: Sequence[str]) -> bool:
         """Whether this model can segment a case with exactly the modalities ``present``."""
@@ -198,7 +200,7 @@ def select_model(models: Sequence[Model], present: Sequence[str]) -> tuple[Model
     """The model for a case whose modalities are ``present``, and why it was chosen.
 
     1. a student whose subset is exactly ``present``; 2. for all modalities, a teacher or original model; 3. a
-    teacher trained with modality dropout. Among several, the best mean validation Dice, then the folder name.
+    teacher or baseline trained with modality dropout. Among several, the best mean validation Dice, then the folder name.
     Raises NoModelError listing the models and what they serve.
     """
     wanted = set(present)
@@ -210,7 +212,10 @@ def select_model(models: Sequence[Model], present: Sequence[str]) -> tuple[Model
         return _best(full), "all modalities present"
     dropout = [m for m in models if m.any_subset and m.serves(present)]
     if dropout:
-        return _best(dropout), "teacher trained with modality dropout (missing-modality path)"
+        best = _best(dropout)
+        if best.kind == ORIGINAL:
+            return best, "baseline trained with modality dropout (absent modalities zeroed)"
+        return best, "teacher trained with modality dropout (missing-modality path)"
     raise NoModelError(f"no model for modalities {'+'.join(present)}; models: {describe_models(models)}")
 
 
