@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nnalign.data.label_volumes import merge_ranges, region_volumes_ml, volume_range, volume_warnings
 from nnalign.inference.case_report import (CSV_COLUMNS, ReportTable, case_report, case_warnings, expected_dice,
-                                           region_volumes_ml)
+                                           training_volumes)
 from nnalign.inference.models import load_model
 from nnalign.modalities import BRATS_MODALITIES
 
@@ -47,6 +48,27 @@ def test_each_warning_has_its_trigger(volumes, used, fragments):
     assert len(found) == len(fragments), found
     for warning, fragment in zip(found, fragments):
         assert fragment in warning
+
+
+def test_training_volume_range_and_what_lies_far_outside_it():
+    volumes = {"a": {"WT": 40.0, "TC": 10.0, "ET": 0.0}, "b": {"WT": 100.0, "TC": 30.0, "ET": 5.0},
+               "c": {"WT": 60.0, "TC": 20.0, "ET": 2.0}}
+    found = volume_range(volumes)
+    assert found == {"ET": {"max": 5.0, "min_nonzero": 2.0, "cases": 3}, "TC": {"max": 30.0, "min_nonzero": 10.0,
+                                                                               "cases": 3},
+                     "WT": {"max": 100.0, "min_nonzero": 40.0, "cases": 3}}
+    assert volume_warnings({"WT": 200.0, "TC": 5.0, "ET": 1.0}, found) == []  # 2x the largest, half the smallest
+    warned = volume_warnings({"WT": 200.1, "TC": 4.9, "ET": 0.0}, found)  # an empty region is its own warning
+    assert len(warned) == 2 and warned[0].startswith("WT 200.1 mL is far above the training cases' range "
+                                                      "(40-100 mL, 3 cases)")
+    assert warned[1].startswith("TC 4.9 mL is far below the training cases' range (10-30 mL, 3 cases)")
+    other_fold = {"WT": {"max": 300.0, "min_nonzero": 50.0, "cases": 4}, "TC": "garbage",
+                  "ET": {"max": True, "min_nonzero": 1.0, "cases": 4}}
+    merged = merge_ranges([found, other_fold])
+    assert merged["WT"] == {"max": 300.0, "min_nonzero": 40.0, "cases": 4} and merged["TC"] == found["TC"]
+    assert merged["ET"] == found["ET"]  # a malformed entry of a record is ignored
+    assert case_warnings({"WT": 700.0, "TC": 20.0, "ET": 3.0}, ("T1ce",), merged, ["T2 resampled"]) == [
+        "T2 resampled", "WT 700 mL is far above the training cases' range (40-300 mL, 4 cases): check the segmentation"]
 
 
 def model_folder(root: Path, trainer: str, summaries: dict[int, tuple[dict, int]]) -> Path:
@@ -113,10 +135,11 @@ class FixedSegmenter:
         self.model = model
 
     def choose(self, case, modalities=None):
+        from nnalign.data.sequence_grid import SequenceGrid
         from nnalign.inference.predict import Choice
 
         present = sorted(case.images, key=BRATS_MODALITIES.index)
-        return Choice(present, present, {}, self.model, "all modalities present", "brats2024")
+        return Choice(present, present, {}, SequenceGrid("T1ce"), self.model, "all modalities present", "brats2024")
 
     def run(self, case, choice):
         import SimpleITK as sitk

@@ -216,6 +216,54 @@ def test_train_step_fills_a_case_s_absent_modalities_like_dropped_ones(env, anch
 
 
 @pytest.mark.slow
+def test_validation_step_tells_the_teacher_what_each_case_has(env):
+    from nnalign.runs import teacher_spec
+    from nnalign.training.teacher_trainer import teacher_trainer_class
+
+    trainer = _trainer(teacher_trainer_class(teacher_spec("mixture", modality_dropout=0.5)))
+    trainer.initialize()
+    trainer.network.eval()
+    patch = trainer.configuration_manager.patch_size
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randn(2, 4, *patch, generator=gen)
+    data[0, [0, 3]] = 0  # SYN_0002 lacks T1 and FLAIR: preprocessing leaves their channels zero
+    target = (torch.rand(2, 3, *patch, generator=gen) > 0.7).float()  # the three regions
+    trainer.set_deep_supervision_enabled(False)
+    trainer.enable_deep_supervision = False
+    batch = {"data": data, "target": target, "keys": np.array(["SYN_0002", "SYN_0000"])}
+    with torch.no_grad():
+        told = trainer.validation_step(batch)["loss"]
+        garbage = data.clone()
+        garbage[0, [0, 3]] = 1e3 * torch.randn(2, *patch, generator=gen)  # unread when the teacher is told
+        assert trainer.validation_step({**batch, "data": garbage})["loss"] == pytest.approx(told, rel=1e-6)
+        untold = trainer.validation_step({**batch, "keys": np.array(["SYN_0000", "SYN_0000"])})["loss"]
+    assert abs(untold - told) > 1e-6  # zero channels taken for real images give another loss
+    assert trainer.net._assumed_presence is None
+
+
+@pytest.mark.slow
+def test_final_validation_predicts_each_case_from_what_it_has(env):
+    from nnalign.runs import teacher_spec
+    from nnalign.training.teacher_trainer import teacher_trainer_class
+
+    trainer = _trainer(teacher_trainer_class(teacher_spec("mixture", modality_dropout=0.5)))
+    trainer.initialize()
+    trainer.do_split = lambda: (["SYN_0000", "SYN_0003"], ["SYN_0001", "SYN_0002", "SYN_0003"])
+    net, seen = trainer.net, []
+    forward = net.forward
+
+    def spy(x, present=None, return_parts=False):
+        seen.append(net.present_modalities)
+        return forward(x, present, return_parts)
+
+    net.forward = spy
+    trainer.perform_actual_validation()
+    assert sorted(set(seen)) == [(0, 1, 2, 3), (0, 1, 3), (1, 2)]  # SYN_0001 lacks T2, SYN_0002 T1 and FLAIR
+    assert net.present_modalities == (0, 1, 2, 3)
+    assert len(list((Path(trainer.output_folder) / "validation").glob("SYN_*.nii.gz"))) == 3
+
+
+@pytest.mark.slow
 def test_student_trains_on_the_cases_with_its_subset_and_refuses_none(env):
     from nnalign.training.student_trainer import student_trainer_class
 

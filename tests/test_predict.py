@@ -403,9 +403,15 @@ def one_case(trained, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_each_case_has_a_report_beside_its_segmentation(one_case):
-    from nnalign.inference.case_report import region_volumes_ml
+def test_each_case_has_a_report_beside_its_segmentation(trained, one_case):
+    from nnalign.data.label_volumes import VOLUMES_FILE, region_volumes_ml
+    from nnalign.training.record import TRAINING_VOLUMES
 
+    record = json.loads((trained["teacher"] / "fold_0" / "nnalign_settings.json").read_text())
+    stored = json.loads((trained["root"] / "pre" / DATASET / VOLUMES_FILE).read_text())["cases"]
+    assert set(record[TRAINING_VOLUMES]) == {"WT", "TC", "ET"}
+    assert len(stored) == record[TRAINING_VOLUMES]["WT"]["cases"] == 2  # fold 0 trains on 2 of the 3 cases
+    assert record[TRAINING_VOLUMES]["WT"]["max"] == max(v["WT"] for v in stored.values())
     out = one_case["out"]
     report = json.loads((out / "SYNTS_0000.json").read_text())
     seg, image = read_seg(one_case["nnunet"])
@@ -531,10 +537,14 @@ def test_cli_bad_input_is_one_line_per_case_and_the_rest_is_predicted(trained, t
     cases = tmp_path / "in"
     source = trained["images_ts"] / "SYNTS_0000"
     make_case(cases, "GOOD", source, ALL)
-    geometry = make_case(cases, "GEOM", source, ALL)
+    geometry = make_case(cases, "GEOM", source, ALL)  # T1ce on another grid: resampled, with a warning
     image = sitk.ReadImage(str(geometry / "GEOM-t1c.nii.gz"))
     image.SetSpacing((1.5, 1.0, 1.0))
     sitk.WriteImage(image, str(geometry / "GEOM-t1c.nii.gz"), True)
+    far = make_case(cases, "FAR", source, ALL)  # FLAIR shifted by half its field of view: refused
+    image = sitk.ReadImage(str(far / "FAR-t2f.nii.gz"))
+    image.SetOrigin((20.0, 0.0, 0.0))
+    sitk.WriteImage(image, str(far / "FAR-t2f.nii.gz"), True)
     broken = make_case(cases, "BROKEN", source, ALL)
     (broken / "BROKEN-t2w.nii.gz").write_bytes(b"not a nifti")
     _truncate(make_case(cases, "TRUNC", source, ("T1ce", "FLAIR")) / "TRUNC-t2f.nii.gz")
@@ -554,7 +564,7 @@ def test_cli_bad_input_is_one_line_per_case_and_the_rest_is_predicted(trained, t
     assert all(line.startswith("nnalign_predict: error: ") for line in lines), lines
     expected = {
         "nnAlignTeacher_none__": "no fold_*/checkpoint_final.pth",
-        "GEOM: GEOM-t1c.nii.gz: spacing (1.5, 1.0, 1.0) differs from": "of the other files",
+        "FAR: FAR-t2f.nii.gz: its field of view covers 56% of T1ce's": "beyond what resampling fixes",
         "BROKEN: BROKEN-t2w.nii.gz: not a readable NIfTI image": "",
         "TRUNC: TRUNC-t2f.nii.gz: truncated": "",
         "SEGONLY: no image file (only the segmentation SEGONLY-seg.nii.gz)": "",
@@ -562,12 +572,17 @@ def test_cli_bad_input_is_one_line_per_case_and_the_rest_is_predicted(trained, t
     assert len(lines) == len(expected), lines
     for start, fragment in expected.items():
         assert sum(start in line and fragment in line for line in lines) == 1, (start, lines)
-    assert (out / "GOOD.nii.gz").is_file()
-    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["GOOD.nii.gz"]
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["GEOM.nii.gz", "GOOD.nii.gz"]
     log = read_log(out)
-    assert {c: r["status"] for c, r in log.items()} == {"GOOD": "ok", "GEOM": "failed", "BROKEN": "failed",
-                                                         "TRUNC": "failed", "SEGONLY": "failed"}
-    assert "1 predicted" in proc.stdout and "4 failed" in proc.stdout
+    assert {c: r["status"] for c, r in log.items()} == {"GOOD": "ok", "GEOM": "ok", "FAR": "failed",
+                                                         "BROKEN": "failed", "TRUNC": "failed", "SEGONLY": "failed"}
+    assert "2 predicted" in proc.stdout and "4 failed" in proc.stdout
+    warnings = json.loads((out / "GEOM.json").read_text())["warnings"]
+    assert "T1ce resampled onto T1's grid: its spacing 1.5 x 1 x 1 differed from 1 x 1 x 1" in warnings
+    _, written = read_seg(out / "GEOM.nii.gz")
+    _, t1 = read_seg(geometry / "GEOM-t1n.nii.gz")
+    assert written.GetSpacing() == t1.GetSpacing() and written.GetSize() == t1.GetSize()
+    assert not any("resampled" in w for w in json.loads((out / "GOOD.json").read_text())["warnings"])
 
 
 @pytest.mark.slow

@@ -188,12 +188,13 @@ def check_same_geometry(case_id: str, files: Mapping[str, Path], readers: Mappin
 
 
 def check_case_images(case: BratsCase, modalities: Sequence[str], seg: bool = False,
-                      require_signal: bool = False) -> Mapping:
+                      require_signal: bool = False, one_geometry: bool = True) -> Mapping:
     """Check the images of ``modalities`` of a case (and, with ``seg``, its segmentation) and return their header
     readers by modality (and ``"seg"``).
 
     Every file must be a readable, complete 3D scalar image without NaN or infinite voxels (after the header's scale
-    factor), and all must share one geometry; with ``require_signal`` no modality may have every voxel the same.
+    factor), and with ``one_geometry`` all must share one geometry (without it the caller brings them onto one grid,
+    :mod:`nnalign.data.sequence_grid`); with ``require_signal`` no modality may have every voxel the same.
     Raises NnalignError naming the case and the bad file.
     """
     files = {m: case.images[m] for m in modalities}
@@ -207,7 +208,8 @@ def check_case_images(case: BratsCase, modalities: Sequence[str], seg: bool = Fa
             got = f"{len(size)}D image ({' x '.join(map(str, size))})" if len(size) != 3 else \
                 f"image of {components} components per voxel"
             raise NnalignError(f"{case.case_id}: {path.name}: expected a 3D scalar image, got a {got}")
-    check_same_geometry(case.case_id, files, readers)
+    if one_geometry:
+        check_same_geometry(case.case_id, files, readers)
     for k, path in files.items():
         check_voxels(case.case_id, path, readers[k], blank=require_signal and k != "seg")
     return readers

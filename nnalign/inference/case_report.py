@@ -20,23 +20,17 @@ from typing import Sequence
 import numpy as np
 
 from nnalign.atomic import write_text_atomic
-from nnalign.data.labels import CAVITY, REGION_NAMES, region_labels
+from nnalign.data.label_volumes import merge_ranges, region_volumes_ml, volume_warnings
+from nnalign.data.labels import CAVITY, REGION_NAMES
 from nnalign.evaluation.validation import CACHE_FILE, is_scored, read_evaluation, read_validation_summary
 from nnalign.inference.models import Model
 from nnalign.model_folders import fold_folder
+from nnalign.training.record import TRAINING_VOLUMES, read_settings_record
 
 REPORT_CSV = "nnalign_predict_report.csv"
 CSV_COLUMNS = ("case", "modalities_present", "modalities_missing", "model", "reason",
                *(f"volume_{r}_ml" for r in (*REGION_NAMES, "RC")),
                *(f"expected_dice_{r}" for r in REGION_NAMES), "expected_dice_n", "warnings")
-
-
-def region_volumes_ml(seg: np.ndarray, spacing: Sequence[float], rc: bool = False) -> dict[str, float]:
-    """Volume in mL (to 0.1 mm^3) of WT, TC, ET (and RC with ``rc``) of an nnU-Net-labelled map; ``spacing`` in mm."""
-    counts = np.bincount(np.asarray(seg).ravel(), minlength=5)
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    return {region: round(float(sum(counts[v] for v in values)) * voxel_ml, 4)
-            for region, values in region_labels("nnunet", rc=rc).items()}
 
 
 def has_cavity(model: Model) -> bool:
@@ -70,9 +64,18 @@ def _fold_scores(fold_dir: Path) -> tuple[dict[str, float], int, str] | None:
     return None
 
 
-def case_warnings(volumes: dict[str, float], used: Sequence[str]) -> list[str]:
-    """Warnings in words: enhancing tumour predicted without T1ce, empty regions."""
-    found = []
+def training_volumes(model: Model) -> dict[str, dict]:
+    """The range of the training cases' region volumes over the model's folds (their settings records;
+    :func:`~nnalign.data.label_volumes.volume_range`); {} for models trained before it was recorded."""
+    ranges = [(read_settings_record(fold_folder(model.folder, f)) or {}).get(TRAINING_VOLUMES) for f in model.folds]
+    return merge_ranges([r for r in ranges if isinstance(r, dict)])
+
+
+def case_warnings(volumes: dict[str, float], used: Sequence[str], training: dict[str, dict] | None = None,
+                  notes: Sequence[str] = ()) -> list[str]:
+    """Warnings in words: enhancing tumour predicted without T1ce, empty regions, volumes far outside the
+    ``training`` range (:func:`training_volumes`), and ``notes`` (e.g. sequences resampled)."""
+    found = list(notes)
     if volumes["ET"] > 0 and "T1ce" not in used:
         found.append(f"enhancing tumour (ET, {volumes['ET']:g} mL) predicted without T1ce: enhancement cannot be seen "
                      f"without the contrast-enhanced sequence, so ET (and TC) are uncertain")
@@ -80,12 +83,13 @@ def case_warnings(volumes: dict[str, float], used: Sequence[str]) -> list[str]:
         found.append("no tumour predicted: WT, TC and ET are empty")
     else:
         found += [f"{r} is empty" for r in ("TC", "ET") if volumes[r] == 0]
-    return found
+    return found + volume_warnings(volumes, training or {})
 
 
 def case_report(case_id: str, present: Sequence[str], used: Sequence[str], model: Model, reason: str,
-                convention: str, seg: np.ndarray, spacing: Sequence[float]) -> dict:
-    """The report of one case from its nnU-Net-labelled segmentation ``seg`` and its ``spacing`` (mm)."""
+                convention: str, seg: np.ndarray, spacing: Sequence[float], notes: Sequence[str] = ()) -> dict:
+    """The report of one case from its nnU-Net-labelled segmentation ``seg`` and its ``spacing`` (mm); ``notes``
+    join its warnings."""
     from nnalign import __version__
 
     volumes = region_volumes_ml(seg, spacing, rc=has_cavity(model))
@@ -94,7 +98,8 @@ def case_report(case_id: str, present: Sequence[str], used: Sequence[str], model
             "modalities_missing": [m for m in model.modalities if m not in present],
             "modalities_used": list(used), "model": model.name, "model_folder": str(model.folder.resolve()),
             "folds": list(model.folds), "reason": reason, "labels": convention, "volumes_ml": volumes,
-            "expected_dice": dice, "expected_dice_source": source, "warnings": case_warnings(volumes, used)}
+            "expected_dice": dice, "expected_dice_source": source,
+            "warnings": case_warnings(volumes, used, training_volumes(model), notes)}
 
 
 def csv_row(report: dict) -> dict:

@@ -6,9 +6,10 @@ nnU-Net's own ``SimpleITKIO`` and placed at their channel indices in an all-zero
 A student reads only its own channels; a teacher is told which channels are real (``present_modalities``) and fills
 the absent latents with its anchor. The segmentation comes back in the case's original geometry.
 
-A case that cannot be predicted (no image file, an unreadable or truncated file, modalities that differ in geometry,
-no model for its modalities, a failed prediction) is reported as one line naming the case and the file, recorded as
-``failed`` in the log, and the other cases still run.
+Sequences on different grids are resampled onto the grid most of them share (:mod:`nnalign.data.sequence_grid`),
+and the report says so. A case that cannot be predicted (no image file, an unreadable or truncated file, a sequence
+covering too little of the others' field of view, no model for its modalities, a failed prediction) is reported as
+one line naming the case and the file, recorded as ``failed`` in the log, and the other cases still run.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from nnalign.modalities import BRATS_MODALITIES
 from nnalign.model_folders import FINAL_CHECKPOINT
 
 if TYPE_CHECKING:
+    from nnalign.data.sequence_grid import SequenceGrid
     from nnalign.inference.case_report import ReportTable
 
 LABEL_OPTIONS = ("source", "brats2018", "brats2023", "brats2024", "nnunet")
@@ -240,21 +242,28 @@ def present_channels(predictor, indices: Sequence[int]):
         net.present_modalities = before
 
 
-def predict_array(predictor, model: Model, case: BratsCase, used: Sequence[str]):
-    """nnU-Net-labelled segmentation (z, y, x) of one case from the files of ``used``, absent channels zero, and the
-    images read (``len(used)``, z, y, x)."""
+def predict_array(predictor, model: Model, case: BratsCase, used: Sequence[str], grid: SequenceGrid, readers: Mapping):
+    """nnU-Net-labelled segmentation (z, y, x) of one case from the files of ``used`` on the grid of
+    ``grid.reference`` (the others resampled onto it), absent channels zero, and the images read
+    (``len(used)``, z, y, x)."""
     import numpy as np
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
+    from nnalign.data.sequence_grid import resample_onto
+
     indices = model.channel_indices(used)
-    files = [str(case.images[model.modalities[i]]) for i in indices]
+    channels = [model.modalities[i] for i in indices]
+    files = {m: str(case.images[m]) for m in channels}
+    on_grid = [m for m in channels if m not in grid.resampled]
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            data, props = SimpleITKIO().read_images(files)
+            read, props = SimpleITKIO().read_images([files[m] for m in on_grid])
+        moved = {m: resample_onto(files[m], readers[grid.reference]) for m in grid.resampled}
     except RuntimeError as e:
-        raise CaseError(f"{case.case_id}: cannot read {', '.join(Path(f).name for f in files)}: "
+        raise CaseError(f"{case.case_id}: cannot read {', '.join(Path(f).name for f in files.values())}: "
                         f"{one_line(e)}") from None
-    check_signal(case.case_id, data, files)
+    data = np.stack([read[on_grid.index(m)] if m in on_grid else moved[m] for m in channels]).astype(np.float32, copy=False)
+    check_signal(case.case_id, data, list(files.values()))
     full = np.zeros((len(model.modalities), *data.shape[1:]), dtype=np.float32)
     full[list(indices)] = data
     with present_channels(predictor, indices):
@@ -336,6 +345,7 @@ class Choice:
     present: list[str]
     used: list[str]
     readers: dict
+    grid: SequenceGrid
     model: Model
     reason: str
     convention: str
@@ -390,6 +400,7 @@ class Segmenter:
         """Check the case's files and choose its model; NnalignError (one line naming the case) if it cannot be
         segmented."""
         from nnalign.data.case_checks import check_case_images
+        from nnalign.data.sequence_grid import sequence_grid
 
         present = [m for m in BRATS_MODALITIES if m in case.images]
         if not present:
@@ -402,10 +413,11 @@ class Segmenter:
                 raise CaseError(f"{case.case_id}: --modalities names {absent[0]}, but the case has no {absent[0]} "
                                 f"file (it has {', '.join(present)})")
             used = [m for m in present if m in modalities]
-        readers = check_case_images(case, used)
+        readers = check_case_images(case, used, one_geometry=False)
+        grid = sequence_grid(case.case_id, {m: case.images[m] for m in used}, readers)
         model, why = select_model(self.models, used)
         convention = model.source_label_convention if self.labels == "source" else self.labels
-        return Choice(present, used, readers, model, why, convention)
+        return Choice(present, used, readers, grid, model, why, convention)
 
     def run(self, case: BratsCase, choice: Choice) -> Segmentation:
         """Segment the case as chosen and write its report; NnalignError for a model that cannot be loaded or a
@@ -413,19 +425,20 @@ class Segmenter:
         from nnalign.inference.case_report import case_report
 
         predictor = self.predictors.get(choice.model)
-        seg, data = predict_array(predictor, choice.model, case, choice.used)
-        reference = choice.readers[choice.used[-1]]
+        seg, data = predict_array(predictor, choice.model, case, choice.used, choice.grid, choice.readers)
+        reference = choice.readers[choice.grid.reference]
         report = case_report(case.case_id, choice.present, choice.used, choice.model, choice.reason,
-                             choice.convention, seg, reference.GetSpacing())
+                             choice.convention, seg, reference.GetSpacing(), list(choice.grid.resampled.values()))
         channels = [choice.model.modalities[i] for i in choice.model.channel_indices(choice.used)]
         return Segmentation(convert_labels(seg, choice.convention), reference, report, dict(zip(channels, data)))
 
     def segment(self, images: Mapping[str, str | os.PathLike | object], case_id: str = "case",
                 modalities: Sequence[str] | None = None) -> tuple[object, dict]:
         """Segment one case: ``images`` maps modality names (any spelling ``nnalign_predict`` reads: ``T1ce``,
-        ``t1c``, ...) to NIfTI paths or SimpleITK images of one geometry. Returns the label map as a SimpleITK image
-        in that geometry (in the Segmenter's label convention) and the report (``case_report``). NnalignError (one
-        line naming the case and the image) for input that cannot be segmented.
+        ``t1c``, ...) to NIfTI paths or SimpleITK images (on other grids they are resampled onto the reference's,
+        :mod:`nnalign.data.sequence_grid`). Returns the label map as a SimpleITK image in the reference's geometry
+        (in the Segmenter's label convention) and the report (``case_report``). NnalignError (one line naming the
+        case and the image) for input that cannot be segmented.
 
         SimpleITK images are written to a temporary folder and read back, so that they pass the checks and the
         reading of files; the label map takes the geometry of the given image itself.
@@ -459,7 +472,7 @@ class Segmenter:
             case = BratsCase(case_id, Path(tmp), "Segmenter", images=files)
             choice = self.choose(case, modalities)
             result = self.run(case, choice)
-        reference = given[choice.used[-1]]
+        reference = given[choice.grid.reference]
         return label_image(result.labels, reference if isinstance(reference, sitk.Image) else result.reference), \
             result.report
 

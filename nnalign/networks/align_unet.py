@@ -26,6 +26,7 @@ return_parts=True)`` returns a dict that :func:`as_outputs` turns into :class:`N
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Sequence
 
@@ -163,7 +164,8 @@ class nnAlignTeacherUNet(_PartsNetwork):
     (a, b): x -> a*x + b on present channels, e.g. (2, -1) maps [0, 1] to [-1, 1]).
 
     ``present_modalities`` (indices) says which channels are real when ``forward`` gets no mask; nnalign_predict sets
-    it for cases with missing modalities.
+    it for cases with missing modalities. :meth:`assume_presence` does the same per sample for callers that pass the
+    data alone (nnU-Net's validation step).
     """
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False, *,
@@ -191,6 +193,7 @@ class nnAlignTeacherUNet(_PartsNetwork):
         self.gaussian = self.anchor.uses_gaussian_latents
         self.input_scale = tuple(input_scale) if input_scale else None
         self.present_modalities: tuple[int, ...] = tuple(range(input_channels))
+        self._assumed_presence: torch.Tensor | None = None
         conv_op, kernel = unet_kwargs["conv_op"], unet_kwargs["kernel_sizes"][0]
         block_kwargs = {k: unet_kwargs.get(k) for k in ("conv_bias", "norm_op", "norm_op_kwargs", "dropout_op",
                                                          "dropout_op_kwargs", "nonlin", "nonlin_kwargs")}
@@ -219,8 +222,23 @@ class nnAlignTeacherUNet(_PartsNetwork):
                                                    bias=bias) for level in range(latent_level, 0, -1)])
         self.unet = _plain_unet(fused_channels, num_classes, deep_supervision, unet_kwargs)
 
+    @contextlib.contextmanager
+    def assume_presence(self, present: torch.Tensor):
+        """Within the block, a ``forward`` without a mask uses ``present`` ((B, M) bool, each sample's real
+        modalities) for a batch of B samples."""
+        before, self._assumed_presence = self._assumed_presence, present
+        try:
+            yield
+        finally:
+            self._assumed_presence = before
+
     def presence_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, M) bool mask from ``present_modalities``."""
+        """(B, M) bool mask: the one :meth:`assume_presence` holds, else from ``present_modalities``."""
+        if self._assumed_presence is not None:
+            if self._assumed_presence.shape != (x.shape[0], len(self.modalities)):
+                raise ValueError(f"the assumed presence is {tuple(self._assumed_presence.shape)} for a batch of "
+                                 f"{x.shape[0]} samples of {len(self.modalities)} modalities")
+            return self._assumed_presence.to(x.device)
         mask = torch.zeros(x.shape[0], len(self.modalities), dtype=torch.bool, device=x.device)
         mask[:, list(self.present_modalities)] = True
         return mask
@@ -240,7 +258,8 @@ class nnAlignTeacherUNet(_PartsNetwork):
         ``present`` (B, M) bool marks each sample's real modalities; None means ``present_modalities`` for all.
         When every modality is known to be present the anchor fill is the identity and is skipped.
         """
-        all_present = present is None and len(self.present_modalities) == len(self.modalities)
+        all_present = (present is None and self._assumed_presence is None
+                       and len(self.present_modalities) == len(self.modalities))
         if present is None:
             present = self.presence_mask(x)
         if self.input_scale is not None:

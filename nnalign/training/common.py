@@ -19,7 +19,7 @@ from nnalign.errors import NnalignError
 from nnalign.runs import TrainingLength
 from nnalign import __version__
 from nnalign.atomic import write_json_atomic
-from nnalign.training.record import METHOD_VERSION, SETTINGS_RECORD, read_training_inputs
+from nnalign.training.record import METHOD_VERSION, SETTINGS_RECORD, TRAINING_VOLUMES, read_training_inputs
 
 PLANS_TRAINING_KEY = "nnalign_training"
 
@@ -126,9 +126,11 @@ def collapsed_regions(dice_per_epoch: Sequence[Sequence[float]], names: Sequence
 
 class SettingsRecord:
     """Trainer mixin: the settings record (:data:`~nnalign.training.record.SETTINGS_RECORD`), rewritten atomically by
-    rank 0 when training starts and after every epoch. A trainer adds its own keys to :meth:`settings_record`."""
+    rank 0 when training starts and after every epoch. A trainer adds its own keys to :meth:`settings_record`; every
+    record holds the range of the fold's training cases' region volumes, which predictions' reports compare with."""
 
     role: str = ""
+    training_volumes: dict | None = None
 
     def settings_record(self) -> dict:
         """What every record holds: versions, role, data, fold, length, and :class:`CollapseCheck`'s warning."""
@@ -145,7 +147,18 @@ class SettingsRecord:
             "epochs": self.num_epochs,
             "iters_per_epoch": self.num_iterations_per_epoch,
             "epochs_completed": self.current_epoch,
+            TRAINING_VOLUMES: self.training_volumes,
         }
+
+    def measure_training_volumes(self) -> dict:
+        """The range of the region volumes of this fold's training cases (:mod:`nnalign.data.label_volumes`)."""
+        from nnalign.data.label_volumes import case_volumes, volume_range
+        from nnalign.data.labels import CAVITY
+
+        train, _ = self.do_split()
+        rc = CAVITY in (self.dataset_json.get("labels") or {})
+        return volume_range(case_volumes(self.preprocessed_dataset_folder_base, train,
+                                         self.dataset_json["file_ending"], rc=rc))
 
     def write_settings_record(self) -> None:
         """Rewrite the record in the fold folder (atomically)."""
@@ -154,6 +167,7 @@ class SettingsRecord:
     def on_train_start(self) -> None:
         super().on_train_start()
         if self.local_rank == 0:
+            self.training_volumes = self.measure_training_volumes()
             self.write_settings_record()
 
     def on_epoch_end(self) -> None:

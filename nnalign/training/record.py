@@ -20,6 +20,8 @@ from nnalign.runs import TRAINING_ONLY
 
 SETTINGS_RECORD = "nnalign_settings.json"
 INPUTS_FILE = "nnalign_inputs.json"
+TRAINING_VOLUMES = "training_volumes_ml"
+"""The record's key for the range of the training cases' region volumes (:mod:`nnalign.data.label_volumes`)."""
 
 METHOD_VERSION = 5
 """The version of the method's definition a run was trained with, written into every record (see

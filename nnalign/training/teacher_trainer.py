@@ -165,6 +165,37 @@ class nnAlignBaselineTrainer(CollapseCheck, SettingsRecord, FiniteLoss, SafeChec
         return out
 
     # ------------------------------------------------------------------------------------------------------------------
+    # validation of cases that lack modalities
+
+    def validation_step(self, batch: dict) -> dict:
+        """nnU-Net's validation step; a teacher is told which modalities each sample's case has (the baseline sees
+        their channels zero, as in training)."""
+        available = self.case_presence(batch["keys"])
+        if available is None or not hasattr(self.net, "assume_presence"):
+            return super().validation_step(batch)
+        with self.net.assume_presence(available.to(self.device)):
+            return super().validation_step(batch)
+
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        """nnU-Net's validation of whole cases; a teacher predicts each case from the modalities it has."""
+        net = self.net
+        if not self.incomplete_cases or not hasattr(net, "present_modalities"):
+            return super().perform_actual_validation(save_probabilities)
+        presence, everything = self.incomplete_cases, tuple(range(len(net.modalities)))
+
+        class EachCaseItsModalities(self.dataset_class):
+            def load_case(self, identifier):
+                have = presence.get(str(identifier))
+                net.present_modalities = tuple(j for j, p in enumerate(have) if p) if have else everything
+                return super().load_case(identifier)
+
+        dataset_class, self.dataset_class = self.dataset_class, EachCaseItsModalities
+        try:
+            super().perform_actual_validation(save_probabilities)
+        finally:
+            self.dataset_class, net.present_modalities = dataset_class, everything
+
+    # ------------------------------------------------------------------------------------------------------------------
     # settings record
 
     def settings_record(self) -> dict:
