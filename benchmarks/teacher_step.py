@@ -7,7 +7,8 @@ The plan is nnalign's for a BraTS 2018-sized dataset (8 GB target). The step is 
 forward, region Dice+BCE with deep supervision (plus lambda * alignment for the teacher), backward, gradient clipping,
 SGD. A teacher trained with modality dropout (``--modality-dropout``, the default P* teacher's 0.5) draws each
 sample's modalities, zeroes the dropped channels and runs with the presence mask, so the anchor fills the dropped
-modalities' latents, as the trainer's step does. Prints median step time and memory (peak CUDA memory on a GPU; saved
+modalities' latents, as the trainer's step does; one more row does so on a dataset where 40 % of the cases lack
+sequences (the dropout draws among what each case has), which should cost no more. Prints median step time and memory (peak CUDA memory on a GPU; saved
 activations on a CPU) and the ratio to stock nnU-Net. Target: the default P* teacher's step <= 1.15x stock.
 """
 from __future__ import annotations
@@ -26,6 +27,10 @@ from common import (benchmark_configuration, benchmark_device, brats_like_plans,
 
 ANCHORS = ("none", "normal", "modality:T1ce", "mixture")
 TARGET_RATIO = 1.15
+INCOMPLETE_SHARE = 0.4
+INCOMPLETE_ROW = f"mixture on {100 * INCOMPLETE_SHARE:g} % incomplete cases"
+"""The row of the default P* teacher on a dataset where that share of the cases lacks sequences: each sample's case
+lacks a random proper subset, and the dropout draws among what it has."""
 
 
 def build(variant: str, arch: dict, req_import, deep_supervision: bool, **latent_settings):
@@ -42,7 +47,21 @@ def build(variant: str, arch: dict, req_import, deep_supervision: bool, **latent
                                   deep_supervision=deep_supervision)
 
 
-def make_step(net, cfg: dict, device: torch.device, amp: bool, align_weight: float, dropout: float = 0.0):
+def case_availability(batch_size: int, incomplete: float, generator: torch.Generator) -> torch.Tensor | None:
+    """(B, M) bool: each sample's case lacks a random proper subset of the four modalities with probability
+    ``incomplete`` (as :func:`nnalign.data.synthetic.incomplete_cases` draws them); None when ``incomplete`` is 0."""
+    if incomplete <= 0:
+        return None
+    available = torch.ones(batch_size, 4, dtype=torch.bool)
+    for row in range(batch_size):
+        if torch.rand(1, generator=generator).item() < incomplete:
+            code = int(torch.randint(1, 15, (1,), generator=generator))
+            available[row] = torch.tensor([not (code >> j & 1) for j in range(4)])
+    return available
+
+
+def make_step(net, cfg: dict, device: torch.device, amp: bool, align_weight: float, dropout: float = 0.0,
+              incomplete: float = 0.0):
     from nnalign.training.common import optimizer_step
     from nnalign.training.presence import sample_presence, zero_absent
 
@@ -53,13 +72,15 @@ def make_step(net, cfg: dict, device: torch.device, amp: bool, align_weight: flo
     x = torch.randn(cfg["batch_size"], 4, *cfg["patch_size"], device=device)
     targets = region_targets(cfg["batch_size"], cfg["patch_size"], kw["strides"], device)
     teacher = hasattr(net, "anchor")
+    generator = torch.Generator().manual_seed(0)
 
     def step():
         opt.zero_grad(set_to_none=True)
         ctx = torch.autocast("cuda", torch.float16) if amp else contextlib.nullcontext()
         with ctx:
             if teacher and dropout > 0:
-                present = sample_presence(x.shape[0], x.shape[1], dropout, device=device)
+                available = case_availability(x.shape[0], incomplete, generator)
+                present = sample_presence(x.shape[0], x.shape[1], dropout, device=device, available=available)
                 parts = net(zero_absent(x, present), present, return_parts=True)
                 loss = loss_fn(parts["logits"], targets) + align_weight * net.anchor.alignment_loss(parts)
             elif teacher:
@@ -72,15 +93,16 @@ def make_step(net, cfg: dict, device: torch.device, amp: bool, align_weight: flo
     return step
 
 
-def variant_step(variant: str, cfg: dict, device: torch.device, args, dropout: float = 0.0, **latent_settings):
+def variant_step(variant: str, cfg: dict, device: torch.device, args, dropout: float = 0.0, incomplete: float = 0.0,
+                 **latent_settings):
     """The training step of ``variant`` ("stock" or an anchor) built from the plan, seeded, compiled with --compile,
-    with modality dropout ``dropout``."""
+    with modality dropout ``dropout`` on samples whose cases are ``incomplete`` with that probability."""
     arch = cfg["architecture"]
     torch.manual_seed(0)
     net = build(variant, arch, arch["_kw_requires_import"], True, **latent_settings).to(device)
     if args.compile:
         net = torch.compile(net)
-    return make_step(net, cfg, device, args.amp, args.align_weight, dropout)
+    return make_step(net, cfg, device, args.amp, args.align_weight, dropout, incomplete)
 
 
 def main() -> None:
@@ -105,6 +127,8 @@ def main() -> None:
         if "mixture" in args.anchors:
             variants += [(f"mixture, modality dropout {args.modality_dropout:g} (the default P*)", "mixture",
                           {"dropout": args.modality_dropout}),
+                         (f"{INCOMPLETE_ROW}, modality dropout {args.modality_dropout:g}", "mixture",
+                          {"dropout": args.modality_dropout, "incomplete": INCOMPLETE_SHARE}),
                          (f"mixture, {other_convs}-conv latent encoder", "mixture", {"latent_convs": other_convs}),
                          ("mixture, latents at stage 2", "mixture", {"latent_level": 2})]
         steps = {name: variant_step(variant, cfg, device, args, **settings)
@@ -124,6 +148,9 @@ def main() -> None:
     if default is not None:
         print(f"the default P* teacher's step: {default:.2f}x stock (target <= {TARGET_RATIO}x): "
               f"{'met' if default <= TARGET_RATIO else 'NOT met'}")
+        incomplete = next(s for name, s, _ in rows if name.startswith(INCOMPLETE_ROW))
+        print(f"on {100 * INCOMPLETE_SHARE:g} % incomplete cases the default P* step takes {incomplete / stock_s:.2f}x "
+              f"stock, {incomplete / (default * stock_s):.2f}x its step on complete cases (target: no more)")
 
 
 if __name__ == "__main__":

@@ -278,3 +278,43 @@ def test_student_trains_on_the_cases_with_its_subset_and_refuses_none(env):
     with pytest.raises(NnalignError) as e:
         trainer.do_split()
     assert str(e.value).startswith("no training case of fold 0 has T1+T2") and "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_the_student_s_teacher_is_told_what_each_case_has(env):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnalign.training.student_trainer import student_trainer_class, teacher_checkpoint
+    from nnalign.training.teacher_trainer import teacher_trainer_class
+
+    cls = student_trainer_class("nnAlignStudent_T1ce_pmkl_Teacher-mixture-drop0p5")
+    pre = Path(os.environ["nnUNet_preprocessed"]) / DATASET
+    plans = PlansManager(str(pre / "nnAlignPlans.json"))
+    teacher = teacher_trainer_class(cls.spec.teacher).build_network_architecture(
+        plans, plans.get_configuration(CONFIG), 4, 3, False)
+    path = teacher_checkpoint(Path(os.environ["nnUNet_results"]) / DATASET, cls.spec.teacher_trainer,
+                              plans.plans_name, CONFIG, 0)
+    path.parent.mkdir(parents=True)
+    torch.save({"network_weights": teacher.state_dict()}, path)
+    trainer = _trainer(cls)
+    trainer.initialize()
+    seen = {}
+    forward = trainer.teacher.forward
+
+    def spy(x, present=None, return_parts=False):
+        seen["present"] = present
+        return forward(x, present, return_parts)
+
+    trainer.teacher.forward = spy
+    patch = trainer.configuration_manager.patch_size
+    targets, shape = [], list(patch)
+    for stride in [[1, 1, 1]] + trainer.configuration_manager.pool_op_kernel_sizes[1:-1]:
+        shape = [s // k for s, k in zip(shape, stride)]
+        targets.append(torch.rand(2, 3, *shape) > 0.7)
+    target = targets if trainer.enable_deep_supervision else targets[0]
+    data = torch.randn(2, 4, *patch)
+    out = trainer.train_step({"data": data, "target": target, "keys": np.array(["SYN_0001", "SYN_0000"])})
+    assert np.isfinite(out["loss"])
+    assert seen["present"].tolist() == [[True, True, False, True], [True] * 4]  # SYN_0001 lacks T2
+    trainer.train_step({"data": data, "target": target, "keys": np.array(["SYN_0000", "SYN_0003"])})
+    assert seen["present"] is None

@@ -1,9 +1,21 @@
 """Per-sample modality presence for training with modality dropout and with cases that lack modalities."""
 from __future__ import annotations
 
+from typing import Mapping, Sequence
+
 import torch
 
 MAX_RESAMPLES = 100
+
+
+def case_presence(incomplete_cases: Mapping[str, Sequence[bool]], keys, num_modalities: int) -> torch.Tensor | None:
+    """(B, M) bool: the modalities the case of each sample (``keys``: a batch's case IDs) has, from
+    ``incomplete_cases`` (:func:`nnalign.data.missing.presence_by_case` of the incomplete cases); None when every
+    one has all."""
+    if not any(str(k) in incomplete_cases for k in keys):
+        return None
+    complete = (True,) * num_modalities
+    return torch.tensor([tuple(incomplete_cases.get(str(k), complete)) for k in keys], dtype=torch.bool)
 
 
 def sample_presence(batch_size: int, num_modalities: int, dropout: float, device: torch.device | str = "cpu",

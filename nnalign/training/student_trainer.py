@@ -21,7 +21,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
 from nnalign.checkpoints import load_checkpoint_safely
-from nnalign.data.missing import missing_modalities
+from nnalign.data.missing import missing_modalities, presence_by_case
 from nnalign.errors import NnalignError
 from nnalign.losses.kd import build_kd
 from nnalign.modalities import channel_indices
@@ -31,6 +31,7 @@ from nnalign.training.common import (CollapseCheck, FiniteLoss, SafeCheckpoints,
                                      apply_plans_training, apply_training_length, checkpoint_write,
                                      fit_deep_supervision, average_gradients_over_ranks, gathered_over_ranks, optimizer_step)
 from nnalign.training.optim import optimizer_from_plans
+from nnalign.training.presence import case_presence
 from nnalign.runs import StudentSpec
 from nnalign.training.teacher_trainer import plans_modalities, teacher_trainer_class, unwrap
 
@@ -75,6 +76,7 @@ class nnAlignStudentTrainer(CollapseCheck, SettingsRecord, FiniteLoss, SafeCheck
         self.adversary_optimizer = None
         self.teacher_checkpoint = None
         self.subset_cases: dict[str, int] | None = None
+        self.incomplete_cases = presence_by_case(dataset_json, list(missing_modalities(dataset_json)))
         self.logger.local_logger.my_fantastic_logging["kd_losses"] = []
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -170,8 +172,11 @@ class nnAlignStudentTrainer(CollapseCheck, SettingsRecord, FiniteLoss, SafeCheck
         with amp:
             teacher = None
             if self.kd.uses_teacher:
+                # the teacher sees what each case has: its absent modalities filled as in the teacher's training
+                present = case_presence(self.incomplete_cases, batch["keys"], data.shape[1])
                 with torch.no_grad():
-                    teacher = as_outputs(self.teacher(data, None, return_parts=True))
+                    teacher = as_outputs(self.teacher(data, None if present is None else present.to(self.device),
+                                                      return_parts=True))
             student = as_outputs(self.network(data, None, return_parts=True))
             logits = student.logits if self.enable_deep_supervision else student.logits[0]
             seg = self.loss(logits, target)

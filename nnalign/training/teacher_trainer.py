@@ -26,7 +26,7 @@ from nnalign.training.common import (CollapseCheck, FiniteLoss, SafeCheckpoints,
                                      apply_plans_training, apply_training_length, fit_deep_supervision,
                                      gathered_over_ranks, optimizer_step)
 from nnalign.training.optim import optimizer_from_plans
-from nnalign.training.presence import sample_presence, zero_absent
+from nnalign.training.presence import case_presence, sample_presence, zero_absent
 from nnalign.training.progress import plot_alignment_png
 from nnalign.runs import AnyTeacher, BaselineSpec, TeacherSpec
 
@@ -79,10 +79,7 @@ class nnAlignBaselineTrainer(CollapseCheck, SettingsRecord, FiniteLoss, SafeChec
     def case_presence(self, keys) -> torch.Tensor | None:
         """(B, M) bool: the modalities the case of each sample (``keys``: the batch's case IDs) has; None when every
         one has all."""
-        if not any(str(k) in self.incomplete_cases for k in keys):
-            return None
-        complete = (True,) * len(self.dataset_json["channel_names"])
-        return torch.tensor([self.incomplete_cases.get(str(k), complete) for k in keys], dtype=torch.bool)
+        return case_presence(self.incomplete_cases, keys, len(self.dataset_json["channel_names"]))
 
     # ------------------------------------------------------------------------------------------------------------------
     # network and optimizer
