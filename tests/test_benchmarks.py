@@ -16,6 +16,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 @pytest.mark.parametrize("script, rows", [
     ("teacher_step.py", ["stock nnU-Net", "teacher none", "teacher normal", "teacher modality:T1ce", "teacher mixture",
                          "teacher mixture, modality dropout 0.5 (the default P*)",
+                         "teacher mixture on 40 % incomplete cases, modality dropout 0.5",
                          "teacher mixture, 2-conv latent encoder", "teacher mixture, latents at stage 2"]),
     ("student_step.py", ["stock nnU-Net (4 modalities)", "student, no distillation", "student + kdnet",
                          "student + pmkl", "student + protokd", "student + smunet", "frozen teacher forward alone"]),
@@ -320,3 +321,34 @@ def test_table_one_series_trains_the_original_teacher_and_its_students_and_resum
     calls.clear()
     table_one.run_seed(tmp_path, 1, 2, ("pmkl",), ("T1ce", "FLAIR"), tmp_path / "table_one.csv", demo)
     assert calls == []
+
+
+def test_incomplete_data_table_compares_each_teacher_with_p_star_on_every_case_per_seed():
+    incomplete_data = _benchmark_module("incomplete_data")
+    rows = []
+    for seed, (ours, complete_only, baseline) in {1: (0.8, 0.7, 0.6), 2: (0.9, 0.7, 0.9)}.items():
+        for teacher, value in zip(incomplete_data.TEACHERS, (ours, complete_only, baseline)):
+            for inputs in incomplete_data.INPUTS:
+                rows.append({"seed": str(seed), "teacher": teacher, "modalities": inputs, "WT": str(value),
+                             "TC": str(value), "ET": str(value), "training_cases": "20"})
+    lines = incomplete_data.summary(rows).splitlines()
+    assert lines[2] == "| P* incomplete | 20 | 85.00 | 85.00 | 85.00 | 85.00 | 85.00 |"
+    # per-seed differences +10 and +20: mean +15, interval 15 +- 12.706 * 7.071 / sqrt(2)
+    assert lines[10].split(" | ")[1] == "+15.00 (-48.53 to +78.53)"
+    assert lines[11].split(" | ")[1] == "+10.00 (-117.06 to +137.06)"  # +20 and +0
+
+
+def test_incomplete_data_twin_holds_only_the_complete_cases(tmp_path):
+    import json
+
+    incomplete_data = _benchmark_module("incomplete_data")
+    incomplete_data.write_data(tmp_path, 3, 5, 1, 0.4)
+    folders = {p.name.split("_")[0]: p for p in tmp_path.iterdir()}
+    full, twin = folders["Dataset910"], folders["Dataset911"]
+    record = json.loads((full / "dataset.json").read_text())["nnalign"]["missing_modalities"]
+    assert len(record) == 2 and record["SYN_0004"] == ["T1ce"]  # 40 % of 5: one at random, one of the site block
+    twin_json = json.loads((twin / "dataset.json").read_text())
+    assert twin_json["numTraining"] == 3 and "missing_modalities" not in twin_json["nnalign"]
+    assert sorted(p.name for p in (twin / "labelsTr").iterdir()) == sorted(
+        f"SYN_{i:04d}.nii.gz" for i in range(5) if f"SYN_{i:04d}" not in record)
+    assert len(list((twin / "imagesTr").iterdir())) == 12 and len(list((twin / "imagesTs").iterdir())) == 4
