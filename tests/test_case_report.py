@@ -103,6 +103,20 @@ def test_no_expected_dice_where_the_validation_saw_other_modalities(tmp_path):
     assert dice is None and "saw T1+T1ce+T2+FLAIR, not FLAIR" in source
 
 
+def test_a_held_out_evaluation_of_the_subset_gives_the_expected_dice(tmp_path):
+    from nnalign.model_folders import EVALUATION_FILE, evaluation_folder
+
+    teacher = load_model(model_folder(tmp_path, TEACHER, {0: ({"WT": 0.9, "TC": 0.8, "ET": 0.7}, 2)}))
+    folder = evaluation_folder(tmp_path, teacher.name, ("T1ce", "FLAIR"))
+    folder.mkdir(parents=True)
+    mean = {"Dice_WT": 0.81234, "Dice_TC": 0.6, "Dice_ET": 0.5, "HD95_WT": 3.0, "HD95_TC": 4.0, "HD95_ET": 5.0}
+    (folder / EVALUATION_FILE).write_text(json.dumps({"num_cases": 7, "aggregates": {"mean": mean}}))
+    dice, source = expected_dice(teacher, ("FLAIR", "T1ce"))
+    assert dice == {"WT": 0.8123, "TC": 0.6, "ET": 0.5, "n": 7}
+    assert source.startswith("held-out evaluation from FLAIR+T1ce (") and str(folder) in source
+    assert expected_dice(teacher, ("FLAIR",))[0] is None  # another subset: none
+
+
 def test_report_and_its_csv_row(tmp_path):
     teacher = load_model(model_folder(tmp_path / "models", TEACHER, {0: ({"WT": 0.9, "TC": 0.8, "ET": 0.7}, 2)}))
     report = case_report("c1", ["T2", "FLAIR"], ["T2", "FLAIR"], teacher, "missing-modality path", "brats2023",

@@ -24,7 +24,7 @@ from nnalign.data.label_volumes import merge_ranges, region_volumes_ml, volume_w
 from nnalign.data.labels import CAVITY, REGION_NAMES
 from nnalign.evaluation.validation import CACHE_FILE, is_scored, read_evaluation, read_validation_summary
 from nnalign.inference.models import Model
-from nnalign.model_folders import fold_folder
+from nnalign.model_folders import EVALUATION_FILE, evaluation_folder, fold_folder
 from nnalign.training.record import TRAINING_VOLUMES, read_settings_record
 
 REPORT_CSV = "nnalign_predict_report.csv"
@@ -39,17 +39,28 @@ def has_cavity(model: Model) -> bool:
 
 
 def expected_dice(model: Model, used: Sequence[str]) -> tuple[dict | None, str]:
-    """The model's validation Dice of WT, TC, ET with ``n`` (cases), and where it comes from; (None, why) if the
-    validation did not see exactly ``used`` or has no per-region Dice."""
+    """The Dice of WT, TC, ET the model reached on ``used`` with ``n`` (cases), and where it comes from: its
+    validation where that saw exactly ``used``, else a held-out evaluation of the model from ``used`` alone (what
+    ``nnalign_experiment`` and ``nnalign_demo`` write, :func:`~nnalign.model_folders.evaluation_folder`); (None, why)
+    if there is neither."""
+    if set(used) == set(model.subset):
+        found = [s for s in map(_fold_scores, (fold_folder(model.folder, f) for f in model.folds)) if s]
+        if found:
+            n = sum(count for _, count, _ in found)
+            dice = {r: round(sum(d[r] * count for d, count, _ in found) / n, 4) for r in REGION_NAMES}
+            sources = sorted({source for _, _, source in found})
+            return {**dice, "n": n}, (f"validation of fold(s) {', '.join(map(str, model.folds))} "
+                                      f"({', '.join(sources)})")
+    path = evaluation_folder(model.folder.parent, model.name, [m for m in model.modalities if m in used]) \
+        / EVALUATION_FILE
+    metrics = read_evaluation(path) if path.is_file() else None
+    if metrics is not None and metrics.num_cases:
+        return ({**{r: round(metrics.dice[r], 4) for r in REGION_NAMES}, "n": metrics.num_cases},
+                f"held-out evaluation from {'+'.join(used)} ({path})")
     if set(used) != set(model.subset):
-        return None, (f"none: the model's validation saw {'+'.join(model.subset)}, not {'+'.join(used)}")
-    found = [scores for scores in map(_fold_scores, (fold_folder(model.folder, f) for f in model.folds)) if scores]
-    if not found:
-        return None, "none: no per-region validation Dice in the model's folds"
-    n = sum(count for _, count, _ in found)
-    dice = {r: round(sum(d[r] * count for d, count, _ in found) / n, 4) for r in REGION_NAMES}
-    sources = sorted({source for _, _, source in found})
-    return {**dice, "n": n}, f"validation of fold(s) {', '.join(map(str, model.folds))} ({', '.join(sources)})"
+        return None, (f"none: the model's validation saw {'+'.join(model.subset)}, not {'+'.join(used)}, and no "
+                      f"held-out evaluation from {'+'.join(used)} was found")
+    return None, "none: no per-region validation Dice in the model's folds"
 
 
 def _fold_scores(fold_dir: Path) -> tuple[dict[str, float], int, str] | None:
