@@ -32,7 +32,8 @@ from pathlib import Path
 from statistics import mean, stdev
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kd_repeats import _append_row, _call, _folders, _read_rows, predict_command, t_quantile, train_command  # noqa: E402
+from kd_repeats import (_append_row, _call, _folders, _read_rows, predict_command, t_quantile,  # noqa: E402
+                        train_command)
 from table_one import original_of  # noqa: E402
 
 FIELDS = ("seed", "teacher", "modalities", "WT", "TC", "ET", "training_cases")
@@ -164,7 +165,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--cases", type=int, default=20, help="training cases (default: %(default)s)")
     p.add_argument("--test-cases", type=int, default=6, help="held-out cases, all complete (default: %(default)s)")
-    p.add_argument("--missing-fraction", type=float, default=0.4, help="incomplete training cases (default: %(default)s)")
+    p.add_argument("--missing-fraction", type=float, default=0.4,
+                   help="share of incomplete training cases (default: %(default)s)")
     p.add_argument("--teacher-epochs", type=int, default=demo.teacher_epochs)
     p.add_argument("--iters-per-epoch", type=int, default=demo.iters_per_epoch)
     p.add_argument("--device", default=demo.device)

@@ -8,8 +8,8 @@ forward, region Dice+BCE with deep supervision (plus lambda * alignment for the 
 SGD. A teacher trained with modality dropout (``--modality-dropout``, the default P* teacher's 0.5) draws each
 sample's modalities, zeroes the dropped channels and runs with the presence mask, so the anchor fills the dropped
 modalities' latents, as the trainer's step does; one more row does so on a dataset where 40 % of the cases lack
-sequences (the dropout draws among what each case has), which should cost no more. Prints median step time and memory (peak CUDA memory on a GPU; saved
-activations on a CPU) and the ratio to stock nnU-Net. Target: the default P* teacher's step <= 1.15x stock.
+sequences (the dropout draws among what each case has), which should cost no more. Prints median step time and
+memory (peak CUDA memory on a GPU; saved activations on a CPU) and the ratio to stock nnU-Net. Target: the default P* teacher's step <= 1.15x stock.
 """
 from __future__ import annotations
 

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from nnalign.data.label_volumes import merge_ranges, region_volumes_ml, volume_range, volume_warnings
-from nnalign.inference.case_report import (CSV_COLUMNS, ReportTable, case_report, case_warnings, expected_dice,
-                                           training_volumes)
+from nnalign.inference.case_report import CSV_COLUMNS, ReportTable, case_report, case_warnings, expected_dice
 from nnalign.inference.models import load_model
 from nnalign.modalities import BRATS_MODALITIES
 
@@ -115,6 +114,19 @@ def test_a_held_out_evaluation_of_the_subset_gives_the_expected_dice(tmp_path):
     assert dice == {"WT": 0.8123, "TC": 0.6, "ET": 0.5, "n": 7}
     assert source.startswith("held-out evaluation from FLAIR+T1ce (") and str(folder) in source
     assert expected_dice(teacher, ("FLAIR",))[0] is None  # another subset: none
+
+
+def test_the_report_warns_of_a_volume_outside_the_range_its_folds_recorded(tmp_path):
+    from nnalign.training.record import SETTINGS_RECORD, TRAINING_VOLUMES
+
+    teacher = load_model(model_folder(tmp_path, TEACHER, {0: ({"WT": 0.9, "TC": 0.8, "ET": 0.7}, 2)}))
+    ranges = {"WT": {"max": 5.0, "min_nonzero": 1.0, "cases": 4}, "TC": {"max": 4.0, "min_nonzero": 1.0, "cases": 4},
+              "ET": {"max": 3.0, "min_nonzero": 1.0, "cases": 4}}
+    (teacher.folder / "fold_0" / SETTINGS_RECORD).write_text(json.dumps({TRAINING_VOLUMES: ranges}))
+    report = case_report("c1", BRATS_MODALITIES, BRATS_MODALITIES, teacher, "all", "brats2023", label_map(),
+                         (10.0, 10.0, 10.0))  # WT 18 mL > 2 x 5
+    assert [w for w in report["warnings"] if "training cases' range" in w] == [
+        "WT 18 mL is far above the training cases' range (1-5 mL, 4 cases): check the segmentation"]
 
 
 def test_report_and_its_csv_row(tmp_path):

@@ -200,7 +200,8 @@ def select_model(models: Sequence[Model], present: Sequence[str]) -> tuple[Model
     """The model for a case whose modalities are ``present``, and why it was chosen.
 
     1. a student whose subset is exactly ``present``; 2. for all modalities, a teacher or original model; 3. a
-    teacher or baseline trained with modality dropout. Among several, the best mean validation Dice, then the folder name.
+    teacher or baseline trained with modality dropout. Among several, the best mean validation Dice, then the folder
+    name.
     Raises NoModelError listing the models and what they serve.
     """
     wanted = set(present)

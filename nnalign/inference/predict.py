@@ -262,7 +262,8 @@ def predict_array(predictor, model: Model, case: BratsCase, used: Sequence[str],
     except RuntimeError as e:
         raise CaseError(f"{case.case_id}: cannot read {', '.join(Path(f).name for f in files.values())}: "
                         f"{one_line(e)}") from None
-    data = np.stack([read[on_grid.index(m)] if m in on_grid else moved[m] for m in channels]).astype(np.float32, copy=False)
+    data = np.stack([read[on_grid.index(m)] if m in on_grid else moved[m] for m in channels])
+    data = data.astype(np.float32, copy=False)
     check_signal(case.case_id, data, list(files.values()))
     full = np.zeros((len(model.modalities), *data.shape[1:]), dtype=np.float32)
     full[list(indices)] = data
