@@ -157,12 +157,8 @@ def geometry_difference(a: tuple, b: tuple) -> tuple[str, tuple, tuple] | None:
     return None
 
 
-def check_same_geometry(case_id: str, files: Mapping[str, Path], readers: Mapping) -> None:
-    """Raise unless every file of a case has one geometry (:func:`image_geometry`).
-
-    The files are grouped by geometry; the message names a file outside the largest group when there is one, or
-    two files that disagree when no group is larger than the others (two files, or two against two).
-    """
+def geometry_groups(files: Mapping[str, object], readers: Mapping) -> tuple[dict, list[list[str]]]:
+    """(:func:`image_geometry` of each file, the files grouped by equal geometry in the order first seen)."""
     geometries = {k: image_geometry(readers[k]) for k in files}
     groups: list[list[str]] = []
     for k in files:
@@ -171,6 +167,16 @@ def check_same_geometry(case_id: str, files: Mapping[str, Path], readers: Mappin
             groups.append([k])
         else:
             group.append(k)
+    return geometries, groups
+
+
+def check_same_geometry(case_id: str, files: Mapping[str, Path], readers: Mapping) -> None:
+    """Raise unless every file of a case has one geometry (:func:`image_geometry`).
+
+    The files are grouped by geometry; the message names a file outside the largest group when there is one, or
+    two files that disagree when no group is larger than the others (two files, or two against two).
+    """
+    geometries, groups = geometry_groups(files, readers)
     if len(groups) == 1:
         return
     groups.sort(key=len, reverse=True)

@@ -14,7 +14,7 @@ from typing import Mapping
 
 import numpy as np
 
-from nnalign.data.case_checks import geometry_difference, image_geometry
+from nnalign.data.case_checks import geometry_difference, geometry_groups
 from nnalign.errors import CaseError
 
 REFERENCE_PREFERENCE = ("T1ce", "T1", "T2", "FLAIR")
@@ -53,14 +53,7 @@ def coverage(reference, moving) -> float:
 def sequence_grid(case_id: str, files: Mapping[str, object], readers: Mapping) -> SequenceGrid:
     """The grid a case's modalities (``files``: modality -> path, ``readers``: their header readers) are brought
     onto; CaseError (one line naming the case and the file) for a file that covers too little of it."""
-    geometries = {m: image_geometry(readers[m]) for m in files}
-    groups: list[list[str]] = []
-    for m in files:
-        group = next((g for g in groups if geometry_difference(geometries[g[0]], geometries[m]) is None), None)
-        if group is None:
-            groups.append([m])
-        else:
-            group.append(m)
+    geometries, groups = geometry_groups(files, readers)
     rank = {m: REFERENCE_PREFERENCE.index(m) if m in REFERENCE_PREFERENCE else len(REFERENCE_PREFERENCE)
             for m in files}
     best = min(groups, key=lambda g: (-len(g), min(rank[m] for m in g)))
