@@ -619,6 +619,7 @@ def test_cli_run_level_errors_are_one_line(trained, tmp_path, make_args, fragmen
 @pytest.mark.slow
 def test_the_teacher_is_told_which_channels_are_real_and_the_absent_ones_are_zero(trained):
     from nnalign.data.brats_layout import find_cases
+    from nnalign.data.sequence_grid import SequenceGrid
     from nnalign.inference.predict import Predictors, predict_array
 
     teacher = load_model(trained["teacher"])
@@ -634,7 +635,7 @@ def test_the_teacher_is_told_which_channels_are_real_and_the_absent_ones_are_zer
     net.forward = spy
     try:
         [case] = [c for c in find_cases(trained["images_ts"]) if c.case_id == "SYNTS_0000"]
-        seg, _ = predict_array(predictor, teacher, case, ("T1ce", "FLAIR"))
+        seg, _ = predict_array(predictor, teacher, case, ("T1ce", "FLAIR"), SequenceGrid("T1ce"), {})
     finally:
         del net.forward
     assert seg.shape == (40, 40, 40)
