@@ -217,3 +217,28 @@ def test_qc_picture_of_an_empty_segmentation():
     png = qc_png({"FLAIR": np.zeros((4, 6, 8), dtype=np.float32)}, np.zeros((4, 6, 8), np.uint8), "brats2023",
                  (1.0, 1.0, 3.0), "empty")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_volumes_are_read_once_and_a_read_only_or_broken_folder_is_no_error(tmp_path, read_only):
+    import SimpleITK as sitk
+
+    from nnalign.data.label_volumes import VOLUMES_FILE, case_volumes
+
+    source = tmp_path / "pre"
+    gt = source / "gt_segmentations"
+    gt.mkdir(parents=True)
+    image = sitk.GetImageFromArray(label_map())
+    image.SetSpacing((10.0, 10.0, 10.0))
+    sitk.WriteImage(image, str(gt / "a.nii.gz"))
+    (gt / "b.nii.gz").write_bytes(b"not a nifti")
+    found = case_volumes(source, ["a", "b", "c"], ".nii.gz")
+    assert found == {"a": {"WT": 18.0, "TC": 8.0, "ET": 3.0}}
+    assert json.loads((source / VOLUMES_FILE).read_text()) == {"cases": found}
+    (source / VOLUMES_FILE).unlink()
+    with read_only(tmp_path / "ro", fill_from=source) as folder:
+        assert case_volumes(folder, ["a"], ".nii.gz") == found  # measured, not kept
+        assert not (folder / VOLUMES_FILE).exists()
+    (gt / "a.nii.gz").unlink()
+    assert case_volumes(source, ["a"], ".nii.gz") == {}
+    (source / VOLUMES_FILE).write_text(json.dumps({"cases": found}))
+    assert case_volumes(source, ["a"], ".nii.gz") == found  # kept: not read again

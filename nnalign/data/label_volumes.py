@@ -8,6 +8,7 @@ each label map is read once per dataset.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -34,7 +35,8 @@ def region_volumes_ml(seg: np.ndarray, spacing: Sequence[float], rc: bool = Fals
 def case_volumes(preprocessed_dataset: str | Path, cases: Iterable[str], file_ending: str,
                  rc: bool = False) -> dict[str, dict[str, float]]:
     """``{case: region volumes in mL}`` of the training labels of ``cases`` (nnU-Net's ``gt_segmentations``),
-    read once and kept in :data:`VOLUMES_FILE`; cases whose label file is absent are left out."""
+    read once and kept in :data:`VOLUMES_FILE` where the folder is writable; cases whose label file is absent or
+    unreadable are left out."""
     import SimpleITK as sitk
 
     folder = Path(preprocessed_dataset)
@@ -49,13 +51,15 @@ def case_volumes(preprocessed_dataset: str | Path, cases: Iterable[str], file_en
         if case in known:
             continue
         path = folder / "gt_segmentations" / f"{case}{file_ending}"
-        if not path.is_file():
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError:  # absent or unreadable: the range leaves the case out, training goes on
             continue
-        image = sitk.ReadImage(str(path))
         new[case] = region_volumes_ml(sitk.GetArrayFromImage(image), image.GetSpacing(), rc=rc)
     if new:
         known.update(new)
-        write_json_atomic(store, {"cases": known})
+        with contextlib.suppress(OSError):  # a read-only preprocessed folder: measured again next time
+            write_json_atomic(store, {"cases": known})
     return {case: known[case] for case in wanted if case in known}
 
 
