@@ -136,7 +136,9 @@ def build_tree(base: Path, env) -> tuple[Path, dict[str, Path]]:
         "s_t1_kdnet_mix": make_model(results, "nnAlignStudent_T1_kdnet_Teacher-mixture",
                                      {0: dict.fromkeys(both, PERFECT)}),
         "s_t1ce_kdnet_mix": make_model(results, "nnAlignStudent_T1ce_kdnet_Teacher-mixture",
-                                       {0: {"C0": PERFECT, "C1": NO_ET}}),
+                                       {0: {"C0": PERFECT, "C1": NO_ET}},
+                                       record={"cases": {"train": 12, "val": 3, "train_without_subset": 4,
+                                                         "val_without_subset": 1}}),
         "s_t1_protokd_mix": make_model(results, "nnAlignStudent_T1_protokd_Teacher-mixture",
                                        {0: dict.fromkeys(both, NO_ET)}),
         "s_t1_none": make_model(results, "nnAlignStudent_T1_none_Teacher-mixture",
@@ -200,6 +202,16 @@ def test_runs_are_classified_from_trainer_names(tree):
     assert any("3d_cpu" in n or "configuration" in n for n in res.notes)
     assert any("nnUNetTrainer__" in n for n in res.notes)
     assert res.default_kd() == "kdnet"  # 5 kdnet runs, 1 pmkl, 1 protokd, 1 none
+
+
+def test_the_model_list_says_how_many_cases_a_student_trained_on(tree):
+    from nnalign.reporting.tables import runs_table
+
+    results, m = tree
+    table = runs_table(Results.load(results))
+    trained_on = dict(zip(table.column("Model"), table.column("Trained on")))
+    assert trained_on[m["s_t1ce_kdnet_mix"].name] == "12 of 16"  # 4 training cases of the fold lack T1ce
+    assert trained_on[m["s_t1_kdnet_mix"].name] == "" and trained_on[m["t_mix"].name] == ""  # no record / a teacher
 
 
 def test_metrics_pool_folds_and_are_cached(tree):

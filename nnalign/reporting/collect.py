@@ -369,6 +369,21 @@ class Results:
             return self.pick(exact)
         return self.pick(pool)
 
+    def training_cases(self, run: Run) -> str:
+        """How many training cases each fold of a student trained on, of how many its fold had (the others lack a
+        modality of its subset; the record's ``cases``), e.g. ``12 of 16``; empty where no record says."""
+        from nnalign.training.record import read_settings_record
+
+        found = []
+        for fold_dir in run.fold_dirs():
+            cases = (read_settings_record(fold_dir) or {}).get("cases")
+            try:
+                kept, left = int(cases["train"]), int(cases["train_without_subset"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            found.append(f"{kept} of {kept + left}")
+        return "; ".join(found)
+
     def mixture_weights(self, run: Run) -> dict[str, float] | None:
         """The learned, normalised mixture weights in a fold's ``nnalign_settings.json`` (first fold that has them)."""
         from nnalign.training.record import read_settings_record

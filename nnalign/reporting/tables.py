@@ -295,11 +295,14 @@ def table_v(res: Results) -> Table:
 
 def runs_table(res: Results) -> Table:
     """Every run reported, with what it is and its own-subset metrics (for the report's appendix)."""
-    columns = ["Model", "Role", "Subset", "KD", "Anchor", "Folds", "Cases", "Dice Avg", "Source"]
-    table = Table("runs", "Every model found.", columns, [TEXT, TEXT, TEXT, TEXT, TEXT, TEXT, INT, PCT, TEXT])
+    columns = ["Model", "Role", "Subset", "KD", "Anchor", "Folds", "Trained on", "Cases", "Dice Avg", "Source"]
+    table = Table("runs", "Every model found.", columns, [TEXT, TEXT, TEXT, TEXT, TEXT, TEXT, TEXT, INT, PCT, TEXT],
+                  notes=["Trained on: per fold, the training cases a student used of those of its fold (the others "
+                         "lack a modality of its subset)."])
     for r in sorted(res.runs, key=lambda r: (r.role != "teacher", anchor_order_key(r.anchor), r.kd or "", r.name)):
         m = res.metrics(r)
         table.rows.append([r.name, r.role, subset_label(r.subset), r.kd or "", r.anchor or "?",
-                           ",".join(r.folds) or "–", None if m is None else m.num_cases,
-                           None if m is None else 100.0 * m.dice_avg, "" if m is None else m.source])
+                           ",".join(r.folds) or "–", res.training_cases(r) if r.role == "student" else "",
+                           None if m is None else m.num_cases, None if m is None else 100.0 * m.dice_avg,
+                           "" if m is None else m.source])
     return table
