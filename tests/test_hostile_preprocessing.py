@@ -325,3 +325,53 @@ def _spawned_children(pid: int) -> list[int]:
             if ppid == pid and b"spawn_main" in command and b"resource_tracker" not in command:
                 found.append(int(entry.name))
     return found
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def _sigint_blocked(pid: int) -> bool:
+    """Whether SIGINT is in the blocked mask of process ``pid`` (from /proc)."""
+    fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                  if ":\t" in line)
+    return bool(int(fields["SigBlk"], 16) >> (signal.SIGINT - 1) & 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads signal masks from /proc")
+def test_workers_start_deaf_to_sigint_and_the_main_process_is_not():
+    import multiprocessing
+
+    from nnalign.planning.plan_and_preprocess import workers_ignore_sigint
+
+    with workers_ignore_sigint():
+        worker = multiprocessing.get_context("spawn").Process(target=_sleep, args=(30,))
+        worker.start()
+    try:
+        assert _sigint_blocked(worker.pid)
+        assert not _sigint_blocked(os.getpid())
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        worker.terminate()
+        worker.join()
+
+
+def test_a_ctrl_c_while_a_worker_starts_is_raised_after_it_and_the_worker_is_ended(monkeypatch):
+    import multiprocessing
+    import multiprocessing.process
+
+    from nnalign.planning.plan_and_preprocess import workers_ignore_sigint
+
+    real_start = multiprocessing.process.BaseProcess.start
+
+    def start_with_ctrl_c(self) -> None:  # Ctrl-C lands while the worker is being started
+        os.kill(os.getpid(), signal.SIGINT)
+        real_start(self)
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", start_with_ctrl_c)
+    worker = multiprocessing.get_context("spawn").Process(target=_sleep, args=(30,))
+    with pytest.raises(KeyboardInterrupt):
+        with workers_ignore_sigint():
+            worker.start()
+    assert worker.pid is not None, "the worker was started before the interrupt was raised"
+    assert worker.exitcode == -signal.SIGTERM, "the worker outlived the interrupted body"

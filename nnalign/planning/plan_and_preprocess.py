@@ -170,32 +170,58 @@ def preprocessed_folder(folder: Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def workers_ignore_sigint() -> Iterator[None]:
-    """Start the worker processes that the body starts (nnU-Net's multiprocessing pools) with SIGINT ignored.
+    """Start the worker processes that the body starts (nnU-Net's multiprocessing pools) deaf to SIGINT, and end
+    them if the body raises.
 
     Ctrl-C reaches every process of the terminal's group; this way only the main process stops (the pools end their
-    workers), instead of every worker printing a KeyboardInterrupt traceback. An ignored signal survives the exec of
-    a spawned worker, and Python installs its KeyboardInterrupt handler only where SIGINT is not ignored. A Ctrl-C
-    in the moment a worker starts is lost. Outside the main thread this does nothing.
+    workers), instead of every worker printing a KeyboardInterrupt traceback. Each worker is started with SIGINT
+    blocked, a mask it keeps through the exec of a spawned process; a Ctrl-C that arrives meanwhile is held and
+    raised in the main process once the worker has started, never lost. If the body raises (a Ctrl-C inside a pool's
+    constructor, which ends no worker on KeyboardInterrupt), the workers it started and left running are terminated
+    before the error goes on, so none outlives the main process and fails with a traceback of its own. Outside the
+    main thread this does nothing.
     """
+    import multiprocessing
     import multiprocessing.process
+    import multiprocessing.resource_tracker
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return
     original = multiprocessing.process.BaseProcess.start
 
     def start(self) -> None:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        multiprocessing.resource_tracker.ensure_running()  # starting it later would unblock SIGINT mid-start
+        if threading.current_thread() is not threading.main_thread():  # a pool's thread replacing a worker
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                return original(self)
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        held = []
+        handler = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             original(self)
         finally:
-            signal.signal(signal.SIGINT, previous)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            signal.signal(signal.SIGINT, handler)
+        if held:
+            raise KeyboardInterrupt
 
+    already_running = set(multiprocessing.active_children())
     multiprocessing.process.BaseProcess.start = start
     try:
         yield
+    except BaseException:
+        left = [p for p in multiprocessing.active_children() if p not in already_running]
+        for process in left:
+            process.terminate()
+        for process in left:
+            process.join(timeout=10)
+        raise
     finally:
         multiprocessing.process.BaseProcess.start = original
 
