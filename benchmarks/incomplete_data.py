@@ -8,9 +8,11 @@ Per seed S, each step skipped when its result exists (an interrupted series resu
    more) of which ``--missing-fraction`` lack sequences (``nnalign_synth --missing-fraction F --site-missing T1ce``:
    half of them a block of cases without T1ce, the others a random one to three sequences each), and ``--test-cases``
    complete held-out cases; beside it the same dataset with only its complete training cases;
-2. three teachers, fold 0, at the same length: ``P* incomplete`` (the demo's P* teacher: modality dropout 0.5,
-   balanced) on every case, ``P* complete-only`` on the complete cases, and ``baseline zeroed`` (``--anchor original``,
-   the same dropout) on every case;
+2. four teachers, fold 0, at the same length: ``P* incomplete`` (the demo's P* teacher: modality dropout 0.5,
+   balanced) on every case, ``P* complete-only`` on the complete cases, ``baseline zeroed`` (``--anchor original``,
+   the same dropout) on every case, and ``P* separate encoders`` (``P* incomplete`` with one latent encoder per
+   modality, ``--separate-encoders``) on every case: with one shared encoder, a single sequence's latent fills all
+   four of the predictor's inputs from an encoder that cannot tell which sequence it saw;
 3. each teacher predicts the held-out cases from all four sequences and from each one alone, scored as the demo
    scores them.
 
@@ -24,6 +26,7 @@ a 95% interval from their spread over the seeds (two seeds or more)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shutil
@@ -40,7 +43,8 @@ FIELDS = ("seed", "teacher", "modalities", "WT", "TC", "ET", "training_cases")
 REGIONS = ("WT", "TC", "ET")
 INCOMPLETE_ID, COMPLETE_ONLY_ID = 910, 911
 OURS, COMPLETE_ONLY, BASELINE = "P* incomplete", "P* complete-only", "baseline zeroed"
-TEACHERS = (OURS, COMPLETE_ONLY, BASELINE)
+SEPARATE = "P* separate encoders"
+TEACHERS = (OURS, COMPLETE_ONLY, BASELINE, SEPARATE)
 INPUTS = ("all", "T1", "T1ce", "T2", "FLAIR")
 SITE_MISSING = "T1ce"
 
@@ -71,7 +75,7 @@ def write_data(raw_root: Path, seed: int, cases: int, test_cases: int, fraction:
 
 
 def run_seed(work: Path, seed: int, args: argparse.Namespace, scores_csv: Path) -> None:
-    """Make the data, train the three teachers and score each on every input of one seed, appending to
+    """Make the data, train the four teachers and score each on every input of one seed, appending to
     ``scores_csv`` what is not there yet."""
     from nnalign.demo import demo_preset, reference_regions, score_row
     from nnalign.evaluation.evaluate import evaluate
@@ -88,7 +92,8 @@ def run_seed(work: Path, seed: int, args: argparse.Namespace, scores_csv: Path) 
     configuration = demo_preset().configuration
     p_star = demo_preset().teachers[0].spec
     runs = {OURS: (INCOMPLETE_ID, p_star), COMPLETE_ONLY: (COMPLETE_ONLY_ID, p_star),
-            BASELINE: (INCOMPLETE_ID, original_of(p_star))}
+            BASELINE: (INCOMPLETE_ID, original_of(p_star)),
+            SEPARATE: (INCOMPLETE_ID, dataclasses.replace(p_star, shared_encoder=False))}
     logs = seed_dir / "logs"
     for label, (dataset_id, spec) in runs.items():
         raw = find_dataset_folder(raw_root, dataset_id)
@@ -141,7 +146,7 @@ def summary(rows: list[dict]) -> str:
         lines.append(f"| {teacher} | {'/'.join(cases)} | " + " | ".join(cells) + " |")
     lines += ["", f"Difference to {OURS} (Dice points, per seed paired; 95% interval over the seeds):", "",
               "| teacher | " + " | ".join(INPUTS) + " |", "|---|" + "---|" * len(INPUTS)]
-    for teacher in (COMPLETE_ONLY, BASELINE):
+    for teacher in TEACHERS[1:]:
         cells = []
         for inputs in INPUTS:
             diffs = [value[(s, OURS, inputs)] - value[(s, teacher, inputs)] for s in seeds

@@ -326,16 +326,19 @@ def test_table_one_series_trains_the_original_teacher_and_its_students_and_resum
 def test_incomplete_data_table_compares_each_teacher_with_p_star_on_every_case_per_seed():
     incomplete_data = _benchmark_module("incomplete_data")
     rows = []
-    for seed, (ours, complete_only, baseline) in {1: (0.8, 0.7, 0.6), 2: (0.9, 0.7, 0.9)}.items():
-        for teacher, value in zip(incomplete_data.TEACHERS, (ours, complete_only, baseline)):
+    scores = {1: (0.8, 0.7, 0.6, 0.75), 2: (0.9, 0.7, 0.9, 0.95)}  # P* incomplete, complete-only, baseline, separate
+    for seed, values in scores.items():
+        for teacher, value in zip(incomplete_data.TEACHERS, values, strict=True):
             for inputs in incomplete_data.INPUTS:
                 rows.append({"seed": str(seed), "teacher": teacher, "modalities": inputs, "WT": str(value),
                              "TC": str(value), "ET": str(value), "training_cases": "20"})
     lines = incomplete_data.summary(rows).splitlines()
     assert lines[2] == "| P* incomplete | 20 | 85.00 | 85.00 | 85.00 | 85.00 | 85.00 |"
+    assert lines[5] == "| P* separate encoders | 20 | 85.00 | 85.00 | 85.00 | 85.00 | 85.00 |"
     # per-seed differences +10 and +20: mean +15, interval 15 +- 12.706 * 7.071 / sqrt(2)
-    assert lines[10].split(" | ")[1] == "+15.00 (-48.53 to +78.53)"
-    assert lines[11].split(" | ")[1] == "+10.00 (-117.06 to +137.06)"  # +20 and +0
+    assert lines[11].split(" | ")[1] == "+15.00 (-48.53 to +78.53)"
+    assert lines[12].split(" | ")[1] == "+10.00 (-117.06 to +137.06)"  # +20 and +0
+    assert lines[13].split(" | ")[1] == "+0.00 (-63.53 to +63.53)"  # +5 and -5
 
 
 def test_incomplete_data_twin_holds_only_the_complete_cases(tmp_path):
