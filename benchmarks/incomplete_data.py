@@ -17,8 +17,8 @@ Per seed S, each step skipped when its result exists (an interrupted series resu
    scores them.
 
 Every score is a row of ``WORK/incomplete_data.csv``; the table gives per teacher and input the mean held-out Dice
-(the mean of WT, TC and ET) over the seeds, then per input the differences to ``P* incomplete`` within each seed with
-a 95% interval from their spread over the seeds (two seeds or more)::
+(the mean of WT, TC and ET) over the seeds that teacher has been scored in (listed), then per input the differences
+to ``P* incomplete`` within each seed with a 95% interval from their spread over the seeds (two seeds or more)::
 
     python benchmarks/incomplete_data.py --work incomplete          # 3 seeds, 20 cases (8 incomplete), 6 held out
     python benchmarks/incomplete_data.py --work incomplete --table-only
@@ -136,14 +136,16 @@ def summary(rows: list[dict]) -> str:
     ``P* incomplete`` within each seed, with a 95% interval from the per-seed differences' spread."""
     value = {(int(r["seed"]), r["teacher"], r["modalities"]): _average(r) for r in rows}
     seeds = sorted({s for s, _, _ in value})
-    lines = ["| teacher | training cases | " + " | ".join(INPUTS) + " |", "|---|---|" + "---|" * len(INPUTS)]
+    lines = ["| teacher | training cases | seeds | " + " | ".join(INPUTS) + " |",
+             "|---|---|---|" + "---|" * len(INPUTS)]
     for teacher in TEACHERS:
         cases = sorted({r["training_cases"] for r in rows if r["teacher"] == teacher})
+        scored = sorted({s for s, t, _ in value if t == teacher})
         cells = []
         for inputs in INPUTS:
             got = [value[(s, teacher, inputs)] for s in seeds if (s, teacher, inputs) in value]
             cells.append(f"{100 * mean(got):.2f}" if got else "")
-        lines.append(f"| {teacher} | {'/'.join(cases)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {teacher} | {'/'.join(cases)} | {', '.join(map(str, scored))} | " + " | ".join(cells) + " |")
     lines += ["", f"Difference to {OURS} (Dice points, per seed paired; 95% interval over the seeds):", "",
               "| teacher | " + " | ".join(INPUTS) + " |", "|---|" + "---|" * len(INPUTS)]
     for teacher in TEACHERS[1:]:

@@ -333,8 +333,8 @@ def test_incomplete_data_table_compares_each_teacher_with_p_star_on_every_case_p
                 rows.append({"seed": str(seed), "teacher": teacher, "modalities": inputs, "WT": str(value),
                              "TC": str(value), "ET": str(value), "training_cases": "20"})
     lines = incomplete_data.summary(rows).splitlines()
-    assert lines[2] == "| P* incomplete | 20 | 85.00 | 85.00 | 85.00 | 85.00 | 85.00 |"
-    assert lines[5] == "| P* separate encoders | 20 | 85.00 | 85.00 | 85.00 | 85.00 | 85.00 |"
+    assert lines[2] == "| P* incomplete | 20 | 1, 2 | 85.00 | 85.00 | 85.00 | 85.00 | 85.00 |"
+    assert lines[5] == "| P* separate encoders | 20 | 1, 2 | 85.00 | 85.00 | 85.00 | 85.00 | 85.00 |"
     # per-seed differences +10 and +20: mean +15, interval 15 +- 12.706 * 7.071 / sqrt(2)
     assert lines[11].split(" | ")[1] == "+15.00 (-48.53 to +78.53)"
     assert lines[12].split(" | ")[1] == "+10.00 (-117.06 to +137.06)"  # +20 and +0
