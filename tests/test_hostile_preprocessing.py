@@ -264,6 +264,13 @@ def test_a_full_nnunet_preprocessed_is_one_line_and_leaves_no_folder(tmp_path, s
         assert not any(pre.iterdir()), sorted(p.name for p in pre.iterdir())
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """In a child before its exec: SIGINT's default action, as a command typed at a terminal has it. A test process
+    can inherit SIGINT ignored (a suite started in the background, or in a pytest-xdist worker); a child would keep
+    that, and Python would then never raise KeyboardInterrupt in it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
     """Send SIGINT to ``proc``'s process group (what Ctrl-C in a terminal does) as soon as ``ready()``."""
     deadline = time.monotonic() + timeout
@@ -288,7 +295,7 @@ def test_ctrl_c_is_one_line_and_leaves_no_folder_that_looks_complete(tmp_path, s
     environ = {k: v for k, v in {**os.environ, **env}.items() if k != "NNALIGN_DEBUG"}
     proc = subprocess.Popen([sys.executable, "-m", "nnalign.cli.plan_and_preprocess", "-d", "62", "-c", "3d_cpu",
                              "-np", "2"], env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_sigint_as_in_a_terminal)
     data = folder / "nnAlignPlans_3d_cpu"
     if moment == "fingerprinting":
         ready = lambda: (folder / INCOMPLETE_MARKER).exists() and len(_spawned_children(proc.pid)) >= 2  # noqa: E731
@@ -344,13 +351,14 @@ def test_workers_start_deaf_to_sigint_and_the_main_process_is_not():
 
     from nnalign.planning.plan_and_preprocess import workers_ignore_sigint
 
+    handler = signal.getsignal(signal.SIGINT)
     with workers_ignore_sigint():
         worker = multiprocessing.get_context("spawn").Process(target=_sleep, args=(30,))
         worker.start()
     try:
         assert _sigint_blocked(worker.pid)
         assert not _sigint_blocked(os.getpid())
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is handler
     finally:
         worker.terminate()
         worker.join()
