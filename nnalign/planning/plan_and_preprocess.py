@@ -194,20 +194,16 @@ def workers_ignore_sigint() -> Iterator[None]:
 
     def start(self) -> None:
         multiprocessing.resource_tracker.ensure_running()  # starting it later would unblock SIGINT mid-start
-        if threading.current_thread() is not threading.main_thread():  # a pool's thread replacing a worker
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-            try:
-                return original(self)
-            finally:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        in_main = threading.current_thread() is threading.main_thread()  # else a pool's thread replacing a worker
         held = []
-        handler = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        handler = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum)) if in_main else None
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             original(self)
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-            signal.signal(signal.SIGINT, handler)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            if in_main:
+                signal.signal(signal.SIGINT, handler)
         if held:
             raise KeyboardInterrupt
 
