@@ -89,6 +89,50 @@ def test_poly_lr_with_floor_goes_from_initial_to_final():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# the weights' memory layout while training on the CPU
+
+
+def _is_channels_last(network: torch.nn.Module) -> bool:
+    """Every 5D weight channels-last, and not all of them also in the default layout (as a 1x1x1 kernel is)."""
+    weights = [p for p in network.parameters() if p.dim() == 5]
+    return (all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in weights)
+            and not all(w.is_contiguous() for w in weights))
+
+
+def test_the_training_layout_keeps_the_parameters_and_what_the_network_computes():
+    from nnalign.training.common import set_training_layout
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(2, 8, 3, padding=1), torch.nn.InstanceNorm3d(8, affine=True),
+                              torch.nn.LeakyReLU(), torch.nn.Conv3d(8, 3, 3, padding=1))
+    x = torch.randn(2, 2, 12, 10, 8)
+    params = list(net.parameters())
+    before = net(x)
+    before.square().mean().backward()
+    grads = [p.grad.clone() for p in params]
+    net.zero_grad()
+    set_training_layout(net, torch.device("cpu"), True)
+    assert _is_channels_last(net) and list(net.parameters()) == params  # the same objects: an optimizer keeps them
+    after = net(x)
+    after.square().mean().backward()
+    assert torch.allclose(after, before, atol=1e-5)
+    assert all(torch.allclose(p.grad, g, atol=1e-5) for p, g in zip(params, grads))
+    set_training_layout(net, torch.device("cpu"), False)
+    assert all(p.is_contiguous() for p in net.parameters())
+
+
+def test_the_training_layout_leaves_other_devices_and_2d_networks_alone():
+    from nnalign.training.common import set_training_layout
+
+    net3d = torch.nn.Conv3d(2, 4, 3)
+    set_training_layout(net3d, torch.device("cuda"), True)  # nothing moves: no GPU is needed to check it
+    assert net3d.weight.is_contiguous()
+    net2d = torch.nn.Conv2d(2, 4, 3)
+    set_training_layout(net2d, torch.device("cpu"), True)
+    assert net2d.weight.is_contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # the synthetic dataset shared by everything below
 
 
@@ -239,7 +283,12 @@ def test_paper_style_configuration_trains_with_adam_and_poly_to_floor(env):
 def test_one_epoch_per_anchor_logs_plots_and_records(env, anchor):
     trainer = _trainer(anchor, length=(1, 1))
     assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch) == (1, 1, 1)
+    layouts = []
+    train_step = trainer.train_step
+    trainer.train_step = lambda batch: layouts.append(_is_channels_last(trainer.network)) or train_step(batch)
     trainer.run_training()
+    # on the CPU the network trains channels-last, and is back in the default layout for the final validation
+    assert layouts == [True] and all(p.is_contiguous() for p in trainer.network.parameters())
     folder = Path(trainer.output_folder)
     assert (folder / "checkpoint_final.pth").is_file() and (folder / "progress.png").is_file()
     log = trainer.logger.local_logger.my_fantastic_logging

@@ -67,8 +67,12 @@ def _zero_absent(latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
 
 
 def _voxel_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Squared difference of (B, M, C, *S) and a broadcastable tensor, averaged over channels and voxels -> (B, M)."""
-    return (a - b).pow(2).flatten(2).mean(-1)
+    """Squared difference of (B, M, C, *S) and a broadcastable tensor, averaged over channels and voxels -> (B, M).
+
+    ``mse_loss`` keeps its two inputs for the backward pass, tensors the step keeps anyway, where ``(a - b) ** 2``
+    would keep the difference too: one latent-sized tensor less of saved activations.
+    """
+    return nn.functional.mse_loss(a, b.expand_as(a), reduction="none").flatten(2).mean(-1)
 
 
 def latent_energy(z: torch.Tensor, present: torch.Tensor) -> torch.Tensor:

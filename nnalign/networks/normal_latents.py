@@ -57,13 +57,15 @@ class _SampleWithKL(torch.autograd.Function):
         kl = (torch.linalg.vector_norm(mu.flatten(2), dim=-1, dtype=dtype).square()
               + torch.linalg.vector_norm(std.flatten(2), dim=-1, dtype=dtype).square()
               - clamped.flatten(2).sum(-1, dtype=dtype)) * (0.5 / count) - 0.5
-        ctx.save_for_backward(encoded, clamped, std, noise)
+        ctx.save_for_backward(encoded, noise)  # the clamped log-variance and std are recomputed: less to keep
         return latents, kl
 
     @staticmethod
     def backward(ctx, grad_latents: torch.Tensor | None, grad_kl: torch.Tensor | None):
-        encoded, clamped, std, noise = ctx.saved_tensors
+        encoded, noise = ctx.saved_tensors
         mu, lv = mean_and_logvar(encoded)
+        clamped = lv.clamp(*LOGVAR_RANGE)
+        std = clamped.mul(0.5).exp_()
         if grad_latents is None:
             grad_latents = torch.zeros_like(mu)
         if grad_kl is None:

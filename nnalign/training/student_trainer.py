@@ -27,7 +27,7 @@ from nnalign.losses.kd import build_kd
 from nnalign.modalities import channel_indices
 from nnalign.model_folders import FINAL_CHECKPOINT, fold_folder, model_folder
 from nnalign.networks.align_unet import as_outputs, nnAlignStudentUNet
-from nnalign.training.common import (CollapseCheck, FiniteLoss, SafeCheckpoints, SettingsRecord,
+from nnalign.training.common import (ChannelsLastTraining, CollapseCheck, FiniteLoss, SafeCheckpoints, SettingsRecord,
                                      apply_plans_training, apply_training_length, checkpoint_write,
                                      fit_deep_supervision, average_gradients_over_ranks, gathered_over_ranks, optimizer_step)
 from nnalign.training.optim import optimizer_from_plans
@@ -55,7 +55,8 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-class nnAlignStudentTrainer(CollapseCheck, SettingsRecord, FiniteLoss, SafeCheckpoints, nnUNetTrainer):
+class nnAlignStudentTrainer(ChannelsLastTraining, CollapseCheck, SettingsRecord, FiniteLoss, SafeCheckpoints,
+                            nnUNetTrainer):
     """nnU-Net's trainer for a student distilled from a frozen nnalign teacher (see the module docstring)."""
 
     role = "student"

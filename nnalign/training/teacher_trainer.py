@@ -22,7 +22,7 @@ from nnalign.errors import NnalignError
 from nnalign.networks.anchors import MixtureAnchor, modality_gap
 from nnalign.modalities import BRATS_MODALITIES
 from nnalign.networks.align_unet import nnAlignStudentUNet, nnAlignTeacherUNet
-from nnalign.training.common import (CollapseCheck, FiniteLoss, SafeCheckpoints, SettingsRecord,
+from nnalign.training.common import (ChannelsLastTraining, CollapseCheck, FiniteLoss, SafeCheckpoints, SettingsRecord,
                                      apply_plans_training, apply_training_length, fit_deep_supervision,
                                      gathered_over_ranks, optimizer_step)
 from nnalign.training.optim import optimizer_from_plans
@@ -54,7 +54,8 @@ def unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return network
 
 
-class nnAlignBaselineTrainer(CollapseCheck, SettingsRecord, FiniteLoss, SafeCheckpoints, nnUNetTrainer):
+class nnAlignBaselineTrainer(ChannelsLastTraining, CollapseCheck, SettingsRecord, FiniteLoss, SafeCheckpoints,
+                             nnUNetTrainer):
     """nnU-Net's trainer for the plain baseline on all modalities stacked, with nnalign's modality dropout (the
     dropped input channels zeroed), training length, optimizer and settings record. The aligned teacher extends it.
 
