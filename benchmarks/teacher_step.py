@@ -32,7 +32,7 @@ from common import (benchmark_configuration, benchmark_device, brats_like_plans,
 
 ANCHORS = ("none", "normal", "modality:T1ce", "mixture")
 TARGET_RATIO = 1.10
-STOCK_IN_LAYOUT = "stock, training layout"
+STOCK_IN_LAYOUT = "stock nnU-Net, training layout"
 INCOMPLETE_SHARE = 0.4
 INCOMPLETE_ROW = f"mixture on {100 * INCOMPLETE_SHARE:g} % incomplete cases"
 """The row of the default P* teacher on a dataset where that share of the cases lacks sequences: each sample's case

@@ -14,7 +14,8 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script, rows", [
-    ("teacher_step.py", ["stock nnU-Net", "teacher none", "teacher normal", "teacher modality:T1ce", "teacher mixture",
+    ("teacher_step.py", ["stock nnU-Net", "stock nnU-Net, training layout", "teacher none", "teacher normal",
+                         "teacher modality:T1ce", "teacher mixture",
                          "teacher mixture, modality dropout 0.5 (the default P*)",
                          "teacher mixture on 40 % incomplete cases, modality dropout 0.5",
                          "teacher mixture, 2-conv latent encoder", "teacher mixture, latents at stage 2"]),
