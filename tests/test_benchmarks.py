@@ -51,6 +51,21 @@ def test_profile_benchmark_lists_operators_and_totals(tmp_path):
     assert stock > 0 and teacher > 0 and extra == pytest.approx(teacher - stock, abs=0.011)
 
 
+@pytest.mark.slow
+def test_tile_benchmark_times_torch_and_openvino_and_compares_their_logits(tmp_path):
+    pytest.importorskip("openvino")
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "predict_tile.py"), "--config", "3d_cpu", "--patch", "16",
+                             "16", "16", "--repeats", "1", "--threads", "1"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in result.stdout.splitlines()
+            if line.startswith("| ")]
+    assert [row[0] for row in rows] == ["network", "stock nnU-Net, torch", "teacher, torch", "teacher, OpenVINO"]
+    assert float(rows[1][2]) == 1.0 and all(float(seconds) > 0 for _, seconds, _ in rows[1:])
+    difference = float(result.stdout.strip().splitlines()[-1].split(":")[1])
+    assert difference < 1e-3  # the same teacher's logits in both
+
+
 def test_real_data_protocol_is_the_cpu_evidence_preset(tmp_path):
     script = [sys.executable, str(BENCHMARKS / "real_data.py"), "--work", str(tmp_path / "work")]
     absent = subprocess.run([*script, "--data", str(tmp_path / "none")], capture_output=True, text=True, timeout=120)
