@@ -166,5 +166,6 @@ def main() -> None:
         print(f"the default P* teacher's step: {default:.2f}x stock (target <= {TARGET_RATIO}x): "
               f"{'met' if default <= TARGET_RATIO else 'NOT met'}")
 
+
 if __name__ == "__main__":
     main()
