@@ -125,10 +125,10 @@ def collapsed_regions(dice_per_epoch: Sequence[Sequence[float]], names: Sequence
 
 
 CPU_TRAINING_LAYOUT = torch.channels_last_3d
-"""The memory layout of a 3D network's weights while it trains on the CPU. oneDNN computes a full-resolution
-convolution's forward and backward up to about 1.8x faster in it than in PyTorch's default layout (a whole training
-step about 1.15x), while a forward pass alone is slower (documentation/benchmarks.md), so only training uses it: the
-final validation, prediction and a frozen teacher keep the default."""
+"""The memory layout of a 3D network's weights while it trains on the CPU: oneDNN trains convolutions faster in it
+than in PyTorch's default layout but runs a forward pass alone slower (the figures are in
+documentation/benchmarks.md), so only training uses it: the final validation, prediction and a frozen teacher keep
+the default."""
 
 
 def set_training_layout(network: torch.nn.Module, device: torch.device, training: bool) -> None:
