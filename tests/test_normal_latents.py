@@ -90,3 +90,14 @@ def test_half_precision_kl_in_float32():
 def test_odd_channel_count_is_rejected():
     with pytest.raises(ValueError, match="2C"):
         sample_normal_latents(torch.zeros(1, 2, 3, 4))
+
+
+def test_the_sample_keeps_only_its_input_and_its_output_for_backward():
+    # the noise is not kept: the predictor's first convolution keeps Z when no latent is filled, so keeping Z costs
+    # nothing there, while the noise would be a tensor of Z's size of its own
+    encoded = encoded_with_clamped_entries().requires_grad_()
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.untyped_storage().data_ptr()) or t,
+                                                  lambda t: t):
+        latents, _ = sample_normal_latents(encoded)
+    assert sorted(kept) == sorted([encoded.untyped_storage().data_ptr(), latents.untyped_storage().data_ptr()])

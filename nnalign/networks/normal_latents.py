@@ -57,12 +57,14 @@ class _SampleWithKL(torch.autograd.Function):
         kl = (torch.linalg.vector_norm(mu.flatten(2), dim=-1, dtype=dtype).square()
               + torch.linalg.vector_norm(std.flatten(2), dim=-1, dtype=dtype).square()
               - clamped.flatten(2).sum(-1, dtype=dtype)) * (0.5 / count) - 0.5
-        ctx.save_for_backward(encoded, noise)  # the clamped log-variance and std are recomputed: less to keep
+        # the sample, not the noise: noise * std = Z - mu, and the predictor's first convolution keeps Z anyway when
+        # no latent is filled (the same storage); the clamped log-variance and std are recomputed
+        ctx.save_for_backward(encoded, latents)
         return latents, kl
 
     @staticmethod
     def backward(ctx, grad_latents: torch.Tensor | None, grad_kl: torch.Tensor | None):
-        encoded, noise = ctx.saved_tensors
+        encoded, latents = ctx.saved_tensors
         mu, lv = mean_and_logvar(encoded)
         clamped = lv.clamp(*LOGVAR_RANGE)
         std = clamped.mul(0.5).exp_()
@@ -77,8 +79,9 @@ class _SampleWithKL(torch.autograd.Function):
         grad = torch.empty_like(encoded)
         grad_mu, grad_lv = mean_and_logvar(grad)
         grad_mu.copy_(grad_latents).addcmul_(mu, k)
-        # d Z / d logvar = noise * sigma / 2, so dL/dlogvar = (sigma (g noise + k sigma) - k) / 2 inside the clamp range
-        grad_lv.copy_(grad_latents).mul_(noise).addcmul_(std, k).mul_(std).sub_(k).mul_(0.5)
+        # d Z / d logvar = noise * sigma / 2 = (Z - mu) / 2, so dL/dlogvar = (g (Z - mu) + k (sigma^2 - 1)) / 2 inside
+        # the clamp range
+        grad_lv.copy_(latents).sub_(mu).mul_(grad_latents).addcmul_(std.square_(), k).sub_(k).mul_(0.5)
         grad_lv.masked_fill_(clamped != lv, 0.0)
         return grad, None
 
