@@ -80,10 +80,11 @@ def saved_activation_bytes(step) -> int:
     return total
 
 
-def interleaved_median_seconds(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int,
-                               rounds: int) -> dict[str, float]:
-    """Median wall time of each named ``step()``, timed round-robin (one call of each per round, after ``warmup``
-    untimed rounds), so drift in clock speed or background load hits every variant alike (CUDA synchronised)."""
+def interleaved_seconds(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int,
+                        rounds: int) -> dict[str, list[float]]:
+    """Wall time of each named ``step()`` in each of ``rounds`` rounds, timed round-robin (one call of each per round,
+    after ``warmup`` untimed rounds), so drift in clock speed or background load hits every variant alike (CUDA
+    synchronised)."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(warmup + rounds):
         for name, step in steps.items():
@@ -95,7 +96,13 @@ def interleaved_median_seconds(steps: dict[str, Callable[[], None]], device: tor
                 torch.cuda.synchronize()
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def interleaved_median_seconds(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int,
+                               rounds: int) -> dict[str, float]:
+    """Median wall time of each named ``step()`` over the rounds of :func:`interleaved_seconds`."""
+    return {name: statistics.median(t) for name, t in interleaved_seconds(steps, device, warmup, rounds).items()}
 
 
 def peak_cuda_bytes(step) -> int:
