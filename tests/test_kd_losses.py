@@ -17,7 +17,7 @@ from nnalign.losses.kd.base import DistillationLoss
 from nnalign.losses.kd.base import bernoulli_kl, bernoulli_kl_at_temperature
 from nnalign.losses.kd.kdnet import channel_softmax_kl
 from nnalign.losses.kd.pmkl import contrastive_pair_loss, regularisation_mask, regularised_kd, soft_target_bce
-from nnalign.losses.kd.protokd import prototype_maps, regions_to_labels
+from nnalign.losses.kd.protokd import class_sums, prototype_maps, regions_to_labels
 from nnalign.losses.kd.smunet import consistency_ramp, gram_matrix, style_loss
 from nnalign.networks.outputs import NetworkOutputs
 
@@ -336,6 +336,24 @@ def test_prototype_maps_of_a_zero_feature_voxel_are_zero_with_finite_gradients()
     assert torch.allclose(maps[0], t([[1, 0, r], [r, 0, 1]]), atol=1e-5)
     maps.sum().backward()
     assert torch.isfinite(f.grad).all()
+
+
+def test_class_sums_by_product_and_by_class_agree_in_value_and_gradient():
+    # the CPU's batched product and the per-class reductions other devices use; features in the channels-last
+    # layout a CPU student trains in, flattened as prototype_loss flattens them
+    torch.manual_seed(0)
+    features = torch.randn(2, 5, 3, 4, 6).contiguous(memory_format=torch.channels_last_3d).flatten(2)
+    onehot = torch.nn.functional.one_hot(torch.randint(0, 4, (2, 72)), 4).transpose(1, 2).float()
+    by_hand = torch.stack([torch.stack([features[b][:, onehot[b, k] > 0].sum(1) for k in range(4)]) for b in range(2)])
+    weights, results = torch.randn(4, 5), []  # a loss on the sums, for the gradients
+    for per_class in (False, True):
+        f = features.detach().clone().requires_grad_()
+        sums = class_sums(f, onehot, per_class)
+        (sums * weights).sum().backward()
+        results.append((sums.detach(), f.grad))
+    torch.testing.assert_close(results[0][0], by_hand)
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
 
 
 @pytest.mark.parametrize("target_repeat", [1, 2])  # 2: the target at twice the feature resolution (nearest)

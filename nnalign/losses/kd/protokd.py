@@ -76,14 +76,26 @@ def _unit(x: Tensor, dim: int) -> Tensor:
     return x / _clamped_norm(x, dim)
 
 
+def class_sums(features: Tensor, onehot: Tensor, per_class: bool | None = None) -> Tensor:
+    """``Σ_i f(i)·onehot_k(i)`` per sample and class: (B, K, C) from features (B, C, N) and ``onehot`` (B, K, N).
+
+    One batched matrix product on a CPU (a GEMM, one pass over the features); elsewhere (``per_class``, the default
+    off the CPU) one masked reduction per class: for the product, whose reduction length is N (2M voxels at 128³),
+    cuBLAS picks a kernel ~6x slower than the whole loss (H100), while on a CPU the K passes over the features and
+    their K temporaries are most of the loss's time.
+    """
+    if per_class is None:
+        per_class = features.device.type != "cpu"
+    if per_class:
+        return torch.stack([(features * onehot[:, k : k + 1]).sum(dim=2) for k in range(onehot.shape[1])], dim=1)
+    return torch.bmm(onehot.to(features.dtype), features.transpose(1, 2))
+
+
 def prototype_maps(features: Tensor, onehot: Tensor) -> Tensor:
     """Cosine-similarity maps (B, K, N) of features (B, C, N) to the per-sample class prototypes from ``onehot``
     (B, K, N); prototypes ``p = Σ f·1 / (Σ 1 + 1e-5)``."""
     counts = onehot.sum(dim=2)  # (B, K)
-    # One masked reduction per class rather than einsum("bkn,bcn->bkc"): that is a matrix product with a reduction
-    # length of N (2M voxels at 128³), for which cuBLAS picks a kernel ~6x slower than the whole loss (H100).
-    sums = torch.stack([(features * onehot[:, k : k + 1]).sum(dim=2) for k in range(onehot.shape[1])], dim=1)
-    protos = sums / (counts[..., None] + PROTO_EPS)  # (B, K, C)
+    protos = class_sums(features, onehot) / (counts[..., None] + PROTO_EPS)  # (B, K, C)
     # Divide the (B, K, N) products by the voxel norms rather than normalise the (B, C, N) features: no normalised
     # copy of the features is made and kept for the backward pass.
     return torch.einsum("bkc,bcn->bkn", _unit(protos, dim=2), features) / _clamped_norm(features, dim=1)
