@@ -28,8 +28,8 @@ from nnalign.modalities import channel_indices
 from nnalign.model_folders import FINAL_CHECKPOINT, fold_folder, model_folder
 from nnalign.networks.align_unet import as_outputs, nnAlignStudentUNet
 from nnalign.training.common import (ChannelsLastTraining, CollapseCheck, FiniteLoss, SafeCheckpoints, SettingsRecord,
-                                     apply_plans_training, apply_training_length, checkpoint_write,
-                                     fit_deep_supervision, average_gradients_over_ranks, gathered_over_ranks, optimizer_step)
+                                     apply_plans_training, apply_training_length, average_gradients_over_ranks,
+                                     checkpoint_write, fit_deep_supervision, gathered_over_ranks, optimizer_step)
 from nnalign.training.optim import optimizer_from_plans
 from nnalign.training.presence import case_presence
 from nnalign.runs import StudentSpec
