@@ -455,6 +455,38 @@ def test_cli_wrong_labels_and_bad_folder_are_one_line_errors(flat_dataset, tmp_p
     assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and "no such file or folder" in out.stderr
 
 
+def write_prediction_log(pred_dir: Path, labels: str) -> None:
+    """nnalign_predict's log as it writes it: one entry per case with the label convention of its segmentation."""
+    cases = [{"case": p.name[:-len(".nii.gz")], "status": "ok", "labels": labels} for p in pred_dir.glob("*.nii.gz")]
+    (pred_dir / "nnalign_predict_log.json").write_text(json.dumps({"cases": cases}))
+
+
+def test_a_prediction_written_in_another_convention_is_refused_not_scored(flat_dataset):
+    # nnalign_predict's default writes the source convention (here brats2023: necrosis 1, edema 2) while labelsTs
+    # references are nnU-Net's (edema 1, necrosis 2): read as nnunet, TC would be scored on edema + ET
+    ref_dir, pred_dir = flat_dataset
+    for path in pred_dir.glob("*.nii.gz"):
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        write_seg(path, np.array([0, 2, 1, 3], dtype=np.uint8)[seg])  # edema <-> necrosis
+    write_prediction_log(pred_dir, "brats2023")
+    with pytest.raises(NnalignError, match=r"SYN_0000.nii.gz: nnalign_predict wrote it in the brats2023 label "
+                                           r"convention .* read in nnunet \(detected from the labels\); run "
+                                           r"nnalign_predict with --labels nnunet"):
+        evaluate(ref_dir, pred_dir, progress=False)
+    assert not (pred_dir / "metrics.csv").exists()
+    out = run_cli("-r", ref_dir, "-p", pred_dir, "--labels", "nnunet")
+    assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and "(as --labels says)" in out.stderr
+    assert "Traceback" not in out.stderr and not (pred_dir / "metrics.csv").exists()
+
+
+@pytest.mark.parametrize("logged", ["nnunet", "not-a-convention"])
+def test_a_prediction_log_that_agrees_or_says_nothing_known_changes_nothing(flat_dataset, logged):
+    ref_dir, pred_dir = flat_dataset
+    write_prediction_log(pred_dir, logged)
+    report = evaluate(ref_dir, pred_dir, progress=False)
+    assert report.scores["SYN_0000"]["Dice_TC"] == 1.0 and report.scores["SYN_0001"]["Dice_ET"] == 0.0
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # agreement with the official engine (opt-in: Panoptica is not a dependency)
 

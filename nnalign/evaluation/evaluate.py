@@ -2,7 +2,8 @@
 
 The label convention is given, or detected once for the whole evaluation from the label values of every reference
 and prediction (:func:`nnalign.evaluation.metrics.resolve_convention`): a value of no convention stops it before
-anything is written, with one line naming the case. A case whose files cannot be read, whose prediction is not on the
+anything is written, with one line naming the case, and so does a prediction that ``nnalign_predict``'s log says it
+wrote in a convention whose tumour regions sit on other labels. A case whose files cannot be read, whose prediction is not on the
 reference's voxel grid (shape, spacing, origin, direction; axes saved in another order or flipped are reordered), or
 whose labels do not fit the given convention is reported as one line naming both files and left out; the others are
 still scored and written. A reference case without a prediction is scored as the BraTS parser does: Dice 0 and HD95
@@ -22,11 +23,11 @@ from pathlib import Path
 
 from nnalign.atomic import check_writable, write_texts_atomic
 from nnalign.data.case_checks import voxel_problem
-from nnalign.data.labels import RC, REGION_NAMES, check_labels, label_values, region_labels
+from nnalign.data.labels import CONVENTIONS, RC, REGION_NAMES, check_labels, label_values, region_labels
 from nnalign.evaluation.metrics import (AGGREGATES, HD95_EMPTY, LABEL_CHOICES, aggregate, both_empty_score,
                                         case_metrics, metric_columns, missing_prediction_scores, resolve_convention)
 from nnalign.evaluation.geometry import on_reference_grid
-from nnalign.evaluation.pairing import CasePairs, ReferenceFile, pair_cases
+from nnalign.evaluation.pairing import CasePairs, ReferenceFile, pair_cases, recorded_conventions
 from nnalign.errors import CaseError, NnalignError, one_line
 
 METRICS_FILE = "metrics.csv"
@@ -139,6 +140,23 @@ def default_output(prediction: Path) -> Path:
     return (prediction if prediction.is_dir() else prediction.parent) / METRICS_FILE
 
 
+def check_written_conventions(pairing: CasePairs, conventions: dict[str, str], written: dict[str, str],
+                              detected: bool) -> None:
+    """NnalignError when a prediction's tumour regions sit on other labels in the convention ``nnalign_predict``
+    wrote it in (``written``, from its log) than in the one the case is read in: its TC and ET would be scored on
+    the wrong labels without any other sign."""
+    for ref, pred in pairing.pairs:
+        convention = written.get(ref.case_id)
+        if pred is None or convention not in CONVENTIONS:
+            continue
+        used = conventions[ref.case_id]
+        if region_labels(convention, rc=False) != region_labels(used, rc=False):
+            how = "detected from the labels" if detected else "as --labels says"
+            raise NnalignError(f"{pred}: nnalign_predict wrote it in the {convention} label convention (its log "
+                               f"says), but the cases are read in {used} ({how}); run nnalign_predict with --labels "
+                               f"{used}, or evaluate against references in {convention}; nothing written")
+
+
 def evaluate(reference: str | os.PathLike, prediction: str | os.PathLike, labels: str = "auto",
              et_min_voxels: int = 0, output: str | os.PathLike | None = None, progress: bool = True,
              on_case_error=None, lesionwise: bool = False) -> EvaluationReport:
@@ -147,8 +165,9 @@ def evaluate(reference: str | os.PathLike, prediction: str | os.PathLike, labels
     CSV is written with them (``<stem>_lesionwise.csv``), its temporary files in a hidden folder beside the CSV.
 
     ``on_case_error(case_id, message)`` is called as each bad case is met (the CLI prints it). Raises NnalignError
-    when nothing can be paired, when no case at all could be scored, when the label convention cannot be detected,
-    or (``lesionwise``) when brats-evaluation is not installed.
+    when nothing can be paired, when no case at all could be scored, when the label convention cannot be detected or
+    differs from the one ``nnalign_predict`` wrote a prediction in, or (``lesionwise``) when brats-evaluation is not
+    installed.
     """
     from tqdm import tqdm
 
@@ -167,6 +186,7 @@ def evaluate(reference: str | os.PathLike, prediction: str | os.PathLike, labels
         csv_path = csv_path / METRICS_FILE
     check_writable(csv_path.parent, "the metrics")
     conventions = detect_labels(pairing) if labels == "auto" else {ref.case_id: labels for ref, _ in pairing.pairs}
+    check_written_conventions(pairing, conventions, recorded_conventions(prediction), labels == "auto")
     report = EvaluationReport({}, {}, {}, pairing.missing, pairing.ignored_predictions, conventions=conventions)
     workdir = Path(tempfile.mkdtemp(prefix=f".{csv_path.stem}.lesionwise.", dir=csv_path.parent)) if lesionwise \
         else None

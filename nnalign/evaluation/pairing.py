@@ -7,6 +7,7 @@ nnU-Net writes them. ``.nii`` works wherever ``.nii.gz`` does. Either side may a
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from nnalign.data.brats_layout import MAX_DEPTH, NAMING_NNUNET, parse_filename
 from nnalign.errors import NnalignError
 
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
+PREDICTION_LOG_STEM = "nnalign_predict_log"
+"""``nnalign_predict``'s log in its output folder (``.csv`` and ``.json``): per case, among others, the label
+convention it wrote the segmentation in."""
 
 
 @dataclass(frozen=True)
@@ -149,3 +153,13 @@ def pair_cases(reference: Path, prediction: Path) -> CasePairs:
                            f"{next(iter(refs))}, predictions like {next(iter(preds))}.nii.gz)")
     ignored = [] if reference.is_file() else [p for case_id, p in preds.items() if case_id not in refs]
     return CasePairs(pairs, ignored)
+
+
+def recorded_conventions(prediction: Path) -> dict[str, str]:
+    """``{case: label convention}`` as ``nnalign_predict``'s log in the folder ``prediction`` records them; empty
+    without a log (predictions of another tool, a single file) or with one that cannot be read."""
+    try:
+        cases = json.loads((Path(prediction) / f"{PREDICTION_LOG_STEM}.json").read_text())["cases"]
+        return {str(c["case"]): str(c["labels"]) for c in cases if c.get("labels")}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}

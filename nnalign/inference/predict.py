@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 from nnalign.atomic import check_writable, write_json_atomic, write_text_atomic
 from nnalign.data.brats_layout import BratsCase, find_cases, parse_filename
 from nnalign.errors import CaseError, NnalignError, one_line
+from nnalign.evaluation.pairing import PREDICTION_LOG_STEM
 from nnalign.inference.models import Model, ModelError, discover_models, select_model
 from nnalign.modalities import BRATS_MODALITIES
 from nnalign.model_folders import FINAL_CHECKPOINT
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 
 LABEL_OPTIONS = ("source", "brats2018", "brats2023", "brats2024", "nnunet")
 OUTPUT_ENDING = ".nii.gz"
-LOG_STEM = "nnalign_predict_log"
 LOG_COLUMNS = ("case", "status", "model", "folds", "modalities_present", "modalities_used", "labels", "message",
                "model_folder")
 OK, SKIPPED, FAILED = "ok", "skipped", "failed"
@@ -132,8 +132,8 @@ class PredictionLog:
     (atomically) after every case."""
 
     def __init__(self, output: Path) -> None:
-        self.csv_path = Path(output) / f"{LOG_STEM}.csv"
-        self.json_path = Path(output) / f"{LOG_STEM}.json"
+        self.csv_path = Path(output) / f"{PREDICTION_LOG_STEM}.csv"
+        self.json_path = Path(output) / f"{PREDICTION_LOG_STEM}.json"
         self.records: dict[str, CaseRecord] = {}
         try:
             earlier = json.loads(self.json_path.read_text())
