@@ -3,12 +3,12 @@
 The label convention is given, or detected once for the whole evaluation from the label values of every reference
 and prediction (:func:`nnalign.evaluation.metrics.resolve_convention`): a value of no convention stops it before
 anything is written, with one line naming the case, and so does a prediction that ``nnalign_predict``'s log says it
-wrote in a convention whose tumour regions sit on other labels. A case whose files cannot be read, whose prediction is not on the
-reference's voxel grid (shape, spacing, origin, direction; axes saved in another order or flipped are reordered), or
-whose labels do not fit the given convention is reported as one line naming both files and left out; the others are
-still scored and written. A reference case without a prediction is scored as the BraTS parser does: Dice 0 and HD95
-373.13 on every region. RC is scored where the convention has the resection cavity and a reference or prediction
-holds it. With ``lesionwise``, the official package adds its lesion-wise scores (:mod:`nnalign.evaluation.lesionwise`).
+wrote in a convention whose tumour regions sit on other labels. A case whose files cannot be read, whose prediction
+is not on the reference's voxel grid (shape, spacing, origin, direction; axes saved in another order or flipped are
+reordered), or whose labels do not fit the given convention is reported as one line naming both files and left out;
+the others are still scored and written. A reference case without a prediction is scored as the BraTS parser does:
+Dice 0 and HD95 373.13 on every region. RC is scored where the convention has the resection cavity and a reference
+or prediction holds it. With ``lesionwise``, the official package adds its lesion-wise scores (:mod:`nnalign.evaluation.lesionwise`).
 """
 from __future__ import annotations
 

@@ -80,9 +80,9 @@ def class_sums(features: Tensor, onehot: Tensor, per_class: bool | None = None) 
     """``Σ_i f(i)·onehot_k(i)`` per sample and class: (B, K, C) from features (B, C, N) and ``onehot`` (B, K, N).
 
     One batched matrix product on a CPU (a GEMM, one pass over the features); elsewhere (``per_class``, the default
-    off the CPU) one masked reduction per class: for the product, whose reduction length is N (2M voxels at 128³),
-    cuBLAS picks a kernel ~6x slower than the whole loss (H100), while on a CPU the K passes over the features and
-    their K temporaries are most of the loss's time.
+    off the CPU) one masked reduction per class: for a product whose reduction length is the voxel count cuBLAS picks
+    a kernel slower than the whole rest of the loss, while on a CPU the K passes over the features and their K
+    temporaries are most of the loss's time.
     """
     if per_class is None:
         per_class = features.device.type != "cpu"
