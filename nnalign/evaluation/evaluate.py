@@ -8,7 +8,8 @@ is not on the reference's voxel grid (shape, spacing, origin, direction; axes sa
 reordered), or whose labels do not fit the given convention is reported as one line naming both files and left out;
 the others are still scored and written. A reference case without a prediction is scored as the BraTS parser does:
 Dice 0 and HD95 373.13 on every region. RC is scored where the convention has the resection cavity and a reference
-or prediction holds it. With ``lesionwise``, the official package adds its lesion-wise scores (:mod:`nnalign.evaluation.lesionwise`).
+or prediction holds it. With ``lesionwise``, the official package adds its lesion-wise scores
+(:mod:`nnalign.evaluation.lesionwise`).
 """
 from __future__ import annotations
 
