@@ -77,8 +77,7 @@ def write_data(raw_root: Path, seed: int, cases: int, test_cases: int, fraction:
 def run_seed(work: Path, seed: int, args: argparse.Namespace, scores_csv: Path) -> None:
     """Make the data, train the four teachers and score each on every input of one seed, appending to
     ``scores_csv`` what is not there yet."""
-    from nnalign.demo import demo_preset, reference_regions, score_row
-    from nnalign.evaluation.evaluate import evaluate
+    from nnalign.demo import demo_preset
     from nnalign.data.raw_dataset import find_dataset_folder
     from nnalign.model_folders import FINAL_CHECKPOINT, fold_folder, model_folder
 
@@ -107,58 +106,71 @@ def run_seed(work: Path, seed: int, args: argparse.Namespace, scores_csv: Path) 
             resume = ["--c"] if (fold_folder(folder, 0) / "checkpoint_latest.pth").is_file() else []
             _call(train_command(raw.name, args.device, args.teacher_epochs, args.iters_per_epoch,
                                 spec.train_flags()) + resume, env, logs / f"train_{label.replace(' ', '_')}.log")
-        dataset_json = json.loads((raw / "dataset.json").read_text())
-        ending = dataset_json["file_ending"]
-        regions = reference_regions(raw / "labelsTs", ending)
-        for inputs in INPUTS:
-            if (seed, label, inputs) in done:
-                continue
-            subset = () if inputs == "all" else (inputs,)
-            predictions = seed_dir / "predictions" / label.replace(" ", "_") / inputs
-            if len(list(predictions.glob(f"*{ending}"))) < len(regions):
-                _call(predict_command(raw, subset, predictions, folder, args.device), env,
-                      logs / f"predict_{label.replace(' ', '_')}_{inputs}.log")
-            report = evaluate(raw / "labelsTs", predictions, labels="nnunet", output=None, progress=False)
-            row, _ = score_row(label, subset or ("all",), report.scores, regions)
-            _append_row(scores_csv, {"seed": seed, "teacher": label, "modalities": inputs,
-                                     **{r: f"{row[f'Dice {r} with']:.4f}" for r in REGIONS},
-                                     "training_cases": dataset_json["numTraining"]}, FIELDS)
-            print(f"seed {seed}: {label} from {inputs}: held-out Dice WT / TC / ET "
-                  + " / ".join(f"{row[f'Dice {r} with']:.3f}" for r in REGIONS), flush=True)
+        score_teacher(seed, label, folder, raw, INPUTS, done, seed_dir, env, args.device, scores_csv)
+
+
+def score_teacher(seed: int, label: str, folder: Path, raw: Path, inputs: tuple[str, ...], done: set[tuple],
+                  seed_dir: Path, env: dict[str, str], device: str, scores_csv: Path) -> None:
+    """Predict the held-out cases of the raw dataset ``raw`` with the teacher in ``folder`` from each of ``inputs``
+    (``all`` or one modality) whose ``(seed, label, input)`` is not in ``done``; score each as the demo scores it and
+    append it to ``scores_csv``. Predictions go to ``seed_dir/predictions/LABEL/INPUT``, logs to ``seed_dir/logs``."""
+    from nnalign.demo import reference_regions, score_row
+    from nnalign.evaluation.evaluate import evaluate
+
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    ending = dataset_json["file_ending"]
+    regions = reference_regions(raw / "labelsTs", ending)
+    name = label.replace(" ", "_")
+    for given in inputs:
+        if (seed, label, given) in done:
+            continue
+        subset = () if given == "all" else (given,)
+        predictions = seed_dir / "predictions" / name / given
+        if len(list(predictions.glob(f"*{ending}"))) < len(regions):
+            _call(predict_command(raw, subset, predictions, folder, device), env,
+                  seed_dir / "logs" / f"predict_{name}_{given}.log")
+        report = evaluate(raw / "labelsTs", predictions, labels="nnunet", output=None, progress=False)
+        row, _ = score_row(label, subset or ("all",), report.scores, regions)
+        _append_row(scores_csv, {"seed": seed, "teacher": label, "modalities": given,
+                                 **{r: f"{row[f'Dice {r} with']:.4f}" for r in REGIONS},
+                                 "training_cases": dataset_json["numTraining"]}, FIELDS)
+        print(f"seed {seed}: {label} from {given}: held-out Dice WT / TC / ET "
+              + " / ".join(f"{row[f'Dice {r} with']:.3f}" for r in REGIONS), flush=True)
 
 
 def _average(row: dict) -> float:
     return sum(float(row[r]) for r in REGIONS) / len(REGIONS)
 
 
-def summary(rows: list[dict]) -> str:
-    """Mean held-out Dice (%) per teacher and input over the seeds, and each other teacher's difference to
-    ``P* incomplete`` within each seed, with a 95% interval from the per-seed differences' spread."""
+def summary(rows: list[dict], teachers: tuple[str, ...] = TEACHERS, inputs: tuple[str, ...] = INPUTS) -> str:
+    """Mean held-out Dice (%) per teacher and input over the seeds, and each other teacher's difference to the first
+    of ``teachers`` within each seed, with a 95% interval from the per-seed differences' spread."""
     value = {(int(r["seed"]), r["teacher"], r["modalities"]): _average(r) for r in rows}
     seeds = sorted({s for s, _, _ in value})
-    lines = ["| teacher | training cases | seeds | " + " | ".join(INPUTS) + " |",
-             "|---|---|---|" + "---|" * len(INPUTS)]
-    for teacher in TEACHERS:
+    reference = teachers[0]
+    lines = ["| teacher | training cases | seeds | " + " | ".join(inputs) + " |",
+             "|---|---|---|" + "---|" * len(inputs)]
+    for teacher in teachers:
         cases = sorted({r["training_cases"] for r in rows if r["teacher"] == teacher})
         scored = sorted({s for s, t, _ in value if t == teacher})
         cells = []
-        for inputs in INPUTS:
-            got = [value[(s, teacher, inputs)] for s in seeds if (s, teacher, inputs) in value]
+        for given in inputs:
+            got = [value[(s, teacher, given)] for s in seeds if (s, teacher, given) in value]
             cells.append(f"{100 * mean(got):.2f}" if got else "")
         lines.append(f"| {teacher} | {'/'.join(cases)} | {', '.join(map(str, scored))} | " + " | ".join(cells) + " |")
-    lines += ["", f"Difference to {OURS} (Dice points, per seed paired; 95% interval over the seeds):", "",
-              "| teacher | " + " | ".join(INPUTS) + " |", "|---|" + "---|" * len(INPUTS)]
-    for teacher in TEACHERS[1:]:
+    lines += ["", f"Difference to {reference} (Dice points, per seed paired; 95% interval over the seeds):", "",
+              "| teacher | " + " | ".join(inputs) + " |", "|---|" + "---|" * len(inputs)]
+    for teacher in teachers[1:]:
         cells = []
-        for inputs in INPUTS:
-            diffs = [value[(s, OURS, inputs)] - value[(s, teacher, inputs)] for s in seeds
-                     if (s, OURS, inputs) in value and (s, teacher, inputs) in value]
+        for given in inputs:
+            diffs = [value[(s, reference, given)] - value[(s, teacher, given)] for s in seeds
+                     if (s, reference, given) in value and (s, teacher, given) in value]
             cell = f"{100 * mean(diffs):+.2f}" if diffs else ""
             if len(diffs) > 1:
                 half = t_quantile(0.975, len(diffs) - 1) * stdev(diffs) / math.sqrt(len(diffs))
                 cell += f" ({100 * (mean(diffs) - half):+.2f} to {100 * (mean(diffs) + half):+.2f})"
             cells.append(cell)
-        lines.append(f"| {OURS} minus {teacher} | " + " | ".join(cells) + " |")
+        lines.append(f"| {reference} minus {teacher} | " + " | ".join(cells) + " |")
     lines.append(f"\nseeds: {', '.join(map(str, seeds))}; Dice: mean of WT, TC and ET over the held-out cases, %")
     return "\n".join(lines)
 

@@ -138,6 +138,29 @@ def _demo_done(results: Path | None, methods: tuple[str, ...], first: str) -> bo
     return all((fold_folder(model_folder(results, n, configuration), 0) / FINAL_CHECKPOINT).is_file() for n in names)
 
 
+def prepare_seed(work: Path, seed: int, methods: tuple[str, ...], first: str,
+                 demo: DemoOptions) -> tuple[dict[str, str], Path]:
+    """Steps 1 and 2 for one seed, each skipped when done: the demo (data, P* teacher, run-1 students of modality
+    ``first``) and the Original teacher. Returns nnU-Net's folders for the seed and its dataset's results folder."""
+    from nnalign.demo import demo_preset
+    from nnalign.model_folders import model_folder
+    from nnalign.paths import dataset_folders
+
+    seed_dir = work / f"seed{seed}"
+    env = _folders(seed_dir)
+    results_root = Path(env["nnUNet_results"])
+    results = next(iter(dataset_folders(results_root, demo.dataset_id)), None)
+    if not _demo_done(results, methods, first):
+        print(f"seed {seed}: the demo (data, P* teacher, run 1 of its {first} students)", flush=True)
+        _call(demo_command(seed, methods, (first,), demo), env, seed_dir / "demo.log")
+        results = dataset_folders(results_root, demo.dataset_id)[0]
+    original = teachers()[ORIGINAL]
+    folder = model_folder(results, original.trainer_name(), demo_preset().configuration)
+    _train(f"seed {seed}: the Original teacher", folder,
+           teacher_command(results.name, original, demo), env, results / "table_one_logs" / "train_original.log")
+    return env, results
+
+
 def run_seed(work: Path, seed: int, runs: int, methods: tuple[str, ...], modalities: tuple[str, ...],
              scores_csv: Path, demo: DemoOptions) -> None:
     """Train, predict and score every missing (run, teacher, modality, method) of one seed, appending each to
@@ -145,7 +168,6 @@ def run_seed(work: Path, seed: int, runs: int, methods: tuple[str, ...], modalit
     from nnalign.demo import demo_preset, reference_regions, score_row
     from nnalign.evaluation.evaluate import evaluate
     from nnalign.model_folders import fold_folder, model_folder
-    from nnalign.paths import dataset_folders
     from nnalign.training.record import read_settings_record
 
     done = {(int(r["seed"]), int(r["run"]), r["teacher"], r["modalities"], r["kd"]) for r in _read_rows(scores_csv)}
@@ -154,17 +176,8 @@ def run_seed(work: Path, seed: int, runs: int, methods: tuple[str, ...], modalit
     if all(key in done for key in wanted):
         return
     seed_dir = work / f"seed{seed}"
-    env = _folders(seed_dir)
-    results_root = Path(env["nnUNet_results"])
-    results = next(iter(dataset_folders(results_root, demo.dataset_id)), None)
-    if not _demo_done(results, methods, modalities[0]):
-        print(f"seed {seed}: the demo (data, P* teacher, run 1 of its {modalities[0]} students)", flush=True)
-        _call(demo_command(seed, methods, (modalities[0],), demo), env, seed_dir / "demo.log")
-        results = dataset_folders(results_root, demo.dataset_id)[0]
-    original = teachers()[ORIGINAL]
+    env, results = prepare_seed(work, seed, methods, modalities[0], demo)
     configuration = demo_preset().configuration
-    _train(f"seed {seed}: the Original teacher", model_folder(results, original.trainer_name(), configuration),
-           teacher_command(results.name, original, demo), env, results / "table_one_logs" / "train_original.log")
     raw = Path(env["nnUNet_raw"]) / results.name
     ending = json.loads((raw / "dataset.json").read_text())["file_ending"]
     regions = reference_regions(raw / "labelsTs", ending)
