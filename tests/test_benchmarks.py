@@ -371,3 +371,68 @@ def test_incomplete_data_twin_holds_only_the_complete_cases(tmp_path):
     assert sorted(p.name for p in (twin / "labelsTr").iterdir()) == sorted(
         f"SYN_{i:04d}.nii.gz" for i in range(5) if f"SYN_{i:04d}" not in record)
     assert len(list((twin / "imagesTr").iterdir())) == 12 and len(list((twin / "imagesTs").iterdir())) == 4
+
+
+def test_anchor_ablation_trains_only_the_scaled_teacher_scores_every_teacher_and_resumes(tmp_path, monkeypatch):
+    """A Table I seed with its P* and Original teachers trained: the ablation trains the scaled P* teacher once, as
+    the P* teacher is trained (its dropout and subset sampling), has each of the three teachers predict the held-out
+    cases from all modalities and from each student modality alone, scores each, and a rerun does nothing."""
+    import types
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from nnalign.demo import DemoOptions, demo_preset
+    from nnalign.model_folders import FINAL_CHECKPOINT, fold_folder, model_folder
+    from nnalign.runs import StudentSpec
+
+    ablation = _benchmark_module("anchor_ablation")
+    table_one, incomplete_data = sys.modules["table_one"], sys.modules["incomplete_data"]
+    configuration, p_star = demo_preset().configuration, demo_preset().teachers[0].spec
+    results = tmp_path / "seed1" / "nnalign_results" / "Dataset900_DemoSyntheticBraTS"
+    raw = tmp_path / "seed1" / "nnalign_raw_data" / results.name
+    (raw / "labelsTs").mkdir(parents=True)
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(8, dtype=np.uint8).reshape(2, 2, 2) % 4),
+                    str(raw / "labelsTs" / "case.nii.gz"))  # every region
+    (raw / "dataset.json").write_text('{"file_ending": ".nii.gz", "numTraining": 8}')
+    teachers = ablation.ablation_teachers()
+    for spec in (p_star, teachers["original"], StudentSpec(("T1ce",), "pmkl", p_star),
+                 StudentSpec(("T1ce",), "none", p_star)):
+        final = fold_folder(model_folder(results, spec.trainer_name(), configuration), 0) / FINAL_CHECKPOINT
+        final.parent.mkdir(parents=True)
+        final.touch()
+    scaled_folder = model_folder(results, teachers["mixture-scaled"].trainer_name(), configuration)
+    trained, predicted = [], []
+
+    def fake_train(command, env, log):
+        trained.append(dict(zip(command[6::2], command[7::2])))
+        (fold_folder(scaled_folder, 0) / FINAL_CHECKPOINT).parent.mkdir(parents=True)
+        (fold_folder(scaled_folder, 0) / FINAL_CHECKPOINT).touch()
+
+    def fake_predict(command, env, log):
+        flags = dict(zip(command[3::2], command[4::2]))
+        predicted.append((Path(flags["-m"]).name, flags.get("--modalities", "all")))
+
+    monkeypatch.setattr(table_one, "_call", fake_train)
+    monkeypatch.setattr(incomplete_data, "_call", fake_predict)
+    scores = {"case": {"Dice_WT": 0.5, "Dice_TC": 0.25, "Dice_ET": 0.125}}
+    monkeypatch.setattr("nnalign.evaluation.evaluate.evaluate", lambda *a, **k: types.SimpleNamespace(scores=scores))
+    csv_path = tmp_path / "anchor_ablation.csv"
+    ablation.run_seed(tmp_path, 1, ("pmkl",), ("T1ce", "FLAIR"), csv_path, DemoOptions(teacher_epochs=7))
+    assert len(trained) == 1
+    assert (trained[0]["--anchor"], trained[0]["--epochs"]) == ("mixture-scaled", "7")
+    assert float(trained[0]["--modality-dropout"]) == p_star.modality_dropout
+    assert trained[0]["--subset-sampling"] == p_star.subset_sampling
+    names = {model_folder(results, t.trainer_name(), configuration).name for t in teachers.values()}
+    assert sorted(predicted) == sorted((n, given) for n in names for given in ("all", "T1ce", "FLAIR"))
+    rows = ablation._read_rows(csv_path)
+    assert {(r["teacher"], r["modalities"]) for r in rows} == {
+        (label, given) for label in ablation.LABELS.values() for given in ("all", "T1ce", "FLAIR")}
+    assert len(rows) == 9
+    trained.clear()
+    predicted.clear()
+    ablation.run_seed(tmp_path, 1, ("pmkl",), ("T1ce", "FLAIR"), csv_path, DemoOptions(teacher_epochs=7))
+    assert trained == [] and predicted == []
+    table = ablation.summary(rows, tuple(ablation.LABELS.values()), ("all", "T1ce", "FLAIR")).splitlines()
+    assert "| P* (paper) | 8 | 1 | 29.17 | 29.17 | 29.17 |" in table  # (0.5 + 0.25 + 0.125) / 3
+    assert "| P* (paper) minus Original | +0.00 | +0.00 | +0.00 |" in table
