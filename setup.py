@@ -36,7 +36,8 @@ setup(
         "openvino": ["openvino>=2026.4"],
         # the official BraTS lesion-wise scores (nnalign_evaluate --lesionwise); it holds numpy below 2.3 (panoptica)
         "lesionwise": ["brats-evaluation>=0.0.10,<0.1"],
-        "test": ["pytest>=7", "pytest-xdist>=3.5", "openvino>=2026.4", "brats-evaluation>=0.0.10,<0.1"],
+        # NNCF: the int8 per-tile figure of benchmarks/predict_tile.py
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "openvino>=2026.4", "brats-evaluation>=0.0.10,<0.1", "nncf>=3.4"],
     },
     entry_points={
         "console_scripts": [

@@ -8,7 +8,9 @@ The networks are built from nnalign's plans for a BraTS 2018-sized dataset (the 
 weights, in evaluation mode; each tile is (1, 4, *patch), every modality present, as nnU-Net's predictor runs it
 (torch: ``inference_mode``, the default memory layout; OpenVINO: the backend's own conversion and settings, f32,
 ``LATENCY``). Prints each one's median time per tile after one untimed call, its ratio to stock nnU-Net's, and the
-largest difference of the OpenVINO logits from torch's. ``benchmarks/predict.py`` measures whole cases.
+largest difference of the OpenVINO logits from torch's. ``--int8 N`` adds the teacher in OpenVINO int8: NNCF's
+post-training quantization (needs ``nncf``) calibrated on N random tiles, which measures the speed only (an
+untrained network's logits have no margin to keep). ``benchmarks/predict.py`` measures whole cases.
 """
 from __future__ import annotations
 
@@ -38,6 +40,19 @@ def median_seconds(call, repeats: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
+def int8_request(model, tiles: list, threads: int):
+    """An infer request of ``model`` (an ``ov.Model``) quantized to int8 by NNCF on ``tiles``; exits with one line if
+    NNCF is not installed."""
+    import openvino as ov
+    try:
+        import nncf
+    except ImportError:
+        sys.exit("predict_tile.py: --int8 needs NNCF: pip install nncf")
+    quantized = nncf.quantize(model, nncf.Dataset(tiles), subset_size=len(tiles))
+    return ov.Core().compile_model(quantized, "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                      "PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
+
+
 def main() -> None:
     import openvino as ov
 
@@ -48,6 +63,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="CPU threads for torch and OpenVINO (default: torch's, %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed tiles of each (default: %(default)s)")
+    p.add_argument("--int8", type=int, metavar="N", default=0,
+                   help="also the teacher in OpenVINO int8, calibrated on N random tiles (needs nncf)")
     p.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"),
                    help="replace the plan's patch size (a quick check that the script runs)")
     args = p.parse_args()
@@ -74,6 +91,11 @@ def main() -> None:
                                                       "PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
     compiled = time.perf_counter() - start
     rows["teacher, OpenVINO"] = median_seconds(lambda: request.infer([x.numpy()])[0], args.repeats)
+    if args.int8:
+        start = time.perf_counter()
+        quantized = int8_request(model, [torch.randn(x.shape).numpy() for _ in range(args.int8)], args.threads)
+        print(f"int8 quantization {time.perf_counter() - start:.1f} s ({args.int8} calibration tiles)")
+        rows["teacher, OpenVINO int8"] = median_seconds(lambda: quantized.infer([x.numpy()])[0], args.repeats)
     print(f"OpenVINO conversion {converted:.1f} s (once per model, then cached), compilation {compiled:.1f} s "
           f"(once per process)\n\n| network | time per tile (s) | vs stock nnU-Net, torch |\n|---|---|---|")
     stock_s = rows["stock nnU-Net, torch"][0]

@@ -55,12 +55,14 @@ def test_profile_benchmark_lists_operators_and_totals(tmp_path):
 def test_tile_benchmark_times_torch_and_openvino_and_compares_their_logits(tmp_path):
     pytest.importorskip("openvino")
     result = subprocess.run([sys.executable, str(BENCHMARKS / "predict_tile.py"), "--config", "3d_cpu", "--patch", "16",
-                             "16", "16", "--repeats", "1", "--threads", "1"],
+                             "16", "16", "--repeats", "1", "--threads", "1", "--int8", "2"],
                             capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in result.stdout.splitlines()
             if line.startswith("| ")]
-    assert [row[0] for row in rows] == ["network", "stock nnU-Net, torch", "teacher, torch", "teacher, OpenVINO"]
+    assert [row[0] for row in rows] == ["network", "stock nnU-Net, torch", "teacher, torch", "teacher, OpenVINO",
+                                        "teacher, OpenVINO int8"]
+    assert "int8 quantization" in result.stdout and "(2 calibration tiles)" in result.stdout
     assert float(rows[1][2]) == 1.0 and all(float(seconds) > 0 for _, seconds, _ in rows[1:])
     difference = float(result.stdout.strip().splitlines()[-1].split(":")[1])
     assert difference < 1e-3  # the same teacher's logits in both
