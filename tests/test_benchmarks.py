@@ -438,3 +438,22 @@ def test_anchor_ablation_trains_only_the_scaled_teacher_scores_every_teacher_and
     table = ablation.summary(rows, tuple(ablation.LABELS.values()), ("all", "T1ce", "FLAIR")).splitlines()
     assert "| P* (paper) | 8 | 1 | 29.17 | 29.17 | 29.17 |" in table  # (0.5 + 0.25 + 0.125) / 3
     assert "| P* (paper) minus Original | +0.00 | +0.00 | +0.00 |" in table
+
+
+def test_int8_calibration_tiles_come_from_the_training_cases_with_the_models_channels(tmp_path):
+    """Tiles of the patch shape from each preprocessed case (not its segmentation), zero-padded past a small case's
+    end; a student's channels picked from the case; a teacher's absent channels zeroed."""
+    import blosc2
+    import numpy as np
+
+    int8_agreement = _benchmark_module("int8_agreement")
+    case = np.arange(4 * 3 * 5 * 6, dtype=np.float32).reshape(4, 3, 5, 6) + 1  # no zeros: padding shows as 0
+    blosc2.asarray(case, urlpath=str(tmp_path / "A.b2nd"))
+    blosc2.asarray(np.zeros((1, 3, 5, 6), np.int8), urlpath=str(tmp_path / "A_seg.b2nd"))
+    tiles = int8_agreement.calibration_tiles(tmp_path, (1, 4, 4, 4, 4), present=(1, 3), per_case=3)
+    assert len(tiles) == 3 and all(t.shape == (1, 4, 4, 4, 4) for t in tiles)
+    for tile in tiles:
+        assert not tile[0, [0, 2]].any() and (tile[0, 1, 3] == 0).all()  # absent channels; depth 3 padded to 4
+        assert np.isin(tile[0, 1, :3][tile[0, 1, :3] > 0], case[1]).all()
+    student = int8_agreement.calibration_tiles(tmp_path, (1, 1, 3, 5, 6), present=None, channels=[3], per_case=1)
+    assert np.array_equal(student[0][0], case[[3]])  # the whole case fits: the tile is channel 3 itself
