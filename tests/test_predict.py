@@ -674,3 +674,21 @@ def test_a_model_nnunet_cannot_load_fails_its_cases_in_one_line_each(trained, tm
     assert len(errors) == 2 and all("\n" not in e for e in errors)
     assert errors[0].startswith(f"A: model {ORIGINAL_MODEL} could not be loaded: "), errors
     assert errors[1].startswith(f"B: model {ORIGINAL_MODEL} could not be loaded: "), errors
+
+
+def test_an_earlier_log_is_read_once_for_both_prediction_and_evaluation_keeping_its_readable_cases(tmp_path):
+    """nnalign_predict's log as its next run (PredictionLog) and nnalign_evaluate (recorded_conventions) read it: an
+    entry without a case or status is passed over, the others kept; an unreadable log is no log."""
+    import json
+
+    from nnalign.evaluation.pairing import recorded_conventions
+    from nnalign.inference.predict import PredictionLog
+
+    cases = [{"case": "A", "status": "ok", "labels": "brats2023"}, {"labels": "nnunet"}, "not an entry",
+             {"case": "B", "status": "failed", "labels": ""}]
+    (tmp_path / "nnalign_predict_log.json").write_text(json.dumps({"cases": cases}))
+    assert sorted(PredictionLog(tmp_path).records) == ["A", "B"]
+    assert PredictionLog(tmp_path).earlier("A").labels == "brats2023"
+    assert recorded_conventions(tmp_path) == {"A": "brats2023"}
+    (tmp_path / "nnalign_predict_log.json").write_text("{not json")
+    assert PredictionLog(tmp_path).records == {} and recorded_conventions(tmp_path) == {}

@@ -155,11 +155,16 @@ def pair_cases(reference: Path, prediction: Path) -> CasePairs:
     return CasePairs(pairs, ignored)
 
 
-def recorded_conventions(prediction: Path) -> dict[str, str]:
-    """``{case: label convention}`` as ``nnalign_predict``'s log in the folder ``prediction`` records them; empty
-    without a log (predictions of another tool, a single file) or with one that cannot be read."""
+def logged_cases(folder: Path) -> list[dict]:
+    """The per-case entries of ``nnalign_predict``'s log in ``folder``; empty without a log (predictions of another
+    tool, a single file) or with one that cannot be read."""
     try:
-        cases = json.loads((Path(prediction) / f"{PREDICTION_LOG_STEM}.json").read_text())["cases"]
-        return {str(c["case"]): str(c["labels"]) for c in cases if c.get("labels")}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return {}
+        cases = json.loads((Path(folder) / f"{PREDICTION_LOG_STEM}.json").read_text())["cases"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return []
+    return [c for c in cases if isinstance(c, dict)] if isinstance(cases, list) else []
+
+
+def recorded_conventions(prediction: Path) -> dict[str, str]:
+    """``{case: label convention}`` as ``nnalign_predict``'s log in the folder ``prediction`` records them."""
+    return {str(c["case"]): str(c["labels"]) for c in logged_cases(prediction) if c.get("labels") and "case" in c}

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 from nnalign.atomic import check_writable, write_json_atomic, write_text_atomic
 from nnalign.data.brats_layout import BratsCase, find_cases, parse_filename
 from nnalign.errors import CaseError, NnalignError, one_line
-from nnalign.evaluation.pairing import PREDICTION_LOG_STEM
+from nnalign.evaluation.pairing import PREDICTION_LOG_STEM, logged_cases
 from nnalign.inference.models import Model, ModelError, discover_models, select_model
 from nnalign.modalities import BRATS_MODALITIES
 from nnalign.model_folders import FINAL_CHECKPOINT
@@ -135,13 +135,12 @@ class PredictionLog:
         self.csv_path = Path(output) / f"{PREDICTION_LOG_STEM}.csv"
         self.json_path = Path(output) / f"{PREDICTION_LOG_STEM}.json"
         self.records: dict[str, CaseRecord] = {}
-        try:
-            earlier = json.loads(self.json_path.read_text())
-            for entry in earlier["cases"]:
+        for entry in logged_cases(output):  # an earlier run's; none, or one that cannot be read: start afresh
+            try:
                 record = CaseRecord(**{k: v for k, v in entry.items() if k in LOG_COLUMNS})
-                self.records[record.case] = record
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
-            pass  # no earlier log, or one that cannot be parsed: start afresh
+            except TypeError:  # an entry without the required fields
+                continue
+            self.records[record.case] = record
 
     def earlier(self, case_id: str) -> CaseRecord | None:
         return self.records.get(case_id)
