@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 
-PRESET_NOTE = "NNCF mixed preset, full bias correction"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from predict_tile import INT8_SETTINGS, quantize_int8  # noqa: E402
 
 
 def calibration_tiles(preprocessed: Path, shape: tuple[int, ...], present: tuple[int, ...] | None,
@@ -47,7 +48,6 @@ def calibration_tiles(preprocessed: Path, shape: tuple[int, ...], present: tuple
 
 
 def main() -> None:
-    import nncf
     import SimpleITK as sitk
 
     import nnalign.inference.openvino_backend as backend
@@ -73,10 +73,8 @@ def main() -> None:
     float32 = backend.convert
 
     def int8(network, present, shape):
-        return nncf.quantize(float32(network, present, shape),
-                             nncf.Dataset(calibration_tiles(tiles_folder, shape, present, channels)),
-                             subset_size=1000,
-                             preset=nncf.QuantizationPreset.MIXED, fast_bias_correction=False)
+        tiles = calibration_tiles(tiles_folder, shape, present, channels)
+        return quantize_int8(float32(network, present, shape), tiles)
 
     outputs = {}
     for precision, convert in (("f32", float32), ("int8", int8)):
@@ -87,7 +85,7 @@ def main() -> None:
                 modalities=subset, labels="nnunet", progress=False, backend="openvino", on_note=lambda _: None,
                 on_error=lambda message: sys.exit(f"int8_agreement.py: {message}"))
     backend.convert = float32
-    print(f"{args.trainer}: OpenVINO int8 ({PRESET_NOTE}) against float32, held-out cases of {args.raw.name}\n\n"
+    print(f"{args.trainer}: OpenVINO int8 ({INT8_SETTINGS}) against float32, held-out cases of {args.raw.name}\n\n"
           "| case | voxels equal | Dice difference WT / TC / ET | within 99.9 % / 0.001 |\n|---|---|---|---|")
     for path in sorted(outputs["f32"].glob("*.nii.gz")):
         a, b, ref = (sitk.GetArrayFromImage(sitk.ReadImage(str(f))) for f in

@@ -9,8 +9,9 @@ weights, in evaluation mode; each tile is (1, 4, *patch), every modality present
 (torch: ``inference_mode``, the default memory layout; OpenVINO: the backend's own conversion and settings, f32,
 ``LATENCY``). Prints each one's median time per tile after one untimed call, its ratio to stock nnU-Net's, and the
 largest difference of the OpenVINO logits from torch's. ``--int8 N`` adds the teacher in OpenVINO int8: NNCF's
-post-training quantization (needs ``nncf``) calibrated on N random tiles, which measures the speed only (an
-untrained network's logits have no margin to keep). ``benchmarks/predict.py`` measures whole cases.
+post-training quantization (``quantize_int8``, needs ``nncf``) calibrated on N random tiles, which measures the speed
+only (an untrained network's logits have no margin to keep; ``benchmarks/int8_agreement.py`` checks a trained one's
+labels). ``benchmarks/predict.py`` measures whole cases.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from common import brats_like_plans  # noqa: E402
 from teacher_step import build  # noqa: E402
 
 ALL_PRESENT = (0, 1, 2, 3)
+INT8_SETTINGS = "NNCF mixed preset, full bias correction"
+"""How :func:`quantize_int8` quantizes, as the benchmarks print it."""
 
 
 def median_seconds(call, repeats: int) -> tuple[float, object]:
@@ -40,17 +43,15 @@ def median_seconds(call, repeats: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
-def int8_request(model, tiles: list, threads: int):
-    """An infer request of ``model`` (an ``ov.Model``) quantized to int8 by NNCF on ``tiles``; exits with one line if
-    NNCF is not installed."""
-    import openvino as ov
+def quantize_int8(model, tiles: list):
+    """``model`` (an ``ov.Model``) quantized to int8 by NNCF's post-training quantization calibrated on ``tiles``
+    (:data:`INT8_SETTINGS`); exits with one line if NNCF is not installed."""
     try:
         import nncf
     except ImportError:
-        sys.exit("predict_tile.py: --int8 needs NNCF: pip install nncf")
-    quantized = nncf.quantize(model, nncf.Dataset(tiles), subset_size=len(tiles))
-    return ov.Core().compile_model(quantized, "CPU", {"INFERENCE_NUM_THREADS": threads,
-                                                      "PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
+        sys.exit(f"{Path(sys.argv[0]).name}: int8 needs NNCF: pip install nncf")
+    return nncf.quantize(model, nncf.Dataset(tiles), subset_size=len(tiles), preset=nncf.QuantizationPreset.MIXED,
+                         fast_bias_correction=False)
 
 
 def main() -> None:
@@ -93,8 +94,10 @@ def main() -> None:
     rows["teacher, OpenVINO"] = median_seconds(lambda: request.infer([x.numpy()])[0], args.repeats)
     if args.int8:
         start = time.perf_counter()
-        quantized = int8_request(model, [torch.randn(x.shape).numpy() for _ in range(args.int8)], args.threads)
-        print(f"int8 quantization {time.perf_counter() - start:.1f} s ({args.int8} calibration tiles)")
+        quantized = ov.Core().compile_model(
+            quantize_int8(model, [torch.randn(x.shape).numpy() for _ in range(args.int8)]), "CPU",
+            {"INFERENCE_NUM_THREADS": args.threads, "PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
+        print(f"int8 quantization {time.perf_counter() - start:.1f} s ({args.int8} calibration tiles; {INT8_SETTINGS})")
         rows["teacher, OpenVINO int8"] = median_seconds(lambda: quantized.infer([x.numpy()])[0], args.repeats)
     print(f"OpenVINO conversion {converted:.1f} s (once per model, then cached), compilation {compiled:.1f} s "
           f"(once per process)\n\n| network | time per tile (s) | vs stock nnU-Net, torch |\n|---|---|---|")

@@ -62,7 +62,7 @@ def test_tile_benchmark_times_torch_and_openvino_and_compares_their_logits(tmp_p
             if line.startswith("| ")]
     assert [row[0] for row in rows] == ["network", "stock nnU-Net, torch", "teacher, torch", "teacher, OpenVINO",
                                         "teacher, OpenVINO int8"]
-    assert "int8 quantization" in result.stdout and "(2 calibration tiles)" in result.stdout
+    assert "int8 quantization" in result.stdout and "(2 calibration tiles; NNCF mixed preset" in result.stdout
     assert float(rows[1][2]) == 1.0 and all(float(seconds) > 0 for _, seconds, _ in rows[1:])
     difference = float(result.stdout.strip().splitlines()[-1].split(":")[1])
     assert difference < 1e-3  # the same teacher's logits in both
