@@ -22,7 +22,6 @@ interval from their spread over the seeds::
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from incomplete_data import score_teacher, summary  # noqa: E402
 from kd_repeats import _read_rows  # noqa: E402
-from table_one import (DEFAULT_KD, DEFAULT_MODALITIES, ORIGINAL, P_STAR, _train, prepare_seed,  # noqa: E402
+from table_one import (ORIGINAL, P_STAR, _train, prepare_seed, series_options, series_parser,  # noqa: E402
                        teacher_command, teachers)
 
 if TYPE_CHECKING:
@@ -76,27 +75,11 @@ def run_seed(work: Path, seed: int, methods: tuple[str, ...], modalities: tuple[
 
 
 def main() -> None:
-    from nnalign.cli.demo import add_data_and_length_arguments, data_and_length_options
-    from nnalign.demo import DemoOptions, parse_kd_methods
-    from nnalign.modalities import parse_modalities
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", type=Path, required=True,
-                   help="a Table I folder (table_one.py --work): its runs, and anchor_ablation.csv (resumable)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--kd", default=",".join(DEFAULT_KD),
-                   help="Table I's distillation methods, for the demo's first students (default: %(default)s)")
-    p.add_argument("--modalities", default=",".join(DEFAULT_MODALITIES),
-                   help="Table I's student modalities; each teacher is scored from each alone (default: %(default)s)")
-    add_data_and_length_arguments(p)
-    p.add_argument("--table-only", action="store_true", help="print the table of the rows scored so far")
+    p = series_parser(__doc__.split("\n\n")[0],
+                      "a Table I folder (table_one.py --work): its runs, and anchor_ablation.csv (resumable)")
     args = p.parse_args()
-    methods = parse_kd_methods(args.kd)
-    modalities = parse_modalities(args.modalities)
-    work = args.work.resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    work, methods, modalities, demo = series_options(args)
     scores_csv = work / "anchor_ablation.csv"
-    demo = DemoOptions(**{**data_and_length_options(args), "data": args.data and args.data.resolve()})
     if not args.table_only:
         for seed in args.seeds:
             run_seed(work, seed, methods, modalities, scores_csv, demo)

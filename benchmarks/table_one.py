@@ -283,27 +283,40 @@ def summary(rows: list[dict], methods: tuple[str, ...], modalities: tuple[str, .
     return "\n".join(lines)
 
 
-def main() -> None:
-    from nnalign.cli.demo import add_data_and_length_arguments, data_and_length_options
-    from nnalign.demo import DemoOptions, parse_kd_methods
-    from nnalign.modalities import parse_modalities
+def series_parser(description: str, work_help: str) -> argparse.ArgumentParser:
+    """The options of a series over Table I's seeds (this script's and those sharing its folder): ``--work``,
+    ``--seeds``, ``--kd``, ``--modalities``, the demo's data and lengths, ``--table-only``."""
+    from nnalign.cli.demo import add_data_and_length_arguments
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", type=Path, required=True, help="folder of the runs and of table_one.csv (resumable)")
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--work", type=Path, required=True, help=work_help)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--runs", type=int, default=3, help="training runs per student and seed (default: %(default)s)")
     p.add_argument("--kd", default=",".join(DEFAULT_KD), help="distillation methods (default: %(default)s)")
     p.add_argument("--modalities", default=",".join(DEFAULT_MODALITIES),
                    help="the students' modalities, one single-modality student each (default: %(default)s)")
     add_data_and_length_arguments(p)
     p.add_argument("--table-only", action="store_true", help="print the table of the rows scored so far")
-    args = p.parse_args()
-    methods = parse_kd_methods(args.kd)
-    modalities = parse_modalities(args.modalities)
+    return p
+
+
+def series_options(args: argparse.Namespace) -> tuple[Path, tuple[str, ...], tuple[str, ...], DemoOptions]:
+    """From :func:`series_parser`'s arguments: the work folder (made), KD methods, modalities and demo options."""
+    from nnalign.cli.demo import data_and_length_options
+    from nnalign.demo import DemoOptions, parse_kd_methods
+    from nnalign.modalities import parse_modalities
+
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    scores_csv = work / "table_one.csv"
     demo = DemoOptions(**{**data_and_length_options(args), "data": args.data and args.data.resolve()})
+    return work, parse_kd_methods(args.kd), parse_modalities(args.modalities), demo
+
+
+def main() -> None:
+    p = series_parser(__doc__.split("\n\n")[0], "folder of the runs and of table_one.csv (resumable)")
+    p.add_argument("--runs", type=int, default=3, help="training runs per student and seed (default: %(default)s)")
+    args = p.parse_args()
+    work, methods, modalities, demo = series_options(args)
+    scores_csv = work / "table_one.csv"
     if not args.table_only:
         for seed in args.seeds:
             run_seed(work, seed, args.runs, methods, modalities, scores_csv, demo)
