@@ -685,7 +685,7 @@ def test_an_earlier_log_is_read_once_for_both_prediction_and_evaluation_keeping_
     from nnalign.inference.predict import PredictionLog
 
     cases = [{"case": "A", "status": "ok", "labels": "brats2023"}, {"labels": "nnunet"}, "not an entry",
-             {"case": "B", "status": "failed", "labels": ""}]
+             {"case": ["C"], "status": "ok", "labels": "nnunet"}, {"case": "B", "status": "failed", "labels": ""}]
     (tmp_path / "nnalign_predict_log.json").write_text(json.dumps({"cases": cases}))
     assert sorted(PredictionLog(tmp_path).records) == ["A", "B"]
     assert PredictionLog(tmp_path).earlier("A").labels == "brats2023"

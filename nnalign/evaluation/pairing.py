@@ -156,15 +156,17 @@ def pair_cases(reference: Path, prediction: Path) -> CasePairs:
 
 
 def logged_cases(folder: Path) -> list[dict]:
-    """The per-case entries of ``nnalign_predict``'s log in ``folder``; empty without a log (predictions of another
-    tool, a single file) or with one that cannot be read."""
+    """The per-case entries (objects naming their case) of ``nnalign_predict``'s log in ``folder``; empty without a
+    log (predictions of another tool, a single file) or with one that cannot be read."""
     try:
         cases = json.loads((Path(folder) / f"{PREDICTION_LOG_STEM}.json").read_text())["cases"]
     except (OSError, ValueError, TypeError, KeyError):
         return []
-    return [c for c in cases if isinstance(c, dict)] if isinstance(cases, list) else []
+    if not isinstance(cases, list):
+        return []
+    return [c for c in cases if isinstance(c, dict) and isinstance(c.get("case"), str)]
 
 
 def recorded_conventions(prediction: Path) -> dict[str, str]:
     """``{case: label convention}`` as ``nnalign_predict``'s log in the folder ``prediction`` records them."""
-    return {str(c["case"]): str(c["labels"]) for c in logged_cases(prediction) if c.get("labels") and "case" in c}
+    return {str(c["case"]): str(c["labels"]) for c in logged_cases(prediction) if c.get("labels")}
