@@ -37,7 +37,7 @@ from statistics import mean, stdev
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kd_repeats import (_append_row, _call, _folders, _read_rows, predict_command, t_quantile,  # noqa: E402
                         train_command)
-from table_one import original_of  # noqa: E402
+from table_one import _train, original_of  # noqa: E402
 
 FIELDS = ("seed", "teacher", "modalities", "WT", "TC", "ET", "training_cases")
 REGIONS = ("WT", "TC", "ET")
@@ -79,7 +79,7 @@ def run_seed(work: Path, seed: int, args: argparse.Namespace, scores_csv: Path) 
     ``scores_csv`` what is not there yet."""
     from nnalign.demo import demo_preset
     from nnalign.data.raw_dataset import find_dataset_folder
-    from nnalign.model_folders import FINAL_CHECKPOINT, fold_folder, model_folder
+    from nnalign.model_folders import model_folder
 
     done = {(int(r["seed"]), r["teacher"], r["modalities"]) for r in _read_rows(scores_csv)}
     if all((seed, t, i) in done for t in TEACHERS for i in INPUTS):
@@ -101,11 +101,9 @@ def run_seed(work: Path, seed: int, args: argparse.Namespace, scores_csv: Path) 
                    configuration, "-np", "2"], env, logs / f"plan_{dataset_id}.log")
         results = Path(env["nnUNet_results"]) / raw.name
         folder = model_folder(results, spec.trainer_name(), configuration)
-        if not (fold_folder(folder, 0) / FINAL_CHECKPOINT).is_file():
-            print(f"seed {seed}: train {label}", flush=True)
-            resume = ["--c"] if (fold_folder(folder, 0) / "checkpoint_latest.pth").is_file() else []
-            _call(train_command(raw.name, args.device, args.teacher_epochs, args.iters_per_epoch,
-                                spec.train_flags()) + resume, env, logs / f"train_{label.replace(' ', '_')}.log")
+        _train(f"seed {seed}: {label}", folder, train_command(raw.name, args.device, args.teacher_epochs,
+                                                               args.iters_per_epoch, spec.train_flags()),
+               env, logs / f"train_{label.replace(' ', '_')}.log")
         score_teacher(seed, label, folder, raw, INPUTS, done, seed_dir, env, args.device, scores_csv)
 
 
